@@ -1,0 +1,264 @@
+"""`torch.ops.moec.*`: the interface passes emit and kernels implement.
+
+Each op has a fake implementation (shapes only, so graphs with symbolic token counts trace
+without recompiling), input checks that run at trace time too, and an autograd formula whose
+backward is itself an op, so AOT autograd keeps it opaque and a kernel can replace it. The
+bodies call the plain-PyTorch references in `reference.py` for now.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .errors import MoecKernelError
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SCORINGS = ("softmax", "softmax_after_topk", "sigmoid")
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+
+
+# ------------------------------------------------------------------------------------ route
+
+
+@torch.library.custom_op("moec::route", mutates_args=())
+def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool,
+          scale: float, n_group: int, topk_group: int) -> tuple[Tensor, Tensor]:
+    """logits (T, E) -> weights (T, k) float32, ids (T, k) int64."""
+    _check_route(logits, bias, k, scoring, n_group, topk_group)
+    w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
+    return w.contiguous(), ids.contiguous()
+
+
+@route.register_fake
+def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
+    _check_route(logits, bias, k, scoring, n_group, topk_group)
+    T = logits.shape[0]
+    return logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("moec::route_backward", mutates_args=())
+def route_backward(grad_weights: Tensor, logits: Tensor, ids: Tensor, scoring: str,
+                   renormalize: bool, scale: float) -> Tensor:
+    return reference.route_weights_backward(grad_weights, logits, ids, scoring, renormalize, scale)
+
+
+@route_backward.register_fake
+def _(grad_weights, logits, ids, scoring, renormalize, scale):
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, _bias, _k, scoring, renormalize, scale, _g, _tg = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.args = (scoring, renormalize, scale)
+
+
+def _route_bwd(ctx, grad_weights, _grad_ids):
+    logits, ids = ctx.saved_tensors
+    grad = torch.ops.moec.route_backward(grad_weights.contiguous(), logits, ids, *ctx.args)
+    return grad, None, None, None, None, None, None, None
+
+
+route.register_autograd(_route_bwd, setup_context=_route_setup)
+
+
+def _check_route(logits, bias, k, scoring, n_group, topk_group):
+    _check_float("route", "logits", logits, dims=2)
+    E = logits.shape[1]
+    if scoring not in _SCORINGS:
+        raise MoecKernelError(f"moec.route: scoring={scoring!r}; expected one of {_SCORINGS}")
+    if not 1 <= k <= E:
+        raise MoecKernelError(f"moec.route: top-k {k} must be between 1 and the number of experts {E}")
+    if bias is not None:
+        _check_float("route", "bias", bias, dims=1)
+        _same_device("route", logits, bias=bias)
+        if bias.shape[0] != E:
+            raise MoecKernelError(f"moec.route: bias has {bias.shape[0]} entries, logits have {E} experts")
+    if n_group > 1 and (E % n_group or not 1 <= topk_group <= n_group):
+        raise MoecKernelError(f"moec.route: {E} experts cannot form {n_group} groups keeping {topk_group}")
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+@torch.library.custom_op("moec::plan", mutates_args=())
+def plan(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ids (T, k) -> offsets (E+1,), src (T*k,), inv (T*k,), int64; ids outside [0, E) dropped."""
+    _check_plan(ids, num_experts)
+    return reference.plan(ids, num_experts)
+
+
+@plan.register_fake
+def _(ids, num_experts):
+    _check_plan(ids, num_experts)
+    S = ids.numel()
+    new = lambda n: ids.new_empty(n, dtype=torch.int64)
+    return new(num_experts + 1), new(S), new(S)
+
+
+def _check_plan(ids, num_experts):
+    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
+        raise MoecKernelError(f"moec.plan: ids must be a (tokens, k) int32/int64 tensor, got "
+                              f"{ids.dtype} of shape {tuple(ids.shape)}")
+    if num_experts < 1:
+        raise MoecKernelError(f"moec.plan: num_experts={num_experts}; need at least one expert")
+
+
+# ---------------------------------------------------------------------------------- experts
+
+
+@torch.library.custom_op("moec::experts", mutates_args=())
+def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_gate: Optional[Tensor],
+            w_down: Tensor, b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor],
+            activation: str, alpha: float, limit: float) -> Tensor:
+    """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype."""
+    _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation)
+    return reference.experts(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                             activation, alpha, limit)
+
+
+@experts.register_fake
+def _(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
+    _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation)
+    return x.new_empty(src.shape[0], w_down.shape[1])
+
+
+_WEIGHT_NAMES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+
+
+@torch.library.custom_op("moec::experts_backward", mutates_args=())
+def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor,
+                     w_gate: Optional[Tensor], w_down: Tensor, b_up: Optional[Tensor],
+                     b_gate: Optional[Tensor], b_down: Optional[Tensor], activation: str,
+                     alpha: float, limit: float) -> list[Tensor]:
+    """Gradients of x and of each weight given (an empty tensor stands for an absent one)."""
+    grads = reference.experts_backward(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate,
+                                       b_down, activation, alpha, limit)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@experts_backward.register_fake
+def _(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
+    return [x.new_empty(0) if t is None else torch.empty_like(t)
+            for t in (x, w_up, w_gate, w_down, b_up, b_gate, b_down)]
+
+
+def _experts_setup(ctx, inputs, output):
+    x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit = inputs
+    ctx.save_for_backward(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down)
+    ctx.args = (k, activation, alpha, limit)
+
+
+def _experts_bwd(ctx, grad_y):
+    x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down = ctx.saved_tensors
+    k, activation, alpha, limit = ctx.args
+    g = torch.ops.moec.experts_backward(grad_y.contiguous(), x, src, offsets, k, w_up, w_gate, w_down,
+                                        b_up, b_gate, b_down, activation, alpha, limit)
+    given = (w_up, w_gate, w_down, b_up, b_gate, b_down)
+    weights = [None if t is None else gt for t, gt in zip(given, g[1:])]
+    return (g[0], None, None, None, *weights, None, None, None)
+
+
+experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
+
+
+def _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation):
+    _check_float("experts", "x", x, dims=2)
+    E, F, H = w_up.shape if w_up.dim() == 3 else (None, None, None)
+    if E is None or H != x.shape[1]:
+        raise MoecKernelError(f"moec.experts: w_up must be (experts, ffn, hidden={x.shape[1]}), got "
+                              f"{tuple(w_up.shape)}")
+    want = {"w_up": (E, F, H), "w_gate": (E, F, H), "w_down": (E, H, F), "b_up": (E, F), "b_gate": (E, F),
+            "b_down": (E, H)}
+    for name, t in zip(_WEIGHT_NAMES, (w_up, w_gate, w_down, b_up, b_gate, b_down)):
+        if t is None:
+            continue
+        _check_float("experts", name, t, dims=len(want[name]))
+        _same_device("experts", x, **{name: t})
+        if tuple(t.shape) != want[name]:
+            raise MoecKernelError(f"moec.experts: {name} must have shape {want[name]}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise MoecKernelError(f"moec.experts: {name} is {t.dtype} but x is {x.dtype}; cast one of them")
+    if activation not in _ACTIVATIONS:
+        raise MoecKernelError(f"moec.experts: activation={activation!r}; expected one of {_ACTIVATIONS}")
+    if activation == "swiglu_oai" and w_gate is None:
+        raise MoecKernelError("moec.experts: swiglu_oai needs w_gate (it is a gated activation)")
+    if tuple(offsets.shape) != (E + 1,) or src.dim() != 1:
+        raise MoecKernelError(f"moec.experts: offsets must be ({E + 1},) and src 1-D, got "
+                              f"{tuple(offsets.shape)} and {tuple(src.shape)}")
+    _same_device("experts", x, src=src, offsets=offsets)
+
+
+# ---------------------------------------------------------------------------------- combine
+
+
+@torch.library.custom_op("moec::combine", mutates_args=())
+def combine(y: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
+    """y (S, H) grouped, inv (S,), weights (T, k) -> out (T, H) = sum_j w[t, j] y[inv[t*k+j]]."""
+    _check_combine(y, inv, weights)
+    return reference.combine(y, inv, weights)
+
+
+@combine.register_fake
+def _(y, inv, weights):
+    _check_combine(y, inv, weights)
+    return y.new_empty(weights.shape[0], y.shape[1])
+
+
+@torch.library.custom_op("moec::combine_backward", mutates_args=())
+def combine_backward(grad_out: Tensor, y: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    T, k = weights.shape
+    rows = y[inv].float().view(T, k, y.shape[1])                                    # scattered
+    g = grad_out.float().unsqueeze(1)                                               # (T, 1, H)
+    grad_weights = (rows * g).sum(-1).to(weights.dtype)                             # (T, k)
+    grad_rows = (g * weights.float().unsqueeze(-1)).view(T * k, y.shape[1]).to(y.dtype)
+    grad_y = torch.empty_like(y).index_copy_(0, inv, grad_rows)                     # inv is a permutation
+    return grad_y, grad_weights
+
+
+@combine_backward.register_fake
+def _(grad_out, y, inv, weights):
+    return torch.empty_like(y), torch.empty_like(weights)
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_bwd(ctx, grad_out):
+    y, inv, weights = ctx.saved_tensors
+    grad_y, grad_w = torch.ops.moec.combine_backward(grad_out.contiguous(), y, inv, weights)
+    return grad_y, None, grad_w
+
+
+combine.register_autograd(_combine_bwd, setup_context=_combine_setup)
+
+
+def _check_combine(y, inv, weights):
+    _check_float("combine", "y", y, dims=2)
+    _check_float("combine", "weights", weights, dims=2)
+    _same_device("combine", y, inv=inv, weights=weights)
+    if inv.dim() != 1 or inv.shape[0] != y.shape[0] or weights.shape[0] * weights.shape[1] != y.shape[0]:
+        raise MoecKernelError(f"moec.combine: y {tuple(y.shape)}, inv {tuple(inv.shape)} and weights "
+                              f"{tuple(weights.shape)} disagree: need y (T*k, H), inv (T*k,), weights (T, k)")
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def _check_float(op, name, t, dims):
+    if not isinstance(t, Tensor):
+        raise MoecKernelError(f"moec.{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise MoecKernelError(f"moec.{op}: {name} has dtype {t.dtype}; moec supports "
+                              f"float16, bfloat16, float32 and float64")
+    if t.dim() != dims:
+        raise MoecKernelError(f"moec.{op}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _same_device(op, ref, **others):
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise MoecKernelError(f"moec.{op}: {name} is on {t.device} but the other inputs are on "
+                                  f"{ref.device}; move them to one device")

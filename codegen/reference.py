@@ -1,0 +1,195 @@
+"""Plain-PyTorch definitions of moec's ops: the semantics every kernel must reproduce.
+
+Legend: T tokens, H hidden, E experts, k top-k, F expert width, S = T*k token copies.
+Layout words (ScatterMoE): "scattered" = token order (copy c = t*k + j), "grouped" = expert
+order (slot s). `src[s]` is the copy in slot s (y_grouped = y_scattered[src]); `inv[c]` the slot
+of copy c.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def route(logits_TE, bias_E, k, scoring, renormalize, scale, n_group, topk_group):
+    """Router scores -> (weights (T, k) float32, ids (T, k) int64). Differentiable in logits."""
+    if scoring == "softmax":
+        ids = torch.topk(torch.softmax(logits_TE.float(), dim=-1), k, dim=-1)[1]
+    elif scoring == "softmax_after_topk":
+        ids = torch.topk(logits_TE, k, dim=-1)[1]
+    elif scoring == "sigmoid":
+        choice = torch.sigmoid(logits_TE.float())
+        choice = choice if bias_E is None else choice + bias_E.float()
+        if n_group > 1:
+            choice = _keep_top_groups(choice, n_group, topk_group)
+        ids = torch.topk(choice, k, dim=-1)[1]
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}")
+    return route_weights(logits_TE, ids, scoring, renormalize, scale), ids
+
+
+def route_weights(logits_TE, ids_Tk, scoring, renormalize, scale):
+    """The routing weights of the chosen experts: the differentiable half of `route`."""
+    if scoring == "softmax":
+        weights = torch.softmax(logits_TE.float(), dim=-1).gather(1, ids_Tk)
+    elif scoring == "softmax_after_topk":
+        weights = torch.softmax(logits_TE.gather(1, ids_Tk).float(), dim=-1)
+    else:
+        weights = torch.sigmoid(logits_TE.float()).gather(1, ids_Tk)
+    if renormalize:
+        eps = 1e-20 if scoring == "sigmoid" else 0.0
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights * scale
+
+
+def route_weights_backward(grad_w_Tk, logits_TE, ids_Tk, scoring, renormalize, scale):
+    """d(loss)/d(logits) given d(loss)/d(weights), for fixed ids. Explicit formulas, because op
+    bodies run below autograd. Computed in float32, returned in the logits' dtype."""
+    g = grad_w_Tk.float() * scale
+    if scoring == "softmax_after_topk":
+        v = logits_TE.gather(1, ids_Tk).float()
+        w = torch.softmax(v, dim=-1)
+        # softmax over the k values already sums to one: renormalising changes nothing.
+        dv = w * (g - (g * w).sum(-1, keepdim=True))
+        return torch.zeros_like(logits_TE, dtype=torch.float32).scatter_(1, ids_Tk, dv).to(logits_TE.dtype)
+    probs = torch.softmax(logits_TE.float(), -1) if scoring == "softmax" else torch.sigmoid(logits_TE.float())
+    sel = probs.gather(1, ids_Tk)
+    if renormalize:
+        denom = sel.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0)
+        g = (g - (g * sel / denom).sum(-1, keepdim=True)) / denom
+    dp = torch.zeros_like(probs).scatter_(1, ids_Tk, g)
+    if scoring == "softmax":
+        dlogits = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+    else:
+        dlogits = dp * probs * (1 - probs)
+    return dlogits.to(logits_TE.dtype)
+
+
+def _keep_top_groups(choice_TE, n_group, topk_group):
+    """DeepSeek-V3 grouped selection: experts outside the best `topk_group` groups get -inf."""
+    T, E = choice_TE.shape
+    grouped = choice_TE.view(T, n_group, E // n_group)
+    group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)     # (T, G)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1.0)
+    mask = keep.bool().unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    return choice_TE.masked_fill(~mask, float("-inf"))
+
+
+def plan(ids_Tk, num_experts):
+    """Group token copies by expert (stable). Ids outside [0, E) are dropped copies: they sort to
+    the end, past offsets[E]. Returns offsets (E+1,), src (S,), inv (S,), all int64."""
+    flat = ids_Tk.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    src = torch.sort(key, stable=True)[1]                                          # (S,)
+    inv = torch.empty_like(src)
+    inv[src] = torch.arange(src.numel(), device=src.device)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, src, inv
+
+
+def activate(g, u, activation, alpha, limit):
+    """h = act(g) * u for gated experts (g given), act(u) otherwise."""
+    if activation == "swiglu_oai":
+        g = g.clamp(max=limit)
+        u = u.clamp(min=-limit, max=limit)
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    act = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+           "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[activation]
+    return act(u) if g is None else act(g) * u
+
+
+def activate_backward(g, u, grad_h, activation, alpha, limit):
+    """(d g, d u) of `activate` given d h; d g is None for non-gated experts."""
+    if activation == "swiglu_oai":
+        gc, uc = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        sig = torch.sigmoid(gc * alpha)
+        glu = gc * sig
+        du = grad_h * glu * ((u >= -limit) & (u <= limit))
+        dg = grad_h * (uc + 1) * (sig + gc * alpha * sig * (1 - sig)) * (g <= limit)
+        return dg, du
+    v = u if g is None else g
+    a, da = _act_and_derivative(v, activation)
+    if g is None:
+        return None, grad_h * da
+    return grad_h * u * da, grad_h * a
+
+
+def _act_and_derivative(v, activation):
+    if activation == "silu":
+        sig = torch.sigmoid(v)
+        return v * sig, sig * (1 + v * (1 - sig))
+    if activation == "relu":
+        return F.relu(v), (v > 0).to(v.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(v * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * v * v) * 0.3989422804014327
+        return v * cdf, cdf + v * pdf
+    c = 0.7978845608028654  # gelu_tanh: sqrt(2 / pi)
+    t = torch.tanh(c * (v + 0.044715 * v ** 3))
+    return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+
+
+def experts(x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
+    """Expert MLPs over grouped token copies -> y (S, H); rows past offsets[E] are zero.
+
+    w_up, w_gate: (E, F, H); w_down: (E, H, F); y_e = act(x W_gate^T + b) * (x W_up^T + b) W_down^T + b.
+    Loops over experts on the host: a reference, not a kernel.
+    """
+    S, H = src_S.shape[0], w_down.shape[1]
+    y = x_TH.new_zeros(S, H)
+    bounds = offsets.tolist()
+    for e in range(w_up.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        rows = x_TH[src_S[lo:hi] // k]
+        u = _linear(rows, w_up[e], _at(b_up, e))
+        g = None if w_gate is None else _linear(rows, w_gate[e], _at(b_gate, e))
+        y[lo:hi] = _linear(activate(g, u, activation, alpha, limit), w_down[e], _at(b_down, e))
+    return y
+
+
+def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                     activation, alpha, limit):
+    """Gradients of `experts` for x and each weight (None where the weight is None)."""
+    grads = [torch.zeros_like(x_TH)] + [None if t is None else torch.zeros_like(t)
+                                        for t in (w_up, w_gate, w_down, b_up, b_gate, b_down)]
+    dx, dw_up, dw_gate, dw_down, db_up, db_gate, db_down = grads
+    bounds = offsets.tolist()
+    for e in range(w_up.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        token = src_S[lo:hi] // k
+        rows, gy = x_TH[token], grad_y_SH[lo:hi]
+        u = _linear(rows, w_up[e], _at(b_up, e))
+        g = None if w_gate is None else _linear(rows, w_gate[e], _at(b_gate, e))
+        h = activate(g, u, activation, alpha, limit)
+        dw_down[e] = gy.transpose(0, 1) @ h
+        dg, du = activate_backward(g, u, gy @ w_down[e], activation, alpha, limit)
+        dw_up[e] = du.transpose(0, 1) @ rows
+        drows = du @ w_up[e]
+        if g is not None:
+            dw_gate[e] = dg.transpose(0, 1) @ rows
+            drows = drows + dg @ w_gate[e]
+        for bias_grad, d in ((db_up, du), (db_gate, dg), (db_down, gy)):
+            if bias_grad is not None:
+                bias_grad[e] = d.sum(0)
+        dx.index_add_(0, token, drows)
+    return grads
+
+
+def _at(bias, e):
+    return None if bias is None else bias[e]
+
+
+def _linear(v, w, b):
+    out = v @ w.transpose(0, 1)
+    return out if b is None else out + b
+
+
+def combine(y_SH, inv_S, weights_Tk):
+    """out[t] = sum_j weights[t, j] * y[inv[t*k + j]], in float32, returned in y's dtype."""
+    T, k = weights_Tk.shape
+    rows = y_SH[inv_S].float().view(T, k, y_SH.shape[1])
+    return (rows * weights_Tk.float().unsqueeze(-1)).sum(dim=1).to(y_SH.dtype)

@@ -1,0 +1,76 @@
+"""The `moec` torch.compile backend.
+
+    torch.compile(model, backend="moec", options={...})
+
+Dynamo hands each captured graph here; moec runs its pass pipeline (find the MoE regions,
+rewrite them into `torch.ops.moec.*`) and hands the result to the dense backend (Inductor by
+default), which compiles everything else as it would without moec.
+"""
+import torch
+
+from . import session
+from .capture import dynamic_capture, forward_backend_ctx
+from .config import Config
+from .errors import MoecError
+from .log import log
+from .pipeline import run_pipeline
+
+
+class MoecBackend:
+    """Callable backend; `backend_ctx_ctor` is Dynamo's hook for context around tracing."""
+
+    compiler_name = "moec"
+
+    def __init__(self):
+        # An instance attribute, so that Dynamo's backend wrappers (which copy __dict__) keep it.
+        self.backend_ctx_ctor = _tracing_context
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
+        config = Config.from_options(options)
+        import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
+        gm, reports = run_pipeline(gm, example_inputs, config)
+        session.record(gm, reports)
+        _log_regions(reports)
+        return compile_dense(gm, example_inputs, config, mode)
+
+
+def _tracing_context():
+    # Options are per compile, but this context is entered before moec sees any: the switch
+    # lives in the environment for it (MOEC_CAPTURE_DYNAMIC=0 turns it off).
+    if Config.from_options().capture_dynamic:
+        return dynamic_capture()
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def compile_dense(gm, example_inputs, config, mode=None):
+    """Compile the rewritten graph with the dense backend named in the config."""
+    name = config.dense_backend
+    if callable(name):
+        return name(gm, example_inputs)
+    if name == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    from torch._dynamo.backends.registry import lookup_backend
+    try:
+        backend = lookup_backend(name)
+    except Exception as e:
+        raise MoecError(f"dense_backend={name!r} is not a torch.compile backend "
+                        f"(known: {torch._dynamo.list_backends()}): {e}") from None
+    return backend(gm, example_inputs)
+
+
+def _log_regions(reports):
+    detect = reports.get("detect")
+    if detect is None:
+        return
+    for r in detect.regions:
+        log.info("region %s: fused (%s, E=%d, k=%d, %s; %s)", r.module or "<root>", r.router.kind,
+                 r.num_experts, r.top_k, r.idiom, r.check)
+    for m in detect.misses:
+        log.warning("region %s: missed at %s: %s", m.module or "<root>", m.where, m.reason)
+
+
+moec_backend = MoecBackend()
+forward_backend_ctx()

@@ -1,0 +1,69 @@
+"""moec's configuration: one dataclass, set by `torch.compile(..., options={...})` or MOEC_* variables.
+
+Options win over environment variables, which win over the defaults. Nothing else in moec reads
+the environment.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from .errors import MoecError
+
+
+@dataclass(frozen=True)
+class Config:
+    dense_backend: str = "inductor"
+    """Backend that compiles everything outside the MoE regions: any name `torch.compile` accepts
+    ("inductor", "eager", "aot_eager", ...). MOEC_DENSE_BACKEND."""
+
+    stop_after: str = ""
+    """Stop the pass pipeline after the named pass, e.g. "detect" to find regions without
+    rewriting them (the first rung of the debug ladder). MOEC_STOP_AFTER."""
+
+    disable: tuple = field(default_factory=tuple)
+    """Names of passes to skip, e.g. ("rewrite",). MOEC_DISABLE="rewrite,..."."""
+
+    max_rewrites: int = -1
+    """Rewrite only the first N regions (-1: all). Bisects a wrong result to one region.
+    MOEC_MAX_REWRITES."""
+
+    capture_dynamic: bool = True
+    """Trace with Dynamo's capture_dynamic_output_shape_ops and capture_scalar_outputs on, so
+    expert loops over `range(E)` with masks or `torch.where` are captured whole instead of
+    graph-breaking. Only code compiled with backend="moec" is traced this way. MOEC_CAPTURE_DYNAMIC."""
+
+    @classmethod
+    def from_options(cls, options: dict | None = None) -> "Config":
+        values = _from_env()
+        for key, v in (options or {}).items():
+            if key not in _FIELDS:
+                raise MoecError(f"unknown moec option {key!r}; known options: {sorted(_FIELDS)}")
+            values[key] = v
+        values = {k: _coerce(k, v) for k, v in values.items()}
+        return cls(**values)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _from_env() -> dict:
+    out = {}
+    for name in _FIELDS:
+        raw = os.environ.get(f"MOEC_{name.upper()}")
+        if raw is not None:
+            out[name] = raw
+    return out
+
+
+def _coerce(name, v):
+    default = _FIELDS[name].default if _FIELDS[name].default is not dataclasses.MISSING else ()
+    try:
+        if isinstance(default, bool):
+            return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(v)
+        if isinstance(default, tuple):
+            return tuple(s for s in v.split(",") if s) if isinstance(v, str) else tuple(v)
+        return v if callable(v) else str(v)
+    except (TypeError, ValueError):
+        raise MoecError(f"moec option {name}={v!r}: expected a {type(default).__name__}") from None

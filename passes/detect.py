@@ -1,0 +1,245 @@
+"""Pass `detect`: find the MoE layers in a Dynamo graph.
+
+Expects: a Dynamo FX graph with example values on its nodes and the real example inputs.
+Guarantees: returns the graph unchanged and a `DetectReport` whose regions are each proven (by
+`identify`) to compute what moec's ops compute, and whose misses each carry a reason.
+
+    for each top-k whose scores come from a linear router (logits = x @ W_r.T, W_r: (E, H)):
+        U = everything computed from the top-k (mutations included)
+        O = first (T, H) float node that all of U flows through      -> the combined output
+        R = U up to O, plus the router's score ops and the buffers only R uses
+        weights = R's inputs that are graph inputs with a leading E dimension
+        identify(R) -> Router, Experts that reproduce O on random tokens, or a Miss
+
+Top-k over anything that is not a router (sampling over vocabulary logits, attention) has no
+expert weights behind it and is skipped without a report; a router whose experts moec cannot
+rewrite is reported as a miss.
+"""
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import identify
+from .graph import DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
+from .region import DetectReport, Miss
+
+_ANCHORS = {"topk", "max", "argmax"}
+# Ops allowed between the router linear and its top-k when walking back from the top-k.
+_SCORE_WALK_DEPTH = 12
+# A top-k over more outputs than this whose result leaves the graph is taken for sampling, not routing.
+_MAX_EXPERTS = 1024
+
+
+class _NotMoE(Exception):
+    """The candidate is not an MoE router (no expert weights behind it)."""
+
+
+class _Missed(Exception):
+    def __init__(self, reason, node=None):
+        super().__init__(reason)
+        self.reason, self.node = reason, node
+
+
+def detect(gm: fx.GraphModule, ctx) -> tuple:
+    dg = DepGraph.build(gm.graph)
+    real = _real_inputs(gm, ctx.example_inputs)
+    report = DetectReport()
+    claimed = set()
+    for anchor in [n for n in gm.graph.nodes if op_name(n) in _ANCHORS]:
+        if anchor in claimed:
+            continue
+        linear = _router_linear(anchor, real)
+        if linear is None:
+            continue
+        num_experts = shape(linear)[-1]
+        try:
+            region = _analyse(gm, dg, anchor, linear, real)
+        except _NotMoE:
+            continue
+        except _Missed as m:
+            where = source_location(m.node or anchor)
+            report.misses.append(Miss(module=_block_path([anchor]), reason=m.reason, where=where,
+                                      num_experts=num_experts, top_k=_k_of(anchor)))
+            claimed |= dg.forward_slice([anchor])
+            continue
+        report.regions.append(region)
+        claimed |= set(region.nodes)
+    return gm, report
+
+
+def _analyse(gm, dg, anchor, linear, real):
+    logits = linear
+    tokens = shape(logits)[0]
+    hidden = shape(linear.args[0])[-1]
+    num_experts = shape(logits)[-1]
+
+    computed = dg.forward_slice([anchor])
+    output = _combine_point(dg, computed, tokens, hidden)
+    if output is None:
+        leaves = any(op_name(u) == "output" for n in computed for u in dg.users[n])
+        if _expert_weight_inputs(dg, computed, real, num_experts) or (leaves and num_experts <= _MAX_EXPERTS):
+            raise _Missed("the expert outputs never merge into one (tokens, hidden) tensor inside this "
+                          "graph: a graph break splits the layer")
+        raise _NotMoE()
+    score_ops = (dg.backward_slice([anchor], stop={logits}) & dg.forward_slice([logits])) - {logits}
+    nodes = ((computed & dg.backward_slice([output])) | score_ops | {output})
+    router_side = dg.backward_slice([linear])
+    nodes |= _private_helpers(dg, nodes, dg.backward_slice([output]) - router_side)
+
+    inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    _check_no_escape(dg, nodes, output)
+    weights = {i for i in inputs if i in real}
+    x = _token_input(inputs - weights - {logits}, router_side, hidden, tokens)
+    if not _expert_weight_inputs(dg, nodes, real, num_experts):
+        raise _NotMoE()
+    for i in inputs - weights - {logits, x}:
+        if is_tensor(i):
+            raise _Missed(f"the layer reads `{i.name}` ({tuple(shape(i))}), computed outside it; "
+                          "moec's ops take only the tokens, the router logits and weights", i)
+    ordered = dg.sorted(nodes)
+    try:
+        router, experts, bias, check = identify.identify(
+            gm, dg, ordered, dg.sorted(inputs), output, x=x, logits=logits, real=real,
+            num_experts=num_experts, hidden=hidden)
+    except identify.Unproven as e:
+        raise _Missed(str(e), output) from None
+    from .region import Region
+    return Region(module=_block_path(ordered), idiom=_idiom(ordered), router=router, experts=experts,
+                  x=x, logits=logits, score_bias=bias, output=output, nodes=ordered, check=check)
+
+
+def _router_linear(anchor, real):
+    """The `linear` whose output the top-k ranks, if its weight is a graph input of shape (E, H)."""
+    todo, seen = [(anchor, 0)], set()
+    while todo:
+        node, depth = todo.pop(0)
+        if node in seen or depth > _SCORE_WALK_DEPTH:
+            continue
+        seen.add(node)
+        if op_name(node) == "linear" and node is not anchor:
+            w = _strip_casts(node.args[1])
+            s = shape(w)
+            return node if (w in real and s is not None and len(s) == 2) else None
+        if op_name(node) in ("matmul", "mm", "bmm", "grouped_mm", "einsum"):
+            return None
+        todo.extend((a, depth + 1) for a in node.all_input_nodes)
+    return None
+
+
+def _strip_casts(node):
+    while isinstance(node, fx.Node) and op_name(node) in ("type", "to", "float", "half", "bfloat16"):
+        node = node.args[0]
+    return node
+
+
+def _combine_point(dg, computed, tokens, hidden):
+    """First node of `computed` that every later use of `computed` depends on, shaped (T, H)."""
+    remaining = {n: len(dg.users[n] & computed) for n in computed}
+    live = set()
+    for n in dg.sorted(computed):
+        for d in dg.deps[n] & computed:
+            remaining[d] -= 1
+            if remaining[d] == 0:
+                live.discard(d)
+        if remaining[n]:
+            live.add(n)
+        if live == {n} and _is_token_shaped(n, tokens, hidden):
+            return n
+    return None
+
+
+def _is_token_shaped(node, tokens, hidden):
+    v = value(node)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 2:
+        return False
+    return _same(v.shape[0], tokens) and _same(v.shape[1], hidden)
+
+
+def _same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _private_helpers(dg, nodes, candidates):
+    """Nodes that only feed the region (zeros buffers, aranges): the rewrite removes them too."""
+    extra = set()
+    for n in sorted(candidates - nodes, key=dg.order.__getitem__, reverse=True):
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        users = dg.users[n]
+        if users and users <= (nodes | extra):
+            extra.add(n)
+    return extra
+
+
+def _check_no_escape(dg, nodes, output):
+    for n in dg.sorted(nodes):
+        if n is output:
+            continue
+        outside = [u for u in dg.users[n] if u not in nodes]
+        if outside:
+            raise _Missed(f"`{n.name}`, computed inside the MoE layer, is also used outside it "
+                          f"(by `{outside[0].name}`); moec rewrites only self-contained layers", n)
+
+
+def _token_input(candidates, router_side, hidden, tokens):
+    """The tokens the experts read: an input on the router's side, (..., H) with T*H elements."""
+    found = [c for c in candidates if c in router_side and is_tensor(c) and shape(c)[-1] == hidden
+             and value(c).is_floating_point()]
+    if not found:
+        raise _Missed("could not find the tokens the experts read among the layer's inputs")
+    return max(found, key=lambda c: (len(shape(c)) == 2, c in router_side))
+
+
+def _expert_weight_inputs(dg, nodes, real, num_experts):
+    inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    return [i for i in inputs if i in real and real[i].dim() == 3 and real[i].shape[0] == num_experts]
+
+
+def _real_inputs(gm, example_inputs) -> dict:
+    """Graph input node -> the real tensor behind it (parameters, buffers, activations)."""
+    real = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, v in zip(placeholders, example_inputs):
+        if isinstance(v, torch.Tensor):
+            real[node] = v
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            v = _get_attr(gm, node.target)
+            if isinstance(v, torch.Tensor):
+                real[node] = v
+    return real
+
+
+def _get_attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _k_of(anchor) -> int:
+    if op_name(anchor) != "topk":
+        return 1
+    k = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs.get("k", 0)
+    return k if isinstance(k, int) else 0
+
+
+def _block_path(nodes) -> str:
+    parts = common_module([module_path(n) for n in nodes]).split(".")
+    # the router and the experts are children of the block: name the block itself.
+    if parts[-1] in ("experts", "gate", "router"):
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _idiom(nodes) -> str:
+    names = {op_name(n) for n in nodes}
+    if names & {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}:
+        return "grouped_mm"
+    if "bmm" in names:
+        return "batched_mm"
+    if "einsum" in names:
+        return "einsum"
+    if names & {"index_add_", "index_add", "index_put_", "setitem", "where", "nonzero"}:
+        return "expert_loop"
+    return "other"

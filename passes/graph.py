@@ -1,0 +1,175 @@
+"""Read-only helpers over Dynamo FX graphs, shared by the passes.
+
+Dynamo graphs mix `call_function` (torch.topk) and `call_method` (x.topk) forms and keep
+in-place mutation (`x /= s`, `buf[idx] = v`, `out.index_add_(...)`) as ordinary calls. The
+helpers here give each node a canonical op name and a dependency relation that includes
+mutation: a node that reads a tensor depends on every earlier mutation of that tensor's
+storage, so slices and dominators computed on it respect what the code really computes.
+"""
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+# Ops that return a view of their first argument: a mutation through the view is a mutation of
+# the base. Advanced indexing (getitem with a tensor index) copies, and is handled in `_is_view`.
+_VIEW_OPS = {
+    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow",
+    "select", "chunk", "split", "unflatten", "flatten", "t", "as_strided", "view_as", "T",
+    "contiguous", "detach", "unbind",
+}
+_INPLACE_FUNCTIONS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.ipow, operator.iand, operator.ior,
+}
+
+
+def op_name(node: fx.Node) -> str:
+    """`topk` for torch.topk, Tensor.topk and aten.topk alike; '' for placeholders and outputs."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return target._schema.name.split("::")[-1] if hasattr(target, "_schema") else str(target)
+        return getattr(target, "__name__", str(target))
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def value(node) -> object:
+    """The example value Dynamo recorded for a node (a FakeTensor, SymInt, tuple...), or None."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def shape(node) -> tuple | None:
+    v = value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node) -> bool:
+    return isinstance(value(node), torch.Tensor)
+
+
+def _is_view(node: fx.Node) -> bool:
+    name = op_name(node)
+    if name == "getitem":
+        index = node.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        # getitem on a tuple result (topk, chunk) or basic indexing is a view; a tensor index copies.
+        return not any(isinstance(i, fx.Node) and is_tensor(i) for i in items)
+    return name in _VIEW_OPS
+
+
+def _mutated_arg(node: fx.Node) -> fx.Node | None:
+    """The tensor a node writes into, if it mutates one."""
+    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        return node.args[0]
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return node.args[0]
+    out = node.kwargs.get("out") if node.op == "call_function" else None
+    return out if isinstance(out, fx.Node) else None
+
+
+@dataclass(frozen=True)
+class DepGraph:
+    """Dependencies of every node, mutation edges included. `users` is the inverse of `deps`."""
+    order: dict      # node -> position
+    deps: dict       # node -> frozenset of nodes it reads (data inputs and earlier mutations)
+    users: dict      # node -> set of nodes that depend on it
+    mutations: frozenset
+
+    @classmethod
+    def build(cls, graph: fx.Graph) -> "DepGraph":
+        order, deps, users = {}, {}, {}
+        root, writes, mutations = {}, {}, set()
+        for i, node in enumerate(graph.nodes):
+            order[node] = i
+            inputs = set(node.all_input_nodes)
+            root[node] = root.get(node.args[0], node.args[0]) if (
+                node.args and isinstance(node.args[0], fx.Node) and _is_view(node)) else node
+            for a in list(inputs):
+                inputs.update(writes.get(root[a], ()))
+            target = _mutated_arg(node)
+            if isinstance(target, fx.Node):
+                writes.setdefault(root[target], []).append(node)
+                mutations.add(node)
+                root[node] = root[target]
+            inputs.discard(node)
+            deps[node] = frozenset(inputs)
+            users[node] = set()
+            for a in inputs:
+                users[a].add(node)
+        return cls(order, deps, users, frozenset(mutations))
+
+    def forward_slice(self, seeds, stop=()) -> set:
+        """Every node reachable from `seeds` along users, seeds included, not entering `stop`."""
+        seen, todo = set(), list(seeds)
+        while todo:
+            n = todo.pop()
+            if n in seen or n in stop or n.op == "output":
+                continue
+            seen.add(n)
+            todo.extend(self.users[n])
+        return seen
+
+    def backward_slice(self, seeds, stop=()) -> set:
+        seen, todo = set(), list(seeds)
+        while todo:
+            n = todo.pop()
+            if n in seen or n in stop:
+                continue
+            seen.add(n)
+            todo.extend(self.deps[n])
+        return seen
+
+    def sorted(self, nodes) -> list:
+        return sorted(nodes, key=self.order.__getitem__)
+
+
+def source_location(node: fx.Node) -> str:
+    """file:line of the user code that produced a node, from Dynamo's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [l.strip() for l in trace.splitlines() if l.strip().startswith("File ")]
+    if not lines:
+        return ""
+    last = lines[-1]  # 'File "path", line N, in fn'
+    try:
+        path = last.split('"')[1]
+        line = last.split("line ")[1].split(",")[0]
+        return f"{path}:{line}"
+    except IndexError:
+        return last
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified module name of the innermost module that ran this node ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _clean_source_name(path)
+
+
+def common_module(paths) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    prefix = []
+    for group in zip(*parts):
+        if len(set(group)) != 1:
+            break
+        prefix.append(group[0])
+    return ".".join(prefix)
+
+
+def _clean_source_name(path: str) -> str:
+    # Dynamo names modules by their source: L['self'].layers[0].mlp -> layers.0.mlp
+    p = path.replace("L['self']", "").replace("L['model']", "")
+    p = p.replace("._modules['", ".").replace("']", "").replace("[", ".").replace("]", "")
+    p = p.replace("L['", "").replace("'", "")
+    return p.strip(".")

@@ -1,0 +1,345 @@
+"""Which known MoE semantics a detected region computes, proven on random inputs.
+
+Structure narrows the choice (which ops appear, which inputs have a leading E dimension), but
+details like "is gate/up concatenated or interleaved", "is the weight stored transposed", "is
+the top-k renormalised" are read most reliably off the numbers. So: enumerate the few router
+and expert forms the structure allows, run the user's region once on random tokens and random
+logits with the real weights (float64 where the region's ops allow it), and keep the form whose
+`torch.ops.moec.*` result matches. A region no form reproduces is a miss, never a guess.
+"""
+import itertools
+import operator
+
+import torch
+import torch.fx as fx
+
+from .graph import op_name, shape, value
+from .region import Experts, Router
+
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+
+
+class Unproven(Exception):
+    """No known form reproduces the region; the message says what was tried."""
+
+
+def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hidden):
+    tokens = _hint(shape(logits)[0])
+    if tokens == 0:
+        raise Unproven("compiled with zero tokens, so the rewrite cannot be checked; "
+                       "moec decides on the first non-empty batch")
+    node_set = set(nodes)
+    seeds = {x} | {i for i in inputs if i in real and real[i].dim() >= 2}
+    tainted = dg.forward_slice(seeds, stop={logits}) & node_set
+    router_nodes = [n for n in nodes if n not in tainted]
+    ids, weights, top_k = _router_outputs(router_nodes, tokens)
+    bias = _score_bias(router_nodes, inputs, real, num_experts)
+    gen = torch.Generator().manual_seed(0)
+
+    router = _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits, real,
+                           num_experts, tokens, gen)
+    experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias,
+                                    num_experts, hidden, tokens, gen)
+    return router, experts, bias, check
+
+
+# ---------------------------------------------------------------------------------- router
+
+
+def _router_outputs(router_nodes, tokens):
+    selects = [n for n in router_nodes if op_name(n) in ("topk", "max", "argmax")]
+    if not selects:
+        raise Unproven("no top-k over the router scores")
+    last = selects[-1]
+    k = 1 if op_name(last) != "topk" else (last.args[1] if len(last.args) > 1 else last.kwargs["k"])
+    ids = last if op_name(last) == "argmax" else next(
+        (u for u in last.users if op_name(u) == "getitem" and u.args[1] == 1), None)
+    if ids is None or not isinstance(k, int):
+        raise Unproven("the top-k's expert ids are not used")
+    floats = [n for n in router_nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+              and _hint_shape(n) in ((tokens, k),) + (((tokens,),) if k == 1 else ())]
+    if not floats:
+        raise Unproven("no (tokens, k) routing weights found after the top-k")
+    return ids, floats[-1], k
+
+
+def _score_bias(router_nodes, inputs, real, num_experts):
+    used = {d for n in router_nodes for d in n.all_input_nodes}
+    cands = [i for i in inputs if i in used and i in real and real[i].dim() == 1
+             and real[i].shape[0] == num_experts]
+    if len(cands) > 1:
+        raise Unproven(f"the router adds {len(cands)} per-expert vectors to its scores; moec knows one")
+    return cands[0] if cands else None
+
+
+def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits, real, num_experts,
+                  tokens, gen):
+    needed = dg.backward_slice([ids, weights]) & node_set
+    sub_nodes = [n for n in nodes if n in needed]
+    sub_inputs = [i for i in inputs if any(i in dg.deps[n] for n in sub_nodes)]
+    fn = _extract(gm, sub_nodes, sub_inputs, [weights, ids])
+    logit_values = torch.randn(tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    args = _args(sub_inputs, {logits: logit_values}, real, torch.float64)
+    ref_w, ref_ids = fn(*args)
+    ref_w, ref_ids = ref_w.reshape(tokens, top_k), ref_ids.reshape(tokens, top_k)
+    names = {op_name(n) for n in sub_nodes}
+    bias_value = real[bias].double() if bias is not None else None
+    tried = []
+    for router in _router_candidates(sub_nodes, names, top_k, num_experts):
+        w, i = torch.ops.moec.route(logit_values, bias_value, router.top_k, router.scoring,
+                                    router.renormalize, router.scale, router.n_group, router.topk_group)
+        tried.append(router.kind)
+        if _same_routing(w, i, ref_w.double(), ref_ids):
+            return router
+    raise Unproven(f"the router matches none of moec's routers (tried {sorted(set(tried))} with and "
+                   f"without renormalisation)")
+
+
+def _router_candidates(sub_nodes, names, top_k, num_experts):
+    if "sigmoid" in names:
+        scorings = ["sigmoid"]
+    elif "softmax" in names:
+        after = _softmax_after_topk(sub_nodes)
+        scorings = ["softmax_after_topk", "softmax"] if after else ["softmax", "softmax_after_topk"]
+    else:
+        return []
+    topks = [n for n in sub_nodes if op_name(n) == "topk"]
+    groups = [(1, 1)]
+    if len(topks) >= 3:
+        first_in = _hint_shape(topks[0].args[0])
+        second_k = topks[1].args[1] if len(topks[1].args) > 1 else topks[1].kwargs.get("k")
+        if len(first_in) == 3 and isinstance(second_k, int):
+            groups.insert(0, (first_in[1], second_k))
+    renorms = [True, False] if names & {"sum"} else [False, True]
+    scales = _float_constants(sub_nodes, (operator.mul, "mul")) + [1.0]
+    for scoring, (g, tg), renorm, scale in itertools.product(scorings, groups, renorms, scales):
+        yield Router(scoring=scoring, top_k=top_k, renormalize=renorm, scale=scale, n_group=g, topk_group=tg)
+
+
+def _softmax_after_topk(sub_nodes):
+    seen_topk = False
+    for n in sub_nodes:
+        seen_topk |= op_name(n) == "topk"
+        if op_name(n) == "softmax":
+            return seen_topk
+    return False
+
+
+def _same_routing(w, ids, ref_w, ref_ids):
+    # Expert order within a token is unspecified (topk(sorted=False)): compare sorted by id.
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    if not torch.equal(ids.gather(-1, order), ref_ids.long().gather(-1, ref_order)):
+        return False
+    return torch.allclose(w.double().gather(-1, order), ref_w.gather(-1, ref_order), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- experts
+
+
+def _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias, num_experts, hidden,
+                   tokens, gen):
+    fn = _extract(gm, nodes, inputs, [output])
+    weights = [i for i in inputs if i in real and i is not bias]
+    names = {op_name(n) for n in nodes}
+    candidates = list(_expert_candidates(nodes, weights, real, num_experts, hidden, names))
+    if not candidates:
+        shapes = ", ".join(f"{w.name}{tuple(real[w].shape)}" for w in weights)
+        raise Unproven(f"expert weights of unknown layout: {shapes}")
+    logit_values = torch.randn(tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    x_shape = _hint_shape(x)
+    for dtype in (torch.float64, value(x).dtype):
+        x_values = torch.randn(x_shape, generator=gen, dtype=torch.float64).to(dtype)
+        args = _args(inputs, {x: x_values, logits: logit_values.to(dtype)}, real, dtype)
+        try:
+            ref = fn(*args)[0].double().reshape(tokens, hidden)
+        except Exception as e:  # an op without a float64 kernel: prove in the model's dtype
+            if dtype is torch.float64:
+                continue
+            raise Unproven(f"running the layer on random tokens failed: {e}") from None
+        env = dict(zip(inputs, args))
+        w, ids = torch.ops.moec.route(env[logits].double(), _double(env.get(bias)), router.top_k,
+                                      router.scoring, router.renormalize, router.scale,
+                                      router.n_group, router.topk_group)
+        offsets, src, inv = torch.ops.moec.plan(ids, num_experts)
+        x2d = env[x].double().reshape(tokens, hidden)
+        tol = _TOLERANCE[dtype]
+        best = float("inf")
+        for experts in candidates:
+            y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env),
+                                       experts.activation, experts.alpha, experts.limit)
+            out = torch.ops.moec.combine(y, inv, w)
+            err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            best = min(best, err)
+            if err <= tol:
+                return experts, f"matched on {tokens} random tokens in {str(dtype)[6:]} (rel. err {err:.1e})"
+        raise Unproven(f"no known expert form reproduces the layer ({len(candidates)} tried, best "
+                       f"relative error {best:.1e})")
+    raise Unproven("the layer could not be run on random tokens")
+
+
+_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _weight_args(experts, env):
+    def view(spec):
+        if spec is None:
+            return None
+        node, transpose, sl = spec
+        t = env[node].double()
+        if transpose:
+            t = t.transpose(-2, -1)
+        if sl is not None:
+            start, step, stop = sl
+            t = t[:, start:stop:step] if t.dim() == 3 else t[:, start:stop:step]
+        return t
+    return (view(experts.up), view(experts.gate), view(experts.down),
+            view(experts.up_bias), view(experts.gate_bias), view(experts.down_bias))
+
+
+def _expert_candidates(nodes, weights, real, num_experts, hidden, names):
+    """Every (layout, activation) the shapes allow, most likely first."""
+    first_use = {w: min((i for i, n in enumerate(nodes) if w in n.all_input_nodes), default=1 << 30)
+                 for w in weights}
+    stacked = sorted([w for w in weights if real[w].dim() == 3 and real[w].shape[0] == num_experts],
+                     key=first_use.__getitem__)
+    biases = sorted([w for w in weights if real[w].dim() == 2 and real[w].shape[0] == num_experts],
+                    key=first_use.__getitem__)
+    if len(stacked) not in (2, 3) or len(stacked) + len(biases) != len(weights):
+        return
+    down = stacked[-1]
+    for down_t in _orientations(real[down].shape, hidden, want_out=hidden):
+        ffn = real[down].shape[2 - down_t]
+        for acts in [_activation_candidates(nodes, names)]:
+            if len(stacked) == 2:
+                up_node = stacked[0]
+                for up_t in _orientations(real[up_node].shape, hidden, want_out=None):
+                    n1 = real[up_node].shape[1 + up_t]
+                    for layout in _layouts(n1, ffn):
+                        yield from _with_biases(up_node, up_t, layout, down, down_t, biases, real,
+                                                num_experts, hidden, ffn, acts)
+            else:
+                for g, u in ((stacked[0], stacked[1]), (stacked[1], stacked[0])):
+                    for gt in _orientations(real[g].shape, hidden, want_out=None):
+                        for ut in _orientations(real[u].shape, hidden, want_out=None):
+                            for act in acts:
+                                if act[0] == "swiglu_oai" and biases:
+                                    continue
+                                if biases:
+                                    continue
+                                yield Experts(num_experts, hidden, ffn, act[0], up=(u, ut, None),
+                                              gate=(g, gt, None), down=(down, down_t, None),
+                                              alpha=act[1], limit=act[2])
+
+
+def _with_biases(up_node, up_t, layout, down, down_t, biases, real, E, H, F, acts):
+    gated, gate_sl, up_sl = layout
+    n1 = 2 * F if gated else F
+    b1 = [b for b in biases if real[b].shape[1] == n1]
+    b2 = [b for b in biases if real[b].shape[1] == H and b not in b1[:1]]
+    if len(biases) > 2 or (len(biases) == 2 and not (b1 and b2)) or (len(biases) == 1 and not (b1 or b2)):
+        return
+    b1 = b1[0] if b1 and (len(biases) == 2 or not b2 or H != n1) else None
+    b2 = next((b for b in biases if b is not b1), None)
+    for act in acts:
+        if not gated and act[0] == "swiglu_oai":
+            continue
+        yield Experts(
+            E, H, F, act[0],
+            up=(up_node, up_t, up_sl), gate=(up_node, up_t, gate_sl) if gated else None,
+            down=(down, down_t, None),
+            up_bias=(b1, False, up_sl) if b1 is not None else None,
+            gate_bias=(b1, False, gate_sl) if (b1 is not None and gated) else None,
+            down_bias=(b2, False, None) if b2 is not None else None,
+            alpha=act[1], limit=act[2])
+
+
+def _orientations(s, hidden, want_out):
+    """Whether (E, a, b) must be transposed to read as (E, out, in) for y = x @ w.T."""
+    out = []
+    if want_out is None:  # first projection: in = hidden
+        if s[2] == hidden:
+            out.append(False)
+        if s[1] == hidden:
+            out.append(True)
+    else:                 # down projection: out = hidden
+        if s[1] == hidden:
+            out.append(False)
+        if s[2] == hidden:
+            out.append(True)
+    return out
+
+
+def _layouts(n1, ffn):
+    """(gated, gate slice, up slice) as (start, step, stop) along the output dim of w1."""
+    if n1 == 2 * ffn:
+        return [(True, (0, 1, ffn), (ffn, 1, 2 * ffn)), (True, (0, 2, None), (1, 2, None)),
+                (True, (ffn, 1, 2 * ffn), (0, 1, ffn)), (True, (1, 2, None), (0, 2, None))]
+    if n1 == ffn:
+        return [(False, None, None)]
+    return []
+
+
+def _activation_candidates(nodes, names):
+    floats = _float_constants(nodes, (operator.mul, "mul"))
+    clamps = sorted({abs(v) for n in nodes if op_name(n) in ("clamp", "clamp_")
+                     for v in list(n.args[1:]) + list(n.kwargs.values()) if isinstance(v, float)})
+    acts = []
+    if "sigmoid" in names and clamps:
+        acts += [("swiglu_oai", a, l) for a in floats for l in clamps]
+    gelu_tanh = any(op_name(n) == "gelu" and n.kwargs.get("approximate") == "tanh" for n in nodes)
+    present = [a for a in ("silu", "gelu_tanh" if gelu_tanh else "gelu", "relu") if a in names or
+               (a == "gelu_tanh" and gelu_tanh)]
+    acts += [(a, 0.0, 0.0) for a in present]
+    acts += [(a, 0.0, 0.0) for a in ("silu", "gelu", "gelu_tanh", "relu") if a not in present]
+    return acts
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _extract(gm, nodes, inputs, outputs):
+    """A GraphModule computing `outputs` from `inputs` with copies of `nodes`."""
+    g = fx.Graph()
+    env = {i: g.placeholder(f"in_{k}") for k, i in enumerate(inputs)}
+    for n in nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(gm, g)
+
+
+def _args(inputs, given, real, dtype):
+    out = []
+    for i in inputs:
+        if i in given:
+            out.append(given[i])
+        elif i in real:
+            t = real[i].detach()
+            out.append(t.to(dtype) if t.is_floating_point() else t)
+        else:
+            out.append(_hint(value(i)))
+    return out
+
+
+def _float_constants(nodes, targets):
+    vals = []
+    for n in nodes:
+        if n.target in targets or op_name(n) in targets:
+            vals += [a for a in n.args if isinstance(a, float) and a not in vals]
+    return vals
+
+
+def _hint(v):
+    if isinstance(v, torch.SymInt):
+        return v.node.hint
+    if isinstance(v, torch.SymFloat):
+        return v.node.hint
+    return v
+
+
+def _hint_shape(node):
+    s = shape(node)
+    return tuple(_hint(d) for d in s) if s is not None else None
+
+
+def _double(t):
+    return None if t is None else t.double()

@@ -1,0 +1,112 @@
+"""Pass `rewrite`: replace each detected MoE region with moec's ops.
+
+Expects: the regions of the `detect` report, on the same graph.
+Guarantees: each region's output is computed by
+    weights, ids        = moec.route(logits, score_bias)           # (T, k) f32, (T, k) i64
+    offsets, src, inv   = moec.plan(ids)                           # (E+1,), (T*k,), (T*k,)
+    y                   = moec.experts(x, src, offsets, weights...) # (T*k, H) grouped by expert
+    out                 = moec.combine(y, inv, weights)             # (T, H)
+and the region's own nodes are gone. The router's linear and everything outside the regions
+stay as they were. Weights enter as views of the graph inputs (transpose, strided slice), never
+copies, so optimizers and checkpoints keep seeing the user's parameters.
+"""
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .graph import value
+
+PASS = "rewrite"
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    rewritten: tuple   # module paths, in graph order
+    skipped: tuple     # (module, why) for regions left alone on purpose (e.g. bisecting)
+
+
+def rewrite(gm: fx.GraphModule, ctx) -> tuple:
+    regions = ctx.reports["detect"].regions
+    limit = ctx.config.max_rewrites
+    done, skipped = [], []
+    for i, region in enumerate(regions):
+        if 0 <= limit <= i:
+            skipped.append((region.module, f"max_rewrites={limit}"))
+            continue
+        _rewrite_region(gm.graph, region, ctx.fake_mode)
+        done.append(region.module)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, RewriteReport(tuple(done), tuple(skipped))
+
+
+def _rewrite_region(graph, region, fake_mode):
+    emit = _Emitter(graph, region.output, fake_mode)
+    r, ex = region.router, region.experts
+    with graph.inserting_before(region.output):
+        x = region.x
+        if len(value(x).shape) != 2:
+            x = emit.method("reshape", x, -1, ex.hidden)
+        routed = emit.op(torch.ops.moec.route.default, region.logits, region.score_bias, r.top_k,
+                         r.scoring, r.renormalize, r.scale, r.n_group, r.topk_group)
+        weights, ids = emit.item(routed, 0), emit.item(routed, 1)
+        plan = emit.op(torch.ops.moec.plan.default, ids, ex.num_experts)
+        offsets, src, inv = (emit.item(plan, j) for j in range(3))
+        views = [emit.view(spec) for spec in (ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias)]
+        y = emit.op(torch.ops.moec.experts.default, x, src, offsets, r.top_k, *views,
+                    ex.activation, ex.alpha, ex.limit)
+        out = emit.op(torch.ops.moec.combine.default, y, inv, weights)
+        want = value(region.output).dtype
+        if want != value(x).dtype:
+            out = emit.method("to", out, want)
+    region.output.replace_all_uses_with(out)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+
+
+class _Emitter:
+    """Creates nodes with the example values and provenance later passes and dumps rely on."""
+
+    def __init__(self, graph, anchor, fake_mode):
+        self.graph, self.fake_mode = graph, fake_mode
+        self.meta = {k: anchor.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
+                     if k in anchor.meta}
+
+    def _node(self, kind, target, args):
+        node = self.graph.create_node(kind, target, args)
+        node.meta.update(self.meta)
+        node.meta["moec_pass"] = PASS
+        if self.fake_mode is not None:
+            fake_args = [value(a) if isinstance(a, fx.Node) else a for a in args]
+            # Dynamo's own fake mode, not the backend's copy of it in the TracingContext: the
+            # graph's example values all belong to Dynamo's.
+            with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)), self.fake_mode:
+                if kind == "call_method":
+                    example = getattr(fake_args[0], target)(*fake_args[1:])
+                else:
+                    example = target(*fake_args)
+            node.meta["example_value"] = example
+        return node
+
+    def op(self, target, *args):
+        return self._node("call_function", target, args)
+
+    def method(self, name, *args):
+        return self._node("call_method", name, args)
+
+    def item(self, node, i):
+        return self._node("call_function", operator.getitem, (node, i))
+
+    def view(self, spec):
+        if spec is None:
+            return None
+        node, transpose, sl = spec
+        if transpose:
+            node = self.method("transpose", node, -2, -1)
+        if sl is not None:
+            start, step, stop = sl
+            node = self._node("call_function", operator.getitem,
+                              (node, (slice(None), slice(start, stop, step))))
+        return node

@@ -1,0 +1,1 @@
+"""moec's distributed runtime (expert parallelism): process groups, all-to-all, streams."""
