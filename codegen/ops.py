@@ -2,15 +2,16 @@
 
 Each op has a fake implementation (shapes only, so graphs with symbolic token counts trace
 without recompiling), input checks that run at trace time too, and an autograd formula whose
-backward is itself an op, so AOT autograd keeps it opaque and a kernel can replace it. The
-bodies call the plain-PyTorch references in `reference.py` for now.
+backward is itself an op, so AOT autograd keeps it opaque and a kernel can replace it. Bodies
+dispatch by `kernels.use_triton`: CUDA tensors run the Triton kernels (imported lazily, so the
+CPU path needs no Triton), CPU tensors the plain-PyTorch twins in `reference.py`.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import kernels, reference
 from .errors import MoecKernelError
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,6 +27,9 @@ def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormal
           scale: float, n_group: int, topk_group: int) -> tuple[Tensor, Tensor]:
     """logits (T, E) -> weights (T, k) float32, ids (T, k) int64."""
     _check_route(logits, bias, k, scoring, n_group, topk_group)
+    if kernels.use_triton(logits):
+        from .route_kernel import route_launch
+        return route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
     w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
     return w.contiguous(), ids.contiguous()
 
@@ -40,6 +44,9 @@ def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
 @torch.library.custom_op("moec::route_backward", mutates_args=())
 def route_backward(grad_weights: Tensor, logits: Tensor, ids: Tensor, scoring: str,
                    renormalize: bool, scale: float) -> Tensor:
+    if kernels.use_triton(logits):
+        from .route_backward_kernel import route_backward_launch
+        return route_backward_launch(grad_weights, logits, ids, scoring, renormalize, scale)
     return reference.route_weights_backward(grad_weights, logits, ids, scoring, renormalize, scale)
 
 
@@ -86,6 +93,9 @@ def _check_route(logits, bias, k, scoring, n_group, topk_group):
 def plan(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """ids (T, k) -> offsets (E+1,), src (T*k,), inv (T*k,), int64; ids outside [0, E) dropped."""
     _check_plan(ids, num_experts)
+    if kernels.use_triton(ids):
+        from .plan_kernel import plan_launch
+        return plan_launch(ids, num_experts)
     return reference.plan(ids, num_experts)
 
 
@@ -114,6 +124,10 @@ def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_gat
             activation: str, alpha: float, limit: float) -> Tensor:
     """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype."""
     _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation)
+    if kernels.use_triton(x):
+        from .experts_launch import experts_forward
+        return experts_forward(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                               activation, alpha, limit)
     return reference.experts(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
                              activation, alpha, limit)
 
@@ -133,6 +147,11 @@ def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k:
                      b_gate: Optional[Tensor], b_down: Optional[Tensor], activation: str,
                      alpha: float, limit: float) -> list[Tensor]:
     """Gradients of x and of each weight given (an empty tensor stands for an absent one)."""
+    if kernels.use_triton(x):
+        from .experts_launch import experts_backward as launch
+        grads = launch(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                       activation, alpha, limit)
+        return [x.new_empty(0) if g is None else g for g in grads]
     grads = reference.experts_backward(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate,
                                        b_down, activation, alpha, limit)
     return [x.new_empty(0) if g is None else g for g in grads]
@@ -197,6 +216,10 @@ def _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, 
 def combine(y: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
     """y (S, H) grouped, inv (S,), weights (T, k) -> out (T, H) = sum_j w[t, j] y[inv[t*k+j]]."""
     _check_combine(y, inv, weights)
+    if kernels.use_triton(y):
+        from .combine_kernel import combine_launch
+        out = y.new_empty(weights.shape[0], y.shape[1])
+        return combine_launch(y, inv, weights, out, weights.shape[1])
     return reference.combine(y, inv, weights)
 
 
@@ -208,6 +231,9 @@ def _(y, inv, weights):
 
 @torch.library.custom_op("moec::combine_backward", mutates_args=())
 def combine_backward(grad_out: Tensor, y: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    if kernels.use_triton(y):
+        from .combine_backward_kernel import combine_backward_launch
+        return combine_backward_launch(grad_out, y, inv, weights)
     T, k = weights.shape
     rows = y[inv].float().view(T, k, y.shape[1])                                    # scattered
     g = grad_out.float().unsqueeze(1)                                               # (T, 1, H)

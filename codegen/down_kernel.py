@@ -1,0 +1,69 @@
+"""Grouped GEMM over contiguous grouped rows: C[s] = A1[s] B1[e] (+ A2[s] B2[e]) + bias[e].
+
+Used for the down projection (A1 = h, B1[e] = W_down[e]^T) and for the input gradient of the
+gate/up projection (A1 = du, B1[e] = W_up[e]; A2 = dg, B2[e] = W_gate[e]). B operands are read
+through their strides, so weight views (transposes, interleaved slices) are never copied.
+Rows of dropped copies (past offsets[E]) are written as zeros by the tiles of segment E.
+Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
+"""
+import triton
+import triton.language as tl
+
+from .jit_helpers import expert_tile, ieee, mma
+
+
+@triton.jit
+def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr,
+                S, E, N, K, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
+                s_bias_e, s_bias_n, s_c,
+                HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BLOCK_N)
+    e, row0, row_end = expert_tile(pid // n_n, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
+    if e < 0:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if e < E:
+        e64 = e.to(tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < K
+            amask = rmask[:, None] & kmask[None, :]
+            bmask = kmask[:, None] & cmask[None, :]
+            a = tl.load(a1_ptr + rows64[:, None] * s_a1 + kk[None, :], mask=amask, other=0.0)
+            b = tl.load(b1_ptr + e64 * s_b1_e + kk[:, None] * s_b1_k + cols[None, :] * s_b1_n,
+                        mask=bmask, other=0.0)
+            acc = mma(a, b, acc, IEEE)
+            if HAS_A2:
+                a = tl.load(a2_ptr + rows64[:, None] * s_a2 + kk[None, :], mask=amask, other=0.0)
+                b = tl.load(b2_ptr + e64 * s_b2_e + kk[:, None] * s_b2_k + cols[None, :] * s_b2_n,
+                            mask=bmask, other=0.0)
+                acc = mma(a, b, acc, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e64 * s_bias_e + cols * s_bias_n, mask=cmask,
+                           other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows64[:, None] * s_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None):
+    """c (S, N) = grouped a1 (S, K) @ b1 (E, K, N) [+ a2 @ b2] [+ bias (E, N)]; b's may be views."""
+    S, N = c.shape
+    E, K = b1.shape[0], b1.shape[1]
+    a2_, b2_ = (a2, b2) if a2 is not None else (a1, b1)
+    bias_ = bias if bias is not None else c
+    grid = ((triton.cdiv(S, tile.block_m) + E + 1) * triton.cdiv(N, tile.block_n),)
+    down_kernel[grid](
+        a1, b1, a2_, b2_, bias_, c, offsets, S, E, N, K,
+        a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
+        *(bias.stride() if bias is not None else (0, 0)), c.stride(0),
+        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, IEEE=ieee(c),
+        E_POW2=triton.next_power_of_2(E + 1), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -1,0 +1,86 @@
+"""Wrappers behind `moec.experts` / `moec.experts_backward` on the Triton path: check, allocate,
+launch. Shapes: x (T, H), src/inv (S,), offsets (E+1,), w_up/w_gate (E, F, H), w_down (E, H, F)
+(any strides), grad_y and y (S, H) grouped. Never syncs with the host: every size used for a
+grid or an allocation is a tensor shape; the per-expert counts stay on the device.
+"""
+import torch
+
+from . import tuning
+from .combine_kernel import combine_launch
+from .down_kernel import launch_down
+from .errors import MoecKernelError
+from .gate_up_kernel import launch_gate_up
+from .jit_helpers import ACTIVATION_CODE
+from .wgrad_kernel import launch_wgrad
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _tiles(x, src, w_up, k, *kernels):
+    E, F, H = w_up.shape
+    T = src.shape[0] // max(k, 1)
+    return [tuning.tile(name, E, k, H, F, x.dtype, x.device, T) for name in kernels]
+
+
+def _check(x, w_down):
+    if x.dtype not in _KERNEL_DTYPES:
+        raise MoecKernelError(f"moec.experts (triton): dtype {x.dtype} unsupported; use float16, "
+                              f"bfloat16 or float32, or the reference backend")
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise MoecKernelError("moec.experts (triton): x rows must be contiguous (x.stride(1) == 1)")
+
+
+def experts_forward(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation,
+                    alpha, limit):
+    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down."""
+    _check(x, w_down)
+    S, (E, F, H) = src.shape[0], w_up.shape
+    y = x.new_empty(S, H)
+    if S == 0:
+        return y
+    t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
+    h = x.new_empty(S, F)
+    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                   alpha, limit, t_up, h)
+    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down)
+    return y
+
+
+def experts_backward(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                     activation, alpha, limit):
+    """Gradients [dx, dw_up, dw_gate, dw_down, db_up, db_gate, db_down] (None where absent).
+
+    1. gate/up again with dh = grad_y W_down and d(act) fused -> h, dg, du   (S, F)
+    2. rows = du W_up + dg W_gate (grouped, dropped rows zero)             (S, H)
+    3. dx[t] = sum of its k rows (deterministic gather-sum, no atomics)    (T, H)
+    4. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_y against h.
+    """
+    _check(x, w_down)
+    S, (E, F, H) = src.shape[0], w_up.shape
+    gated = w_gate is not None
+    new = lambda t: None if t is None else torch.zeros_like(t, memory_format=torch.contiguous_format)
+    dw_up, dw_gate, dw_down, db_up, db_gate, db_down = (new(t) for t in (w_up, w_gate, w_down, b_up, b_gate, b_down))
+    if S == 0:
+        return [torch.zeros_like(x), dw_up, dw_gate, dw_down, db_up, db_gate, db_down]
+    t_up, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "gate_up_bwd", "down", "wgrad", "wgrad_dual")
+    h, du = x.new_empty(S, F), x.new_empty(S, F)
+    dg = x.new_empty(S, F) if gated else None
+    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du)
+    rows = x.new_empty(S, H)
+    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate)
+    dx = _sum_rows(rows, src, k, x)
+    launch_wgrad(du, x, offsets, dw_up, t_wg2 if gated else t_wg, src=src, k=k, a2=dg, out2=dw_gate,
+                 db=db_up, db2=db_gate)
+    launch_wgrad(grad_y, h, offsets, dw_down, t_wg, db=db_down)
+    return [dx, dw_up, dw_gate, dw_down, db_up, db_gate, db_down]
+
+
+def _sum_rows(rows_SH, src_S, k, x_TH):
+    """dx[t] = sum_j rows[inv[t*k + j]]; falls back to index_add when copies are not T*k."""
+    T = x_TH.shape[0]
+    if src_S.shape[0] != T * k:
+        dx = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        return dx.index_add_(0, src_S // k, rows_SH.float()).to(x_TH.dtype)
+    inv = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(src_S.shape[0], device=src_S.device))
+    return combine_launch(rows_SH, inv, None, torch.empty_like(x_TH, memory_format=torch.contiguous_format), k)

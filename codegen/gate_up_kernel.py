@@ -1,0 +1,92 @@
+"""Grouped gate/up GEMM with the activation in its epilogue; its backward twin adds d(act).
+
+Forward, per grouped row s of expert e (token t = src[s] // k):
+    g = x[t] W_gate[e]^T + b_gate[e];  u = x[t] W_up[e]^T + b_up[e];  h[s] = act(g, u)
+Backward (BACKWARD): also dh = grad_y[s] W_down[e] (K = H as well) and stores h, dg, du for the
+input- and weight-gradient GEMMs, so the pre-activations never round-trip through memory.
+The token gather is in the A-operand load: no (S, H) permuted copy of x exists.
+Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' weights (2*F*H each)
++ S*F written. FLOPs: 2*S*H*F per projection.
+"""
+import triton
+import triton.language as tl
+
+from .jit_helpers import activate, activate_backward, expert_tile, ieee, mma
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, gy_ptr, wd_ptr,
+                   h_ptr, dg_ptr, du_ptr,
+                   S, E, H, F, k_top, alpha, limit,
+                   s_xt, s_xh, s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h,
+                   s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_wd_e, s_wd_h, s_wd_f,
+                   ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
+                   HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(F, BLOCK_N)
+    e, row0, row_end = expert_tile(pid // n_n, offsets_ptr, E, S, BLOCK_M, E_POW2, False)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    tok = (tl.load(src_ptr + rows, mask=rmask, other=0) // k_top).to(tl.int64)
+    cols = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        amask = rmask[:, None] & kmask[None, :]
+        bmask = kmask[:, None] & cmask[None, :]
+        a = tl.load(x_ptr + tok[:, None] * s_xt + kk[None, :] * s_xh, mask=amask, other=0.0)
+        b = tl.load(wu_ptr + e64 * s_wu_e + kk[:, None] * s_wu_h + cols[None, :] * s_wu_f,
+                    mask=bmask, other=0.0)
+        acc_u = mma(a, b, acc_u, IEEE)
+        if GATED:
+            b = tl.load(wg_ptr + e64 * s_wg_e + kk[:, None] * s_wg_h + cols[None, :] * s_wg_f,
+                        mask=bmask, other=0.0)
+            acc_g = mma(a, b, acc_g, IEEE)
+        if BACKWARD:
+            a = tl.load(gy_ptr + rows[:, None].to(tl.int64) * s_gy + kk[None, :], mask=amask, other=0.0)
+            b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
+                        mask=bmask, other=0.0)
+            acc_d = mma(a, b, acc_d, IEEE)
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + e64 * s_bu_e + cols * s_bu_f, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BG:
+        acc_g += tl.load(bg_ptr + e64 * s_bg_e + cols * s_bg_f, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    out = rows[:, None].to(tl.int64) * F + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    h = activate(acc_g, acc_u, alpha, limit, ACT, GATED)
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=omask)
+    if BACKWARD:
+        dg, du = activate_backward(acc_g, acc_u, acc_d, alpha, limit, ACT, GATED)
+        tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=omask)
+        if GATED:
+            tl.store(dg_ptr + out, dg.to(dg_ptr.dtype.element_ty), mask=omask)
+
+
+def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alpha, limit, tile,
+                   h, grad_y=None, w_down=None, dg=None, du=None):
+    """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too."""
+    S, (E, F, H) = src.shape[0], w_up.shape
+    backward = grad_y is not None
+    gated = w_gate is not None
+    wg, bu, bg = (w_gate if gated else w_up), (b_up if b_up is not None else h), (b_gate if b_gate is not None else h)
+    gy, wd = (grad_y, w_down) if backward else (h, w_up)
+    grid = ((triton.cdiv(S, tile.block_m) + E) * triton.cdiv(F, tile.block_n),)
+    gate_up_kernel[grid](
+        x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
+        S, E, H, F, k, alpha, limit,
+        x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
+        *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
+        gy.stride(0), *(w_down.stride() if backward else (0, 0, 0)),
+        ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+        BACKWARD=backward, IEEE=ieee(x), E_POW2=triton.next_power_of_2(E + 1),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -1,0 +1,124 @@
+"""Triton device functions shared by the grouped-GEMM kernels: the tile table and activations.
+
+Tile table: segment i in [0, E) holds grouped rows offsets[i]:offsets[i+1] (expert i); with
+`dropped`, segment E holds rows offsets[E]:S (copies routed to no expert). Each segment is cut
+into ceil(rows / BLOCK_M) tiles, numbered in segment order; a program finds its tile's segment
+from a cumulative sum over at most E+1 counts, so the grid can be sized from the host-known
+bound cdiv(S, BLOCK_M) + E + 1 while the counts stay on the device (no sync, no recompile).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def expert_tile(tile, offsets_ptr, E, S, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr,
+                DROPPED: tl.constexpr):
+    """-> (segment, first row, end row of the segment); segment = -1 if the tile is past the end."""
+    i = tl.arange(0, E_POW2)
+    n_seg = E + 1 if DROPPED else E
+    lo = tl.load(offsets_ptr + i, mask=i < n_seg, other=0)
+    hi = tl.load(offsets_ptr + i + 1, mask=i < E, other=0)
+    hi = tl.where(i == E, S, hi)
+    hi = tl.where(i < n_seg, hi, lo)
+    n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(n_tiles, axis=0)
+    seg = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    here = i == seg
+    first_tile = tl.sum(tl.where(here, ends - n_tiles, 0), axis=0)
+    row0 = tl.sum(tl.where(here, lo, 0), axis=0) + (tile - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(here, hi, 0), axis=0)
+    seg = tl.where(seg < n_seg, seg, -1)
+    return seg, row0, row_end
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _tanh(v):
+    return 2.0 * _sigmoid(2.0 * v) - 1.0
+
+
+@triton.jit
+def act_plain(v, ACT: tl.constexpr):
+    """ACT: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu. fp32 in, fp32 out."""
+    if ACT == 0:
+        out = v * _sigmoid(v)
+    elif ACT == 1:
+        out = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 2:
+        out = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    else:
+        out = tl.maximum(v, 0.0)
+    return out
+
+
+@triton.jit
+def act_plain_grad(v, ACT: tl.constexpr):
+    """d act_plain / d v."""
+    if ACT == 0:
+        s = _sigmoid(v)
+        d = s * (1.0 + v * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
+        d = cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
+    elif ACT == 2:
+        c = 0.7978845608028654
+        t = _tanh(c * (v + 0.044715 * v * v * v))
+        d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v)
+    else:
+        d = (v > 0.0).to(tl.float32)
+    return d
+
+
+@triton.jit
+def activate(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
+    """h = act(g) * u (gated), act(u) (plain), or GPT-OSS swiglu_oai (ACT == 4); fp32."""
+    if ACT == 4:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        h = (uc + 1.0) * (gc * _sigmoid(gc * alpha))
+    elif GATED:
+        h = act_plain(g, ACT) * u
+    else:
+        h = act_plain(u, ACT)
+    return h
+
+
+@triton.jit
+def activate_backward(g, u, dh, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
+    """(d g, d u) of `activate` given d h (d g is zeros when not gated); fp32."""
+    if ACT == 4:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        s = _sigmoid(gc * alpha)
+        du = tl.where((u >= -limit) & (u <= limit), dh * gc * s, 0.0)
+        dg = tl.where(g <= limit, dh * (uc + 1.0) * (s + gc * alpha * s * (1.0 - s)), 0.0)
+    elif GATED:
+        du = dh * act_plain(g, ACT)
+        dg = dh * u * act_plain_grad(g, ACT)
+    else:
+        du = dh * act_plain_grad(u, ACT)
+        dg = tl.zeros_like(du)
+    return dg, du
+
+
+ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """acc += a @ b. IEEE: full-precision float32 products (no tf32), as the reference; operands
+    are upcast first, which is exact and also sidesteps the interpreter's wrong bf16 dot."""
+    if IEEE:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def ieee(t) -> bool:
+    """The `mma` mode for operands like t: float32 operands, or any on the CPU interpreter."""
+    return t.dtype.itemsize == 4 or not t.is_cuda

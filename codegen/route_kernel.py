@@ -1,0 +1,132 @@
+"""Router: scores -> top-k experts and their weights, one program per block of tokens.
+
+scoring 0 softmax (top-k on the probabilities), 1 softmax_after_topk (top-k on the logits, softmax
+over the k chosen), 2 sigmoid (+ score bias for the choice only; DeepSeek-V3 groups: keep the
+`topk_group` groups whose two best scores sum highest). Then renormalize, scale. Selection is k
+rounds of argmax, ties to the lower expert index, which gives torch.topk's set and order on
+distinct scores. Bytes: T*E read, T*k*(4+8) written.
+"""
+import triton
+import triton.language as tl
+
+from .jit_helpers import _sigmoid
+
+
+@triton.jit
+def _argmax_rounds(score, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr):
+    """k rounds of (max, lowest index among equals) -> ids (BT, K_POW2) int32."""
+    kcol = tl.arange(0, K_POW2)
+    ids = tl.zeros((score.shape[0], K_POW2), dtype=tl.int32)
+    for j in range(K):
+        best = tl.max(tl.where(avail, score, float("-inf")), axis=1)
+        pick = tl.min(tl.where(avail & (score == best[:, None]), cols[None, :], E_POW2), axis=1)
+        ids = tl.where(kcol[None, :] == j, pick[:, None], ids)
+        avail = avail & (cols[None, :] != pick[:, None])
+    return ids
+
+
+@triton.jit
+def _gather(tile, cols, ids):
+    """tile[t, ids[t, j]] for each j -> (BT, K_POW2); one-hot sums, as Triton has no row gather."""
+    out = tl.zeros(ids.shape, dtype=tl.float32)
+    for j in tl.static_range(ids.shape[1]):
+        idj = tl.sum(tl.where(tl.arange(0, ids.shape[1])[None, :] == j, ids, 0), axis=1)
+        v = tl.sum(tl.where(cols[None, :] == idj[:, None], tile, 0.0), axis=1)
+        out = tl.where(tl.arange(0, ids.shape[1])[None, :] == j, v[:, None], out)
+    return out
+
+
+@triton.jit
+def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group,
+                 K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                 BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr):
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_POW2)
+    tmask, emask = ts < T, cols < E
+    mask = tmask[:, None] & emask[None, :]
+    logit = tl.load(logits_ptr + ts[:, None].to(tl.int64) * s_l + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+    avail = (cols < E)[None, :] & (ts == ts)[:, None]      # padding tokens still see finite rows
+    if SCORING == 0:
+        z = tl.exp(tl.where(avail, logit, float("-inf")) - tl.max(tl.where(avail, logit, float("-inf")), axis=1)[:, None])
+        prob = z / tl.sum(z, axis=1)[:, None]
+        choice = prob
+    elif SCORING == 1:
+        prob = logit
+        choice = logit
+    else:
+        prob = _sigmoid(logit)
+        choice = prob
+        if HAS_BIAS:
+            choice += tl.load(bias_ptr + cols, mask=emask, other=0.0).to(tl.float32)[None, :]
+        if N_GROUP > 1:
+            avail = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2)
+    ids = _argmax_rounds(choice, avail, cols, K, K_POW2, E_POW2)
+    kmask = tl.arange(0, K_POW2)[None, :] < K
+    w = _gather(prob, cols, ids)
+    if SCORING == 1:
+        z = tl.where(kmask, tl.exp(w - tl.max(tl.where(kmask, w, float("-inf")), axis=1)[:, None]), 0.0)
+        w = z / tl.sum(z, axis=1)[:, None]
+    w = tl.where(kmask, w, 0.0)
+    if RENORM:
+        eps = 1e-20 if SCORING == 2 else 0.0
+        w = w / (tl.sum(w, axis=1)[:, None] + eps)
+    out = ts[:, None].to(tl.int64) * K + tl.arange(0, K_POW2)[None, :]
+    omask = tmask[:, None] & kmask
+    tl.store(w_ptr + out, w * scale, mask=omask)
+    tl.store(ids_ptr + out, ids.to(tl.int64), mask=omask)
+
+
+@triton.jit
+def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.constexpr,
+                     GROUP_TOP2: tl.constexpr):
+    """DeepSeek-V3: group score = sum of its two best (one if groups are singletons); experts
+    outside the best topk_group groups become unavailable."""
+    gcol = tl.arange(0, N_GROUP)
+    gscore = tl.zeros((choice.shape[0], N_GROUP), dtype=tl.float32)
+    member = cols[None, :] // group_size
+    for g in tl.static_range(N_GROUP):
+        inside = avail & (member == g)
+        v = tl.where(inside, choice, float("-inf"))
+        top = tl.max(v, axis=1)
+        s = top
+        if GROUP_TOP2:
+            first = tl.min(tl.where(inside & (v == top[:, None]), cols[None, :], choice.shape[1]), axis=1)
+            s += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), v), axis=1)
+        gscore = tl.where(gcol[None, :] == g, s[:, None], gscore)
+    gavail = gscore == gscore    # all true
+    keep = tl.zeros(gscore.shape, dtype=tl.int32)
+    for j in range(topk_group):
+        best = tl.max(tl.where(gavail, gscore, float("-inf")), axis=1)
+        pick = tl.min(tl.where(gavail & (gscore == best[:, None]), gcol[None, :], N_GROUP), axis=1)
+        keep = tl.where(gcol[None, :] == pick[:, None], 1, keep)
+        gavail = gavail & (gcol[None, :] != pick[:, None])
+    kept = tl.zeros(choice.shape, dtype=tl.int32)
+    for g in tl.static_range(N_GROUP):
+        kg = tl.sum(tl.where(gcol[None, :] == g, keep, 0), axis=1)
+        kept = tl.where(member == g, kg[:, None], kept)
+    return avail & (kept > 0)
+
+
+_SCORING = {"softmax": 0, "softmax_after_topk": 1, "sigmoid": 2}
+
+
+def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
+    import torch
+    T, E = logits.shape
+    w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    if T == 0:
+        return w, ids
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    e_pow2 = triton.next_power_of_2(E)
+    block_t = max(1, min(64, 4096 // e_pow2))
+    groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
+    route_kernel[(triton.cdiv(T, block_t),)](
+        logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
+        topk_group, K=k, SCORING=_SCORING[scoring], HAS_BIAS=bias is not None, RENORM=renormalize,
+        N_GROUP=groups, GROUP_TOP2=E // groups >= 2, BLOCK_T=block_t, E_POW2=e_pow2,
+        K_POW2=triton.next_power_of_2(k), num_warps=4)
+    return w, ids

@@ -1,0 +1,104 @@
+"""Launch settings: one function of the shapes per kernel, pinnable in tests, tunable on a GPU.
+
+Key: (kernel, E, k, H, F, dtype, device name, token bucket), the bucket being T rounded up to a
+power of two, so a new token count never triggers a new tuning run or a recompile (the block
+sizes are constexprs; the counts per expert stay on the device). Lookup order: pinned (tests) ->
+tuned this process or loaded from a JSON cache -> the shipped heuristic table below.
+"""
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Block sizes of one launch; for GEMMs m = grouped rows, n = output columns, k = reduction."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+_pinned: dict = {}
+_tuned: dict = {}
+
+
+def bucket(tokens: int) -> int:
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def key(kernel, E, k, H, F, dtype, device, tokens):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{kernel}|E{E}|k{k}|H{H}|F{F}|{str(dtype)[6:]}|{name}|T{bucket(tokens)}"
+
+
+def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
+    """The launch settings of `kernel` for this layer and token count."""
+    if kernel in _pinned:
+        return _pinned[kernel]
+    found = _tuned.get(key(kernel, E, k, H, F, dtype, device, tokens))
+    if found is not None:
+        return found
+    if device.type != "cuda":   # the interpreter: few, small programs keep tests fast
+        return Tile(32, 32, 32, 1, 1)
+    return _default(kernel, tokens * k / E, dtype)
+
+
+def _default(kernel, rows_per_expert, dtype):
+    """Shipped table for Hopper-class GPUs, by average rows per expert."""
+    small = rows_per_expert <= 32
+    wide = 4 if dtype == torch.float32 else 2      # fp32 tiles hold twice the bytes: halve them
+    if kernel == "gate_up":
+        return Tile(16, 64, 128, 4, 3) if small else Tile(128, 128 // wide * 2 // 2, 64, 8, 3)
+    if kernel == "gate_up_bwd":
+        return Tile(16, 64, 64, 4, 2) if small else Tile(64, 64, 64, 4, 2)
+    if kernel == "down":
+        return Tile(16, 64, 128, 4, 3) if small else Tile(128, 128, 64, 8, 3)
+    if kernel in ("wgrad", "wgrad_dual"):
+        n = 64 if kernel == "wgrad_dual" else 128
+        return Tile(128, n, 32, 8, 3) if not small else Tile(64, 64, 32, 4, 2)
+    raise KeyError(kernel)
+
+
+@contextlib.contextmanager
+def pin(**tiles: Tile):
+    """Force launch settings by kernel name (tests use this to cut partial tiles)."""
+    saved = dict(_pinned)
+    _pinned.update(tiles)
+    try:
+        yield
+    finally:
+        _pinned.clear()
+        _pinned.update(saved)
+
+
+def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20):
+    """Time `run(tile)` for each candidate Tile; keep the fastest for this key. GPU only."""
+    import triton.testing
+    best, best_ms = None, float("inf")
+    for cand in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: run(cand), rep=rep_ms, return_mode="median")
+        except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is not None:
+        _tuned[key(kernel, *layer, dtype, device, tokens)] = best
+    return best, best_ms
+
+
+def save(path):
+    with open(path, "w") as f:
+        json.dump({k: asdict(v) for k, v in _tuned.items()}, f, indent=1)
+
+
+def load(path):
+    """Merge a cache written by `save` (missing file: nothing to do)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            _tuned.update({k: Tile(**v) for k, v in json.load(f).items()})

@@ -1,0 +1,77 @@
+"""Grouped weight gradients over ragged segments: dW[e] = A_e^T B_e, and bias grads from A.
+
+out[e, m, n] = sum over grouped rows s of expert e of A[s, m] * B[row(s), n], where row(s) is s,
+or the token src[s] // k when B is x (GATHER: the gather is in the operand load). DUAL adds a
+second A sharing the B loads (du and dg against x: dW_up and dW_gate in one pass over x).
+Experts with no rows get zeros. Bias gradients db[e, m] = sum_s A[s, m], from the n = 0 tiles.
+Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
+"""
+import triton
+import triton.language as tl
+
+from .jit_helpers import ieee, mma
+
+
+@triton.jit
+def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr,
+                 E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
+                 GATHER: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    e = pid // (n_m * n_n)
+    pid_m = (pid // n_n) % n_m
+    pid_n = pid % n_n
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = ms < M, ns < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    db2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_K):
+        s = s0 + tl.arange(0, BLOCK_K)
+        smask = s < hi
+        s64 = s.to(tl.int64)
+        if GATHER:
+            brow = (tl.load(src_ptr + s, mask=smask, other=0) // k_top).to(tl.int64)
+        else:
+            brow = s64
+        b = tl.load(b_ptr + brow[:, None] * s_b_row + ns[None, :] * s_b_col,
+                    mask=smask[:, None] & nmask[None, :], other=0.0)
+        amask = mmask[:, None] & smask[None, :]
+        a = tl.load(a_ptr + s64[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
+        acc = mma(a, b, acc, IEEE)
+        if BIAS:
+            db += tl.sum(a.to(tl.float32), axis=1)
+        if DUAL:
+            a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=amask, other=0.0)
+            acc2 = mma(a, b, acc2, IEEE)
+            if BIAS:
+                db2 += tl.sum(a.to(tl.float32), axis=1)
+    out = e.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if DUAL:
+        tl.store(out2_ptr + out, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
+    if BIAS:
+        if pid_n == 0:
+            tl.store(db_ptr + e * M + ms, db.to(db_ptr.dtype.element_ty), mask=mmask)
+            if DUAL:
+                tl.store(db2_ptr + e * M + ms, db2.to(db2_ptr.dtype.element_ty), mask=mmask)
+
+
+def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None):
+    """out (E, M, N) contiguous = per-expert a (S, M)^T @ b rows; optional dual a2/out2, biases."""
+    E, M, N = out.shape
+    grid = (E * triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
+    wgrad_kernel[grid](
+        a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
+        out, out2 if out2 is not None else out, db if db is not None else out,
+        db2 if db2 is not None else out, E, M, N, k,
+        a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
+        GATHER=src is not None, DUAL=a2 is not None, BIAS=db is not None,
+        IEEE=ieee(a), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
