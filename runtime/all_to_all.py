@@ -1,0 +1,76 @@
+"""Dispatch and combine all-to-alls for expert parallelism, with autograd.
+
+Built on PyTorch's traceable functional collectives (`_c10d_functional.all_to_all_single` +
+`wait_tensor`), so that under torch.compile they are graph nodes a later pass can move; in
+eager they run as ordinary collectives. Groups are passed by c10d group name, which is what a
+graph node can carry.
+
+Two ways to size the exchange:
+- dropless: split sizes differ per step. The per-expert counts travel on the device
+  (`exchange_counts`, equal splits), but `all_to_all_single` needs the row splits on the host,
+  so `host_splits` copies them there: ONE unavoidable device->host sync per MoE layer per
+  forward (the backward reuses the same host lists). An all-to-all whose splits stay on the
+  device (NVSHMEM `all_to_all_vdev`) would remove it; gloo has none.
+- capacity: every (rank, expert) pair exchanges exactly C rows, padded; no counts, no sync,
+  static shapes.
+
+Zero rows sent or received are fine: a split of 0 is a valid split, and an all-zero exchange
+still runs the collective so that every rank takes part.
+"""
+import contextlib
+
+import torch
+import torch.distributed._functional_collectives as fc
+from torch import Tensor
+
+from moec.codegen.errors import MoecError
+
+
+def exchange_counts(counts_E: Tensor, group_name: str, ep: int) -> Tensor:
+    """counts (E,) int64: copies this rank sends to each global expert ->
+    recv (ep, E/ep): recv[j, e] = copies rank j sends to this rank's local expert e."""
+    with _clear_errors("count exchange", group_name):
+        recv = _waited(fc.all_to_all_single(counts_E.contiguous(), None, None, group_name))
+    return recv.view(ep, -1)
+
+
+def host_splits(per_rank: Tensor) -> list:
+    """(ep,) row counts -> a Python list: the dropless mode's device->host sync, in one place."""
+    with _clear_errors("split sizes", ""):
+        return per_rank.tolist()
+
+
+def all_to_all(rows: Tensor, out_splits: list | None, in_splits: list | None, group_name: str,
+               what: str) -> Tensor:
+    """rows (sum(in_splits), H) -> (sum(out_splits), H); rank j's block of in_splits[j] rows goes
+    to rank j, arriving in rank order. None splits mean equal blocks. Differentiable: the
+    backward is the reverse all-to-all (splits swapped)."""
+    with _clear_errors(what, group_name):
+        return _waited(fc.all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group_name))
+
+
+def _waited(t: Tensor) -> Tensor:
+    # In eager the collective returns lazily; wait here so a timeout surfaces inside
+    # `_clear_errors`. Under tracing the result is already followed by a wait_tensor node.
+    return t.wait() if isinstance(t, fc.AsyncCollectiveTensor) else t
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+@contextlib.contextmanager
+def _clear_errors(what: str, group_name: str):
+    """Turn a collective's transport error (a rank that hangs or died) into a MoecError saying what
+    to check. Applies in eager; compiled graphs surface the backend's own error."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if isinstance(e, MoecError) or not any(s in text for s in _PEER_FAILURES):
+            raise
+        group = f" on process group {group_name!r}" if group_name else ""
+        raise MoecError(
+            f"expert-parallel {what}{group} failed: another rank did not take part in time or has died "
+            f"({str(e).strip().splitlines()[0]}). Check that every rank of the expert-parallel group runs "
+            f"the same MoE layers each step and that none crashed or hung; the wait is bounded by the "
+            f"`timeout` given to init_process_group / new_group.") from e
