@@ -34,9 +34,8 @@ def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None):
     block_h = block_h or min(triton.next_power_of_2(H), 256 if y.is_cuda else 64)
     block_t = block_t or max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
     grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
-    inv = inv.contiguous()
-    weights = weights.contiguous() if weights is not None else y
-    combine_kernel[grid](y, inv, weights, out, T, H, y.stride(0),
+    w = weights.contiguous() if weights is not None else y      # y: unused placeholder
+    combine_kernel[grid](y, inv.contiguous(), w, out, T, H, y.stride(0),
                          out.stride(0), K=k, HAS_W=weights is not None, BLOCK_T=block_t,
                          BLOCK_H=block_h, num_warps=4)
     return out

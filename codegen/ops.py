@@ -25,7 +25,7 @@ _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 @torch.library.custom_op("moec::route", mutates_args=())
 def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool,
           scale: float, n_group: int, topk_group: int) -> tuple[Tensor, Tensor]:
-    """logits (T, E) -> weights (T, k) float32, ids (T, k) int64."""
+    """logits (T, E) -> weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64."""
     _check_route(logits, bias, k, scoring, n_group, topk_group)
     if kernels.use_triton(logits):
         from .route_kernel import route_launch
@@ -38,7 +38,8 @@ def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormal
 def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
     _check_route(logits, bias, k, scoring, n_group, topk_group)
     T = logits.shape[0]
-    return logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64)
+    w_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(T, k, dtype=w_dtype), logits.new_empty(T, k, dtype=torch.int64)
 
 
 @torch.library.custom_op("moec::route_backward", mutates_args=())
@@ -234,13 +235,7 @@ def combine_backward(grad_out: Tensor, y: Tensor, inv: Tensor, weights: Tensor) 
     if kernels.use_triton(y):
         from .combine_backward_kernel import combine_backward_launch
         return combine_backward_launch(grad_out, y, inv, weights)
-    T, k = weights.shape
-    rows = y[inv].float().view(T, k, y.shape[1])                                    # scattered
-    g = grad_out.float().unsqueeze(1)                                               # (T, 1, H)
-    grad_weights = (rows * g).sum(-1).to(weights.dtype)                             # (T, k)
-    grad_rows = (g * weights.float().unsqueeze(-1)).view(T * k, y.shape[1]).to(y.dtype)
-    grad_y = torch.empty_like(y).index_copy_(0, inv, grad_rows)                     # inv is a permutation
-    return grad_y, grad_weights
+    return reference.combine_backward(grad_out, y, inv, weights)
 
 
 @combine_backward.register_fake

@@ -9,15 +9,20 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(t):
+    """The accumulation dtype: float32, or float64 for float64 inputs (float64 models keep it)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def route(logits_TE, bias_E, k, scoring, renormalize, scale, n_group, topk_group):
-    """Router scores -> (weights (T, k) float32, ids (T, k) int64). Differentiable in logits."""
+    """Router scores -> (weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64). Differentiable in logits."""
     if scoring == "softmax":
-        ids = torch.topk(torch.softmax(logits_TE.float(), dim=-1), k, dim=-1)[1]
+        ids = torch.topk(torch.softmax(_acc(logits_TE), dim=-1), k, dim=-1)[1]
     elif scoring == "softmax_after_topk":
         ids = torch.topk(logits_TE, k, dim=-1)[1]
     elif scoring == "sigmoid":
-        choice = torch.sigmoid(logits_TE.float())
-        choice = choice if bias_E is None else choice + bias_E.float()
+        choice = torch.sigmoid(_acc(logits_TE))
+        choice = choice if bias_E is None else choice + _acc(bias_E)
         if n_group > 1:
             choice = _keep_top_groups(choice, n_group, topk_group)
         ids = torch.topk(choice, k, dim=-1)[1]
@@ -29,11 +34,11 @@ def route(logits_TE, bias_E, k, scoring, renormalize, scale, n_group, topk_group
 def route_weights(logits_TE, ids_Tk, scoring, renormalize, scale):
     """The routing weights of the chosen experts: the differentiable half of `route`."""
     if scoring == "softmax":
-        weights = torch.softmax(logits_TE.float(), dim=-1).gather(1, ids_Tk)
+        weights = torch.softmax(_acc(logits_TE), dim=-1).gather(1, ids_Tk)
     elif scoring == "softmax_after_topk":
-        weights = torch.softmax(logits_TE.gather(1, ids_Tk).float(), dim=-1)
+        weights = torch.softmax(_acc(logits_TE.gather(1, ids_Tk)), dim=-1)
     else:
-        weights = torch.sigmoid(logits_TE.float()).gather(1, ids_Tk)
+        weights = torch.sigmoid(_acc(logits_TE)).gather(1, ids_Tk)
     if renormalize:
         eps = 1e-20 if scoring == "sigmoid" else 0.0
         weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
@@ -43,14 +48,14 @@ def route_weights(logits_TE, ids_Tk, scoring, renormalize, scale):
 def route_weights_backward(grad_w_Tk, logits_TE, ids_Tk, scoring, renormalize, scale):
     """d(loss)/d(logits) given d(loss)/d(weights), for fixed ids. Explicit formulas, because op
     bodies run below autograd. Computed in float32, returned in the logits' dtype."""
-    g = grad_w_Tk.float() * scale
+    g = _acc(grad_w_Tk) * scale
     if scoring == "softmax_after_topk":
-        v = logits_TE.gather(1, ids_Tk).float()
+        v = _acc(logits_TE.gather(1, ids_Tk))
         w = torch.softmax(v, dim=-1)
         # softmax over the k values already sums to one: renormalising changes nothing.
         dv = w * (g - (g * w).sum(-1, keepdim=True))
-        return torch.zeros_like(logits_TE, dtype=torch.float32).scatter_(1, ids_Tk, dv).to(logits_TE.dtype)
-    probs = torch.softmax(logits_TE.float(), -1) if scoring == "softmax" else torch.sigmoid(logits_TE.float())
+        return torch.zeros_like(_acc(logits_TE)).scatter_(1, ids_Tk, dv).to(logits_TE.dtype)
+    probs = torch.softmax(_acc(logits_TE), -1) if scoring == "softmax" else torch.sigmoid(_acc(logits_TE))
     sel = probs.gather(1, ids_Tk)
     if renormalize:
         denom = sel.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0)
@@ -191,5 +196,15 @@ def _linear(v, w, b):
 def combine(y_SH, inv_S, weights_Tk):
     """out[t] = sum_j weights[t, j] * y[inv[t*k + j]], in float32, returned in y's dtype."""
     T, k = weights_Tk.shape
-    rows = y_SH[inv_S].float().view(T, k, y_SH.shape[1])
-    return (rows * weights_Tk.float().unsqueeze(-1)).sum(dim=1).to(y_SH.dtype)
+    rows = _acc(y_SH[inv_S]).view(T, k, y_SH.shape[1])
+    return (rows * _acc(weights_Tk).unsqueeze(-1)).sum(dim=1).to(y_SH.dtype)
+
+
+def combine_backward(grad_out_TH, y_SH, inv_S, weights_Tk):
+    """(d y, d weights) of `combine`; inv is a permutation, so d y is a scatter, not an add."""
+    T, k = weights_Tk.shape
+    rows = _acc(y_SH[inv_S]).view(T, k, y_SH.shape[1])                             # scattered
+    g = _acc(grad_out_TH).unsqueeze(1)                                               # (T, 1, H)
+    grad_weights = (rows * g).sum(-1).to(weights_Tk.dtype)                           # (T, k)
+    grad_rows = (g * _acc(weights_Tk).unsqueeze(-1)).view(T * k, y_SH.shape[1]).to(y_SH.dtype)
+    return torch.empty_like(y_SH).index_copy_(0, inv_S, grad_rows), grad_weights

@@ -52,6 +52,7 @@ def route_backward_kernel(gw_ptr, logits_ptr, ids_ptr, out_ptr, T, E, s_l, scale
         if RENORM:
             sel = tl.where(kmask, _gather(p, cols, ids), 0.0)
             denom = tl.sum(sel, axis=1)[:, None] + (1e-20 if SCORING == 2 else 0.0)
+            denom = tl.where(tmask[:, None], denom, 1.0)      # padding tokens: keep finite
             g = (g - tl.sum(g * sel / denom, axis=1)[:, None]) / denom
         dp = _scatter(g, ids, cols)
         if SCORING == 0:

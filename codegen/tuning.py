@@ -49,19 +49,18 @@ def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
 
 
 def _default(kernel, rows_per_expert, dtype):
-    """Shipped table for Hopper-class GPUs, by average rows per expert."""
+    """Shipped table for Hopper-class GPUs, by average rows per expert (decode vs. prefill/train)."""
     small = rows_per_expert <= 32
-    wide = 4 if dtype == torch.float32 else 2      # fp32 tiles hold twice the bytes: halve them
-    if kernel == "gate_up":
-        return Tile(16, 64, 128, 4, 3) if small else Tile(128, 128 // wide * 2 // 2, 64, 8, 3)
-    if kernel == "gate_up_bwd":
-        return Tile(16, 64, 64, 4, 2) if small else Tile(64, 64, 64, 4, 2)
-    if kernel == "down":
-        return Tile(16, 64, 128, 4, 3) if small else Tile(128, 128, 64, 8, 3)
-    if kernel in ("wgrad", "wgrad_dual"):
-        n = 64 if kernel == "wgrad_dual" else 128
-        return Tile(128, n, 32, 8, 3) if not small else Tile(64, 64, 32, 4, 2)
-    raise KeyError(kernel)
+    if dtype == torch.float32:                     # 4-byte operands: half the tile bytes
+        return Tile(16, 32, 64, 4, 2) if small else Tile(64, 64, 32, 4, 2)
+    table = {  # kernel: (decode tile, large tile)
+        "gate_up": (Tile(16, 64, 128, 4, 3), Tile(128, 64, 64, 8, 3)),     # two accumulators
+        "gate_up_bwd": (Tile(16, 64, 64, 4, 2), Tile(64, 64, 64, 4, 2)),   # three accumulators
+        "down": (Tile(16, 64, 128, 4, 3), Tile(128, 128, 64, 8, 3)),
+        "wgrad": (Tile(64, 64, 32, 4, 2), Tile(128, 128, 32, 8, 3)),
+        "wgrad_dual": (Tile(64, 64, 32, 4, 2), Tile(128, 64, 32, 8, 3)),
+    }
+    return table[kernel][0 if small else 1]
 
 
 @contextlib.contextmanager

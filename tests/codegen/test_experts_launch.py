@@ -1,0 +1,92 @@
+"""experts / experts_backward through the Triton path (gate_up, down, wgrad kernels and the
+token-wise row sum) against float64 references, on NaN-padded strided weight views."""
+import pytest
+import torch
+
+from moec.codegen import reference, tuning
+from moec.codegen.tuning import Tile
+
+from kernel_helpers import DEVICE, TOL, padded, rel_err
+
+SMALL = Tile(16, 16, 16, 4, 1)   # many partial tiles at tiny widths
+
+
+def _layer(E, H, F, dtype, gated, bias, layout):
+    """Weights as the rewrite hands them over: views of fused / transposed parameters."""
+    if layout == "interleaved":          # fused gate_up (E, 2F, H), gate = rows 0::2, up = 1::2
+        fused = padded((E, 2 * F, H), dtype, scale=H ** -0.5)
+        w_gate, w_up = fused[:, 0::2], fused[:, 1::2]
+    else:                                # stored (E, H, F) and transposed
+        w_up = padded((E, H, F), dtype, scale=H ** -0.5).transpose(1, 2)
+        w_gate = padded((E, H, F), dtype, scale=H ** -0.5).transpose(1, 2)
+    w_down = padded((E, F, H), dtype, scale=F ** -0.5).transpose(1, 2)      # (E, H, F) view
+    b = (lambda *s: padded(s, dtype, scale=0.5)) if bias else (lambda *s: None)
+    return [w_up, w_gate if gated else None, w_down, b(E, F), b(E, F) if gated else None, b(E, H)]
+
+
+def _routing(T, E, k, how):
+    if how == "one_expert":
+        ids = torch.full((T, k), E - 1)
+    elif how == "sparse":                # most experts empty, one copy dropped
+        ids = torch.randint(0, 2, (T, k))
+        if T:
+            ids[0, -1] = -1
+    else:
+        ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    return reference.plan(ids.to(DEVICE), E)
+
+
+def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved", how="uniform",
+         tile=SMALL):
+    x = padded((T, H), dtype).requires_grad_()
+    offsets, src, inv = _routing(T, E, k, how)
+    weights = _layer(E, H, F, dtype, gated, bias, layout)
+    for w in weights:
+        if w is not None:
+            w.requires_grad_()
+    args = (act, 1.702, 7.0)
+    with tuning.pin(gate_up=tile, gate_up_bwd=tile, down=tile, wgrad=tile, wgrad_dual=tile):
+        y = torch.ops.moec.experts(x, src, offsets, k, *weights, *args)
+        gy = torch.randn_like(y)
+        leaves = [x] + [w for w in weights if w is not None]
+        grads = torch.autograd.grad(y, leaves, gy) if y.numel() else [torch.zeros_like(t) for t in leaves]
+    d = lambda t: None if t is None else t.detach().cpu().double()
+    ref_w = [d(w) for w in weights]
+    y_ref = reference.experts(d(x), src.cpu(), offsets.cpu(), k, *ref_w, *args)
+    g_ref = reference.experts_backward(d(gy), d(x), src.cpu(), offsets.cpu(), k, *ref_w, *args)
+    tol = TOL[dtype]
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    if y.numel():
+        assert rel_err(y.cpu(), y_ref) < tol
+    for got, want in zip(grads, [g for g in g_ref if g is not None]):
+        assert got.shape == want.shape
+        assert want.numel() == 0 or (want.abs().max() == 0 and got.abs().max() == 0) or rel_err(got.cpu(), want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act,gated,bias", [("silu", True, False), ("gelu", True, True),
+                                            ("gelu_tanh", True, False), ("relu", False, True),
+                                            ("silu", False, False), ("swiglu_oai", True, True)])
+def test_activations(act, gated, bias, dtype):
+    _run(11, 4, 2, 40, 24, dtype, act, gated, bias)
+
+
+@pytest.mark.parametrize("T,E,k,how", [(0, 4, 2, "uniform"), (1, 4, 1, "uniform"), (23, 3, 3, "uniform"),
+                                       (17, 4, 2, "one_expert"), (21, 6, 2, "sparse"), (19, 5, 1, "uniform")])
+def test_routings(T, E, k, how):
+    _run(T, E, k, 24, 40, torch.float32, "silu", how=how)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weights_and_wide_tiles(dtype):
+    _run(13, 4, 2, 48, 40, dtype, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
+
+
+def test_float16():
+    _run(9, 4, 2, 32, 16, torch.float16, "gelu_tanh")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths are for the GPU run")
+@pytest.mark.parametrize("E,k,H,F,T", [(64, 8, 2048, 1024, 512), (128, 8, 2048, 768, 300), (8, 2, 4096, 14336, 100)])
+def test_real_shapes_default_tiles(E, k, H, F, T):
+    _run(T, E, k, H, F, torch.bfloat16, "silu", tile=None)
