@@ -6,10 +6,14 @@ Dynamo hands each captured graph here; moec runs its pass pipeline (find the MoE
 rewrite them into `torch.ops.moec.*`) and hands the result to the dense backend (Inductor by
 default), which compiles everything else as it would without moec.
 """
+import contextlib
+import logging
+
 import torch
+from torch._dynamo.utils import counters
 
 from . import session
-from .capture import dynamic_capture, forward_backend_ctx
+from .capture import dynamic_capture, forward_backend_ctx, hf_experts_as
 from .config import Config
 from .errors import MoecError
 from .log import log
@@ -34,13 +38,16 @@ class MoecBackend:
         return compile_dense(gm, example_inputs, config, mode)
 
 
+@contextlib.contextmanager
 def _tracing_context():
-    # Options are per compile, but this context is entered before moec sees any: the switch
-    # lives in the environment for it (MOEC_CAPTURE_DYNAMIC=0 turns it off).
-    if Config.from_options().capture_dynamic:
-        return dynamic_capture()
-    import contextlib
-    return contextlib.nullcontext()
+    # Options are per compile, but this context is entered before moec sees any: its switches
+    # live in the environment (MOEC_CAPTURE_DYNAMIC=0, MOEC_HF_EAGER_EXPERTS_AS=).
+    config = Config.from_options()
+    with contextlib.ExitStack() as stack:
+        if config.capture_dynamic:
+            stack.enter_context(dynamic_capture())
+        stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
+        yield
 
 
 def compile_dense(gm, example_inputs, config, mode=None):
@@ -62,14 +69,23 @@ def compile_dense(gm, example_inputs, config, mode=None):
 
 
 def _log_regions(reports):
+    """Log each decision and count it in torch._dynamo's counters (tests assert exact counts)."""
     detect = reports.get("detect")
     if detect is None:
         return
+    rewritten = set(getattr(reports.get("rewrite"), "rewritten", ()))
     for r in detect.regions:
-        log.info("region %s: fused (%s, E=%d, k=%d, %s; %s)", r.module or "<root>", r.router.kind,
-                 r.num_experts, r.top_k, r.idiom, r.check)
+        fused = r.module in rewritten
+        counters["moec"]["regions_fused" if fused else "regions_not_rewritten"] += 1
+        log.info("region %s: %s (%s, E=%d, k=%d, %s; %s)", r.module or "<root>",
+                 "fused" if fused else "found, not rewritten", r.router.kind, r.num_experts, r.top_k,
+                 r.idiom, r.check)
     for m in detect.misses:
-        log.warning("region %s: missed at %s: %s", m.module or "<root>", m.where, m.reason)
+        counters["moec"]["regions_missed_" + m.kind] += 1
+        # A top-k whose results leave the graph is a miss only if a graph break split a layer there;
+        # alone it is more often sampling over logits, so it is logged quietly.
+        level = logging.DEBUG if m.kind == "graph_break" else logging.WARNING
+        log.log(level, "region %s: missed at %s: %s", m.module or "<root>", m.where, m.reason)
 
 
 moec_backend = MoecBackend()

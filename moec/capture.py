@@ -8,12 +8,21 @@ loop captures as one graph. Dynamo's documented hook for a backend to set such c
 that does not forward it (torch/__init__.py `_TorchCompileWrapper`); only
 `torch._dynamo.optimize(backend)` honours it. `forward_backend_ctx()` makes Dynamo read the
 attribute through that wrapper too. It changes nothing for backends without the attribute.
+
+Hugging Face's "eager" experts implementation loops over the experts that received tokens (a
+data-dependent list), which no Dynamo setting can capture. transformers ships interchangeable
+implementations of the same experts contract (`ExpertsInterface`); while Dynamo traces for moec,
+`hf_experts_as()` has it trace the grouped_mm one instead, records which classes it swapped so
+explain and the logs say so, and leaves eager execution (and every other backend) untouched.
 """
 import contextlib
 
 import torch
 import torch._dynamo.eval_frame as eval_frame
 
+from moec.passes.graph import TRACED_AS_MARKER
+
+from .errors import MoecError
 from .log import log
 
 
@@ -21,6 +30,48 @@ from .log import log
 def dynamic_capture():
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
         yield
+
+
+@contextlib.contextmanager
+def hf_experts_as(implementation: str):
+    """While Dynamo traces, resolve HF's "eager" experts implementation to `implementation`."""
+    interface = _hf_experts_interface()
+    if interface is None or not implementation:
+        yield
+        return
+    original = interface.get_interface
+    if implementation not in interface:
+        raise MoecError(f"hf_eager_experts_as={implementation!r} is not an experts implementation of "
+                        f"this transformers; known: {sorted(interface.keys())}")
+    traced_as = _marked(interface[implementation], implementation)   # built here: Dynamo can't
+
+    def get_interface(experts_implementation, default):
+        if experts_implementation == "eager" and torch.compiler.is_compiling():
+            return traced_as
+        return original(experts_implementation, default)
+
+    interface.get_interface = get_interface
+    try:
+        yield
+    finally:
+        interface.get_interface = original
+
+
+def _marked(forward, implementation):
+    # The wrapper's name lands in the stack trace Dynamo records on every node it traces, which
+    # is how detection tells (and explain reports) that the layer was traced through the swap;
+    # a Python-side record would only be replayed after the backend has run.
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    wrapper.__name__ = wrapper.__qualname__ = f"{TRACED_AS_MARKER}{implementation}"
+    wrapper.__code__ = wrapper.__code__.replace(co_name=wrapper.__name__, co_qualname=wrapper.__name__)
+    return wrapper
+
+
+def _hf_experts_interface():
+    import sys
+    module = sys.modules.get("transformers.integrations.moe")
+    return getattr(module, "ALL_EXPERTS_FUNCTIONS", None)
 
 
 def forward_backend_ctx() -> bool:

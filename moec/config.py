@@ -32,6 +32,13 @@ class Config:
     expert loops over `range(E)` with masks or `torch.where` are captured whole instead of
     graph-breaking. Only code compiled with backend="moec" is traced this way. MOEC_CAPTURE_DYNAMIC."""
 
+    hf_eager_experts_as: str = "grouped_mm"
+    """Hugging Face's "eager" experts loop iterates over the experts that received tokens, which
+    Dynamo cannot capture; trace transformers' own implementation of that name instead (same
+    contract and weights; explain reports the swap). "" keeps the loop, which graph-breaks and
+    is reported as a miss. Like capture_dynamic it acts while Dynamo traces, before options are
+    read: set it with MOEC_HF_EAGER_EXPERTS_AS."""
+
     @classmethod
     def from_options(cls, options: dict | None = None) -> "Config":
         values = _from_env()

@@ -72,6 +72,8 @@ def explain(model_or_fn, *args, **kwargs) -> Explanation:
                 r.module, r.num_experts, r.top_k, r.router.kind, r.idiom,
                 "fused" if fused else "missed", "" if fused else "not rewritten (stop_after/disable/max_rewrites)"))
         for m in detect.misses:
+            if m.kind == "graph_break" and len(records) == 1:
+                continue   # top-k results that leave an unbroken graph are its output (sampling), not a layer
             result.regions.append(RegionInfo(m.module, m.num_experts, m.top_k, "", m.idiom or "?",
                                              "missed", m.reason, m.where))
     if result.graph_count > 1:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import identify
-from .graph import DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
+from .graph import TRACED_AS_MARKER, DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
 from .region import DetectReport, Miss
 
 _ANCHORS = {"topk", "max", "argmax"}
@@ -35,22 +35,22 @@ class _NotMoE(Exception):
 
 
 class _Missed(Exception):
-    def __init__(self, reason, node=None):
+    def __init__(self, reason, node=None, kind="unproven"):
         super().__init__(reason)
-        self.reason, self.node = reason, node
+        self.reason, self.node, self.kind = reason, node, kind
 
 
 def detect(gm: fx.GraphModule, ctx) -> tuple:
     dg = DepGraph.build(gm.graph)
     real = _real_inputs(gm, ctx.example_inputs)
     report = DetectReport()
-    claimed = set()
+    claimed, routers = set(), set()
     for anchor in [n for n in gm.graph.nodes if op_name(n) in _ANCHORS]:
-        if anchor in claimed:
+        linear = None if anchor in claimed else _router_linear(anchor, real)
+        # One router, one decision: grouped top-k (DeepSeek) ranks the same logits several times.
+        if linear is None or linear in routers:
             continue
-        linear = _router_linear(anchor, real)
-        if linear is None:
-            continue
+        routers.add(linear)
         num_experts = shape(linear)[-1]
         try:
             region = _analyse(gm, dg, anchor, linear, real)
@@ -59,8 +59,7 @@ def detect(gm: fx.GraphModule, ctx) -> tuple:
         except _Missed as m:
             where = source_location(m.node or anchor)
             report.misses.append(Miss(module=_block_path([anchor]), reason=m.reason, where=where,
-                                      num_experts=num_experts, top_k=_k_of(anchor)))
-            claimed |= dg.forward_slice([anchor])
+                                      num_experts=num_experts, top_k=_k_of(anchor), kind=m.kind))
             continue
         report.regions.append(region)
         claimed |= set(region.nodes)
@@ -76,20 +75,25 @@ def _analyse(gm, dg, anchor, linear, real):
     computed = dg.forward_slice([anchor])
     output = _combine_point(dg, computed, tokens, hidden)
     if output is None:
-        leaves = any(op_name(u) == "output" for n in computed for u in dg.users[n])
+        leaves = any(u.op == "output" for n in computed for u in dg.users[n])
         if _expert_weight_inputs(dg, computed, real, num_experts) or (leaves and num_experts <= _MAX_EXPERTS):
             raise _Missed("the expert outputs never merge into one (tokens, hidden) tensor inside this "
-                          "graph: a graph break splits the layer")
+                          "graph: a graph break splits the layer", kind="graph_break")
         raise _NotMoE()
     score_ops = (dg.backward_slice([anchor], stop={logits}) & dg.forward_slice([logits])) - {logits}
     nodes = ((computed & dg.backward_slice([output])) | score_ops | {output})
     router_side = dg.backward_slice([linear])
     nodes |= _private_helpers(dg, nodes, dg.backward_slice([output]) - router_side)
+    nodes |= _assertion_tails(dg, nodes)
+    aliases = _output_aliases(dg, output)
+    nodes |= aliases
 
     inputs = {d for n in nodes for d in dg.deps[n]} - nodes
-    _check_no_escape(dg, nodes, output)
-    weights = {i for i in inputs if i in real}
-    x = _token_input(inputs - weights - {logits}, router_side, hidden, tokens)
+    # The tokens may be a real graph input too (the block's own argument): find them first.
+    x = _token_input(inputs - {logits}, router_side, hidden)
+    weights = {i for i in inputs if i in real} - {x}
+    expert_side = dg.forward_slice({x} | weights, stop={logits}) & nodes
+    kept = _router_outputs_kept(dg, nodes, expert_side, aliases | {output})
     if not _expert_weight_inputs(dg, nodes, real, num_experts):
         raise _NotMoE()
     for i in inputs - weights - {logits, x}:
@@ -105,7 +109,8 @@ def _analyse(gm, dg, anchor, linear, real):
         raise _Missed(str(e), output) from None
     from .region import Region
     return Region(module=_block_path(ordered), idiom=_idiom(ordered), router=router, experts=experts,
-                  x=x, logits=logits, score_bias=bias, output=output, nodes=ordered, check=check)
+                  x=x, logits=logits, score_bias=bias, output=output, nodes=ordered, check=check,
+                  kept=frozenset(kept), aliases=frozenset(aliases))
 
 
 def _router_linear(anchor, real):
@@ -143,7 +148,9 @@ def _combine_point(dg, computed, tokens, hidden):
                 live.discard(d)
         if remaining[n]:
             live.add(n)
-        if live == {n} and _is_token_shaped(n, tokens, hidden):
+        # A layer whose result only the graph's output reads (no users in `computed`) ends there.
+        ends_graph = not live and any(u.op == "output" for u in dg.users[n])
+        if (live == {n} or ends_graph) and _is_token_shaped(n, tokens, hidden):
             return n
     return None
 
@@ -171,23 +178,75 @@ def _private_helpers(dg, nodes, candidates):
     return extra
 
 
-def _check_no_escape(dg, nodes, output):
-    for n in dg.sorted(nodes):
-        if n is output:
+def _assertion_tails(dg, nodes):
+    """Dynamo's runtime checks on the layer's data-dependent sizes (`where[0]` -> `sym_size` ->
+    comparison -> `_assert_scalar`): they read region nodes and lead only to assertions, so
+    they go with the region."""
+    tails = set()
+    for n in sorted(dg.forward_slice(nodes) - nodes, key=dg.order.__getitem__, reverse=True):
+        if n.op != "call_function" or n in dg.mutations:
             continue
+        users = dg.users[n]
+        if (users and users <= tails) or (not users and op_name(n) in _ASSERTS):
+            tails.add(n)
+    kept = set()
+    for n in dg.sorted(tails):   # only chains that start in this layer, not in a later one
+        if dg.deps[n] <= (nodes | kept):
+            kept.add(n)
+    for n in reversed(dg.sorted(kept)):
+        if not dg.users[n] <= kept:
+            kept.discard(n)
+    return kept
+
+
+_ASSERTS = {"_assert_scalar", "_assert_async", "_check", "_check_is_size", "sym_constrain_range_for_size"}
+
+
+def _output_aliases(dg, output):
+    """Nodes that share the output's storage and shape. A layer that accumulates in place
+    (`out = zeros_like(x); out.index_add_(...)`) is read afterwards through the buffer, not
+    through its last write: the buffer stands for the result too."""
+    base = dg.root[output]
+    if base is output:
+        return set()
+    if base.op == "placeholder":
+        raise _Missed(f"the layer writes its result into its input `{base.name}` in place; moec "
+                      "rewrites layers that return a new tensor", output)
+    return {n for n in dg.backward_slice([output]) if dg.root.get(n) is base and n is not output
+            and shape(n) == shape(output)}
+
+
+def _router_outputs_kept(dg, nodes, expert_side, results):
+    """Region nodes the rest of the graph also reads. Router results (scores returned for an
+    auxiliary loss, say) may escape: they stay in the graph with what they need. Expert-side
+    values may not: moec's ops do not expose them."""
+    escapes = []
+    for n in dg.sorted(nodes):
         outside = [u for u in dg.users[n] if u not in nodes]
-        if outside:
+        if n in results or not outside:
+            continue
+        if n in expert_side:
             raise _Missed(f"`{n.name}`, computed inside the MoE layer, is also used outside it "
                           f"(by `{outside[0].name}`); moec rewrites only self-contained layers", n)
+        escapes.append(n)
+    return dg.backward_slice(escapes) & nodes
 
 
-def _token_input(candidates, router_side, hidden, tokens):
-    """The tokens the experts read: an input on the router's side, (..., H) with T*H elements."""
-    found = [c for c in candidates if c in router_side and is_tensor(c) and shape(c)[-1] == hidden
-             and value(c).is_floating_point()]
+def _token_input(candidates, router_side, hidden):
+    """The tokens the experts read: a float (..., H) input that is, or is a view of, a tensor the
+    router also reads (routers often take their own view or cast of the same hidden states)."""
+    found = [c for c in candidates if is_tensor(c) and shape(c)[-1] == hidden and value(c).is_floating_point()
+             and (c in router_side or _view_base(c) in router_side)]
     if not found:
         raise _Missed("could not find the tokens the experts read among the layer's inputs")
     return max(found, key=lambda c: (len(shape(c)) == 2, c in router_side))
+
+
+def _view_base(node):
+    while isinstance(node, fx.Node) and op_name(node) in ("view", "reshape", "flatten", "contiguous") \
+            and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _expert_weight_inputs(dg, nodes, real, num_experts):
@@ -233,6 +292,12 @@ def _block_path(nodes) -> str:
 
 
 def _idiom(nodes) -> str:
+    if any(TRACED_AS_MARKER in (n.meta.get("stack_trace") or "") for n in nodes):
+        return f"hf_eager_loop (traced as {_structural_idiom(nodes)})"
+    return _structural_idiom(nodes)
+
+
+def _structural_idiom(nodes) -> str:
     names = {op_name(n) for n in nodes}
     if names & {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}:
         return "grouped_mm"

@@ -24,6 +24,10 @@ _INPLACE_FUNCTIONS = {
     operator.ifloordiv, operator.ipow, operator.iand, operator.ior,
 }
 
+# Name of the function moec's frontend traces HF's eager experts loop through (see
+# moec/capture.py); it shows in the stack trace of every node traced that way.
+TRACED_AS_MARKER = "moec_hf_eager_experts_traced_as_"
+
 
 def op_name(node: fx.Node) -> str:
     """`topk` for torch.topk, Tensor.topk and aten.topk alike; '' for placeholders and outputs."""
@@ -31,8 +35,10 @@ def op_name(node: fx.Node) -> str:
         return node.target
     if node.op == "call_function":
         target = node.target
-        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            return target._schema.name.split("::")[-1] if hasattr(target, "_schema") else str(target)
+        if isinstance(target, torch._ops.OpOverload):
+            return target._schema.name.split("::")[-1]
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            return target._qualified_op_name.split("::")[-1]
         return getattr(target, "__name__", str(target))
     if node.op == "call_module":
         return str(node.target)
@@ -82,6 +88,7 @@ class DepGraph:
     deps: dict       # node -> frozenset of nodes it reads (data inputs and earlier mutations)
     users: dict      # node -> set of nodes that depend on it
     mutations: frozenset
+    root: dict       # node -> the node whose storage it is (itself unless a view or a mutation)
 
     @classmethod
     def build(cls, graph: fx.Graph) -> "DepGraph":
@@ -93,7 +100,10 @@ class DepGraph:
             root[node] = root.get(node.args[0], node.args[0]) if (
                 node.args and isinstance(node.args[0], fx.Node) and _is_view(node)) else node
             for a in list(inputs):
-                inputs.update(writes.get(root[a], ()))
+                # The latest write stands for all earlier ones: each write depends on the last.
+                latest = writes.get(root[a])
+                if latest:
+                    inputs.add(latest[-1])
             target = _mutated_arg(node)
             if isinstance(target, fx.Node):
                 writes.setdefault(root[target], []).append(node)
@@ -104,7 +114,7 @@ class DepGraph:
             users[node] = set()
             for a in inputs:
                 users[a].add(node)
-        return cls(order, deps, users, frozenset(mutations))
+        return cls(order, deps, users, frozenset(mutations), root)
 
     def forward_slice(self, seeds, stop=()) -> set:
         """Every node reachable from `seeds` along users, seeds included, not entering `stop`."""

@@ -60,6 +60,8 @@ class Region:
     output: fx.Node          # (T, H) combined expert output: the node the rewrite replaces
     nodes: list              # every node the rewrite removes, in graph order
     check: str = ""          # how the equivalence was established
+    kept: frozenset = frozenset()  # nodes of `nodes` the rest of the graph reads (router outputs): not removed
+    aliases: frozenset = frozenset()  # buffer the output was accumulated into in place: read as the output
 
     @property
     def num_experts(self) -> int:
@@ -79,6 +81,7 @@ class Miss:
     num_experts: int = 0
     top_k: int = 0
     idiom: str = ""
+    kind: str = "unproven"   # "graph_break": top-k results leave the graph; "unproven": rewrite not proven
 
 
 @dataclass

@@ -62,8 +62,12 @@ def _rewrite_region(graph, region, fake_mode):
         if want != value(x).dtype:
             out = emit.method("to", out, want)
     region.output.replace_all_uses_with(out)
+    inside = set(region.nodes)
+    for alias in region.aliases:
+        alias.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     for node in reversed(region.nodes):
-        graph.erase_node(node)
+        if node not in region.kept:
+            graph.erase_node(node)
 
 
 class _Emitter:

@@ -1,55 +1,11 @@
-"""Shared test helpers: compiled-vs-eager comparison (values and gradients) with fresh inputs."""
-import copy
-
+"""Test set-up: every test starts from a fresh Dynamo cache and counters."""
 import pytest
 import torch
-
-import moec
-
-
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
-       torch.float64: dict(rtol=1e-7, atol=1e-9)}
-
-
-def grads_of(module, loss):
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.autograd.grad(loss, params, allow_unused=True)
-
-
-def check_compiled_matches_eager(module, *inputs, options=None, dense_backend="eager", backward=True):
-    """Compile a copy of `module` with moec, run both on `inputs`, compare outputs and gradients
-    of every parameter and of float inputs. Returns the compiled module for further calls."""
-    ref_mod, test_mod = module, copy.deepcopy(module)
-    opts = {"dense_backend": dense_backend, **(options or {})}
-    compiled = torch.compile(test_mod, backend="moec", options=opts)
-    ins_ref = [i.detach().clone().requires_grad_(i.is_floating_point()) if torch.is_tensor(i) else i for i in inputs]
-    ins_test = [i.detach().clone().requires_grad_(i.is_floating_point()) if torch.is_tensor(i) else i for i in inputs]
-    out_ref, out_test = ref_mod(*ins_ref), compiled(*ins_test)
-    out_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
-    out_test = out_test[0] if isinstance(out_test, tuple) else out_test
-    out_ref = getattr(out_ref, "logits", out_ref)
-    out_test = getattr(out_test, "logits", out_test)
-    tol = TOL[out_ref.dtype]
-    torch.testing.assert_close(out_test, out_ref, **tol)
-    if backward:
-        probe = torch.randn_like(out_ref)
-        loss_ref, loss_test = (out_ref * probe).sum(), (out_test * probe).sum()
-        float_ref = [i for i in ins_ref if torch.is_tensor(i) and i.requires_grad]
-        float_test = [i for i in ins_test if torch.is_tensor(i) and i.requires_grad]
-        p_ref = [p for p in ref_mod.parameters() if p.requires_grad]
-        p_test = [p for p in test_mod.parameters() if p.requires_grad]
-        g_ref = torch.autograd.grad(loss_ref, float_ref + p_ref, allow_unused=True)
-        g_test = torch.autograd.grad(loss_test, float_test + p_test, allow_unused=True)
-        for (name, _), a, b in zip([("input", None)] * len(float_ref) + list(ref_mod.named_parameters()),
-                                   g_test, g_ref):
-            if b is None:
-                assert a is None or a.abs().max() == 0, name
-                continue
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
-    return compiled
+from torch._dynamo.utils import counters
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
+    counters.clear()
     yield

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 class SortedGroupedMoE(nn.Module):
     """torchtitan-style: sigmoid or softmax scores, argsort dispatch, separate w1/w3/w2 (E, ...)
-    weights through torch._grouped_mm, scatter_add combine, optional shared expert."""
+    weights through torch._grouped_mm, scatter_add combine, optional shared expert. bf16, as
+    torch._grouped_mm requires on the CPU."""
 
     def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, score="softmax", shared=False):
         super().__init__()
@@ -21,6 +22,7 @@ class SortedGroupedMoE(nn.Module):
         self.w3 = nn.Parameter(torch.randn(experts, ffn, hidden) / hidden ** 0.5)
         self.w2 = nn.Parameter(torch.randn(experts, hidden, ffn) / ffn ** 0.5)
         self.shared = nn.Sequential(nn.Linear(hidden, ffn), nn.SiLU(), nn.Linear(ffn, hidden)) if shared else None
+        self.to(torch.bfloat16)
 
     def forward(self, x):                                             # (B, S, H)
         bs, slen, dim = x.shape
