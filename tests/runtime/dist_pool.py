@@ -32,7 +32,7 @@ class RankPool:
                 rank, ok, value = self.results.get(timeout=timeout)
                 (results.__setitem__(rank, value) if ok else errors.append(f"--- rank {rank} ---\n{value}"))
         except queue.Empty:
-            self.close()
+            self.close(graceful=False)
             raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks within {timeout}s; "
                                f"finished: {sorted(results)}\n" + "\n".join(errors)) from None
         if errors:
@@ -50,11 +50,12 @@ class RankPool:
         for p in self.procs:
             p.start()
 
-    def close(self):
-        for q in getattr(self, "jobs", []):
+    def close(self, graceful: bool = True):
+        """Stop the ranks; graceful=False kills them at once (for a pool whose group is broken)."""
+        for q in getattr(self, "jobs", []) if graceful else []:
             q.put(None)
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=5 if graceful else 0)
             if p.is_alive():
                 p.kill()
                 p.join()
