@@ -12,11 +12,11 @@ from .route_kernel import _SCORING, _gather
 
 
 @triton.jit
-def _scatter(vals, ids, cols):
+def _scatter(vals, ids, cols, BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr):
     """(BT, K_POW2) values placed at columns ids -> (BT, E_POW2), zeros elsewhere."""
-    out = tl.zeros((vals.shape[0], cols.shape[0]), dtype=tl.float32)
-    kcol = tl.arange(0, ids.shape[1])
-    for j in tl.static_range(ids.shape[1]):
+    out = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+    kcol = tl.arange(0, K_POW2)
+    for j in tl.static_range(K_POW2):
         idj = tl.sum(tl.where(kcol[None, :] == j, ids, 0), axis=1)
         vj = tl.sum(tl.where(kcol[None, :] == j, vals, 0.0), axis=1)
         out = tl.where(cols[None, :] == idj[:, None], vj[:, None], out)
@@ -39,10 +39,10 @@ def route_backward_kernel(gw_ptr, logits_ptr, ids_ptr, out_ptr, T, E, s_l, scale
     ids = tl.load(ids_ptr + rows64 * K + kcol[None, :], mask=kmask, other=-1).to(tl.int32)
     g = tl.load(gw_ptr + rows64 * K + kcol[None, :], mask=kmask, other=0.0).to(tl.float32) * scale
     if SCORING == 1:
-        v = tl.where((kcol < K)[None, :], _gather(logit, cols, ids), float("-inf"))
+        v = tl.where((kcol < K)[None, :], _gather(logit, cols, ids, BLOCK_T, K_POW2), float("-inf"))
         z = tl.exp(v - tl.max(v, axis=1)[:, None])
         w = z / tl.sum(z, axis=1)[:, None]
-        dlogit = _scatter(w * (g - tl.sum(g * w, axis=1)[:, None]), ids, cols)
+        dlogit = _scatter(w * (g - tl.sum(g * w, axis=1)[:, None]), ids, cols, BLOCK_T, E_POW2, K_POW2)
     else:
         if SCORING == 0:
             z = tl.exp(logit - tl.max(logit, axis=1)[:, None])
@@ -50,11 +50,11 @@ def route_backward_kernel(gw_ptr, logits_ptr, ids_ptr, out_ptr, T, E, s_l, scale
         else:
             p = tl.where(mask, _sigmoid(logit), 0.0)
         if RENORM:
-            sel = tl.where(kmask, _gather(p, cols, ids), 0.0)
+            sel = tl.where(kmask, _gather(p, cols, ids, BLOCK_T, K_POW2), 0.0)
             denom = tl.sum(sel, axis=1)[:, None] + (1e-20 if SCORING == 2 else 0.0)
             denom = tl.where(tmask[:, None], denom, 1.0)      # padding tokens: keep finite
             g = (g - tl.sum(g * sel / denom, axis=1)[:, None]) / denom
-        dp = _scatter(g, ids, cols)
+        dp = _scatter(g, ids, cols, BLOCK_T, E_POW2, K_POW2)
         if SCORING == 0:
             dlogit = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         else:

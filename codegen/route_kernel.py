@@ -13,10 +13,11 @@ from .jit_helpers import _sigmoid
 
 
 @triton.jit
-def _argmax_rounds(score, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr):
+def _argmax_rounds(score, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
     """k rounds of (max, lowest index among equals) -> ids (BT, K_POW2) int32."""
     kcol = tl.arange(0, K_POW2)
-    ids = tl.zeros((score.shape[0], K_POW2), dtype=tl.int32)
+    ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
     for j in range(K):
         best = tl.max(tl.where(avail, score, float("-inf")), axis=1)
         pick = tl.min(tl.where(avail & (score == best[:, None]), cols[None, :], E_POW2), axis=1)
@@ -26,13 +27,14 @@ def _argmax_rounds(score, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_
 
 
 @triton.jit
-def _gather(tile, cols, ids):
+def _gather(tile, cols, ids, BLOCK_T: tl.constexpr, K_POW2: tl.constexpr):
     """tile[t, ids[t, j]] for each j -> (BT, K_POW2); one-hot sums, as Triton has no row gather."""
-    out = tl.zeros(ids.shape, dtype=tl.float32)
-    for j in tl.static_range(ids.shape[1]):
-        idj = tl.sum(tl.where(tl.arange(0, ids.shape[1])[None, :] == j, ids, 0), axis=1)
+    kcol = tl.arange(0, K_POW2)
+    out = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    for j in tl.static_range(K_POW2):
+        idj = tl.sum(tl.where(kcol[None, :] == j, ids, 0), axis=1)
         v = tl.sum(tl.where(cols[None, :] == idj[:, None], tile, 0.0), axis=1)
-        out = tl.where(tl.arange(0, ids.shape[1])[None, :] == j, v[:, None], out)
+        out = tl.where(kcol[None, :] == j, v[:, None], out)
     return out
 
 
@@ -61,10 +63,11 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
         if HAS_BIAS:
             choice += tl.load(bias_ptr + cols, mask=emask, other=0.0).to(tl.float32)[None, :]
         if N_GROUP > 1:
-            avail = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2)
-    ids = _argmax_rounds(choice, avail, cols, K, K_POW2, E_POW2)
+            avail = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2,
+                                     BLOCK_T, E_POW2)
+    ids = _argmax_rounds(choice, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
     kmask = tl.arange(0, K_POW2)[None, :] < K
-    w = _gather(prob, cols, ids)
+    w = _gather(prob, cols, ids, BLOCK_T, K_POW2)
     if SCORING == 1:
         z = tl.where(kmask, tl.exp(w - tl.max(tl.where(kmask, w, float("-inf")), axis=1)[:, None]), 0.0)
         w = z / tl.sum(z, axis=1)[:, None]
@@ -80,11 +83,11 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
 
 @triton.jit
 def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.constexpr,
-                     GROUP_TOP2: tl.constexpr):
+                     GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr, E_POW2: tl.constexpr):
     """DeepSeek-V3: group score = sum of its two best (one if groups are singletons); experts
     outside the best topk_group groups become unavailable."""
     gcol = tl.arange(0, N_GROUP)
-    gscore = tl.zeros((choice.shape[0], N_GROUP), dtype=tl.float32)
+    gscore = tl.zeros((BLOCK_T, N_GROUP), dtype=tl.float32)
     member = cols[None, :] // group_size
     for g in tl.static_range(N_GROUP):
         inside = avail & (member == g)
@@ -92,17 +95,17 @@ def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.co
         top = tl.max(v, axis=1)
         s = top
         if GROUP_TOP2:
-            first = tl.min(tl.where(inside & (v == top[:, None]), cols[None, :], choice.shape[1]), axis=1)
+            first = tl.min(tl.where(inside & (v == top[:, None]), cols[None, :], E_POW2), axis=1)
             s += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), v), axis=1)
         gscore = tl.where(gcol[None, :] == g, s[:, None], gscore)
     gavail = gscore == gscore    # all true
-    keep = tl.zeros(gscore.shape, dtype=tl.int32)
+    keep = tl.zeros((BLOCK_T, N_GROUP), dtype=tl.int32)
     for j in range(topk_group):
         best = tl.max(tl.where(gavail, gscore, float("-inf")), axis=1)
         pick = tl.min(tl.where(gavail & (gscore == best[:, None]), gcol[None, :], N_GROUP), axis=1)
         keep = tl.where(gcol[None, :] == pick[:, None], 1, keep)
         gavail = gavail & (gcol[None, :] != pick[:, None])
-    kept = tl.zeros(choice.shape, dtype=tl.int32)
+    kept = tl.zeros((BLOCK_T, E_POW2), dtype=tl.int32)
     for g in tl.static_range(N_GROUP):
         kg = tl.sum(tl.where(gcol[None, :] == g, keep, 0), axis=1)
         kept = tl.where(member == g, kg[:, None], kept)

@@ -1,0 +1,157 @@
+"""One MoE layer (router + top-k + experts + combine, bf16): moec ops vs HF-style eager loop,
+HF-style torch._grouped_mm (eager and under default torch.compile), and the roofline floor.
+
+Prints a markdown table, writes JSON (+ .md, + .png when matplotlib is there) to --out.
+ms = median of triton.testing.do_bench; train = forward + backward (grads of x and all weights).
+Floor = max(FLOPs / measured bf16 matmul peak, bytes / measured copy bandwidth), bytes counting
+only the experts the routing actually touched. Run: python benchmarks/bench_layer.py --out DIR
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(__file__))
+import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
+from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer  # noqa: E402
+
+METHODS = ("moec", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled")
+
+
+def ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=200, return_mode="median")
+    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    buf = torch.empty(1 << 29, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(buf)
+    ms = triton.testing.do_bench(lambda: dst.copy_(buf), warmup=50, rep=200, return_mode="median")
+    del a, buf, dst
+    return flops, 2 * (1 << 30) / (ms * 1e-3)
+
+
+def floor_ms(s, T, ids, peak_flops, bw, train):
+    touched = torch.unique(ids).numel()
+    gated_flops = 2 * T * s.k * (s.H * 2 * s.F + s.F * s.H) + 2 * T * s.H * s.E + 2 * T * 3 * s.H * s.shared_F
+    weight_bytes = 2 * (touched * 3 * s.F * s.H + s.E * s.H + 3 * s.H * s.shared_F)
+    act_bytes = 2 * 2 * T * s.H
+    flops, byts = (3 * gated_flops, 3 * weight_bytes + 3 * act_bytes) if train else (gated_flops, weight_bytes + act_bytes)
+    return max(flops / peak_flops, byts / bw) * 1e3, flops
+
+
+def bench(fn, params, x, train):
+    leaves = [x] + [t for t in params.values() if t.requires_grad]
+    if train:
+        probe = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+
+        def step():
+            out = fn(x)
+            torch.autograd.grad((out * probe).sum(), leaves)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(x)
+    step()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+
+
+def run(args):
+    peak, bw = ceilings()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9}
+    print(json.dumps(info), flush=True)
+    rows = []
+    for key in args.shapes.split(","):
+        s = SHAPES[key]
+        params = make_params(s, "cuda")
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: hf_grouped_layer(s, params, x))
+        fns = {"moec": lambda x: moec_layer(s, params, x), "hf_loop": lambda x: hf_loop_layer(s, params, x),
+               "hf_grouped_mm": lambda x: hf_grouped_layer(s, params, x), "hf_grouped_mm_compiled": compiled}
+        for T in [int(t) for t in args.tokens.split(",")]:
+            if key == "deepseek" and T > args.deepseek_max_tokens:
+                continue
+            x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            with torch.no_grad():
+                _, ids = moec_layer.__globals__["reference"].route(x @ params["router"].t(), params.get("score_bias"),
+                                                                   s.k, s.scoring, s.renormalize, 1.0, s.n_group, s.topk_group)
+                ref = hf_loop_layer(s, params, x).float()
+                err = ((moec_layer(s, params, x).float() - ref).norm() / ref.norm()).item()
+            for train in (False, True):
+                fl, flops = floor_ms(s, T, ids, peak, bw, train)
+                row = {"shape": s.name, "E": s.E, "k": s.k, "H": s.H, "F": s.F, "tokens": T,
+                       "mode": "train" if train else "fwd", "floor_ms": fl, "flops": flops, "moec_rel_err": err}
+                for name, fn in fns.items():
+                    if name == "hf_loop" and T * s.k > args.loop_max_copies and train:
+                        continue
+                    t0 = time.time()
+                    try:
+                        row[name] = bench(fn, params, x, train)
+                    except Exception as e:  # record and go on: one failing peer must not end the run
+                        row[name] = None
+                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    row[name + "_wall_s"] = round(time.time() - t0, 1)
+                rows.append(row)
+                print(_line(row), flush=True)
+                _save(args.out, info, rows)
+        del params, fns, compiled
+        torch.cuda.empty_cache()
+    print("\n" + table(rows))
+    return info, rows
+
+
+def _line(r):
+    parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in METHODS]
+    return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
+
+
+def table(rows):
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"
+    out = ["| layer | tokens | mode | floor ms | moec ms | HF loop ms | HF grouped_mm ms | HF grouped_mm + compile ms | "
+           "moec speedup vs compiled | moec % of floor |", "|" + "---|" * 10]
+    for r in rows:
+        c, m = r.get("hf_grouped_mm_compiled"), r.get("moec")
+        sp = f"{c / m:.2f}x" if c and m else "—"
+        pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
+        out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('hf_loop'))} "
+                   f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {sp} | {pf} |")
+    return "\n".join(out)
+
+
+def _save(out, info, rows):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_layer.json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="olmoe,qwen3,mixtral,gptoss,deepseek")
+    p.add_argument("--tokens", default="16,256,4096,16384")
+    p.add_argument("--deepseek-max-tokens", type=int, default=4096)
+    p.add_argument("--loop-max-copies", type=int, default=1 << 30)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    info, rows = run(args)
+    _save(args.out, info, rows)
+    with open(os.path.join(args.out, "bench_layer.md"), "w") as f:
+        f.write(f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}\n"
+                f"measured bf16 matmul {info['matmul_bf16_tflops']:.0f} TFLOP/s, copy {info['copy_gbps']:.0f} GB/s\n\n")
+        f.write(table(rows) + "\n")
+    try:
+        from plot_layer import plot
+        plot(os.path.join(args.out, "bench_layer.json"), os.path.join(args.out, "bench_layer.png"))
+    except ImportError as e:
+        print(f"no plot: {e}")
+
+
+if __name__ == "__main__":
+    main()

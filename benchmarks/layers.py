@@ -1,0 +1,128 @@
+"""One MoE layer four ways, for bench_layer.py: moec ops, an HF-style eager loop over experts, an
+HF-style torch._grouped_mm version (eager or under torch.compile). Our own code, written in the
+style of transformers' MoE blocks; routing uses moec's plain-PyTorch reference (softmax/top-k).
+Shapes: x (T, H), router (E, H), gate_up (E, 2F, H), down (E, H, F).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from moec.codegen import reference
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    E: int
+    k: int
+    H: int
+    F: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    activation: str = "silu"
+    interleaved: bool = False      # GPT-OSS: gate = rows 0::2 of gate_up, up = rows 1::2
+    biases: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    shared_F: int = 0              # DeepSeek-V3: one always-on shared expert of this width
+
+
+SHAPES = {
+    "olmoe": Shape("OLMoE", 64, 8, 2048, 1024, renormalize=False),
+    "qwen3": Shape("Qwen3-30B-A3B", 128, 8, 2048, 768),
+    "deepseek": Shape("DeepSeek-V3", 256, 8, 7168, 2048, scoring="sigmoid", n_group=8, topk_group=4,
+                      shared_F=2048),
+    "mixtral": Shape("Mixtral-8x7B", 8, 2, 4096, 14336),
+    "gptoss": Shape("GPT-OSS-20B", 32, 4, 2880, 2880, scoring="softmax_after_topk", activation="swiglu_oai",
+                    interleaved=True, biases=True),
+}
+ALPHA, LIMIT = 1.702, 7.0
+
+
+def make_params(s: Shape, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *shape, scale: (torch.randn(*shape, device=device, generator=g) * scale).to(dtype).requires_grad_()
+    p = {"router": r(s.E, s.H, scale=s.H ** -0.5), "gate_up": r(s.E, 2 * s.F, s.H, scale=s.H ** -0.5),
+         "down": r(s.E, s.H, s.F, scale=s.F ** -0.5)}
+    if s.scoring == "sigmoid":
+        p["score_bias"] = torch.randn(s.E, device=device, generator=g) * 0.01
+    if s.biases:
+        p["b_gate_up"] = r(s.E, 2 * s.F, scale=0.1)
+        p["b_down"] = r(s.E, s.H, scale=0.1)
+    if s.shared_F:
+        p["shared_gate_up"] = r(2 * s.shared_F, s.H, scale=s.H ** -0.5)
+        p["shared_down"] = r(s.H, s.shared_F, scale=s.shared_F ** -0.5)
+    return p
+
+
+def split(s: Shape, p):
+    """(w_up, w_gate, b_up, b_gate): views of the fused gate_up parameter, never copies."""
+    gu, b = p["gate_up"], p.get("b_gate_up")
+    if s.interleaved:
+        return gu[:, 1::2], gu[:, 0::2], None if b is None else b[:, 1::2], None if b is None else b[:, 0::2]
+    return gu[:, s.F:], gu[:, :s.F], None if b is None else b[:, s.F:], None if b is None else b[:, :s.F]
+
+
+def _route(s, p, x):
+    logits = x @ p["router"].t()
+    return reference.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0, s.n_group,
+                           s.topk_group)
+
+
+def _shared(s, p, x):
+    if not s.shared_F:
+        return 0
+    g, u = (x @ p["shared_gate_up"].t()).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u) @ p["shared_down"].t()
+
+
+def moec_layer(s, p, x):
+    logits = x @ p["router"].t()
+    w, ids = torch.ops.moec.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+                                  s.n_group, s.topk_group)
+    offsets, src, inv = torch.ops.moec.plan(ids, s.E)
+    w_up, w_gate, b_up, b_gate = split(s, p)
+    y = torch.ops.moec.experts(x, src, offsets, s.k, w_up, w_gate, p["down"], b_up, b_gate, p.get("b_down"),
+                               s.activation, ALPHA, LIMIT)
+    return torch.ops.moec.combine(y, inv, w) + _shared(s, p, x)
+
+
+def hf_loop_layer(s, p, x):
+    """transformers' classic loop: one_hot mask, loop over hit experts, index_add back."""
+    w, ids = _route(s, p, x)
+    w_up, w_gate, b_up, b_gate = split(s, p)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    mask = torch.nn.functional.one_hot(ids, s.E).permute(2, 1, 0)          # (E, k, T)
+    for e in (mask.sum(dim=(1, 2)) > 0).nonzero().flatten().tolist():
+        slot, tok = torch.where(mask[e])
+        rows = x[tok]
+        u = rows @ w_up[e].t() + (0 if b_up is None else b_up[e])
+        g = rows @ w_gate[e].t() + (0 if b_gate is None else b_gate[e])
+        y = reference.activate(g, u, s.activation, ALPHA, LIMIT) @ p["down"][e].t()
+        y = y + (0 if "b_down" not in p else p["b_down"][e])
+        out.index_add_(0, tok, (y * w[tok, slot, None]).float())
+    return out.to(x.dtype) + _shared(s, p, x)
+
+
+def hf_grouped_layer(s, p, x):
+    """transformers' grouped_mm path: sort copies by expert, two torch._grouped_mm, scatter-add."""
+    T = x.shape[0]
+    w, ids = _route(s, p, x)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.histc(flat.float(), bins=s.E, min=0, max=s.E - 1)            # static shape, as HF
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tok = order // s.k
+    rows = x[tok]
+    gu = torch._grouped_mm(rows, p["gate_up"].transpose(1, 2), offs=offs)     # (S, 2F), one GEMM
+    e_of_row = flat[order]
+    if "b_gate_up" in p:
+        gu = gu + p["b_gate_up"][e_of_row]
+    g, u = (gu[:, 0::2], gu[:, 1::2]) if s.interleaved else (gu[:, :s.F], gu[:, s.F:])
+    h = reference.activate(g, u, s.activation, ALPHA, LIMIT)
+    y = torch._grouped_mm(h, p["down"].transpose(1, 2), offs=offs)
+    if "b_down" in p:
+        y = y + p["b_down"][e_of_row]
+    y = y * w.reshape(-1)[order, None].to(y.dtype)
+    out = torch.zeros(T, s.H, dtype=torch.float32, device=x.device).index_add_(0, tok, y.float())
+    return out.to(x.dtype) + _shared(s, p, x)
