@@ -31,6 +31,7 @@ class MoecBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
         config = Config.from_options(options)
+        counters["moec"]["graphs"] += 1
         import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
         gm, reports = run_pipeline(gm, example_inputs, config)
         session.record(gm, reports)

@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 import torch._dynamo.eval_frame as eval_frame
+import torch.fx.experimental._config as fx_config
 
 from moec.passes.graph import TRACED_AS_MARKER
 
@@ -28,7 +29,10 @@ from .log import log
 
 @contextlib.contextmanager
 def dynamic_capture():
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+    # backed_size_oblivious: a batch of one token or one sequence must not compile a third graph
+    # specialised to size 1 (Dynamo's default), since MoE layers see every token count.
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
+            fx_config.patch(backed_size_oblivious=True):
         yield
 
 

@@ -39,6 +39,18 @@ class Config:
     is reported as a miss. Like capture_dynamic it acts while Dynamo traces, before options are
     read: set it with MOEC_HF_EAGER_EXPERTS_AS."""
 
+    ep_group: object = None
+    """Expert parallelism: the group the experts are spread over — a DeviceMesh with a dimension
+    named "ep", a 1-D DeviceMesh, a ProcessGroup, or "world"; None (default) keeps every expert on
+    every rank. Rank r of a group of size ep runs experts [r*E/ep, (r+1)*E/ep); shard their
+    weights with `moec.runtime.shard_experts(model, ep_group)`. MOEC_EP_GROUP=world."""
+
+    ep_capacity_factor: float = 0.0
+    """With ep_group: 0 (default) is dropless (per-step split sizes: one device->host sync per MoE
+    layer). f > 0 sends at most ceil(f*T*k/E) copies from each rank to each expert, the first in
+    token order, in fixed-size all-to-alls without a sync; copies past that get zero output.
+    Needs the same T on every rank. MOEC_EP_CAPACITY_FACTOR."""
+
     @classmethod
     def from_options(cls, options: dict | None = None) -> "Config":
         values = _from_env()
@@ -64,11 +76,15 @@ def _from_env() -> dict:
 
 def _coerce(name, v):
     default = _FIELDS[name].default if _FIELDS[name].default is not dataclasses.MISSING else ()
+    if default is None:      # an object option (a process group or mesh): taken as given
+        return v
     try:
         if isinstance(default, bool):
             return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
             return int(v)
+        if isinstance(default, float):
+            return float(v)
         if isinstance(default, tuple):
             return tuple(s for s in v.split(",") if s) if isinstance(v, str) else tuple(v)
         return v if callable(v) else str(v)

@@ -7,6 +7,7 @@ and expert forms the structure allows, run the user's region once on random toke
 logits with the real weights (float64 where the region's ops allow it), and keep the form whose
 `torch.ops.moec.*` result matches. A region no form reproduces is a miss, never a guess.
 """
+import dataclasses
 import itertools
 import operator
 
@@ -38,6 +39,7 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
 
     router = _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits, real,
                            num_experts, tokens, gen)
+    router = dataclasses.replace(router, score_dtype=_score_dtype(router_nodes, logits))
     experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias,
                                     num_experts, hidden, tokens, gen)
     return router, experts, bias, check
@@ -61,6 +63,15 @@ def _router_outputs(router_nodes, tokens):
     if not floats:
         raise Unproven("no (tokens, k) routing weights found after the top-k")
     return ids, floats[-1], k
+
+
+def _score_dtype(router_nodes, logits):
+    """The dtype the user's code scores in (`softmax(logits, dtype=torch.float)` in a float64
+    model scores in float32): moec scores in the same one, so the same experts win."""
+    for n in router_nodes:
+        if op_name(n) in ("softmax", "sigmoid", "log_softmax"):
+            return value(n).dtype
+    return value(logits).dtype
 
 
 def _score_bias(router_nodes, inputs, real, num_experts):

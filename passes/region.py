@@ -18,6 +18,7 @@ class Router:
     scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    score_dtype: object = None   # torch dtype the user's code scores in; the rewrite casts the logits to it
 
     @property
     def kind(self) -> str:

@@ -49,7 +49,10 @@ def _rewrite_region(graph, region, fake_mode):
         x = region.x
         if len(value(x).shape) != 2:
             x = emit.method("reshape", x, -1, ex.hidden)
-        routed = emit.op(torch.ops.moec.route.default, region.logits, region.score_bias, r.top_k,
+        logits = region.logits
+        if r.score_dtype is not None and r.score_dtype != value(logits).dtype:
+            logits = emit.method("to", logits, r.score_dtype)
+        routed = emit.op(torch.ops.moec.route.default, logits, region.score_bias, r.top_k,
                          r.scoring, r.renormalize, r.scale, r.n_group, r.topk_group)
         weights, ids = emit.item(routed, 0), emit.item(routed, 1)
         plan = emit.op(torch.ops.moec.plan.default, ids, ex.num_experts)

@@ -5,9 +5,10 @@ import torch
 
 
 # float64 models still route in float32 where their code says so (softmax(..., dtype=float)), and
-# moec reproduces that: routing weights carry float32 rounding into float64 results.
+# moec does the same: routing weights and router gradients carry float32 rounding (~1e-7
+# relative per op) into float64 results, so float64 is held to a float32-rounding bound.
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
-       torch.float64: dict(rtol=1e-5, atol=1e-8)}
+       torch.float64: dict(rtol=1e-4, atol=1e-6)}
 
 
 def grads_of(module, loss):

@@ -1,0 +1,54 @@
+"""MoE idioms beyond Hugging Face (torchtitan, a mask loop over range(E), a DeepSpeed/GShard
+capacity gate) and look-alikes that must never be rewritten (top-k sampling, attention)."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import moec
+from compare import check_compiled_matches_eager
+from moe_idioms import Attention, CapacityTop2MoE, MaskLoopMoE, SortedGroupedMoE, TopKSampler
+
+FUSED = {
+    "torchtitan_softmax": (lambda: SortedGroupedMoE(), (2, 5, 32), "softmax_topk", "grouped_mm"),
+    "torchtitan_sigmoid_shared": (lambda: SortedGroupedMoE(score="sigmoid", shared=True), (2, 5, 32),
+                                  "sigmoid_bias", "grouped_mm"),
+    "mask_loop_silu": (lambda: MaskLoopMoE().double(), (10, 32), "softmax_topk", "expert_loop"),
+    "mask_loop_gelu": (lambda: MaskLoopMoE(act="gelu").double(), (10, 32), "softmax_topk", "expert_loop"),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_idiom_fused_and_exact(name):
+    make, shape, router, idiom = FUSED[name]
+    torch.manual_seed(0)
+    module = make()
+    dtype = next(module.parameters()).dtype
+    report = moec.explain(module, torch.randn(shape, dtype=dtype))
+    assert [(r.status, r.router, r.idiom) for r in report.regions] == [("fused", router, idiom)], str(report)
+    counters.clear()
+    check_compiled_matches_eager(module, torch.randn(shape, dtype=dtype))
+    assert counters["moec"]["regions_fused"] == 1
+
+
+def test_capacity_gate_is_a_reported_miss():
+    """Capacity-factor gating (token dropping) has no moec router yet: reported, not rewritten."""
+    torch.manual_seed(0)
+    module = CapacityTop2MoE().double()
+    report = moec.explain(module, torch.randn(12, 32, dtype=torch.float64))
+    [region] = report.regions
+    assert region.status == "missed" and region.num_experts == 4
+    assert "router matches none" in region.reason
+    check_compiled_matches_eager(module, torch.randn(12, 32, dtype=torch.float64))
+    assert counters["moec"]["regions_fused"] == 0
+
+
+@pytest.mark.parametrize("make", [TopKSampler, Attention], ids=["topk_sampling", "attention"])
+def test_look_alikes_untouched(make):
+    torch.manual_seed(0)
+    module = make().double()
+    report = moec.explain(module, torch.randn(10, 32, dtype=torch.float64))
+    assert report.regions == [], str(report)
+    counters.clear()
+    out = torch.compile(module, backend="moec", options={"dense_backend": "eager"})(torch.randn(10, 32, dtype=torch.float64))
+    assert out is not None
+    assert counters["moec"]["regions_fused"] == 0
