@@ -8,6 +8,7 @@ hangs the suite.
 """
 import datetime
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -22,6 +23,7 @@ class RankPool:
 
     def run(self, fn, *args, timeout: float = 40.0):
         """Run fn(rank, world_size, *args) on every rank; return the ranks' results in rank order."""
+        pickle.dumps((fn, args))   # fail here, not silently in the queue's feeder thread
         if not self.procs:
             self._start()
         for q in self.jobs:

@@ -1,0 +1,62 @@
+"""Pass `expert_parallel`: spread each MoE layer's experts over the expert-parallel group.
+
+Expects: `moec.experts` nodes (made by `rewrite`); `Config.ep_group` set, else the pass changes
+nothing; torch.distributed initialised on every rank of the group.
+Guarantees: each `moec.experts` node becomes a call to `moec.runtime.ep_experts` with the same
+arguments plus the group's name, `Config.ep_capacity_factor` and the layer's module path. Its
+output keeps the contract of `moec.experts` ((T*k, H), grouped by expert), so `moec.combine`
+and everything downstream run unchanged. A layer whose E the group size does not divide is an
+error (every rank must place the same experts), not a miss.
+Must not change: any other node.
+
+    for node in graph: if node is moec.experts(*args):
+        node := ep_experts(*args, group_name, capacity_factor, site=module path)
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from moec.runtime import ep_experts, resolve_ep_group
+
+PASS = "expert_parallel"
+
+
+@dataclass(frozen=True)
+class ExpertParallelReport:
+    group: str          # c10d group name ("" when expert parallelism is off)
+    size: int           # ranks in the group
+    layers: tuple       # module paths of the layers now expert-parallel, in graph order
+
+
+def expert_parallel(gm: fx.GraphModule, ctx) -> tuple:
+    spec = ctx.config.ep_group
+    if spec is None:
+        return gm, ExpertParallelReport("", 1, ())
+    group = resolve_ep_group(spec)
+    capacity_factor = float(ctx.config.ep_capacity_factor)
+    layers = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.moec.experts.default:
+            continue
+        site = _module_path(node)
+        offsets = node.args[2]
+        num_experts = offsets.meta["example_value"].shape[0] - 1 if "example_value" in offsets.meta else None
+        if num_experts is not None:
+            group.local_experts(int(num_experts), site)
+        with gm.graph.inserting_before(node):
+            ep = gm.graph.call_function(ep_experts, tuple(node.args) + (group.name,),
+                                        {"capacity_factor": capacity_factor, "site": site})
+        ep.meta.update(node.meta)      # same output: the example value and provenance carry over
+        ep.meta["moec_pass"] = PASS
+        node.replace_all_uses_with(ep)
+        gm.graph.erase_node(node)
+        layers.append(site)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, ExpertParallelReport(group.name, group.size, tuple(layers))
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else node.name
