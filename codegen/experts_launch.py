@@ -58,11 +58,14 @@ def experts_backward(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_g
     _check(x, w_down)
     S, (E, F, H) = src.shape[0], w_up.shape
     gated = w_gate is not None
-    new = lambda t: None if t is None else torch.zeros_like(t, memory_format=torch.contiguous_format)
+    # the wgrad kernel writes every element (zeros for experts without rows): no zero-fill
+    new = lambda t: None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     dw_up, dw_gate, dw_down, db_up, db_gate, db_down = (new(t) for t in (w_up, w_gate, w_down, b_up, b_gate, b_down))
     if S == 0:
+        dw_up, dw_gate, dw_down, db_up, db_gate, db_down = (None if t is None else t.zero_() for t in
+                                                             (dw_up, dw_gate, dw_down, db_up, db_gate, db_down))
         return [torch.zeros_like(x), dw_up, dw_gate, dw_down, db_up, db_gate, db_down]
-    t_up, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "gate_up_bwd", "down", "wgrad", "wgrad_dual")
+    t_up, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if gated else None
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],

@@ -45,7 +45,9 @@ def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved"
         if w is not None:
             w.requires_grad_()
     args = (act, 1.702, 7.0)
-    with tuning.pin(gate_up=tile, gate_up_bwd=tile, down=tile, wgrad=tile, wgrad_dual=tile):
+    pins = {} if tile is None else dict(gate_up=tile, gate_up_bwd=tile, down=tile, down_dx=tile, wgrad=tile,
+                                        wgrad_dual=tile)
+    with tuning.pin(**pins):
         y = torch.ops.moec.experts(x, src, offsets, k, *weights, *args)
         gy = torch.randn_like(y)
         leaves = [x] + [w for w in weights if w is not None]

@@ -39,7 +39,7 @@ def test_token_buckets_and_pinning():
 
 
 def test_every_kernel_has_gpu_defaults():
-    for name in ("gate_up", "gate_up_bwd", "down", "wgrad", "wgrad_dual"):
+    for name in ("gate_up", "gate_up_bwd", "down", "down_dx", "wgrad", "wgrad_dual"):
         for rows in (1, 4096):
             for dtype in (torch.bfloat16, torch.float32):
                 t = tuning._default(name, rows, dtype)

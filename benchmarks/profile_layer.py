@@ -1,0 +1,42 @@
+"""Where one MoE layer's time goes: CUDA kernel times of a moec train step under torch.profiler.
+
+Run: python benchmarks/profile_layer.py --shape olmoe --tokens 4096
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import moec.codegen  # noqa: E402,F401
+from layers import SHAPES, make_params, moec_layer  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="olmoe")
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+    s = SHAPES[args.shape]
+    p = make_params(s, "cuda")
+    x = torch.randn(args.tokens, s.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    leaves = [x] + [t for t in p.values() if t.requires_grad]
+
+    def step():
+        out = moec_layer(s, p, x)
+        torch.autograd.grad(out.float().square().sum(), leaves)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"{s.name} T={args.tokens} train step, per-kernel CUDA time summed over 5 steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

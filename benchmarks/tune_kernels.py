@@ -1,0 +1,99 @@
+"""Tune the grouped-GEMM launch settings per (layer, token bucket) on this GPU and show where
+the layer's time goes. Writes the tuned table as JSON (load it with codegen.tuning.load).
+
+Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 --out DIR
+"""
+import argparse
+import os
+import sys
+
+import torch
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(__file__))
+import moec.codegen  # noqa: E402,F401
+from moec.codegen import tuning  # noqa: E402
+from moec.codegen.combine_kernel import combine_launch  # noqa: E402
+from moec.codegen.down_kernel import launch_down  # noqa: E402
+from moec.codegen.gate_up_kernel import launch_gate_up  # noqa: E402
+from moec.codegen.jit_helpers import ACTIVATION_CODE  # noqa: E402
+from moec.codegen.tuning import Tile  # noqa: E402
+from moec.codegen.wgrad_kernel import launch_wgrad  # noqa: E402
+from layers import ALPHA, LIMIT, SHAPES, make_params, split  # noqa: E402
+
+T_ = Tile
+CANDIDATES = {
+    "gate_up": [T_(64, 64, 64, 4, 3), T_(128, 64, 64, 8, 3), T_(128, 128, 64, 8, 3), T_(64, 128, 64, 4, 3),
+                T_(128, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 64, 128, 4, 3), T_(16, 128, 128, 4, 3),
+                T_(64, 64, 128, 4, 3), T_(128, 128, 64, 8, 4)],
+    "down": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 256, 64, 8, 3),
+             T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 128, 64, 4, 3), T_(16, 128, 128, 4, 3),
+             T_(128, 128, 64, 8, 4)],
+    "gate_up_bwd": [T_(64, 64, 64, 4, 2), T_(64, 64, 32, 4, 3), T_(128, 64, 64, 8, 2), T_(64, 128, 32, 8, 3),
+                    T_(32, 64, 64, 4, 3), T_(16, 64, 64, 4, 2), T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 2)],
+    "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),
+              T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3)],
+    "wgrad_dual": [T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(128, 64, 64, 8, 3),
+                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2)],
+}
+
+
+def kernels_for(s, p, T):
+    x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(T, s.E, device="cuda")
+    w, ids = torch.ops.moec.route(logits, None, s.k, "softmax", True, 1.0, 1, 1)
+    offsets, src, inv = torch.ops.moec.plan(ids, s.E)
+    w_up, w_gate, b_up, b_gate = split(s, p)
+    S, act = T * s.k, ACTIVATION_CODE[s.activation]
+    new = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    h, dg, du, gy, rows = new(S, s.F), new(S, s.F), new(S, s.F), new(S, s.H), new(S, s.H)
+    dw_gu = [torch.empty(s.E, s.F, s.H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    dw_d = torch.empty(s.E, s.H, s.F, device="cuda", dtype=torch.bfloat16)
+    d = p["down"].detach()
+    return {
+        "route": lambda t: torch.ops.moec.route(logits, None, s.k, "softmax", True, 1.0, 1, 1),
+        "plan": lambda t: torch.ops.moec.plan(ids, s.E),
+        "gate_up": lambda t: launch_gate_up(x, src, offsets, s.k, w_up, w_gate, b_up, b_gate, act, ALPHA, LIMIT, t, h),
+        "down": lambda t: launch_down(h, d.transpose(1, 2), rows, offsets, t, bias=p.get("b_down")),
+        "combine": lambda t: combine_launch(rows, inv, w, torch.empty_like(x), s.k),
+        "gate_up_bwd": lambda t: launch_gate_up(x, src, offsets, s.k, w_up, w_gate, b_up, b_gate, act, ALPHA, LIMIT,
+                                                t, h, grad_y=gy, w_down=d, dg=dg, du=du),
+        "down_dx": lambda t: launch_down(du, w_up, rows, offsets, t, a2=dg, b2=w_gate),
+        "wgrad_dual": lambda t: launch_wgrad(du, x, offsets, dw_gu[0], t, src=src, k=s.k, a2=dg, out2=dw_gu[1]),
+        "wgrad": lambda t: launch_wgrad(gy, h, offsets, dw_d, t),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="olmoe,qwen3")
+    ap.add_argument("--tokens", default="256,4096,16384")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    for key in args.shapes.split(","):
+        s = SHAPES[key]
+        p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
+        layer = (s.E, s.k, s.H, s.F)
+        for T in [int(t) for t in args.tokens.split(",")]:
+            fns = kernels_for(s, p, T)
+            line, total_default, total_best = [], 0.0, 0.0
+            for name, fn in fns.items():
+                kind = name
+                default = tuning.tile(kind, *layer, torch.bfloat16, dev, T) if kind in CANDIDATES else None
+                ms_default = triton.testing.do_bench(lambda: fn(default), warmup=5, rep=20, return_mode="median")
+                ms_best = ms_default
+                if kind in CANDIDATES:
+                    best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn, CANDIDATES[kind])
+                    line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
+                else:
+                    line.append(f"{name} {ms_default:.3f}")
+                total_default += ms_default
+                total_best += min(ms_best, ms_default)
+            print(f"{s.name} T={T}: sum default {total_default:.3f} ms, tuned {total_best:.3f} ms | " + "; ".join(line),
+                  flush=True)
+            tuning.save(os.path.join(args.out, "tuned.json"))
+
+
+if __name__ == "__main__":
+    main()
