@@ -13,7 +13,9 @@ from torch import Tensor
 
 from moec.codegen.errors import MoecError
 
-_seen: set = set()   # (group name, fingerprint) pairs already agreed on by every rank of the group
+# (group name, fingerprint) pairs every rank of the group agreed on. Deciding to check from local
+# history is sound because EP already requires every rank to meet the same layers in the same order.
+_seen: set = set()
 
 
 def fingerprint(site: str, num_experts: int, k: int, x: Tensor, w_up: Tensor, w_gate, w_down: Tensor,
@@ -36,6 +38,11 @@ def checked(t: Tensor, group_name: str, fingerprint: str) -> Tensor:
         _agree(group_name, fingerprint)
         _seen.add(key)
     return t.clone()
+
+
+def forget():
+    """Check every layer again at its next call (for a process that changes models, e.g. tests)."""
+    _seen.clear()
 
 
 @checked.register_fake

@@ -42,7 +42,7 @@ def ep_experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_
     group = group_by_name(group_name)
     E = offsets.shape[0] - 1
     El = group.local_experts(E, site)
-    weights = [_local(w, E, El, group.rank, name, site)
+    weights = [_local(w, E, group.expert_range(E), name, site)
                for name, w in zip(("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down"),
                                   (w_up, w_gate, w_down, b_up, b_gate, b_down))]
     desc = fingerprint(site, E, k, x, weights[0], weights[1], weights[2], weights[3:], activation, alpha,
@@ -106,16 +106,18 @@ def capacity(copies: int, num_experts: int, capacity_factor: float) -> int:
     return math.ceil(capacity_factor * copies / num_experts)
 
 
-def _local(w, E, El, rank, name, site):
+def _local(w, E, experts, name, site):
     """This rank's (El, ...) slice of an expert weight, whatever form it came in."""
     if w is None:
         return None
     if isinstance(w, DTensor):
         w = w.to_local()
+    lo, hi = experts
+    El = hi - lo
     if w.shape[0] == El:
         return w
     if w.shape[0] == E:
-        return w[rank * El:(rank + 1) * El]
+        return w[lo:hi]
     raise MoecError(f"expert parallelism{' in ' + site if site else ''}: {name} has {w.shape[0]} experts on "
                     f"this rank; expected {El} (this rank's shard of {E}) or all {E}. Shard expert weights "
                     f"with moec.runtime.shard_experts over the same group the experts run on.")

@@ -38,6 +38,7 @@ class RankPool:
             raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks within {timeout}s; "
                                f"finished: {sorted(results)}\n" + "\n".join(errors)) from None
         if errors:
+            self.close(graceful=False)   # a failed job may leave the group mid-collective: start afresh
             raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(sorted(errors)))
         return [results[r] for r in range(self.world_size)]
 

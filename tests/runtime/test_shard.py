@@ -1,0 +1,58 @@
+"""runtime/shard.py: expert weights become DTensor Shard(0) over the EP group; meta models too;
+and EP over the 'ep' dimension of a 2-D mesh (two EP groups side by side) matches single-process."""
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.testing import assert_close
+
+from moe_ops import H, Experts, moe
+from moec.runtime import shard_experts
+
+
+def shards_real_and_meta(rank, ws):
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
+    torch.manual_seed(rank)                       # different init per rank: rank 0's wins
+    model = torch.nn.Sequential(torch.nn.Linear(H, 4), Experts(4))
+    rank0 = [p.detach().clone() for p in model[1].weights() if p is not None]
+    dist.broadcast_object_list(rank0, src=0)
+    names = shard_experts(model, mesh)
+    assert names == [f"1.{n}" for n in ("w_up", "w_down", "w_gate", "b_up", "b_gate", "b_down")]
+    assert not isinstance(model[0].weight, DTensor)           # (4, H) has no 3-D sibling: not an expert
+    for p, want in zip([p for p in model[1].weights() if p is not None], rank0):
+        assert p.placements == (Shard(0),) and p.to_local().shape[0] == 4 // ws
+        assert_close(p.full_tensor(), want)
+    with torch.device("meta"):
+        meta = Experts(8)
+    shard_experts(meta, mesh)
+    assert meta.w_up.shape == (8, 6, H) and meta.w_up.to_local().shape == (8 // ws, 6, H)
+    meta.to_empty(device="cpu")
+    assert meta.w_up.to_local().device.type == "cpu" and isinstance(meta.w_up, DTensor)
+
+
+def test_shard_real_and_meta_models(pool2):
+    pool2.run(shards_real_and_meta)
+
+
+def ep_on_a_2d_mesh(rank, ws):
+    mesh = init_device_mesh("cpu", (2, ws // 2), mesh_dim_names=("dp", "ep"))
+    torch.manual_seed(0)
+    ref = Experts(4)
+    ep = copy.deepcopy(ref)
+    shard_experts(ep, mesh)
+    g = torch.Generator().manual_seed(rank)
+    x, logits = torch.randn(5, H, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    out_ref = moe(x, logits, 2, ref)
+    out_ep = moe(x, logits, 2, ep, group_name=mesh["ep"].get_group().group_name)
+    assert_close(out_ep, out_ref)
+    out_ep.sum().backward()
+    out_ref.sum().backward()
+    want = ref.w_up.grad.clone()
+    dist.all_reduce(want, group=mesh["ep"].get_group())        # tokens of this EP group only
+    assert_close(ep.w_up.grad.full_tensor(), want)
+
+
+def test_ep_over_the_ep_dim_of_a_2d_mesh(pool4):
+    pool4.run(ep_on_a_2d_mesh)
