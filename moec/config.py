@@ -39,6 +39,11 @@ class Config:
     is reported as a miss. Like capture_dynamic it acts while Dynamo traces, before options are
     read: set it with MOEC_HF_EAGER_EXPERTS_AS."""
 
+    dump_dir: str = ""
+    """Write pass debugging dumps here: one folder per compiled graph with the input graph, the
+    graph after every pass, the regions and misses, region pictures, the AOT forward/backward
+    graphs and the kernels chosen (see moec/dump.py). MOEC_DUMP or MOEC_DUMP_DIR."""
+
     ep_group: object = None
     """Expert parallelism: the group the experts are spread over — a DeviceMesh with a dimension
     named "ep", a 1-D DeviceMesh, a ProcessGroup, or "world"; None (default) keeps every expert on
@@ -65,10 +70,13 @@ class Config:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+_ENV_ALIASES = {"dump_dir": "MOEC_DUMP"}   # the short spellings users type
+
+
 def _from_env() -> dict:
     out = {}
     for name in _FIELDS:
-        raw = os.environ.get(f"MOEC_{name.upper()}")
+        raw = os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
         if raw is not None:
             out[name] = raw
     return out

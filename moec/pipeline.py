@@ -10,14 +10,17 @@ import torch
 import torch.fx as fx
 
 from moec.passes.detect import detect
+from moec.passes.expert_parallel import expert_parallel
 from moec.passes.rewrite import rewrite
 
+from .dump import trace_artifact
 from .errors import MoecError
 from .log import log
 
 PIPELINE = (
-    ("detect", detect),
-    ("rewrite", rewrite),
+    ("detect", detect),                    # find MoE regions, prove their semantics (graph unchanged)
+    ("rewrite", rewrite),                  # regions -> moec.route / plan / experts / combine
+    ("expert_parallel", expert_parallel),  # with ep_group: moec.experts -> all-to-all + local experts
 )
 
 
@@ -29,23 +32,38 @@ class PassContext:
     reports: dict = field(default_factory=dict)
 
 
-def run_pipeline(gm: fx.GraphModule, example_inputs, config) -> tuple:
+def run_pipeline(gm: fx.GraphModule, example_inputs, config, dumper=None) -> tuple:
+    """Run the passes in order; log, verify and (with a `moec.dump.Dumper`) dump after each.
+    Returns the final graph, the reports by pass name and the pass log (name, ms, nodes before,
+    nodes after)."""
     ctx = PassContext(list(example_inputs), config, _fake_mode(gm))
-    for index, (name, fn) in enumerate(PIPELINE):
+    pass_log = []
+    trace_artifact("moec_input_graph", lambda: gm.print_readable(print_output=False))
+    if dumper is not None:
+        dumper.graph(0, "input", gm)
+    for index, (name, fn) in enumerate(PIPELINE, 1):
         if name in config.disable:
             log.info("pass %d %s: disabled by options", index, name)
             continue
-        before = len(gm.graph.nodes)
+        before, code = len(gm.graph.nodes), gm.code
         start = time.perf_counter()
         gm, report = fn(gm, ctx)
+        ms = 1e3 * (time.perf_counter() - start)
         ctx.reports[name] = report
         _verify(gm, name)
-        log.info("pass %d %s: %.1f ms, %d -> %d nodes", index, name,
-                 1e3 * (time.perf_counter() - start), before, len(gm.graph.nodes))
+        pass_log.append((name, ms, before, len(gm.graph.nodes)))
+        log.info("pass %d %s: %.1f ms, %d -> %d nodes", index, name, ms, before, len(gm.graph.nodes))
+        changed = gm.code != code
+        if changed:   # MLIR's print-after-change, for tlparse
+            trace_artifact(f"moec_after_{name}", lambda: gm.print_readable(print_output=False))
+        if dumper is not None:
+            dumper.graph(index, name, gm, changed)
+            if name == "detect":   # the regions' nodes exist only until the rewrite
+                dumper.region_pictures(gm, report)
         if config.stop_after == name:
             log.info("stopping after %s (stop_after)", name)
             break
-    return gm, ctx.reports
+    return gm, ctx.reports, pass_log
 
 
 def _verify(gm, name):

@@ -52,6 +52,13 @@ def value(node) -> object:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def hint(v):
+    """The concrete value behind a SymInt/SymFloat (the example Dynamo traced with), else v."""
+    if isinstance(v, (torch.SymInt, torch.SymFloat)):
+        return v.node.hint
+    return v
+
+
 def shape(node) -> tuple | None:
     v = value(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
@@ -64,6 +71,11 @@ def is_tensor(node) -> bool:
 def _is_view(node: fx.Node) -> bool:
     name = op_name(node)
     if name == "getitem":
+        base = node.args[0]
+        if isinstance(base, fx.Node) and not is_tensor(base):
+            # an output of a multi-output op: a view only if the op returns views (chunk, split);
+            # topk's values and indices are two fresh tensors
+            return op_name(base) in _VIEW_OPS
         index = node.args[1]
         items = index if isinstance(index, tuple) else (index,)
         # getitem on a tuple result (topk, chunk) or basic indexing is a view; a tensor index copies.

@@ -14,7 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import op_name, shape, value
+from .graph import hint, op_name, shape, value
 from .region import Experts, Router
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -25,7 +25,7 @@ class Unproven(Exception):
 
 
 def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hidden):
-    tokens = _hint(shape(logits)[0])
+    tokens = hint(shape(logits)[0])
     if tokens == 0:
         raise Unproven("compiled with zero tokens, so the rewrite cannot be checked; "
                        "moec decides on the first non-empty batch")
@@ -58,8 +58,13 @@ def _router_outputs(router_nodes, tokens):
         (u for u in last.users if op_name(u) == "getitem" and u.args[1] == 1), None)
     if ids is None or not isinstance(k, int):
         raise Unproven("the top-k's expert ids are not used")
+    # A mask loop's `w * (ids == e)` is (T, k) too, but it is one expert's share, not the routing.
+    per_expert = set()
+    for n in router_nodes:
+        if op_name(n) == "eq" or any(a in per_expert for a in n.all_input_nodes):
+            per_expert.add(n)
     floats = [n for n in router_nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
-              and _hint_shape(n) in ((tokens, k),) + (((tokens,),) if k == 1 else ())]
+              and _hint_shape(n) in ((tokens, k),) + (((tokens,),) if k == 1 else ()) and n not in per_expert]
     if not floats:
         raise Unproven("no (tokens, k) routing weights found after the top-k")
     return ids, floats[-1], k
@@ -329,7 +334,7 @@ def _args(inputs, given, real, dtype):
             t = real[i].detach()
             out.append(t.to(dtype) if t.is_floating_point() else t)
         else:
-            out.append(_hint(value(i)))
+            out.append(hint(value(i)))
     return out
 
 
@@ -341,17 +346,9 @@ def _float_constants(nodes, targets):
     return vals
 
 
-def _hint(v):
-    if isinstance(v, torch.SymInt):
-        return v.node.hint
-    if isinstance(v, torch.SymFloat):
-        return v.node.hint
-    return v
-
-
 def _hint_shape(node):
     s = shape(node)
-    return tuple(_hint(d) for d in s) if s is not None else None
+    return tuple(hint(d) for d in s) if s is not None else None
 
 
 def _double(t):

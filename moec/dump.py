@@ -1,0 +1,179 @@
+"""Pass debugging dumps: what moec received, what each pass did, what it found and chose.
+
+    MOEC_DUMP=<dir>   or   torch.compile(..., backend="moec", options={"dump_dir": <dir>})
+
+One folder per compiled graph, named by Dynamo's compile id (frame and attempt):
+
+    index.md               one line per item below
+    00_input.py            the graph moec received (GraphModule.code)
+    01_detect.py ...       the graph after each pass, numbered in pipeline order
+    regions.json / .md     regions found (router, experts, check) and near misses with reasons
+    region_<i>.png         each region's subgraph, nodes grouped by role
+    aot_forward.py / aot_backward.py   the graphs after AOT autograd (Inductor, aot_eager)
+    kernels.json           per region: which implementation runs and its launch settings
+
+The runner calls the writer; passes never write files. `python -m moec.dump diff A B` compares
+two dump folders. TORCH_TRACE artifacts (for tlparse) are emitted by `trace_artifact` whether or
+not a dump folder is set, at the cost of nothing when tracing is off.
+"""
+import dataclasses
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.fx as fx
+
+from moec.passes.graph import hint
+
+from .log import log
+
+
+def trace_artifact(name: str, payload_fn) -> None:
+    """A named string artifact in TORCH_TRACE, beside Inductor's; `payload_fn` runs only if on."""
+    torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+                                    payload_fn=payload_fn)
+
+
+class Dumper:
+    """Writes one compile's folder. Every method is cheap to skip: the backend makes no Dumper
+    unless a dump folder is set."""
+
+    def __init__(self, root: str):
+        self.dir = _fresh_dir(root, _compile_name())
+        self.items = []      # (file, one-line description), in order
+        self.pass_log = []   # (pass, ms, nodes before, nodes after)
+
+    def _write(self, name, text, what):
+        with open(os.path.join(self.dir, name), "w") as f:
+            f.write(text)
+        self._add(name, what)
+
+    def _add(self, name, what):
+        # The index is rewritten with every item: the backward graph arrives only at the first
+        # backward call, long after the compile returned.
+        self.items.append((name, what))
+        self._write_index()
+
+    def graph(self, step: int, name: str, gm: fx.GraphModule, changed: bool = True):
+        what = "the graph moec received" if step == 0 else \
+            f"after pass `{name}`" + ("" if changed else " (unchanged)")
+        self._write(f"{step:02d}_{name}.py", _readable(gm), what)
+
+    def regions(self, detect_report, rewrite_report):
+        rewritten = set(getattr(rewrite_report, "rewritten", ()))
+        rows = [region_record(r, r.module in rewritten) for r in detect_report.regions]
+        rows += [{"module": m.module, "status": "missed", "kind": m.kind, "reason": m.reason, "where": m.where,
+                  "num_experts": m.num_experts, "top_k": m.top_k} for m in detect_report.misses]
+        self._write("regions.json", json.dumps(rows, indent=1, default=str), "regions found and missed (JSON)")
+        self._write("regions.md", regions_markdown(rows), "regions found and missed, with reasons")
+
+    def region_pictures(self, gm, detect_report):
+        from .draw import draw_region
+        for i, region in enumerate(detect_report.regions):
+            path = os.path.join(self.dir, f"region_{i}.png")
+            if draw_region(gm.graph, region, path, title=region.module or "<root>"):
+                self._add(f"region_{i}.png", f"region {region.module or '<root>'}, nodes by role")
+
+    def aot_graph(self, kind: str, gm):
+        self._write(f"aot_{kind}.py", _readable(gm), f"{kind} graph after AOT autograd")
+
+    def kernels(self, detect_report):
+        from moec.codegen import kernels, tuning
+        out = []
+        for r in detect_report.regions:
+            x = r.x.meta.get("example_value")
+            T = hint(x.numel()) // r.experts.hidden
+            probe = torch.empty(0, dtype=x.dtype, device=x.device)   # the rule reads dtype and device
+            impl = "triton" if kernels.use_triton(probe) else "reference (PyTorch)"
+            tiles = {name: dataclasses.asdict(tuning.tile(name, r.num_experts, r.top_k, r.experts.hidden,
+                                                          r.experts.ffn, x.dtype, x.device, T))
+                     for name in _TILED_KERNELS} if impl == "triton" else {}
+            out.append({"module": r.module, "implementation": impl, "device": str(x.device),
+                        "dtype": str(x.dtype), "tokens_at_compile": T, "token_bucket": tuning.bucket(T),
+                        "tiles": tiles})
+        self._write("kernels.json", json.dumps(out, indent=1), "kernels chosen per region, with launch settings")
+
+    def finish(self, pass_log):
+        self.pass_log = list(pass_log)
+        self._write_index()
+        log.info("moec dump written to %s", self.dir)
+
+    def _write_index(self):
+        lines = [f"# moec dump: {os.path.basename(self.dir)}", "", "| file | what |", "|---|---|"]
+        lines += [f"| [{name}]({name}) | {what} |" for name, what in self.items]
+        lines += ["", "## Passes", ""] + [f"{i}. `{name}`: {ms:.1f} ms, {a} -> {b} nodes"
+                                           for i, (name, ms, a, b) in enumerate(self.pass_log, 1)]
+        with open(os.path.join(self.dir, "index.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+_TILED_KERNELS = ("gate_up", "down", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
+
+
+def region_record(r, fused: bool) -> dict:
+    """The region as the dumps and tlparse show it: the detection record, in plain values."""
+    return {"module": r.module, "status": "fused" if fused else "found, not rewritten", "idiom": r.idiom,
+            "num_experts": r.num_experts, "top_k": r.top_k,
+            "router": {**_fields(r.router), "kind": r.router.kind, "score_dtype": str(r.router.score_dtype)},
+            "experts": {k: (_spec(v) if isinstance(v, tuple) else v) for k, v in _fields(r.experts).items()},
+            "score_bias": getattr(r.score_bias, "name", None), "tokens": r.x.name, "logits": r.logits.name,
+            "output": r.output.name, "nodes": len(r.nodes), "check": r.check}
+
+
+def regions_markdown(rows) -> str:
+    head = "| module | status | router | idiom | E | k | reason / check |\n|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['module'] or '<root>'} | {r['status']} | {r.get('router', {}).get('kind', '')} | {r.get('idiom', '')} "
+        f"| {r['num_experts']} | {r['top_k']} | {r.get('reason') or r.get('check', '')}"
+        f"{' [' + r['where'] + ']' if r.get('where') else ''} |\n" for r in rows)
+    return head + body if rows else "No MoE regions found.\n"
+
+
+def _fields(record) -> dict:
+    # shallow: dataclasses.asdict would deep-copy the fx.Nodes (and their fake tensors) inside
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _spec(v):
+    # (node, transposed, slice) views of expert weights, printed by name
+    return [getattr(e, "name", e) for e in v]
+
+
+_HEADER = '''# A graph moec dumped: runnable as `Graph()(*inputs)` with the graph's inputs, in order.
+import math
+import operator
+
+import torch
+from torch import device
+
+inf, nan = math.inf, math.nan
+
+
+class Graph(torch.nn.Module):
+'''
+
+
+def _readable(gm) -> str:
+    code = gm.code if hasattr(gm, "code") else str(gm)
+    return _HEADER + "\n".join(("    " + line) if line.strip() else "" for line in code.strip("\n").splitlines()) + "\n"
+
+
+def _compile_name() -> str:
+    cid = torch._guards.CompileContext.current_compile_id()
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", f"graph_{cid}" if cid is not None else "graph").strip("_")
+
+
+def _fresh_dir(root, name):
+    os.makedirs(root, exist_ok=True)
+    path, n = os.path.join(root, name), 1
+    while os.path.exists(path):
+        path, n = os.path.join(root, f"{name}.{n}"), n + 1
+    os.makedirs(path)
+    return path
+
+
+if __name__ == "__main__":
+    from .dump_diff import main
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""Pass debugging dumps: written, parseable, re-runnable, pictured, and diffable; TORCH_LOGS
+and TORCH_TRACE carry the decisions."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import moec
+from moec.dump_diff import compare
+from e2e.hf_models import causal_lm
+from moe_idioms import CapacityTop2MoE
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _compile_and_run(model, tokens, dump_dir, dense_backend="aot_eager"):
+    compiled = torch.compile(model, backend="moec", options={"dump_dir": str(dump_dir), "dense_backend": dense_backend})
+    out = compiled(tokens)
+    getattr(out, "logits", out).sum().backward()
+    [folder] = [os.path.join(dump_dir, d) for d in os.listdir(dump_dir)]
+    return folder
+
+
+def test_dump_folder_complete_and_graphs_rerun(tmp_path):
+    model = causal_lm("qwen3_moe", "eager")
+    tokens = torch.randint(3, 96, (2, 7))
+    start = time.perf_counter()
+    folder = _compile_and_run(model, tokens, tmp_path)
+    assert time.perf_counter() - start < 60
+    files = set(os.listdir(folder))
+    assert {"index.md", "00_input.py", "01_detect.py", "02_rewrite.py", "regions.json", "regions.md",
+            "kernels.json", "region_0.png", "region_1.png", "aot_forward.py", "aot_backward.py"} <= files
+    index = open(os.path.join(folder, "index.md")).read()
+    assert all(f"[{name}]" in index for name in files - {"index.md"})
+    regions = json.load(open(os.path.join(folder, "regions.json")))
+    assert [(r["module"], r["status"], r["router"]["kind"]) for r in regions] == \
+        [("model.layers.0.mlp", "fused", "softmax_topk"), ("model.layers.1.mlp", "fused", "softmax_topk")]
+    for png in ("region_0.png", "region_1.png"):
+        assert open(os.path.join(folder, png), "rb").read(8) == PNG
+
+
+
+def test_dumped_graphs_rerun_and_match(tmp_path):
+    """Every numbered graph re-runs on the graph's inputs and gives the input graph's result."""
+    model = causal_lm("deepseek_v3", "grouped_mm")
+    tokens = torch.randint(3, 96, (2, 7))
+    given = []
+    compiled = torch.compile(model, backend="moec", options={
+        "dump_dir": str(tmp_path), "dense_backend": lambda gm, inputs: given.append(inputs) or gm})
+    compiled(tokens)
+    [folder] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    results = {}
+    for name in sorted(f for f in os.listdir(folder) if f[:2].isdigit()):
+        namespace = {}
+        exec(open(os.path.join(folder, name)).read(), namespace)
+        with torch.no_grad():
+            results[name] = namespace["Graph"]()(*given[0])[0]
+    reference = results.pop("00_input.py")
+    assert set(results) == {"01_detect.py", "02_rewrite.py", "03_expert_parallel.py"}
+    for name, value in results.items():
+        torch.testing.assert_close(value, reference, rtol=2e-4, atol=2e-5, msg=name)
+    assert "torch.ops.moec.route" in open(os.path.join(folder, "02_rewrite.py")).read()
+
+
+def test_missed_region_reason_in_dump(tmp_path):
+    torch.manual_seed(0)
+    folder = _compile_and_run(CapacityTop2MoE().double(), torch.randn(12, 32, dtype=torch.float64), tmp_path,
+                                 dense_backend="eager")
+    [row] = json.load(open(os.path.join(folder, "regions.json")))
+    assert row["status"] == "missed" and "router matches none" in row["reason"]
+    assert "router matches none" in open(os.path.join(folder, "regions.md")).read()
+
+
+def test_diff_names_the_changed_region(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    model = causal_lm("mixtral", "batched_mm")
+    tokens = torch.randint(3, 96, (2, 5))
+    fa = _compile_and_run(model, tokens, a)
+    torch._dynamo.reset()
+    os.environ["MOEC_MAX_REWRITES"] = "1"
+    try:
+        fb = _compile_and_run(model, tokens, b)
+    finally:
+        del os.environ["MOEC_MAX_REWRITES"]
+    assert compare(fa, fa) == []
+    lines = compare(fa, fb)
+    assert any(l.startswith("region model.layers.1.mlp: fused") for l in lines), lines
+    assert any("02_rewrite.py differs" in l for l in lines)
+    cli = subprocess.run([sys.executable, "-m", "moec.dump", "diff", str(a), str(b)], capture_output=True, text=True)
+    assert cli.returncode == 1 and "model.layers.1.mlp" in cli.stdout
+
+
+_SCRIPT = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from moe_idioms import MaskLoopMoE
+torch.manual_seed(0)
+torch.compile(MaskLoopMoE(), backend="moec", options={{"dense_backend": "eager"}})(torch.randn(8, 32))
+"""
+
+
+def test_torch_logs_and_trace(tmp_path):
+    tests = os.path.dirname(__file__)
+    env = dict(os.environ, TORCH_LOGS="moec", TORCH_TRACE=str(tmp_path / "trace"))
+    run = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=tests)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "region <root>: fused (softmax_topk, E=4, k=2, expert_loop" in run.stderr
+    traces = "".join(open(os.path.join(tmp_path / "trace", f)).read() for f in os.listdir(tmp_path / "trace"))
+    for artifact in ("moec_input_graph", "moec_after_rewrite", "moec_regions"):
+        assert f'"name": "{artifact}"' in traces
