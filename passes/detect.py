@@ -73,7 +73,7 @@ def _analyse(gm, dg, anchor, linear, real):
     num_experts = shape(logits)[-1]
 
     computed = dg.forward_slice([anchor])
-    output = _combine_point(dg, computed, tokens, hidden)
+    output = _combine_point(dg, computed, tokens, hidden, logits, real, num_experts)
     if output is None:
         leaves = any(u.op == "output" for n in computed for u in dg.users[n])
         if _expert_weight_inputs(dg, computed, real, num_experts) or (leaves and num_experts <= _MAX_EXPERTS):
@@ -107,6 +107,8 @@ def _analyse(gm, dg, anchor, linear, real):
             num_experts=num_experts, hidden=hidden)
     except identify.Unproven as e:
         raise _Missed(str(e), output) from None
+    if isinstance(router.capacity, fx.Node):   # a symbolic capacity: the rewrite still reads it
+        kept |= dg.backward_slice([router.capacity]) & nodes
     from .region import Region
     return Region(module=_block_path(ordered), idiom=_idiom(ordered), router=router, experts=experts,
                   x=x, logits=logits, score_bias=bias, output=output, nodes=ordered, check=check,
@@ -137,8 +139,11 @@ def _strip_casts(node):
     return node
 
 
-def _combine_point(dg, computed, tokens, hidden):
-    """First node of `computed` that every later use of `computed` depends on, shaped (T, H)."""
+def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
+    """First node of `computed` that every later use of `computed` depends on, shaped (T, H).
+    With E == H a (T, E) routing tensor (dense one-hot weights) is (T, H)-shaped too: there the
+    combined output must also read expert weights."""
+    router_side = dg.backward_slice([logits]) if _same(num_experts, hidden) else None
     remaining = {n: len(dg.users[n] & computed) for n in computed}
     live = set()
     for n in dg.sorted(computed):
@@ -150,9 +155,15 @@ def _combine_point(dg, computed, tokens, hidden):
             live.add(n)
         # A layer whose result only the graph's output reads (no users in `computed`) ends there.
         ends_graph = not live and any(u.op == "output" for u in dg.users[n])
-        if (live == {n} or ends_graph) and _is_token_shaped(n, tokens, hidden):
+        if (live == {n} or ends_graph) and _is_token_shaped(n, tokens, hidden) and \
+                (router_side is None or _reads_expert_weights(dg, n, router_side, real, num_experts)):
             return n
     return None
+
+
+def _reads_expert_weights(dg, node, router_side, real, num_experts):
+    return any(i in real and real[i].dim() == 3 and real[i].shape[0] == num_experts
+               for i in dg.backward_slice([node], stop=router_side))
 
 
 def _is_token_shaped(node, tokens, hidden):

@@ -14,6 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .capacity import capacity_routers, find_capacity, selections
 from .graph import hint, op_name, shape, value
 from .region import Experts, Router
 
@@ -33,15 +34,27 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
     seeds = {x} | {i for i in inputs if i in real and real[i].dim() >= 2}
     tainted = dg.forward_slice(seeds, stop={logits}) & node_set
     router_nodes = [n for n in nodes if n not in tainted]
-    ids, weights, top_k = _router_outputs(router_nodes, tokens)
     bias = _score_bias(router_nodes, inputs, real, num_experts)
     gen = torch.Generator().manual_seed(0)
 
-    router = _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits, real,
-                           num_experts, tokens, gen)
-    router = dataclasses.replace(router, score_dtype=_score_dtype(router_nodes, logits))
-    experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias,
-                                    num_experts, hidden, tokens, gen)
+    # A capacity gate's routing is only visible through the layer's output (dropped copies change
+    # it), so its router forms are proven jointly with the experts, after the dropless ones.
+    routers, unproven = [], None
+    try:
+        ids, weights, top_k = _router_outputs(router_nodes, tokens)
+        routers.append(_prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits,
+                                     real, num_experts, tokens, gen))
+    except Unproven as e:
+        unproven = e
+    cap = find_capacity(nodes)
+    if cap is not None and selections(router_nodes):
+        routers += capacity_routers(router_nodes, cap, selections(router_nodes))
+    if not routers:
+        raise unproven
+    dtype = _score_dtype(router_nodes, logits)
+    routers = [dataclasses.replace(r, score_dtype=dtype) for r in routers]
+    router, experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias,
+                                            num_experts, hidden, tokens, gen)
     return router, experts, bias, check
 
 
@@ -152,10 +165,12 @@ def _same_routing(w, ids, ref_w, ref_ids):
 # ---------------------------------------------------------------------------------- experts
 
 
-def _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias, num_experts, hidden,
+def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, num_experts, hidden,
                    tokens, gen):
+    """The first (router, experts) pair whose moec ops reproduce the layer on random tokens."""
     fn = _extract(gm, nodes, inputs, [output])
-    weights = [i for i in inputs if i in real and i is not bias and i is not x]
+    # 0-d inputs are scalars the graph lifted (a capacity factor), not expert weights
+    weights = [i for i in inputs if i in real and i is not bias and i is not x and real[i].dim() > 0]
     names = {op_name(n) for n in nodes}
     candidates = list(_expert_candidates(nodes, weights, real, num_experts, hidden, names))
     if not candidates:
@@ -175,24 +190,39 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, router, bias, num
                 continue
             raise Unproven(f"running the layer on random tokens failed: {e}") from None
         env = dict(zip(inputs, args))
-        w, ids = torch.ops.moec.route(env[logits].double(), _double(env.get(bias)), router.top_k,
-                                      router.scoring, router.renormalize, router.scale,
-                                      router.n_group, router.topk_group)
-        offsets, src, inv = torch.ops.moec.plan(ids, num_experts)
         x2d = env[x].double().reshape(tokens, hidden)
         tol = _TOLERANCE[dtype]
         best = float("inf")
-        for experts in candidates:
-            y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env),
-                                       experts.activation, experts.alpha, experts.limit)
-            out = torch.ops.moec.combine(y, inv, w)
-            err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-            best = min(best, err)
-            if err <= tol:
-                return experts, f"matched on {tokens} random tokens in {str(dtype)[6:]} (rel. err {err:.1e})"
-        raise Unproven(f"no known expert form reproduces the layer ({len(candidates)} tried, best "
-                       f"relative error {best:.1e})")
+        for router in routers:
+            w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
+            offsets, src, inv = torch.ops.moec.plan(ids, num_experts)
+            for experts in candidates:
+                y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env),
+                                           experts.activation, experts.alpha, experts.limit)
+                out = torch.ops.moec.combine(y, inv, w)
+                err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                best = min(best, err)
+                if err <= tol:
+                    return router, experts, (f"matched on {tokens} random tokens in {str(dtype)[6:]} "
+                                             f"(rel. err {err:.1e})")
+        kinds = sorted({r.kind for r in routers})
+        raise Unproven(f"no known expert form reproduces the layer ({len(candidates)} expert forms x "
+                       f"routers {kinds} tried, best relative error {best:.1e})")
     raise Unproven("the layer could not be run on random tokens")
+
+
+def route_with_capacity(router, logits, bias, num_experts):
+    """moec's routing for `router` in plain calls: what the rewrite emits as graph nodes."""
+    w, ids = torch.ops.moec.route(logits, bias, router.top_k, router.scoring, router.renormalize,
+                                  router.scale, router.n_group, router.topk_group)
+    if router.capacity is None:
+        return w, ids
+    capacity = router.capacity if isinstance(router.capacity, int) else hint(value(router.capacity))
+    keep = torch.ops.moec.capacity_keep(ids, num_experts, capacity, router.capacity_order)
+    w, ids = w * keep, torch.where(keep, ids, -1)
+    if router.renormalize:
+        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).eps)
+    return w, ids
 
 
 _TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}

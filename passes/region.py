@@ -19,12 +19,16 @@ class Router:
     n_group: int = 1
     topk_group: int = 1
     score_dtype: object = None   # torch dtype the user's code scores in; the rewrite casts the logits to it
+    capacity: object = None      # int, or an fx.Node holding a SymInt: copies each expert keeps (None: dropless)
+    capacity_order: str = ""     # "choice_major" | "token_major" (see codegen/capacity.py)
 
     @property
     def kind(self) -> str:
         if self.scoring == "sigmoid":
-            return "sigmoid_bias_grouped" if self.n_group > 1 else "sigmoid_bias"
-        return {"softmax": "softmax_topk", "softmax_after_topk": "topk_softmax"}[self.scoring]
+            kind = "sigmoid_bias_grouped" if self.n_group > 1 else "sigmoid_bias"
+        else:
+            kind = {"softmax": "softmax_topk", "softmax_after_topk": "topk_softmax"}[self.scoring]
+        return kind if self.capacity is None else f"{kind}_capacity"
 
 
 @dataclass(frozen=True)

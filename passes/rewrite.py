@@ -55,6 +55,8 @@ def _rewrite_region(graph, region, fake_mode):
         routed = emit.op(torch.ops.moec.route.default, logits, region.score_bias, r.top_k,
                          r.scoring, r.renormalize, r.scale, r.n_group, r.topk_group)
         weights, ids = emit.item(routed, 0), emit.item(routed, 1)
+        if r.capacity is not None:
+            weights, ids = _apply_capacity(emit, r, weights, ids, ex.num_experts)
         plan = emit.op(torch.ops.moec.plan.default, ids, ex.num_experts)
         offsets, src, inv = (emit.item(plan, j) for j in range(3))
         views = [emit.view(spec) for spec in (ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias)]
@@ -71,6 +73,19 @@ def _rewrite_region(graph, region, fake_mode):
     for node in reversed(region.nodes):
         if node not in region.kept:
             graph.erase_node(node)
+
+
+def _apply_capacity(emit, router, weights, ids, num_experts):
+    """Dropped copies get id -1 (moec.plan drops them) and weight 0; the kept weights are
+    renormalised if the router renormalises. Mirrors identify.route_with_capacity."""
+    keep = emit.op(torch.ops.moec.capacity_keep.default, ids, num_experts, router.capacity, router.capacity_order)
+    ids = emit.op(torch.where, keep, ids, -1)
+    weights = emit.op(operator.mul, weights, keep)
+    if router.renormalize:
+        total = emit.method("sum", weights, -1, True)
+        eps = torch.finfo(value(weights).dtype).eps
+        weights = emit.op(operator.truediv, weights, emit.method("clamp_min", total, eps))
+    return weights, ids
 
 
 class _Emitter:
