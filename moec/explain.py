@@ -6,10 +6,10 @@ import torch
 from . import session
 from .capture import dynamic_capture
 
-_BREAK_FIX = ("a graph break splits this layer, so no single graph holds it whole. For Hugging Face "
-              "models, `model.set_experts_implementation(\"grouped_mm\")` (or \"batched_mm\") gives "
-              "a loop-free expert layer that moec fuses; for your own code, loop over `range(E)` "
-              "with masks instead of over the experts that received tokens")
+_BREAK_FIX = ("a graph break splits this layer: Dynamo cannot capture a loop over the experts that "
+              "received tokens (a data-dependent list), so no single graph holds the layer and it runs "
+              "unfused. Fix: loop over `range(E)` with masks or `torch.where` (moec captures that whole), "
+              "or, where the model offers it, `model.set_experts_implementation(\"grouped_mm\")`")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ def causal_lm(arch, impl="eager", seed=0):
     return model
 
 
+def switch_model(seed=0):
+    """A tiny Switch Transformers encoder-decoder (top-1 routing with expert capacity)."""
+    torch.manual_seed(seed)
+    return tf.SwitchTransformersForConditionalGeneration(switch()).eval()
+
+
 def moe_block(arch, impl="eager", seed=0):
     """The first decoder layer's MoE block of `causal_lm(arch, impl)`."""
     model = causal_lm(arch, impl, seed)

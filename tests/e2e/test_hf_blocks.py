@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import moec
 from compare import check_compiled_matches_eager
-from hf_models import ARCHS, moe_block
+from hf_models import ARCHS, moe_block, switch_model
 
 ROUTER = {"mixtral": "softmax_topk", "qwen3_moe": "softmax_topk", "olmoe": "softmax_topk",
           "deepseek_v3": "sigmoid_bias_grouped", "gpt_oss": "topk_softmax"}
@@ -46,3 +46,19 @@ def test_eager_loop_without_swap_is_a_reported_miss(monkeypatch):
     assert region.status == "missed"
     assert "set_experts_implementation" in region.reason and "modeling_mixtral.py" in region.where
     assert any("modeling_mixtral.py" in where for _, where in report.graph_breaks)
+
+
+def test_switch_transformers_is_a_reported_miss_with_correct_result():
+    """Switch picks each expert's nn.Module by a data-dependent index inside a loop over the experts
+    that received tokens: no graph can hold the layer. moec reports it, names the break, and the
+    compiled model (the layer unfused) still equals eager."""
+    model = switch_model()
+    block = model.encoder.block[1].layer[-1].mlp
+    x = torch.randn(2, 6, 32)
+    report = moec.explain(block, x)
+    [region] = report.regions
+    assert (region.status, region.num_experts, region.top_k) == ("missed", 4, 1)
+    assert "graph break" in region.reason and "modeling_switch_transformers.py" in region.where
+    compiled = torch.compile(block, backend="moec", options={"dense_backend": "eager"})
+    torch.testing.assert_close(compiled(x), block(x))
+    assert counters["moec"]["regions_fused"] == 0 and counters["moec"]["regions_missed_graph_break"] >= 1
