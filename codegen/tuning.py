@@ -3,7 +3,8 @@
 Key: (kernel, E, k, H, F, dtype, device name, token bucket), the bucket being T rounded up to a
 power of two, so a new token count never triggers a new tuning run or a recompile (the block
 sizes are constexprs; the counts per expert stay on the device). Lookup order: pinned (tests) ->
-tuned this process or loaded from a JSON cache -> the shipped heuristic table below.
+tuned this process, loaded from a JSON cache, or shipped in codegen/tuned/ (written by
+benchmarks/tune_kernels.py) -> the heuristic table below.
 """
 import contextlib
 import json
@@ -40,6 +41,8 @@ def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
     """The launch settings of `kernel` for this layer and token count."""
     if kernel in _pinned:
         return _pinned[kernel]
+    if device.type == "cuda" and not _shipped_loaded:
+        _load_shipped()
     found = _tuned.get(key(kernel, E, k, H, F, dtype, device, tokens))
     if found is not None:
         return found
@@ -90,6 +93,21 @@ def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20):
     if best is not None:
         _tuned[key(kernel, *layer, dtype, device, tokens)] = best
     return best, best_ms
+
+
+_SHIPPED = os.path.join(os.path.dirname(__file__), "tuned")      # tuned_<gpu>.json, committed
+_shipped_loaded = False
+
+
+def _load_shipped():
+    """Merge the committed tables once; entries tuned in this process take precedence."""
+    global _shipped_loaded
+    _shipped_loaded = True
+    own = dict(_tuned)
+    for name in sorted(os.listdir(_SHIPPED)) if os.path.isdir(_SHIPPED) else []:
+        if name.endswith(".json"):
+            load(os.path.join(_SHIPPED, name))
+    _tuned.update(own)
 
 
 def save(path):
