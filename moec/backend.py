@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 from . import session
 from .capture import dynamic_capture, forward_backend_ctx, hf_experts_as
 from .config import Config
+from .dense import compile_dense
 from .dump import Dumper, trace_artifact
 from .errors import MoecError
 from .log import log
@@ -59,43 +60,6 @@ def _tracing_context():
             stack.enter_context(dynamic_capture())
         stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
         yield
-
-
-def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None):
-    """Compile the rewritten graph with the dense backend named in the config. `on_aot_graph(kind,
-    gm)` sees the forward and backward graphs after AOT autograd (Inductor and aot_eager only)."""
-    name = config.dense_backend
-    if callable(name):
-        return name(gm, example_inputs)
-    if name == "inductor":
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        patches = list_mode_options(mode) if mode else None
-        if on_aot_graph is None:
-            return compile_fx(gm, example_inputs, config_patches=patches)
-
-        def inner(graph, inputs, *args, **kwargs):
-            on_aot_graph("backward" if kwargs.get("is_backward") else "forward", graph)
-            return compile_fx_inner(graph, inputs, *args, **kwargs)
-        # A cache hit would skip AOT autograd and the graphs with it: dumps compile afresh.
-        import torch._functorch.config as functorch_config
-        with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, inner_compile=inner,
-                              config_patches={**(patches or {}), "fx_graph_cache": False})
-    if name == "aot_eager" and on_aot_graph is not None:
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        def recorder(kind):
-            return lambda graph, _inputs: (on_aot_graph(kind, graph), make_boxed_func(graph.forward))[1]
-        return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))(gm, example_inputs)
-    from torch._dynamo.backends.registry import lookup_backend
-    try:
-        backend = lookup_backend(name)
-    except Exception as e:
-        raise MoecError(f"dense_backend={name!r} is not a torch.compile backend "
-                        f"(known: {torch._dynamo.list_backends()}): {e}") from None
-    return backend(gm, example_inputs)
 
 
 def _regions_text(reports) -> str:

@@ -65,7 +65,7 @@ class MaskLoopMoE(nn.Module):
         for e in range(self.E):
             tok, slot = torch.where(ids == e)
             g, u = F.linear(x[tok], self.gate_up[e]).chunk(2, dim=-1)
-            h = (F.gelu(g) if self.act == "gelu" else F.silu(g)) * u
+            h = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[self.act](g) * u
             out.index_add_(0, tok, F.linear(h, self.down[e]) * w[tok, slot, None])
         return out
 

@@ -11,7 +11,7 @@ import torch
 import moec
 from moec.dump_diff import compare
 from e2e.hf_models import causal_lm
-from moe_idioms import CapacityTop2MoE
+from moe_idioms import MaskLoopMoE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,9 +48,11 @@ def test_dumped_graphs_rerun_and_match(tmp_path):
     model = causal_lm("deepseek_v3", "grouped_mm")
     tokens = torch.randint(3, 96, (2, 7))
     given = []
-    compiled = torch.compile(model, backend="moec", options={
-        "dump_dir": str(tmp_path), "dense_backend": lambda gm, inputs: given.append(inputs) or gm})
-    compiled(tokens)
+
+    def recording(gm, inputs):   # the graph's real inputs, for re-running the dumped graphs
+        given.append(inputs)
+        return moec.moec_backend(gm, inputs, options={"dump_dir": str(tmp_path), "dense_backend": "eager"})
+    torch.compile(model, backend=recording)(tokens)
     [folder] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     results = {}
     for name in sorted(f for f in os.listdir(folder) if f[:2].isdigit()):
@@ -66,12 +68,13 @@ def test_dumped_graphs_rerun_and_match(tmp_path):
 
 
 def test_missed_region_reason_in_dump(tmp_path):
+    """A tanh-gated expert is no activation moec knows: a near miss, with the reason."""
     torch.manual_seed(0)
-    folder = _compile_and_run(CapacityTop2MoE().double(), torch.randn(12, 32, dtype=torch.float64), tmp_path,
-                                 dense_backend="eager")
+    folder = _compile_and_run(MaskLoopMoE(act="tanh").double(), torch.randn(12, 32, dtype=torch.float64),
+                              tmp_path, dense_backend="eager")
     [row] = json.load(open(os.path.join(folder, "regions.json")))
-    assert row["status"] == "missed" and "router matches none" in row["reason"]
-    assert "router matches none" in open(os.path.join(folder, "regions.md")).read()
+    assert row["status"] == "missed" and "no known expert form reproduces the layer" in row["reason"]
+    assert "no known expert form" in open(os.path.join(folder, "regions.md")).read()
 
 
 def test_diff_names_the_changed_region(tmp_path):

@@ -1,0 +1,156 @@
+"""Compile what moec did not rewrite with the dense backend the user chose (`dense_backend`).
+
+Inductor gets the whole graph: it treats `torch.ops.moec.*` as opaque kernels (fake
+implementations give it shapes) and fuses the dense code around them. Every other backend —
+"eager", "aot_eager", "cudagraphs", torch-tensorrt, a user's callable — gets only the dense
+partitions, never a moec node: the graph is split where moec's ops begin and end, each dense
+partition is compiled on fake inputs with the graph's symbolic shapes (as Dynamo's own
+DDPOptimizer compiles its buckets), and moec's ops run between them with their own autograd.
+"""
+import operator
+import unittest.mock
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+
+from .errors import MoecError
+
+_TENSORRT = ("torch_tensorrt", "tensorrt")
+
+
+def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None):
+    """`on_aot_graph(kind, gm)` sees forward and backward graphs after AOT autograd (Inductor and
+    aot_eager; with aot_eager, one pair per dense partition)."""
+    if config.dense_backend == "inductor":
+        return _inductor(gm, example_inputs, mode, on_aot_graph)
+    backend = resolve(config.dense_backend, on_aot_graph)
+    if not any(is_moec_node(n) for n in gm.graph.nodes):
+        return backend(gm, example_inputs)
+    return compile_partitions(gm, backend)
+
+
+def resolve(name, on_aot_graph=None):
+    """The backend callable for a name or callable; a clear MoecError for one that is not there."""
+    if callable(name):
+        return name
+    if name == "aot_eager" and on_aot_graph is not None:
+        return _recording_aot_eager(on_aot_graph)
+    if name in _TENSORRT:
+        try:
+            import torch_tensorrt  # noqa: F401  (registers its torch.compile backend)
+        except ImportError as e:
+            raise MoecError(f"dense_backend={name!r} needs torch-tensorrt, which is not installed "
+                            f"({e}). Install it with `pip install moec[tensorrt]` (TensorRT's libraries "
+                            "come from NVIDIA's package index), or choose another dense_backend") from None
+    from torch._dynamo.backends.registry import lookup_backend
+    try:
+        return lookup_backend(name)
+    except Exception as e:
+        raise MoecError(f"dense_backend={name!r} is not a torch.compile backend "
+                        f"(known: {torch._dynamo.list_backends()}): {e}") from None
+
+
+def is_moec_node(node) -> bool:
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:    # an output of a moec op stays with it
+        return isinstance(node.args[0], fx.Node) and is_moec_node(node.args[0])
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "moec"
+
+
+def compile_partitions(gm, backend):
+    """Split `gm` into dense and moec partitions; compile each dense one with `backend`."""
+    partition, current, last_kind = {}, 0, None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        kind = is_moec_node(node)
+        if kind != last_kind:
+            current, last_kind = current + 1, kind
+        partition[node] = current
+    moec_parts = {f"submod_{p}" for n, p in partition.items() if is_moec_node(n)}
+    split = split_module(gm, gm, lambda n: partition[n], keep_original_order=True)
+    fakes = _fake_inputs(gm)
+    fake_mode = torch._guards.detect_fake_mode(fakes)
+    # The graph may hold real constant tensors (lifted at trace time): let them mix with fakes.
+    with unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True), fake_mode:
+        _PartitionCompiler(split, backend, moec_parts).run(*fakes)
+    return split
+
+
+class _PartitionCompiler(fx.Interpreter):
+    """Runs the split graph on fake inputs; each dense partition is compiled when first reached,
+    with the fake values flowing into it, and replaced by the compiled callable."""
+
+    def __init__(self, split, backend, moec_parts):
+        super().__init__(split)
+        self.backend, self.moec_parts = backend, moec_parts
+
+    def call_module(self, target, args, kwargs):
+        submod = self.fetch_attr(target)
+        if target not in self.moec_parts:
+            single = _tuple_output(submod)
+            compiled = self.backend(submod, list(args))
+            self.module.add_submodule(target, _Compiled(compiled, single))
+            return submod(*args, **kwargs)[0] if single else submod(*args, **kwargs)
+        return submod(*args, **kwargs)
+
+
+def _tuple_output(submod) -> bool:
+    """Make a partition return a tuple, as AOT autograd requires; True if it returned one value."""
+    out = next(n for n in reversed(submod.graph.nodes) if n.op == "output")
+    if isinstance(out.args[0], (tuple, list)):
+        return False
+    out.args = ((out.args[0],),)
+    submod.recompile()
+    return True
+
+
+class _Compiled(torch.nn.Module):
+    def __init__(self, fn, single):
+        super().__init__()
+        self.fn, self.single = fn, single
+
+    def forward(self, *args):
+        out = self.fn(*args)
+        return out[0] if self.single else out
+
+
+def _fake_inputs(gm):
+    """The graph's inputs as Dynamo traced them: fake tensors and SymInts with symbolic shapes."""
+    values = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            v = node.meta.get("example_value", node.meta.get("val"))
+            if v is None:
+                raise MoecError(f"dense_backend: graph input {node.name} has no example value to compile with")
+            values.append(v)
+    return values
+
+
+def _inductor(gm, example_inputs, mode, on_aot_graph):
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    patches = list_mode_options(mode) if mode else None
+    if on_aot_graph is None:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    def inner(graph, inputs, *args, **kwargs):
+        on_aot_graph("backward" if kwargs.get("is_backward") else "forward", graph)
+        return compile_fx_inner(graph, inputs, *args, **kwargs)
+    # A cache hit would skip AOT autograd and the graphs with it: dumps compile afresh.
+    import torch._functorch.config as functorch_config
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner,
+                          config_patches={**(patches or {}), "fx_graph_cache": False})
+
+
+def _recording_aot_eager(on_aot_graph):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def recorder(kind):
+        return lambda graph, _inputs: (on_aot_graph(kind, graph), make_boxed_func(graph.forward))[1]
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
