@@ -38,7 +38,7 @@ def deepseek_v3():
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
         n_group=4, topk_group=2, first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True,
         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-        rope_interleave=False))
+        rope_interleave=False, num_key_value_heads=4))   # MLA's static cache wants as many kv heads as heads
 
 
 def gpt_oss():
