@@ -41,9 +41,15 @@ class _Missed(Exception):
 
 
 def detect(gm: fx.GraphModule, ctx) -> tuple:
-    dg = DepGraph.build(gm.graph)
-    real = _real_inputs(gm, ctx.example_inputs)
     report = DetectReport()
+    for path, sub, real in nested_graphs(gm, _real_inputs(gm, ctx.example_inputs)):
+        _detect_in(sub, path, real, report)
+    return gm, report
+
+
+def _detect_in(gm, path, real, report):
+    """Regions and misses of one graph: the root, or a higher-order op's body (a checkpointed layer)."""
+    dg = DepGraph.build(gm.graph)
     claimed, routers = set(), set()
     for anchor in [n for n in gm.graph.nodes if op_name(n) in _ANCHORS]:
         linear = None if anchor in claimed else _router_linear(anchor, real)
@@ -61,9 +67,31 @@ def detect(gm: fx.GraphModule, ctx) -> tuple:
             report.misses.append(Miss(module=_block_path([anchor]), reason=m.reason, where=where,
                                       num_experts=num_experts, top_k=_k_of(anchor), kind=m.kind))
             continue
+        region.graph = path
         report.regions.append(region)
         claimed |= set(region.nodes)
-    return gm, report
+
+
+def nested_graphs(gm, real, path=""):
+    """(path, GraphModule, real inputs) for `gm` and, depth first, every higher-order op body in
+    it (torch.utils.checkpoint's tag_activation_checkpoint, invoke_subgraph, ...): a body's
+    placeholders are the op's operands, so the real tensors behind them carry over."""
+    yield path, gm, real
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        bodies = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+                  and isinstance(getattr(gm, a.target, None), fx.GraphModule)]
+        if len(bodies) != 1:
+            continue   # control flow (cond, while_loop) holds several bodies: not a layer wrapper
+        attr = node.args[bodies[0]].target
+        body = getattr(gm, attr)
+        operands = [a for a in node.args[bodies[0] + 1:] if isinstance(a, fx.Node)]
+        holders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        if len(operands) != len(holders):
+            continue
+        body_real = {h: real[o] for h, o in zip(holders, operands) if o in real}
+        yield from nested_graphs(body, body_real, f"{path}.{attr}" if path else attr)
 
 
 def _analyse(gm, dg, anchor, linear, real):
@@ -140,10 +168,11 @@ def _strip_casts(node):
 
 
 def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
-    """First node of `computed` that every later use of `computed` depends on, shaped (T, H).
-    With E == H a (T, E) routing tensor (dense one-hot weights) is (T, H)-shaped too: there the
-    combined output must also read expert weights."""
-    router_side = dg.backward_slice([logits]) if _same(num_experts, hidden) else None
+    """First node of `computed` that every later use of `computed` depends on, shaped (T, H),
+    that reads the expert weights if the graph has any: with E == H or G == H a routing tensor
+    (dense one-hot weights (T, E), DeepSeek's group mask (T, G)) is (T, H)-shaped too."""
+    stacks = {i for i, t in real.items() if t.dim() == 3 and t.shape[0] == num_experts}
+    router_side = dg.backward_slice([logits]) if stacks else None
     remaining = {n: len(dg.users[n] & computed) for n in computed}
     live = set()
     for n in dg.sorted(computed):
@@ -156,14 +185,9 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
         # A layer whose result only the graph's output reads (no users in `computed`) ends there.
         ends_graph = not live and any(u.op == "output" for u in dg.users[n])
         if (live == {n} or ends_graph) and _is_token_shaped(n, tokens, hidden) and \
-                (router_side is None or _reads_expert_weights(dg, n, router_side, real, num_experts)):
+                (router_side is None or stacks & dg.backward_slice([n], stop=router_side)):
             return n
     return None
-
-
-def _reads_expert_weights(dg, node, router_side, real, num_experts):
-    return any(i in real and real[i].dim() == 3 and real[i].shape[0] == num_experts
-               for i in dg.backward_slice([node], stop=router_side))
 
 
 def _is_token_shaped(node, tokens, hidden):
@@ -191,14 +215,15 @@ def _private_helpers(dg, nodes, candidates):
 
 def _assertion_tails(dg, nodes):
     """Dynamo's runtime checks on the layer's data-dependent sizes (`where[0]` -> `sym_size` ->
-    comparison -> `_assert_scalar`): they read region nodes and lead only to assertions, so
-    they go with the region."""
+    comparison -> `_assert_scalar`), and unused values: they read region nodes and lead only to
+    assertions or nowhere, so they go with the region."""
     tails = set()
     for n in sorted(dg.forward_slice(nodes) - nodes, key=dg.order.__getitem__, reverse=True):
         if n.op != "call_function" or n in dg.mutations:
             continue
         users = dg.users[n]
-        if (users and users <= tails) or (not users and op_name(n) in _ASSERTS):
+        # dead ends too: higher-order op bodies keep unused getitems (`topk(...)[0]`) Dynamo made
+        if (users and users <= tails) or (not users and (op_name(n) in _ASSERTS or not n.is_impure())):
             tails.add(n)
     kept = set()
     for n in dg.sorted(tails):   # only chains that start in this layer, not in a later one

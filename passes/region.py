@@ -67,6 +67,7 @@ class Region:
     check: str = ""          # how the equivalence was established
     kept: frozenset = frozenset()  # nodes of `nodes` the rest of the graph reads (router outputs): not removed
     aliases: frozenset = frozenset()  # buffer the output was accumulated into in place: read as the output
+    graph: str = ""          # submodule path of the graph holding the nodes ("" = the root; else a checkpoint body)
 
     @property
     def num_experts(self) -> int:

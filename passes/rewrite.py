@@ -35,7 +35,10 @@ def rewrite(gm: fx.GraphModule, ctx) -> tuple:
         if 0 <= limit <= i:
             skipped.append((region.module, f"max_rewrites={limit}"))
             continue
-        _rewrite_region(gm.graph, region, ctx.fake_mode)
+        owner = gm.get_submodule(region.graph) if region.graph else gm
+        _rewrite_region(owner.graph, region, ctx.fake_mode)
+        owner.graph.lint()
+        owner.recompile()
         done.append(region.module)
     gm.graph.lint()
     gm.recompile()
