@@ -117,13 +117,14 @@ def _analyse(gm, dg, anchor, linear, real):
     nodes |= aliases
 
     inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    # Before any miss is raised: a look-alike (argmax over a codebook) must not be reported.
+    if not _expert_weight_inputs(dg, nodes, real, num_experts):
+        raise _NotMoE()
     # The tokens may be a real graph input too (the block's own argument): find them first.
     x = _token_input(inputs - {logits}, router_side, hidden)
     weights = {i for i in inputs if i in real} - {x}
     expert_side = dg.forward_slice({x} | weights, stop={logits}) & nodes
     kept = _router_outputs_kept(dg, nodes, expert_side, aliases | {output})
-    if not _expert_weight_inputs(dg, nodes, real, num_experts):
-        raise _NotMoE()
     for i in inputs - weights - {logits, x}:
         if is_tensor(i):
             raise _Missed(f"the layer reads `{i.name}` ({tuple(shape(i))}), computed outside it; "

@@ -71,10 +71,11 @@ def _router_outputs(router_nodes, tokens):
         (u for u in last.users if op_name(u) == "getitem" and u.args[1] == 1), None)
     if ids is None or not isinstance(k, int):
         raise Unproven("the top-k's expert ids are not used")
-    # A mask loop's `w * (ids == e)` is (T, k) too, but it is one expert's share, not the routing.
+    # A mask loop's `w * (ids == e)` and, when E == k, dense one-hot weights
+    # `(one_hot(ids) * w[..., None]).sum(1)` are (T, k)-shaped too, but they are dispatch, not routing.
     per_expert = set()
     for n in router_nodes:
-        if op_name(n) == "eq" or any(a in per_expert for a in n.all_input_nodes):
+        if op_name(n) in ("eq", "one_hot") or any(a in per_expert for a in n.all_input_nodes):
             per_expert.add(n)
     floats = [n for n in router_nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
               and _hint_shape(n) in ((tokens, k),) + (((tokens,),) if k == 1 else ()) and n not in per_expert]
