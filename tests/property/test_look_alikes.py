@@ -11,7 +11,7 @@ from look_alikes import build_look_alike, look_alike_input
 from strategies import look_alike_specs
 
 
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(50))
 @given(spec=look_alike_specs())
 # V <= 8 is the size of a real router: still no expert weights, so still not MoE.
 @example(spec=dict(kind="topk_embedding_mix", H=8, V=4, k=2, tokens=6, dtype="float64", seed=0))

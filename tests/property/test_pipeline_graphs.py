@@ -82,7 +82,7 @@ def check_pipeline(gm, inputs, max_rewrites):
     return len(regions)
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(80))
 @given(p=program_specs(), max_rewrites=st.sampled_from((-1, 0, 1)))
 @example(p=spec(second_moe=True, residual=True), max_rewrites=1)
 @example(p=spec(dict(dispatch="dense_bmm", combine="bmm", router="grouped", E=8, G=4, topk_group=2)), max_rewrites=-1)
@@ -93,7 +93,7 @@ def test_pipeline_on_moe_graphs(p, max_rewrites):
     assert found <= p.num_moe_layers
 
 
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(25))
 @given(spec=look_alike_specs())
 def test_pipeline_on_graphs_without_moe(spec):
     model, x = build_look_alike(spec), look_alike_input(spec, 1)
