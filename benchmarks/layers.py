@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moec.codegen import reference
+from moec.codegen import layout, reference
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,16 @@ def split(s: Shape, p):
     return gu[:, s.F:], gu[:, :s.F], None if b is None else b[:, s.F:], None if b is None else b[:, :s.F]
 
 
+def moec_weights(s: Shape, p):
+    """(bases, layout) for moec.experts: the fused parameters themselves, read as `split` reads them."""
+    F, gu, b = s.F, p["gate_up"], p.get("b_gate_up")
+    up, gate = ((1, 2, None), (0, 2, None)) if s.interleaved else ((F, 1, 2 * F), (0, 1, F))
+    bias = lambda sl: None if b is None else (b, False, sl)
+    bd = p.get("b_down")
+    return layout.pack(((gu, False, up), (gu, False, gate), (p["down"], False, None), bias(up), bias(gate),
+                        None if bd is None else (bd, False, None)))
+
+
 def _route(s, p, x):
     logits = x @ p["router"].t()
     return reference.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0, s.n_group,
@@ -81,9 +91,8 @@ def moec_layer(s, p, x):
     w, ids = torch.ops.moec.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
                                   s.n_group, s.topk_group)
     offsets, src, inv = torch.ops.moec.plan(ids, s.E)
-    w_up, w_gate, b_up, b_gate = split(s, p)
-    y = torch.ops.moec.experts(x, src, offsets, s.k, w_up, w_gate, p["down"], b_up, b_gate, p.get("b_down"),
-                               s.activation, ALPHA, LIMIT)
+    bases, layout = moec_weights(s, p)
+    y = torch.ops.moec.experts(x, src, offsets, s.k, bases, layout, s.activation, ALPHA, LIMIT)
     return torch.ops.moec.combine(y, inv, w) + _shared(s, p, x)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, reference
+from . import layout as layouts
 from .errors import MoecKernelError
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,78 +121,84 @@ def _check_plan(ids, num_experts):
 
 
 @torch.library.custom_op("moec::experts", mutates_args=())
-def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_gate: Optional[Tensor],
-            w_down: Tensor, b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor],
+def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
             activation: str, alpha: float, limit: float) -> Tensor:
-    """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype."""
-    _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation)
+    """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype.
+
+    weights: the distinct base tensors the experts read; `layout` (see codegen/layout.py) says
+    which view of which base is each of w_up, w_gate, w_down, b_up, b_gate, b_down."""
+    _check_experts(x, src, offsets, weights, layout, activation)
     if kernels.use_triton(x):
         from .experts_launch import experts_forward
-        return experts_forward(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                               activation, alpha, limit)
-    return reference.experts(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                             activation, alpha, limit)
+        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit)
+    return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit)
 
 
 @experts.register_fake
-def _(x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
-    _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation)
-    return x.new_empty(src.shape[0], w_down.shape[1])
-
-
-_WEIGHT_NAMES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
+    _check_experts(x, src, offsets, weights, layout, activation)
+    return x.new_empty(src.shape[0], x.shape[1])
 
 
 @torch.library.custom_op("moec::experts_backward", mutates_args=())
-def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor,
-                     w_gate: Optional[Tensor], w_down: Tensor, b_up: Optional[Tensor],
-                     b_gate: Optional[Tensor], b_down: Optional[Tensor], activation: str,
-                     alpha: float, limit: float) -> list[Tensor]:
-    """Gradients of x and of each weight given (an empty tensor stands for an absent one)."""
+def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
+                     layout: str, activation: str, alpha: float, limit: float) -> list[Tensor]:
+    """[dx, one gradient per base in `weights`]: each base's gradient is one buffer (strides of
+    the base), every role's share written into its view of it."""
     if kernels.use_triton(x):
         from .experts_launch import experts_backward as launch
-        grads = launch(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                       activation, alpha, limit)
-        return [x.new_empty(0) if g is None else g for g in grads]
-    grads = reference.experts_backward(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate,
-                                       b_down, activation, alpha, limit)
-    return [x.new_empty(0) if g is None else g for g in grads]
+        return launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+    return reference.experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
 
 
 @experts_backward.register_fake
-def _(grad_y, x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
-    return [x.new_empty(0) if t is None else torch.empty_like(t)
-            for t in (x, w_up, w_gate, w_down, b_up, b_gate, b_down)]
+def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format)] + [torch.empty_like(w) for w in weights]
 
 
 def _experts_setup(ctx, inputs, output):
-    x, src, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit = inputs
-    ctx.save_for_backward(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down)
-    ctx.args = (k, activation, alpha, limit)
+    x, src, offsets, k, weights, layout, activation, alpha, limit = inputs
+    ctx.save_for_backward(x, src, offsets, *weights)
+    ctx.args = (k, layout, activation, alpha, limit)
 
 
 def _experts_bwd(ctx, grad_y):
-    x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down = ctx.saved_tensors
-    k, activation, alpha, limit = ctx.args
-    g = torch.ops.moec.experts_backward(grad_y.contiguous(), x, src, offsets, k, w_up, w_gate, w_down,
-                                        b_up, b_gate, b_down, activation, alpha, limit)
-    given = (w_up, w_gate, w_down, b_up, b_gate, b_down)
-    weights = [None if t is None else gt for t, gt in zip(given, g[1:])]
-    return (g[0], None, None, None, *weights, None, None, None)
+    x, src, offsets, *weights = ctx.saved_tensors
+    k, layout, activation, alpha, limit = ctx.args
+    g = torch.ops.moec.experts_backward(grad_y.contiguous(), x, src, offsets, k, weights, layout,
+                                        activation, alpha, limit)
+    return g[0], None, None, None, list(g[1:]), None, None, None, None
 
 
 experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
 
 
-def _check_experts(x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, activation):
+def _check_experts(x, src, offsets, weights, layout, activation):
     _check_float("experts", "x", x, dims=2)
+    try:
+        parsed = layouts.parse(layout)
+    except ValueError as e:
+        raise MoecKernelError(f"moec.experts: layout {layout!r}: {e}") from None
+    if "w_up" not in parsed or "w_down" not in parsed:
+        raise MoecKernelError(f"moec.experts: layout {layout!r} must give w_up and w_down")
+    bad = [v.index for v in parsed.values() if v.index >= len(weights)]
+    unused = set(range(len(weights))) - {v.index for v in parsed.values()}
+    if bad or unused:
+        raise MoecKernelError(f"moec.experts: layout {layout!r} must use each of the {len(weights)} weights "
+                              f"(indices 0..{len(weights) - 1}) at least once")
+    for i, (w, roles) in enumerate(zip(weights, layouts.users(layout, len(weights)))):
+        if w.dim() not in (2, 3):   # views need (E, N) or (E, N, K); shapes are checked per role below
+            raise MoecKernelError(f"moec.experts: weights[{i}] ({', '.join(roles)}) must be 2-D or 3-D, "
+                                  f"got shape {tuple(w.shape)}")
+    roles = layouts.views(weights, layout)
+    w_up, w_gate = roles[0], roles[1]
     E, F, H = w_up.shape if w_up.dim() == 3 else (None, None, None)
     if E is None or H != x.shape[1]:
         raise MoecKernelError(f"moec.experts: w_up must be (experts, ffn, hidden={x.shape[1]}), got "
                               f"{tuple(w_up.shape)}")
     want = {"w_up": (E, F, H), "w_gate": (E, F, H), "w_down": (E, H, F), "b_up": (E, F), "b_gate": (E, F),
             "b_down": (E, H)}
-    for name, t in zip(_WEIGHT_NAMES, (w_up, w_gate, w_down, b_up, b_gate, b_down)):
+    for name, t in zip(layouts.ROLES, roles):
         if t is None:
             continue
         _check_float("experts", name, t, dims=len(want[name]))

@@ -8,6 +8,8 @@ of copy c.
 import torch
 import torch.nn.functional as F
 
+from . import layout as layouts
+
 
 def _acc(t):
     """The accumulation dtype: float32, or float64 for float64 inputs (float64 models keep it)."""
@@ -134,12 +136,14 @@ def _act_and_derivative(v, activation):
     return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
 
 
-def experts(x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down, activation, alpha, limit):
+def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
     """Expert MLPs over grouped token copies -> y (S, H); rows past offsets[E] are zero.
 
-    w_up, w_gate: (E, F, H); w_down: (E, H, F); y_e = act(x W_gate^T + b) * (x W_up^T + b) W_down^T + b.
+    `layout` (codegen/layout.py) reads w_up, w_gate: (E, F, H); w_down: (E, H, F) and the biases
+    out of the base tensors `weights`; y_e = act(x W_gate^T + b) * (x W_up^T + b) W_down^T + b.
     Loops over experts on the host: a reference, not a kernel.
     """
+    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     S, H = src_S.shape[0], w_down.shape[1]
     y = x_TH.new_zeros(S, H)
     bounds = offsets.tolist()
@@ -154,9 +158,22 @@ def experts(x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
     return y
 
 
-def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                     activation, alpha, limit):
-    """Gradients of `experts` for x and each weight (None where the weight is None)."""
+def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
+    """[dx, one gradient per base of `weights`]: each role's gradient added into its view of its
+    base's (zeroed) gradient, as autograd through the views would."""
+    parsed = layouts.parse(layout)
+    roles = layouts.views(weights, layout)
+    per_role = _role_grads(grad_y_SH, x_TH, src_S, offsets, k, *roles, activation, alpha, limit)
+    grads = [torch.zeros_like(w) for w in weights]
+    for role, g in zip(layouts.ROLES, per_role[1:]):
+        if g is not None:
+            layouts.view(grads[parsed[role].index], parsed[role]).add_(g)
+    return [per_role[0]] + grads
+
+
+def _role_grads(grad_y_SH, x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                activation, alpha, limit):
+    """Gradients of `experts` for x and each role's view (None where the role is absent)."""
     grads = [torch.zeros_like(x_TH)] + [None if t is None else torch.zeros_like(t)
                                         for t in (w_up, w_gate, w_down, b_up, b_gate, b_down)]
     dx, dw_up, dw_gate, dw_down, db_up, db_gate, db_down = grads

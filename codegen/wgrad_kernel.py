@@ -4,6 +4,8 @@ out[e, m, n] = sum over grouped rows s of expert e of A[s, m] * B[row(s), n], wh
 or the token src[s] // k when B is x (GATHER: the gather is in the operand load). DUAL adds a
 second A sharing the B loads (du and dg against x: dW_up and dW_gate in one pass over x).
 Experts with no rows get zeros. Bias gradients db[e, m] = sum_s A[s, m], from the n = 0 tiles.
+Outputs are written through their strides, so a gradient lands straight in its view of a fused
+weight's gradient buffer (HF's gate_up halves, GPT-OSS's transposed interleaved rows).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
 import triton
@@ -15,7 +17,9 @@ from .jit_helpers import ieee, mma
 @triton.jit
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr,
                  E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
-                 GATHER: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
+                 GATHER: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr, BIAS2: tl.constexpr,
+                 IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -49,29 +53,37 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         if DUAL:
             a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=amask, other=0.0)
             acc2 = mma(a, b, acc2, IEEE)
-            if BIAS:
+            if BIAS2:
                 db2 += tl.sum(a.to(tl.float32), axis=1)
-    out = e.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    e64 = e.to(tl.int64)
+    ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
     omask = mmask[:, None] & nmask[None, :]
+    out = e64 * s_o_e + ms64[:, None] * s_o_m + ns64[None, :] * s_o_n
     tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=omask)
     if DUAL:
+        out = e64 * s_o2_e + ms64[:, None] * s_o2_m + ns64[None, :] * s_o2_n
         tl.store(out2_ptr + out, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
-    if BIAS:
-        if pid_n == 0:
-            tl.store(db_ptr + e * M + ms, db.to(db_ptr.dtype.element_ty), mask=mmask)
-            if DUAL:
-                tl.store(db2_ptr + e * M + ms, db2.to(db2_ptr.dtype.element_ty), mask=mmask)
+    if pid_n == 0:
+        if BIAS:
+            tl.store(db_ptr + e64 * s_db_e + ms64 * s_db_m, db.to(db_ptr.dtype.element_ty), mask=mmask)
+        if BIAS2:
+            tl.store(db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, db2.to(db2_ptr.dtype.element_ty), mask=mmask)
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None):
-    """out (E, M, N) contiguous = per-expert a (S, M)^T @ b rows; optional dual a2/out2, biases."""
+    """out (E, M, N), any strides = per-expert a (S, M)^T @ b rows; optional dual a2/out2, biases
+    db/db2 (E, M); outputs may be views into larger gradient buffers."""
     E, M, N = out.shape
+    o2 = out2 if out2 is not None else out
+    d1 = db if db is not None else out[:, :, 0]
+    d2 = db2 if db2 is not None else d1
     grid = (E * triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
     wgrad_kernel[grid](
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
-        out, out2 if out2 is not None else out, db if db is not None else out,
-        db2 if db2 is not None else out, E, M, N, k,
+        out, o2, d1, d2, E, M, N, k,
         a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
+        *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
         GATHER=src is not None, DUAL=a2 is not None, BIAS=db is not None,
+        BIAS2=a2 is not None and db2 is not None,
         IEEE=ieee(a), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -14,6 +14,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from moec.codegen import layout as layouts
+
 from .capacity import capacity_routers, find_capacity, selections
 from .graph import hint, op_name, shape, value
 from .region import Experts, Router
@@ -230,19 +232,10 @@ _TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, to
 
 
 def _weight_args(experts, env):
-    def view(spec):
-        if spec is None:
-            return None
-        node, transpose, sl = spec
-        t = env[node].double()
-        if transpose:
-            t = t.transpose(-2, -1)
-        if sl is not None:
-            start, step, stop = sl
-            t = t[:, start:stop:step] if t.dim() == 3 else t[:, start:stop:step]
-        return t
-    return (view(experts.up), view(experts.gate), view(experts.down),
-            view(experts.up_bias), view(experts.gate_bias), view(experts.down_bias))
+    """(bases as float64 tensors, layout): the arguments the rewrite will emit, on example values."""
+    bases, layout = layouts.pack((experts.up, experts.gate, experts.down, experts.up_bias,
+                                  experts.gate_bias, experts.down_bias))
+    return [env[node].double() for node in bases], layout
 
 
 def _expert_candidates(nodes, weights, real, num_experts, hidden, names):

@@ -4,17 +4,20 @@ Expects: the regions of the `detect` report, on the same graph.
 Guarantees: each region's output is computed by
     weights, ids        = moec.route(logits, score_bias)           # (T, k) f32, (T, k) i64
     offsets, src, inv   = moec.plan(ids)                           # (E+1,), (T*k,), (T*k,)
-    y                   = moec.experts(x, src, offsets, weights...) # (T*k, H) grouped by expert
+    y                   = moec.experts(x, src, offsets, bases, layout)  # (T*k, H) by expert
     out                 = moec.combine(y, inv, weights)             # (T, H)
 and the region's own nodes are gone. The router's linear and everything outside the regions
-stay as they were. Weights enter as views of the graph inputs (transpose, strided slice), never
-copies, so optimizers and checkpoints keep seeing the user's parameters.
+stay as they were. Weights enter as the graph inputs themselves, each once, with a layout string
+saying which view (transpose, strided slice) each role reads (codegen/layout.py); never copies,
+so optimizers and checkpoints keep seeing the user's parameters.
 """
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from moec.codegen import layout as layouts
 
 from .graph import value
 
@@ -62,8 +65,10 @@ def _rewrite_region(graph, region, fake_mode):
             weights, ids = _apply_capacity(emit, r, weights, ids, ex.num_experts)
         plan = emit.op(torch.ops.moec.plan.default, ids, ex.num_experts)
         offsets, src, inv = (emit.item(plan, j) for j in range(3))
-        views = [emit.view(spec) for spec in (ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias)]
-        y = emit.op(torch.ops.moec.experts.default, x, src, offsets, r.top_k, *views,
+        # the base tensors go in as they are and the op takes its views below autograd, so each
+        # fused parameter gets one gradient buffer, not a slice_backward (zeros + copy + add) per view
+        bases, layout = layouts.pack((ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias))
+        y = emit.op(torch.ops.moec.experts.default, x, src, offsets, r.top_k, list(bases), layout,
                     ex.activation, ex.alpha, ex.limit)
         out = emit.op(torch.ops.moec.combine.default, y, inv, weights)
         want = value(region.output).dtype
@@ -104,7 +109,7 @@ class _Emitter:
         node.meta.update(self.meta)
         node.meta["moec_pass"] = PASS
         if self.fake_mode is not None:
-            fake_args = [value(a) if isinstance(a, fx.Node) else a for a in args]
+            fake_args = fx.node.map_arg(args, value)    # into lists too (moec.experts' bases)
             # Dynamo's own fake mode, not the backend's copy of it in the TracingContext: the
             # graph's example values all belong to Dynamo's.
             with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)), self.fake_mode:
@@ -123,15 +128,3 @@ class _Emitter:
 
     def item(self, node, i):
         return self._node("call_function", operator.getitem, (node, i))
-
-    def view(self, spec):
-        if spec is None:
-            return None
-        node, transpose, sl = spec
-        if transpose:
-            node = self.method("transpose", node, -2, -1)
-        if sl is not None:
-            start, step, stop = sl
-            node = self._node("call_function", operator.getitem,
-                              (node, (slice(None), slice(start, stop, step))))
-        return node

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from moec.codegen import layout as layouts
 from moec.codegen.errors import MoecError
 
 from .all_to_all import all_to_all, exchange_counts, host_splits
@@ -25,15 +26,16 @@ from .consistency import checked, fingerprint
 from .mesh import group_by_name
 
 
-def ep_experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_gate, w_down: Tensor,
-               b_up, b_gate, b_down, activation: str, alpha: float, limit: float, group_name: str,
-               capacity_factor: float = 0.0, site: str = "") -> Tensor:
+def ep_experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, layout: str, activation: str,
+               alpha: float, limit: float, group_name: str, capacity_factor: float = 0.0, site: str = "") -> Tensor:
     """Same contract as `moec.experts` (x (T, H), src (S,), offsets (E+1,) -> y (S, H) grouped by
-    expert, zero rows past offsets[E]), with the experts spread over the EP group `group_name`.
+    expert, zero rows past offsets[E]; `weights` the distinct base tensors, `layout` their views),
+    with the experts spread over the EP group `group_name`.
 
     Expert weights may be DTensors sharded on dim 0 over the group (see `shard_experts`), local
     shards with El experts, or full (E, ...) tensors, of which each rank uses its own slice (the
     gradient then lands in that slice only: sum it over the group, as data parallelism does).
+    Layout views slice dim 1 and transpose the last two, so dim 0 is experts in every base.
     capacity_factor > 0: each rank sends at most C = ceil(capacity_factor * S / E) copies to each
     expert (the first ones in token order); the rest get zero rows. C must agree across ranks, so
     every rank must have the same T. capacity_factor = 0: dropless, one host sync per call.
@@ -42,19 +44,19 @@ def ep_experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, w_up: Tensor, w_
     group = group_by_name(group_name)
     E = offsets.shape[0] - 1
     El = group.local_experts(E, site)
-    weights = [_local(w, E, group.expert_range(E), name, site)
-               for name, w in zip(("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down"),
-                                  (w_up, w_gate, w_down, b_up, b_gate, b_down))]
-    desc = fingerprint(site, E, k, x, weights[0], weights[1], weights[2], weights[3:], activation, alpha,
-                       limit, capacity_factor)
+    roles = layouts.users(layout, len(weights))
+    local = [_local(w, E, group.expert_range(E), f"weights[{i}] ({', '.join(r)})", site)
+             for i, (w, r) in enumerate(zip(weights, roles))]
+    w_up, w_gate, w_down, *biases = layouts.views(local, layout)
+    desc = fingerprint(site, E, k, x, w_up, w_gate, w_down, biases, activation, alpha, limit, capacity_factor)
     offsets = checked(offsets, group_name, desc)
-    act = (activation, alpha, limit)
+    experts = (local, layout, activation, alpha, limit)
     if capacity_factor > 0:
-        return _capacity(x, src, offsets, k, weights, act, group, El, capacity_factor)
-    return _dropless(x, src, offsets, k, weights, act, group, El)
+        return _capacity(x, src, offsets, k, experts, group, El, capacity_factor)
+    return _dropless(x, src, offsets, k, experts, group, El)
 
 
-def _dropless(x, src, offsets, k, weights, act, group, El):
+def _dropless(x, src, offsets, k, experts, group, El):
     ep, (S, H) = group.size, (src.shape[0], x.shape[1])
     counts_E = offsets[1:] - offsets[:-1]                                          # (E,)
     recv_counts = exchange_counts(counts_E, group.name, ep)                        # (ep, El)
@@ -65,19 +67,19 @@ def _dropless(x, src, offsets, k, weights, act, group, El):
     got = all_to_all(rows, recv, send, group.name, "dispatch")                     # (R, H)
     local_ids = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep),
                                         recv_counts.reshape(-1), output_size=R)    # (R,)
-    y = _local_experts(got, local_ids, El, weights, act)                           # (R, H)
+    y = _local_experts(got, local_ids, El, experts)                                # (R, H)
     back = all_to_all(y, send, recv, group.name, "combine")                        # (kept, H)
     return torch.cat([back, back.new_zeros(S - kept, H)])
 
 
-def _local_experts(rows, local_ids, El, weights, act):
+def _local_experts(rows, local_ids, El, experts):
     """Runs this rank's experts on received rows in arrival order: moec.plan regroups them by
     local expert, moec.experts with k=1 reads rows[src], and inv puts results back in arrival order."""
     l_offsets, l_src, l_inv = torch.ops.moec.plan(local_ids[:, None], El)
-    return torch.ops.moec.experts(rows, l_src, l_offsets, 1, *weights, *act)[l_inv]
+    return torch.ops.moec.experts(rows, l_src, l_offsets, 1, *experts)[l_inv]
 
 
-def _capacity(x, src, offsets, k, weights, act, group, El, capacity_factor):
+def _capacity(x, src, offsets, k, experts, group, El, capacity_factor):
     """Fixed splits: a (E, C, H) buffer per rank, padded with zero rows; no count exchange."""
     ep, E, (S, H) = group.size, offsets.shape[0] - 1, (src.shape[0], x.shape[1])
     C = capacity(S, E, capacity_factor)
@@ -91,7 +93,7 @@ def _capacity(x, src, offsets, k, weights, act, group, El, capacity_factor):
     grouped = got.view(ep, El, C, H).transpose(0, 1).reshape(El * ep * C, H)
     n = ep * C
     l_offsets = torch.arange(El + 1, device=x.device) * n
-    y = torch.ops.moec.experts(grouped, torch.arange(El * n, device=x.device), l_offsets, 1, *weights, *act)
+    y = torch.ops.moec.experts(grouped, torch.arange(El * n, device=x.device), l_offsets, 1, *experts)
     y = y.view(El, ep, C, H).transpose(0, 1).reshape(E * C, H)
     back = all_to_all(y, None, None, group.name, "combine")                        # (E*C, H)
     s = torch.arange(S, device=x.device)

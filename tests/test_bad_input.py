@@ -41,8 +41,8 @@ def _op_args(dtype=torch.float32, device="cpu", w_device="cpu"):
     ids = torch.randint(0, E, (5, 2))
     offsets, src, _ = torch.ops.moec.plan(ids, E)
     w = lambda *s: torch.randn(*s, dtype=dtype if dtype.is_floating_point else torch.float32, device=w_device)
-    return (x, src.to(device), offsets.to(device), 2, w(E, F, H), w(E, F, H), w(E, H, F), None, None, None,
-            "silu", 0.0, 0.0)
+    return (x, src.to(device), offsets.to(device), 2, [w(E, F, H), w(E, F, H), w(E, H, F)],
+            "w_up=0 w_gate=1 w_down=2", "silu", 0.0, 0.0)
 
 
 def test_unsupported_dtype_names_the_tensor():
@@ -59,14 +59,14 @@ def test_device_mismatch_names_both_devices():
 
 def test_mixed_weight_dtypes_rejected():
     args = list(_op_args())
-    args[6] = args[6].double()
+    args[4][2] = args[4][2].double()
     with pytest.raises(moec.MoecError, match="w_down is torch.float64 but x is torch.float32"):
         torch.ops.moec.experts(*args)
 
 
 def test_ragged_weight_shapes_rejected():
     args = list(_op_args())
-    args[6] = args[6][:, :, :-1]
+    args[4][2] = args[4][2][:, :, :-1]
     with pytest.raises(moec.MoecError, match="w_down must have shape"):
         torch.ops.moec.experts(*args)
 

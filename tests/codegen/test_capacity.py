@@ -44,7 +44,8 @@ def test_dropped_copies_contribute_nothing(dtype):
     w_down = torch.randn(E, H, F, device=DEVICE).to(dtype)
     offsets, src, inv = torch.ops.moec.plan(ids, E)
     assert int(offsets[-1]) == int(keep.sum())
-    y = torch.ops.moec.experts(x, src, offsets, k, w_up, w_gate, w_down, None, None, None, "silu", 0.0, 0.0)
+    y = torch.ops.moec.experts(x, src, offsets, k, [w_up, w_gate, w_down], "w_up=0 w_gate=1 w_down=2",
+                               "silu", 0.0, 0.0)
     out = torch.ops.moec.combine(y, inv, w)
     ref = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
@@ -52,5 +53,5 @@ def test_dropped_copies_contribute_nothing(dtype):
             if keep[t, j]:
                 e, xt = int(ids[t, j]), x[t].double()
                 h = torch.nn.functional.silu(w_gate[e].double() @ xt) * (w_up[e].double() @ xt)
-                ref[t] += w[t, j].double() * (w_down[e].double() @ h)
+                ref[t] += (w[t, j].double() * (w_down[e].double() @ h)).cpu()
     assert rel_err(out.cpu(), ref) <= TOL[dtype] * 10

@@ -1,8 +1,10 @@
 """experts / experts_backward through the Triton path (gate_up, down, wgrad kernels and the
-token-wise row sum) against float64 references, on NaN-padded strided weight views."""
+token-wise row sum) against float64 references, on NaN-padded strided base weights read through
+layouts (interleaved fused gate_up, transposed), one gradient per base."""
 import pytest
 import torch
 
+from moec.codegen import layout as layouts
 from moec.codegen import reference, tuning
 from moec.codegen.tuning import Tile
 
@@ -12,16 +14,16 @@ SMALL = Tile(16, 16, 16, 4, 1)   # many partial tiles at tiny widths
 
 
 def _layer(E, H, F, dtype, gated, bias, layout):
-    """Weights as the rewrite hands them over: views of fused / transposed parameters."""
+    """(bases, layout) as the rewrite hands them over: fused / transposed parameters and their views."""
     if layout == "interleaved":          # fused gate_up (E, 2F, H), gate = rows 0::2, up = 1::2
         fused = padded((E, 2 * F, H), dtype, scale=H ** -0.5)
-        w_gate, w_up = fused[:, 0::2], fused[:, 1::2]
+        up, gate = (fused, False, (1, 2, None)), (fused, False, (0, 2, None))
     else:                                # stored (E, H, F) and transposed
-        w_up = padded((E, H, F), dtype, scale=H ** -0.5).transpose(1, 2)
-        w_gate = padded((E, H, F), dtype, scale=H ** -0.5).transpose(1, 2)
-    w_down = padded((E, F, H), dtype, scale=F ** -0.5).transpose(1, 2)      # (E, H, F) view
-    b = (lambda *s: padded(s, dtype, scale=0.5)) if bias else (lambda *s: None)
-    return [w_up, w_gate if gated else None, w_down, b(E, F), b(E, F) if gated else None, b(E, H)]
+        up = (padded((E, H, F), dtype, scale=H ** -0.5), True, None)
+        gate = (padded((E, H, F), dtype, scale=H ** -0.5), True, None)
+    down = (padded((E, F, H), dtype, scale=F ** -0.5), True, None)          # read as (E, H, F)
+    b = (lambda *s: (padded(s, dtype, scale=0.5), False, None)) if bias else (lambda *s: None)
+    return layouts.pack([up, gate if gated else None, down, b(E, F), b(E, F) if gated else None, b(E, H)])
 
 
 def _routing(T, E, k, how):
@@ -40,27 +42,27 @@ def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved"
          tile=SMALL):
     x = padded((T, H), dtype).requires_grad_()
     offsets, src, inv = _routing(T, E, k, how)
-    weights = _layer(E, H, F, dtype, gated, bias, layout)
+    weights, layout = _layer(E, H, F, dtype, gated, bias, layout)
     for w in weights:
-        if w is not None:
-            w.requires_grad_()
+        w.requires_grad_()
     args = (act, 1.702, 7.0)
     pins = {} if tile is None else dict(gate_up=tile, gate_up_bwd=tile, down=tile, down_dx=tile, wgrad=tile,
                                         wgrad_dual=tile)
     with tuning.pin(**pins):
-        y = torch.ops.moec.experts(x, src, offsets, k, *weights, *args)
+        y = torch.ops.moec.experts(x, src, offsets, k, weights, layout, *args)
         gy = torch.randn_like(y)
-        leaves = [x] + [w for w in weights if w is not None]
+        leaves = [x] + weights
         grads = torch.autograd.grad(y, leaves, gy) if y.numel() else [torch.zeros_like(t) for t in leaves]
-    d = lambda t: None if t is None else t.detach().cpu().double()
+    d = lambda t: t.detach().cpu().double()
     ref_w = [d(w) for w in weights]
-    y_ref = reference.experts(d(x), src.cpu(), offsets.cpu(), k, *ref_w, *args)
-    g_ref = reference.experts_backward(d(gy), d(x), src.cpu(), offsets.cpu(), k, *ref_w, *args)
+    y_ref = reference.experts(d(x), src.cpu(), offsets.cpu(), k, ref_w, layout, *args)
+    g_ref = reference.experts_backward(d(gy), d(x), src.cpu(), offsets.cpu(), k, ref_w, layout, *args)
     tol = TOL[dtype]
     assert y.shape == y_ref.shape and y.dtype == dtype
     if y.numel():
         assert rel_err(y.cpu(), y_ref) < tol
-    for got, want in zip(grads, [g for g in g_ref if g is not None]):
+    assert len(grads) == len(g_ref)
+    for got, want in zip(grads, g_ref):
         assert got.shape == want.shape
         assert want.numel() == 0 or (want.abs().max() == 0 and got.abs().max() == 0) or rel_err(got.cpu(), want) < tol
 

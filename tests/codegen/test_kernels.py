@@ -24,7 +24,7 @@ def test_unsupported_dtype_is_a_clear_error():
     from moec.codegen.experts_launch import experts_forward
     x = torch.zeros(2, 4, dtype=torch.int32)
     with pytest.raises(MoecKernelError, match="unsupported"):
-        experts_forward(x, None, None, 1, None, None, None, None, None, None, "silu", 1.0, 1.0)
+        experts_forward(x, None, None, 1, [], "", "silu", 1.0, 1.0)
 
 
 def test_token_buckets_and_pinning():

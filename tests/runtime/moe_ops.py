@@ -5,6 +5,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
+from moec.codegen import layout as layouts
 from moec.runtime import ep_experts
 
 H, F = 8, 6
@@ -32,7 +33,8 @@ def moe(x, logits, k, experts, activation="silu", group_name=None, capacity_fact
     E = logits.shape[1]
     weights, ids = torch.ops.moec.route(logits, None, k, "softmax", True, 1.0, 1, 1)
     offsets, src, inv = torch.ops.moec.plan(ids, E)
-    args = (x, src, offsets, k, *experts.weights(), activation, 0.0, 0.0)
+    bases, layout = layouts.pack([None if w is None else (w, False, None) for w in experts.weights()])
+    args = (x, src, offsets, k, bases, layout, activation, 0.0, 0.0)
     y = torch.ops.moec.experts(*args) if group_name is None else \
         ep_experts(*args, group_name, capacity_factor=capacity_factor, site=site)
     if capacity is not None:

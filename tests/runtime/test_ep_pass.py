@@ -114,7 +114,7 @@ def test_ranks_that_compiled_different_layers_fail_at_first_step(pool2):
 
 def test_pass_changes_nothing_without_ep_group():
     def f(x, src, offsets, w_up, w_down):
-        return torch.ops.moec.experts(x, src, offsets, 2, w_up, None, w_down, None, None, None, "relu", 0.0, 0.0)
+        return torch.ops.moec.experts(x, src, offsets, 2, [w_up, w_down], "w_up=0 w_down=1", "relu", 0.0, 0.0)
     gm = torch.fx.symbolic_trace(f)
     before = gm.code
 

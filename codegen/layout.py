@@ -1,0 +1,130 @@
+"""How `moec.experts` reads its expert weights out of the user's parameters: the `layout` string.
+
+The op receives each distinct base tensor once (`weights`, in order of first use) and builds the
+per-role views itself, below autograd, so the backward returns one gradient per base written in
+place, instead of autograd's slice_backward (zero-fill the whole fused weight, copy, add) per view.
+
+Roles, each read as (E, N, K) with y = x @ w[e].T (biases as (E, N)):
+    w_up, w_gate (E, F, H)   w_down (E, H, F)   b_up, b_gate (E, F)   b_down (E, H)
+A layout names, for each present role, `role=<index into weights>[T][[start:stop:step]]`:
+T transposes the last two dims first, the slice is along dim 1 after that (stop may be empty).
+    "w_up=0[1024:2048:1] w_gate=0[0:1024:1] w_down=1"          HF fused gate_up (E, 2F, H)
+    "w_up=0T[1::2] w_gate=0T[0::2] w_down=1T b_up=2[1::2] ..."   GPT-OSS (E, H, 2F), interleaved
+This module is the one place that formats, parses and applies layouts.
+"""
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+ROLES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+_TOKEN = re.compile(r"(\w+)=(\d+)(T?)(?:\[(-?\d*):(-?\d*):(\d*)\])?$")
+
+
+@dataclass(frozen=True)
+class View:
+    """One role's view of a base: weights[index], transposed(-2, -1) if `transpose`, then
+    [:, start:stop:step] if `slice` (start, step, stop) is given (the order passes/region.py uses)."""
+    index: int
+    transpose: bool = False
+    slice: Optional[tuple] = None
+
+
+def pack(specs):
+    """specs: one (base, transpose, (start, step, stop) | None) or None per role of ROLES ->
+    (distinct bases in order of first use, layout string). Bases are compared by identity, so
+    this serves fx nodes (the rewrite) and tensors (identify, tests, benchmarks) alike."""
+    bases, views = [], {}
+    for role, spec in zip(ROLES, specs):
+        if spec is None:
+            continue
+        base, transpose, sl = spec
+        index = next((i for i, b in enumerate(bases) if b is base), None)
+        if index is None:
+            index = len(bases)
+            bases.append(base)
+        views[role] = View(index, bool(transpose), None if sl is None else tuple(sl))
+    return bases, format_layout(views)
+
+
+def format_layout(views: dict) -> str:
+    out = []
+    for role in ROLES:
+        v = views.get(role)
+        if v is None:
+            continue
+        text = f"{role}={v.index}{'T' if v.transpose else ''}"
+        if v.slice is not None:
+            start, step, stop = v.slice
+            text += f"[{start}:{'' if stop is None else stop}:{step}]"
+        out.append(text)
+    return " ".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def parse(layout: str) -> dict:
+    """layout string -> {role: View}; raises ValueError naming the bad part."""
+    views = {}
+    for token in layout.split():
+        m = _TOKEN.match(token)
+        if m is None or m.group(1) not in ROLES or m.group(1) in views:
+            raise ValueError(f"bad or repeated entry {token!r}; expected role=index[T][[start:stop:step]] "
+                             f"with role one of {ROLES}")
+        role, index, t, start, stop, step = m.groups()
+        sl = None
+        if m.group(4) is not None:
+            sl = (int(start or 0), int(step or 1), int(stop) if stop else None)
+        views[role] = View(int(index), t == "T", sl)
+    return views
+
+
+def view(base, v: Optional[View]):
+    """The role tensor a View reads; also applied to a gradient buffer to get the role's slot."""
+    if v is None:
+        return None
+    t = base.transpose(-2, -1) if v.transpose else base
+    if v.slice is not None:
+        start, step, stop = v.slice
+        t = t[:, start:stop:step]
+    return t
+
+
+def views(weights, layout: str) -> list:
+    """[w_up, w_gate, w_down, b_up, b_gate, b_down] as views of `weights` (None where absent)."""
+    parsed = parse(layout)
+    return [view(weights[parsed[r].index], parsed[r]) if r in parsed else None for r in ROLES]
+
+
+def users(layout: str, n_weights: int) -> list:
+    """For each base, the roles that read it (in ROLES order)."""
+    parsed = parse(layout)
+    return [[r for r in ROLES if r in parsed and parsed[r].index == i] for i in range(n_weights)]
+
+
+@functools.lru_cache(maxsize=None)
+def grad_plan(layout: str, dims: tuple) -> tuple:
+    """How the backward writes one gradient per base in place. dims: each base's dim-1 and
+    dim-2 sizes (0 for a missing dim 2). -> (bases to zero first, roles to accumulate).
+
+    A role writes straight into its view of its base's buffer when no earlier role of that base
+    covered the same elements; an overlapping role's gradient is added after (needs a temporary).
+    A base its roles do not cover entirely, or with such an overlap, is zero-filled first.
+    HF and GPT-OSS layouts (disjoint halves or interleaved rows) need neither.
+    Cached per (layout, sizes): the op body runs it on every call.
+    """
+    parsed = parse(layout)
+    zero, accumulate = [], []
+    for i, (n1, n2) in enumerate(dims):
+        covered, orient = set(), None
+        for role in (r for r in ROLES if r in parsed and parsed[r].index == i):
+            v = parsed[role]
+            n = n2 if v.transpose else n1
+            rows = set(range(n)[slice(v.slice[0], v.slice[2], v.slice[1])] if v.slice else range(n))
+            if (orient is not None and orient != v.transpose) or covered & rows:
+                accumulate.append(role)     # a second, differently oriented or overlapping reader
+            orient = v.transpose if orient is None else orient
+            covered |= rows
+        # an accumulating role may also reach elements no direct writer covered: zero those too
+        if len(covered) < (n2 if orient else n1) or any(parsed[r].index == i for r in accumulate):
+            zero.append(i)
+    return tuple(zero), tuple(accumulate)
