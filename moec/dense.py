@@ -4,8 +4,8 @@ Inductor gets the whole graph: it treats `torch.ops.moec.*` as opaque kernels (f
 implementations give it shapes) and fuses the dense code around them. Every other backend —
 "eager", "aot_eager", "cudagraphs", torch-tensorrt, a user's callable — gets only the dense
 partitions, never a moec node: the graph is split where moec's ops begin and end, each dense
-partition is compiled on fake inputs with the graph's symbolic shapes (as Dynamo's own
-DDPOptimizer compiles its buckets), and moec's ops run between them with their own autograd.
+partition is compiled on the fake values Dynamo recorded for its inputs (symbolic shapes), and
+moec's ops run between them with their own autograd.
 """
 import operator
 import unittest.mock
@@ -72,30 +72,19 @@ def compile_partitions(gm, backend):
         partition[node] = current
     moec_parts = {f"submod_{p}" for n, p in partition.items() if is_moec_node(n)}
     split = split_module(gm, gm, lambda n: partition[n], keep_original_order=True)
-    fakes = _fake_inputs(gm)
-    fake_mode = torch._guards.detect_fake_mode(fakes)
+    fake_mode = torch._guards.detect_fake_mode(_fake_inputs(gm))
+    # Each partition compiles on the example values Dynamo recorded for its inputs (split_module
+    # keeps node meta): re-running partitions on fakes would mint fresh unbacked symbols for any
+    # data-dependent size (an all-to-all's splits) that the shape environment cannot place.
     # The graph may hold real constant tensors (lifted at trace time): let them mix with fakes.
     with unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True), fake_mode:
-        _PartitionCompiler(split, backend, moec_parts).run(*fakes)
-    return split
-
-
-class _PartitionCompiler(fx.Interpreter):
-    """Runs the split graph on fake inputs; each dense partition is compiled when first reached,
-    with the fake values flowing into it, and replaced by the compiled callable."""
-
-    def __init__(self, split, backend, moec_parts):
-        super().__init__(split)
-        self.backend, self.moec_parts = backend, moec_parts
-
-    def call_module(self, target, args, kwargs):
-        submod = self.fetch_attr(target)
-        if target not in self.moec_parts:
+        for name, submod in list(split.named_children()):
+            if name in moec_parts:
+                continue
+            args = [_example(n) for n in submod.graph.nodes if n.op == "placeholder"]
             single = _tuple_output(submod)
-            compiled = self.backend(submod, list(args))
-            self.module.add_submodule(target, _Compiled(compiled, single))
-            return submod(*args, **kwargs)[0] if single else submod(*args, **kwargs)
-        return submod(*args, **kwargs)
+            split.add_submodule(name, _Compiled(backend(submod, args), single))
+    return split
 
 
 def _tuple_output(submod) -> bool:
@@ -120,14 +109,14 @@ class _Compiled(torch.nn.Module):
 
 def _fake_inputs(gm):
     """The graph's inputs as Dynamo traced them: fake tensors and SymInts with symbolic shapes."""
-    values = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            v = node.meta.get("example_value", node.meta.get("val"))
-            if v is None:
-                raise MoecError(f"dense_backend: graph input {node.name} has no example value to compile with")
-            values.append(v)
-    return values
+    return [_example(n) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _example(node):
+    v = node.meta.get("example_value", node.meta.get("val"))
+    if v is None:
+        raise MoecError(f"dense_backend: graph input {node.name} has no example value to compile with")
+    return v
 
 
 def _inductor(gm, example_inputs, mode, on_aot_graph):
