@@ -6,14 +6,13 @@ Dynamo hands each captured graph here; moec runs its pass pipeline (find the MoE
 rewrite them into `torch.ops.moec.*`) and hands the result to the dense backend (Inductor by
 default), which compiles everything else as it would without moec.
 """
-import contextlib
 import logging
 
 import torch
 from torch._dynamo.utils import counters
 
 from . import session
-from .capture import dynamic_capture, forward_backend_ctx, hf_experts_as
+from .capture import forward_backend_ctx, tracing_context
 from .config import Config
 from .dense import compile_dense
 from .dump import Dumper, trace_artifact
@@ -29,7 +28,7 @@ class MoecBackend:
 
     def __init__(self):
         # An instance attribute, so that Dynamo's backend wrappers (which copy __dict__) keep it.
-        self.backend_ctx_ctor = _tracing_context
+        self.backend_ctx_ctor = tracing_context
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
         config = Config.from_options(options)
@@ -48,18 +47,6 @@ class MoecBackend:
         compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph)
         dumper.finish(pass_log)
         return compiled
-
-
-@contextlib.contextmanager
-def _tracing_context():
-    # Options are per compile, but this context is entered before moec sees any: its switches
-    # live in the environment (MOEC_CAPTURE_DYNAMIC=0, MOEC_HF_EAGER_EXPERTS_AS=).
-    config = Config.from_options()
-    with contextlib.ExitStack() as stack:
-        if config.capture_dynamic:
-            stack.enter_context(dynamic_capture())
-        stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
-        yield
 
 
 def _regions_text(reports) -> str:

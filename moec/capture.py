@@ -2,8 +2,7 @@
 
 Expert loops over `range(E)` that select tokens with masks or `torch.where` graph-break under
 Dynamo's defaults, which leaves the layer split over several graphs that no pass can fuse. With
-`capture_dynamic_output_shape_ops` and `capture_scalar_outputs` on while Dynamo traces, the
-loop captures as one graph. Dynamo's documented hook for a backend to set such context is the
+`capture_dynamic_output_shape_ops` on while Dynamo traces, the loop captures as one graph. Dynamo's documented hook for a backend to set such context is the
 `backend_ctx_ctor` attribute, but `torch.compile(backend=...)` wraps the backend in an object
 that does not forward it (torch/__init__.py `_TorchCompileWrapper`); only
 `torch._dynamo.optimize(backend)` honours it. `forward_backend_ctx()` makes Dynamo read the
@@ -14,6 +13,11 @@ data-dependent list), which no Dynamo setting can capture. transformers ships in
 implementations of the same experts contract (`ExpertsInterface`); while Dynamo traces for moec,
 `hf_experts_as()` has it trace the grouped_mm one instead, records which classes it swapped so
 explain and the logs say so, and leaves eager execution (and every other backend) untouched.
+
+Known limitation: some code Dynamo graph-breaks on by default fails instead under dynamic-output
+capture (`.tolist()` of a data-dependent `bincount`, then `torch.split`): Dynamo raises its
+data-dependent error while tracing, outside any hook a backend has. MOEC_CAPTURE_DYNAMIC=0
+traces such code Dynamo's default way.
 """
 import contextlib
 
@@ -23,15 +27,31 @@ import torch.fx.experimental._config as fx_config
 
 from moec.passes.graph import TRACED_AS_MARKER
 
+from .config import Config
 from .errors import MoecError
 from .log import log
+
+
+@contextlib.contextmanager
+def tracing_context():
+    """What moec sets while Dynamo traces for it (the backend's `backend_ctx_ctor`; explain too).
+    Options are per compile, but this is entered before moec sees any: its switches live in the
+    environment (MOEC_CAPTURE_DYNAMIC=0, MOEC_HF_EAGER_EXPERTS_AS=)."""
+    config = Config.from_options()
+    with contextlib.ExitStack() as stack:
+        if config.capture_dynamic:
+            stack.enter_context(dynamic_capture())
+        stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
+        yield
 
 
 @contextlib.contextmanager
 def dynamic_capture():
     # backed_size_oblivious: a batch of one token or one sequence must not compile a third graph
     # specialised to size 1 (Dynamo's default), since MoE layers see every token count.
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
+    # capture_scalar_outputs stays off: with it, user code that branches on `.item()` turns a
+    # graph break into a data-dependent error, and mask loops do not need it.
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), \
             fx_config.patch(backed_size_oblivious=True):
         yield
 

@@ -119,6 +119,11 @@ def _analyse(gm, dg, anchor, linear, real):
     inputs = {d for n in nodes for d in dg.deps[n]} - nodes
     # Before any miss is raised: a look-alike (argmax over a codebook) must not be reported.
     if not _expert_weight_inputs(dg, nodes, real, num_experts):
+        if _per_expert_modules(inputs, real, num_experts):
+            raise _Missed(f"the {num_experts} experts are separate modules (an nn.ModuleList of nn.Linear), "
+                          "not stacked (E, ...) weights: moec's grouped kernels read stacked weights and "
+                          "never copy parameters per step. Store the experts as 3D parameters (as Hugging "
+                          "Face's MoE layers do) to have this layer fused", output)
         raise _NotMoE()
     # The tokens may be a real graph input too (the block's own argument): find them first.
     x = _token_input(inputs - {logits}, router_side, hidden)
@@ -289,6 +294,12 @@ def _view_base(node):
 def _expert_weight_inputs(dg, nodes, real, num_experts):
     inputs = {d for n in nodes for d in dg.deps[n]} - nodes
     return [i for i in inputs if i in real and real[i].dim() == 3 and real[i].shape[0] == num_experts]
+
+
+def _per_expert_modules(inputs, real, num_experts) -> bool:
+    """At least E matrices of one shape among the layer's inputs: one weight per expert module."""
+    shapes = [tuple(real[i].shape) for i in inputs if i in real and real[i].dim() == 2]
+    return any(shapes.count(s) >= num_experts for s in set(shapes))
 
 
 def _real_inputs(gm, example_inputs) -> dict:

@@ -53,8 +53,8 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
         routers += capacity_routers(router_nodes, cap, selections(router_nodes))
     if not routers:
         raise unproven
-    dtype = _score_dtype(router_nodes, logits)
-    routers = [dataclasses.replace(r, score_dtype=dtype) for r in routers]
+    dtype, eps = _score_dtype(router_nodes, logits), _renorm_eps(router_nodes)
+    routers = [dataclasses.replace(r, score_dtype=dtype, renorm_eps=eps) for r in routers]
     router, experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias,
                                             num_experts, hidden, tokens, gen)
     return router, experts, bias, check
@@ -73,11 +73,12 @@ def _router_outputs(router_nodes, tokens):
         (u for u in last.users if op_name(u) == "getitem" and u.args[1] == 1), None)
     if ids is None or not isinstance(k, int):
         raise Unproven("the top-k's expert ids are not used")
-    # A mask loop's `w * (ids == e)` and, when E == k, dense one-hot weights
-    # `(one_hot(ids) * w[..., None]).sum(1)` are (T, k)-shaped too, but they are dispatch, not routing.
+    # A mask loop's `w * (ids == e)`, when E == k dense one-hot weights `(one_hot(ids) * w[..., None]).sum(1)`,
+    # and when k == 1 the weights in expert order `w.reshape(-1)[argsort(ids)]` are (T, k)-shaped
+    # too, but they are dispatch, not routing.
     per_expert = set()
     for n in router_nodes:
-        if op_name(n) in ("eq", "one_hot") or any(a in per_expert for a in n.all_input_nodes):
+        if op_name(n) in ("eq", "one_hot", "argsort", "sort") or any(a in per_expert for a in n.all_input_nodes):
             per_expert.add(n)
     floats = [n for n in router_nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
               and _hint_shape(n) in ((tokens, k),) + (((tokens,),) if k == 1 else ()) and n not in per_expert]
@@ -93,6 +94,19 @@ def _score_dtype(router_nodes, logits):
         if op_name(n) in ("softmax", "sigmoid", "log_softmax"):
             return value(n).dtype
     return value(logits).dtype
+
+
+def _renorm_eps(router_nodes) -> float:
+    """The constant the router adds to the sum it divides by (DeepSeek: 1e-20); 0.0 if none."""
+    sums = {n for n in router_nodes if op_name(n) == "sum"}
+    for n in router_nodes:
+        if op_name(n) in ("add", "iadd") and len(n.args) == 2:
+            a, b = n.args
+            if isinstance(b, float) and a in sums:
+                return b
+            if isinstance(a, float) and b in sums:
+                return a
+    return 0.0
 
 
 def _score_bias(router_nodes, inputs, real, num_experts):
@@ -216,8 +230,11 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
 
 def route_with_capacity(router, logits, bias, num_experts):
     """moec's routing for `router` in plain calls: what the rewrite emits as graph nodes."""
-    w, ids = torch.ops.moec.route(logits, bias, router.top_k, router.scoring, router.renormalize,
-                                  router.scale, router.n_group, router.topk_group)
+    outside = router.renorm_outside_route
+    w, ids = torch.ops.moec.route(logits, bias, router.top_k, router.scoring, router.renormalize and not outside,
+                                  1.0 if outside else router.scale, router.n_group, router.topk_group)
+    if outside:
+        w = w / (w.sum(-1, keepdim=True) + router.renorm_eps) * router.scale
     if router.capacity is None:
         return w, ids
     capacity = router.capacity if isinstance(router.capacity, int) else hint(value(router.capacity))

@@ -21,6 +21,15 @@ class Router:
     score_dtype: object = None   # torch dtype the user's code scores in; the rewrite casts the logits to it
     capacity: object = None      # int, or an fx.Node holding a SymInt: copies each expert keeps (None: dropless)
     capacity_order: str = ""     # "choice_major" | "token_major" (see codegen/capacity.py)
+    renorm_eps: float | None = None  # what the user's code adds to the sum it renormalises by
+
+    @property
+    def renorm_outside_route(self) -> bool:
+        """moec.route adds 1e-20 to a sigmoid router's sum and nothing to a softmax one's; a user
+        epsilon that differs is applied by the rewrite in plain ops (equal until scores underflow,
+        where only the user's own epsilon gives the user's weights)."""
+        builtin = 1e-20 if self.scoring == "sigmoid" else 0.0
+        return self.renormalize and self.renorm_eps is not None and self.renorm_eps != builtin
 
     @property
     def kind(self) -> str:

@@ -58,9 +58,14 @@ def _rewrite_region(graph, region, fake_mode):
         logits = region.logits
         if r.score_dtype is not None and r.score_dtype != value(logits).dtype:
             logits = emit.method("to", logits, r.score_dtype)
+        outside = r.renorm_outside_route
         routed = emit.op(torch.ops.moec.route.default, logits, region.score_bias, r.top_k,
-                         r.scoring, r.renormalize, r.scale, r.n_group, r.topk_group)
+                         r.scoring, r.renormalize and not outside, 1.0 if outside else r.scale,
+                         r.n_group, r.topk_group)
         weights, ids = emit.item(routed, 0), emit.item(routed, 1)
+        if outside:   # the user's own epsilon (identify.route_with_capacity does the same)
+            total = emit.op(operator.add, emit.method("sum", weights, -1, True), r.renorm_eps)
+            weights = emit.op(operator.mul, emit.op(operator.truediv, weights, total), r.scale)
         if r.capacity is not None:
             weights, ids = _apply_capacity(emit, r, weights, ids, ex.num_experts)
         plan = emit.op(torch.ops.moec.plan.default, ids, ex.num_experts)

@@ -27,6 +27,9 @@ KNOWN_LIMITATIONS = {
     # moec's Experts reads separate (E, F, H) gate and up stacks only without biases
     # (identify._expert_candidates); GPT-OSS biases are known on a fused gate_up only.
     "expert weights of unknown layout": lambda p: p.moe.act == "swiglu_oai" and p.moe.layout == "separate",
+    # Per-expert nn.Linear modules are reported, not fused: stacking them would copy the
+    # parameters every step (detect._per_expert_modules).
+    "experts are separate modules": lambda p: p.moe.dispatch == "module_list",
 }
 
 
@@ -48,9 +51,10 @@ class Bug:
     what: str
 
 
-def _tiny_sigmoid_scores_renormalised():
-    """One token whose every sigmoid score underflows (logits -80) and k = 1: the user's code
-    renormalises to weight 1; moec's route adds DeepSeek's 1e-20 to the sum and gives ~1e-15."""
+def test_sigmoid_renorm_without_eps_when_scores_underflow():
+    """Regression (was KNOWN_BUGS' sigmoid_renorm_eps): one token whose every sigmoid score
+    underflows (logits -80) and k = 1: the user's code renormalises to weight 1; moec's route
+    adds DeepSeek's 1e-20 to the sum, so the rewrite must renormalise with the user's epsilon."""
     p = spec(dict(router="sigmoid_bias", k=1), tokens=1)
     model = build(p)
     with torch.no_grad():
@@ -58,22 +62,18 @@ def _tiny_sigmoid_scores_renormalised():
         model.layers[0].router.bias = torch.nn.Parameter(torch.full((p.moe.E,), -80.0, dtype=torch.float64))
     fresh()
     check_compiled_matches_eager(model, make_input(p, 2))
+    assert counters["moec"]["regions_fused"] == 1
 
 
 # Real moec bugs the properties found, not fixed yet (reported to the owner of moec/ and passes/).
 KNOWN_BUGS = {
-    "module_list_unreported": Bug(
-        lambda p: p.moe.dispatch == "module_list", ("explain",),
-        spec(dict(dispatch="module_list")),
-        "per-expert nn.Linear experts in an nn.ModuleList looped over range(E): detect finds the "
-        "router and the combine but no (E, ...) weight stack, raises _NotMoE, and the layer is "
-        "neither fused nor reported as missed (explain shows 0 regions, no counter moves)"),
     "sort_split_crash": Bug(
         lambda p: p.moe.dispatch == "sort_split", ("explain", "compile"),
         spec(dict(dispatch="sort_split")),
         "torchtitan's for-loop experts (argsort, bincount(...).tolist(), torch.split by counts): "
-        "under moec's capture_scalar_outputs the split's unbacked sizes raise "
-        "GuardOnDataDependentSymNode; torch.compile without moec graph-breaks and runs"),
+        "under moec's capture_dynamic_output_shape_ops, Dynamo raises GuardOnDataDependentSymNode "
+        "on the data-dependent bincount size while tracing (no backend hook sees it); "
+        "torch.compile without moec, or moec with MOEC_CAPTURE_DYNAMIC=0, graph-breaks and runs"),
     "stacked_moe_without_glue": Bug(
         lambda p: p.second_moe and not p.norm and not p.residual, ("explain",),
         spec(second_moe=True),
@@ -81,20 +81,6 @@ KNOWN_BUGS = {
         "directly: the buffer and its last write both enter the second region as inputs, one is "
         "taken for the tokens and the other reported as 'the layer reads ..., computed outside "
         "it' (the name changes from run to run)"),
-    "sort_gather_k1_weights": Bug(
-        lambda p: p.moe.dispatch == "sort_gather" and p.moe.k == 1, ("explain",),
-        spec(dict(renorm=False, score_fp32=False, E=2, k=1, H=4, F=2, dispatch="sort_gather"),
-             dtype="float32", tokens=3),
-        "k = 1 with sorted dispatch: identify._router_outputs takes the last (T,)-shaped float for "
-        "the routing weights, which is the sorted copy `w.reshape(-1)[order]`, so the router is "
-        "reported as 'matches none of moec's routers'"),
-    "sigmoid_renorm_eps": Bug(
-        lambda p: p.moe.router in ("sigmoid_bias", "grouped") and p.moe.renorm and not p.moe.renorm_eps,
-        ("compile",), _tiny_sigmoid_scores_renormalised,
-        "a sigmoid router renormalised without an epsilon (w / w.sum()) is proven equal to moec's "
-        "route, which always adds 1e-20 for sigmoid scoring: equal on the proof's O(1) scores, "
-        "wrong (weights ~0 instead of summing to 1) once the chosen scores underflow, e.g. "
-        "large activations into a second layer"),
 }
 
 
@@ -151,7 +137,14 @@ def check_compiled(p, model, fused):
 # for the routing weights -> "router matches none".
 @example(p=spec(dict(router="softmax_topk", renorm=False, score_fp32=False, E=2, k=2, H=4, F=2,
                      dispatch="dense_bmm", combine="einsum"), dtype="float32", tokens=2))
-# Found the sigmoid_renorm_eps bug (KNOWN_BUGS): layer 2's scores underflow on 3x inputs.
+# k == 1 with sorted dispatch: the weights in expert order `w.reshape(-1)[argsort(ids)]` were
+# taken for the routing weights -> "router matches none".
+@example(p=spec(dict(renorm=False, score_fp32=False, E=2, k=1, H=4, F=2, dispatch="sort_gather"),
+                dtype="float32", tokens=3))
+# per-expert nn.Linear modules were neither fused nor reported (now: a reported limitation).
+@example(p=spec(dict(dispatch="module_list")))
+# Found the sigmoid_renorm_eps bug (fixed: the rewrite renormalises with the user's epsilon):
+# layer 2's scores underflow on 3x inputs.
 @example(p=spec(dict(router="sigmoid_bias", scale=2.5, score_fp32=False, E=5, k=1, H=4, F=6,
                      shared="plain"), dtype="float32", tokens=8, second_moe=True))
 def test_generated_moe_program(p):

@@ -1,0 +1,46 @@
+"""moec's tracing context: dynamic-output capture is on only while moec traces, and
+MOEC_CAPTURE_DYNAMIC=0 traces code it cannot capture (a split by host-side counts, which fails
+in Dynamo under that setting: tests/property's `sort_split_crash`) Dynamo's default way."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moec
+from compare import check_compiled_matches_eager
+
+
+class SplitByCountsMoE(nn.Module):
+    """torchtitan's early for-loop experts: sort copies by expert, split by host-side counts."""
+
+    def __init__(self, hidden=16, ffn=8, experts=4, top_k=2):
+        super().__init__()
+        self.k, self.E = top_k, experts
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, ffn, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, ffn) / ffn ** 0.5)
+
+    def forward(self, x):                                             # (T, H)
+        w, ids = torch.topk(F.softmax(self.gate(x), dim=-1), self.k)
+        order = ids.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.E).tolist()
+        chunks = torch.split(x[order // self.k], counts)
+        y = torch.cat([F.relu(c @ self.w1[e].t()) @ self.w2[e].t() for e, c in enumerate(chunks)])
+        return torch.zeros_like(x).index_add(0, order // self.k, y * w.reshape(-1)[order, None])
+
+
+def test_capture_off_traces_the_default_way(monkeypatch):
+    monkeypatch.setenv("MOEC_CAPTURE_DYNAMIC", "0")
+    torch.manual_seed(0)
+    module = SplitByCountsMoE().double()
+    report = moec.explain(module, torch.randn(6, 16, dtype=torch.float64))
+    assert report.graph_count > 1 and [r.status for r in report.regions] == ["missed"]
+    check_compiled_matches_eager(module, torch.randn(6, 16, dtype=torch.float64))
+
+
+def test_other_backends_keep_dynamo_defaults():
+    """The capture flags apply while moec traces; plain torch.compile still graph-breaks and runs."""
+    torch.manual_seed(0)
+    module = SplitByCountsMoE()
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(torch.compile(module, backend="eager")(x), module(x))
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
