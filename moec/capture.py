@@ -2,7 +2,8 @@
 
 Expert loops over `range(E)` that select tokens with masks or `torch.where` graph-break under
 Dynamo's defaults, which leaves the layer split over several graphs that no pass can fuse. With
-`capture_dynamic_output_shape_ops` on while Dynamo traces, the loop captures as one graph. Dynamo's documented hook for a backend to set such context is the
+`capture_dynamic_output_shape_ops` (and `capture_scalar_outputs`) on while Dynamo traces, the
+loop captures as one graph. Dynamo's documented hook for a backend to set such context is the
 `backend_ctx_ctor` attribute, but `torch.compile(backend=...)` wraps the backend in an object
 that does not forward it (torch/__init__.py `_TorchCompileWrapper`); only
 `torch._dynamo.optimize(backend)` honours it. `forward_backend_ctx()` makes Dynamo read the
@@ -49,9 +50,11 @@ def tracing_context():
 def dynamic_capture():
     # backed_size_oblivious: a batch of one token or one sequence must not compile a third graph
     # specialised to size 1 (Dynamo's default), since MoE layers see every token count.
-    # capture_scalar_outputs stays off: with it, user code that branches on `.item()` turns a
-    # graph break into a data-dependent error, and mask loops do not need it.
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), \
+    # capture_scalar_outputs: the expert-parallel rewrite reads dropless split sizes on the host,
+    # which AOT autograd can trace only in a shape environment Dynamo made with it on. The cost:
+    # user code that branches on `.item()` fails in Dynamo instead of graph-breaking (a known
+    # limitation; MOEC_CAPTURE_DYNAMIC=0 turns both off).
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
             fx_config.patch(backed_size_oblivious=True):
         yield
 

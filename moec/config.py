@@ -28,7 +28,7 @@ class Config:
     MOEC_MAX_REWRITES."""
 
     capture_dynamic: bool = True
-    """Trace with Dynamo's capture_dynamic_output_shape_ops on, so
+    """Trace with Dynamo's capture_dynamic_output_shape_ops and capture_scalar_outputs on, so
     expert loops over `range(E)` with masks or `torch.where` are captured whole instead of
     graph-breaking. Only code compiled with backend="moec" is traced this way. MOEC_CAPTURE_DYNAMIC."""
 

@@ -124,7 +124,7 @@ def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, lo
     sub_nodes = [n for n in nodes if n in needed]
     sub_inputs = [i for i in inputs if any(i in dg.deps[n] for n in sub_nodes)]
     fn = _extract(gm, sub_nodes, sub_inputs, [weights, ids])
-    logit_values = torch.randn(tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    logit_values = _randn((tokens, num_experts), gen, logits) * 2
     args = _args(sub_inputs, {logits: logit_values}, real, torch.float64)
     ref_w, ref_ids = fn(*args)
     ref_w, ref_ids = ref_w.reshape(tokens, top_k), ref_ids.reshape(tokens, top_k)
@@ -135,7 +135,7 @@ def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, lo
         w, i = torch.ops.moec.route(logit_values, bias_value, router.top_k, router.scoring,
                                     router.renormalize, router.scale, router.n_group, router.topk_group)
         tried.append(router.kind)
-        if _same_routing(w, i, ref_w.double(), ref_ids):
+        if _same_routing(w, i, ref_w.double(), ref_ids, _coarsest(sub_nodes)):
             return router
     raise Unproven(f"the router matches none of moec's routers (tried {sorted(set(tried))} with and "
                    f"without renormalisation)")
@@ -171,12 +171,20 @@ def _softmax_after_topk(sub_nodes):
     return False
 
 
-def _same_routing(w, ids, ref_w, ref_ids):
+def _same_routing(w, ids, ref_w, ref_ids, dtype):
     # Expert order within a token is unspecified (topk(sorted=False)): compare sorted by id.
     order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
     if not torch.equal(ids.gather(-1, order), ref_ids.long().gather(-1, ref_order)):
         return False
-    return torch.allclose(w.double().gather(-1, order), ref_w.gather(-1, ref_order), rtol=1e-4, atol=1e-6)
+    tol = _TOLERANCE[dtype]
+    return torch.allclose(w.double().gather(-1, order), ref_w.gather(-1, ref_order), rtol=tol, atol=tol * 1e-2)
+
+
+def _coarsest(nodes):
+    """The least precise float dtype the user's code rounds to (`weights.to(hidden.dtype)` in a
+    bf16 model rounds the routing weights even when the proof runs in float64)."""
+    found = {value(n).dtype for n in nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()}
+    return max(found, key=lambda d: _TOLERANCE[d], default=torch.float64)
 
 
 # ---------------------------------------------------------------------------------- experts
@@ -193,12 +201,12 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
     if not candidates:
         shapes = ", ".join(f"{w.name}{tuple(real[w].shape)}" for w in weights)
         raise Unproven(f"expert weights of unknown layout: {shapes}")
-    logit_values = torch.randn(tokens, num_experts, generator=gen, dtype=torch.float64) * 2
+    logit_values = _randn((tokens, num_experts), gen, logits) * 2
     x_shape = _hint_shape(x)
     # float64 makes the proof sharp; torch._grouped_mm has no float64 kernel.
     dtypes = (value(x).dtype,) if names & {"_grouped_mm", "grouped_mm"} else (torch.float64, value(x).dtype)
     for dtype in dtypes:
-        x_values = torch.randn(x_shape, generator=gen, dtype=torch.float64).to(dtype)
+        x_values = _randn(x_shape, gen, x).to(dtype)
         args = _args(inputs, {x: x_values, logits: logit_values.to(dtype)}, real, dtype)
         try:
             ref = fn(*args)[0].double().reshape(tokens, hidden)
@@ -208,7 +216,8 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
             raise Unproven(f"running the layer on random tokens failed: {e}") from None
         env = dict(zip(inputs, args))
         x2d = env[x].double().reshape(tokens, hidden)
-        tol = _TOLERANCE[dtype]
+        # a bf16 model rounds inside the layer even when the proof feeds it float64
+        tol = max(_TOLERANCE[dtype], _TOLERANCE[_coarsest(nodes)])
         best = float("inf")
         for router in routers:
             w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
@@ -377,6 +386,11 @@ def _args(inputs, given, real, dtype):
         else:
             out.append(hint(value(i)))
     return out
+
+
+def _randn(shape, gen, like):
+    """Fresh float64 values on the device the layer runs on (its weights stay where they are)."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(value(like).device)
 
 
 def _float_constants(nodes, targets):

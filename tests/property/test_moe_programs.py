@@ -71,7 +71,7 @@ KNOWN_BUGS = {
         lambda p: p.moe.dispatch == "sort_split", ("explain", "compile"),
         spec(dict(dispatch="sort_split")),
         "torchtitan's for-loop experts (argsort, bincount(...).tolist(), torch.split by counts): "
-        "under moec's capture_dynamic_output_shape_ops, Dynamo raises GuardOnDataDependentSymNode "
+        "under moec's capture_dynamic_output_shape_ops and capture_scalar_outputs, Dynamo raises GuardOnDataDependentSymNode "
         "on the data-dependent bincount size while tracing (no backend hook sees it); "
         "torch.compile without moec, or moec with MOEC_CAPTURE_DYNAMIC=0, graph-breaks and runs"),
     "stacked_moe_without_glue": Bug(

@@ -36,6 +36,8 @@ def compiled_matches_single_process(rank, ws, make, shapes, options, expert_para
     outputs and input grads per rank, expert-weight grads summed over ranks (data parallel)."""
     _with_ep_pass()
     torch._dynamo.reset()
+    from moec import session
+    session.clear()   # pool workers outlive tests: drop records of earlier jobs' compiles
     torch.manual_seed(0)
     ref = make()
     ep = copy.deepcopy(ref)
@@ -58,7 +60,9 @@ def compiled_matches_single_process(rank, ws, make, shapes, options, expert_para
             dist.all_reduce(a)
             dist.all_reduce(b)
         assert_close(a, b, msg=f"grad of {name}")
-    [report] = _reports()
+    reports = _reports()
+    assert len(reports) == 1, [(r.size, r.layers) for r in reports]
+    [report] = reports
     assert report.size == ws and len(report.layers) == 1
 
 
