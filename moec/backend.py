@@ -50,15 +50,9 @@ class MoecBackend:
 
 
 def _regions_text(reports) -> str:
-    from .dump import region_record, regions_markdown
+    from .dump import region_rows, regions_markdown
     detect = reports.get("detect")
-    if detect is None:
-        return "detect did not run"
-    rewritten = set(getattr(reports.get("rewrite"), "rewritten", ()))
-    rows = [region_record(r, r.module in rewritten) for r in detect.regions]
-    rows += [{"module": m.module, "status": "missed", "reason": m.reason, "where": m.where,
-              "num_experts": m.num_experts, "top_k": m.top_k} for m in detect.misses]
-    return regions_markdown(rows)
+    return "detect did not run" if detect is None else regions_markdown(region_rows(detect, reports.get("rewrite")))
 
 
 def _log_regions(reports):

@@ -62,10 +62,7 @@ class Dumper:
         self._write(f"{step:02d}_{name}.py", _readable(gm), what)
 
     def regions(self, detect_report, rewrite_report):
-        rewritten = set(getattr(rewrite_report, "rewritten", ()))
-        rows = [region_record(r, r.module in rewritten) for r in detect_report.regions]
-        rows += [{"module": m.module, "status": "missed", "kind": m.kind, "reason": m.reason, "where": m.where,
-                  "num_experts": m.num_experts, "top_k": m.top_k} for m in detect_report.misses]
+        rows = region_rows(detect_report, rewrite_report)
         self._write("regions.json", json.dumps(rows, indent=1, default=str), "regions found and missed (JSON)")
         self._write("regions.md", regions_markdown(rows), "regions found and missed, with reasons")
 
@@ -110,6 +107,15 @@ class Dumper:
 
 
 _TILED_KERNELS = ("gate_up", "down", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
+
+
+def region_rows(detect_report, rewrite_report) -> list:
+    """One plain record per region found and per miss: what the dumps, tlparse and diff read."""
+    rewritten = set(getattr(rewrite_report, "rewritten", ()))
+    rows = [region_record(r, r.module in rewritten) for r in detect_report.regions]
+    rows += [{"module": m.module, "status": "missed", "kind": m.kind, "reason": m.reason, "where": m.where,
+              "num_experts": m.num_experts, "top_k": m.top_k} for m in detect_report.misses]
+    return rows
 
 
 def region_record(r, fused: bool) -> dict:

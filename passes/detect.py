@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import identify
 from .graph import TRACED_AS_MARKER, DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
-from .region import DetectReport, Miss
+from .region import DetectReport, Miss, Region
 
 _ANCHORS = {"topk", "max", "argmax"}
 # Ops allowed between the router linear and its top-k when walking back from the top-k.
@@ -143,7 +143,6 @@ def _analyse(gm, dg, anchor, linear, real):
         raise _Missed(str(e), output) from None
     if isinstance(router.capacity, fx.Node):   # a symbolic capacity: the rewrite still reads it
         kept |= dg.backward_slice([router.capacity]) & nodes
-    from .region import Region
     return Region(module=_block_path(ordered), idiom=_idiom(ordered), router=router, experts=experts,
                   x=x, logits=logits, score_bias=bias, output=output, nodes=ordered, check=check,
                   kept=frozenset(kept), aliases=frozenset(aliases))
