@@ -12,8 +12,9 @@ attribute through that wrapper too. It changes nothing for backends without the 
 Hugging Face's "eager" experts implementation loops over the experts that received tokens (a
 data-dependent list), which no Dynamo setting can capture. transformers ships interchangeable
 implementations of the same experts contract (`ExpertsInterface`); while Dynamo traces for moec,
-`hf_experts_as()` has it trace the grouped_mm one instead, records which classes it swapped so
-explain and the logs say so, and leaves eager execution (and every other backend) untouched.
+`hf_experts_as()` has it trace the grouped_mm one instead, through a wrapper whose name marks
+every traced node's stack trace (so detection, explain and the logs say so), and leaves eager
+execution (and every other backend) untouched.
 
 Known limitation: some code Dynamo graph-breaks on by default fails instead under dynamic-output
 capture (`.tolist()` of a data-dependent `bincount`, then `torch.split`): Dynamo raises its

@@ -126,7 +126,7 @@ def _analyse(gm, dg, anchor, linear, real):
                           "Face's MoE layers do) to have this layer fused", output)
         raise _NotMoE()
     # The tokens may be a real graph input too (the block's own argument): find them first.
-    x = _token_input(inputs - {logits}, router_side, hidden)
+    x = _token_input(dg, inputs - {logits}, router_side, hidden)
     weights = {i for i in inputs if i in real} - {x}
     expert_side = dg.forward_slice({x} | weights, stop={logits}) & nodes
     kept = _router_outputs_kept(dg, nodes, expert_side, aliases | {output})
@@ -273,21 +273,14 @@ def _router_outputs_kept(dg, nodes, expert_side, results):
     return dg.backward_slice(escapes) & nodes
 
 
-def _token_input(candidates, router_side, hidden):
+def _token_input(dg, candidates, router_side, hidden):
     """The tokens the experts read: a float (..., H) input that is, or is a view of, a tensor the
     router also reads (routers often take their own view or cast of the same hidden states)."""
     found = [c for c in candidates if is_tensor(c) and shape(c)[-1] == hidden and value(c).is_floating_point()
-             and (c in router_side or _view_base(c) in router_side)]
+             and (c in router_side or dg.root.get(c, c) in router_side)]
     if not found:
         raise _Missed("could not find the tokens the experts read among the layer's inputs")
     return max(found, key=lambda c: (len(shape(c)) == 2, c in router_side))
-
-
-def _view_base(node):
-    while isinstance(node, fx.Node) and op_name(node) in ("view", "reshape", "flatten", "contiguous") \
-            and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _expert_weight_inputs(dg, nodes, real, num_experts):
