@@ -22,6 +22,7 @@ data-dependent error while tracing, outside any hook a backend has. MOEC_CAPTURE
 traces such code Dynamo's default way.
 """
 import contextlib
+import functools
 
 import torch
 import torch._dynamo.eval_frame as eval_frame
@@ -85,10 +86,13 @@ def hf_experts_as(implementation: str):
         interface.get_interface = original
 
 
+@functools.cache
 def _marked(forward, implementation):
     # The wrapper's name lands in the stack trace Dynamo records on every node it traces, which
     # is how detection tells (and explain reports) that the layer was traced through the swap;
     # a Python-side record would only be replayed after the backend has run.
+    # Cached: Dynamo guards on the wrapper's code object, and the tracing context is entered on
+    # every call of the compiled function, so a fresh wrapper per entry recompiled every step.
     def wrapper(self, *args, **kwargs):
         return forward(self, *args, **kwargs)
     wrapper.__name__ = wrapper.__qualname__ = f"{TRACED_AS_MARKER}{implementation}"

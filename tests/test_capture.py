@@ -1,12 +1,19 @@
 """moec's tracing context: dynamic-output capture is on only while moec traces, and
 MOEC_CAPTURE_DYNAMIC=0 traces code it cannot capture (a split by host-side counts, which fails
-in Dynamo under that setting: tests/property's `sort_split_crash`) Dynamo's default way."""
+in Dynamo under that setting: tests/property's `sort_split_crash`) Dynamo's default way.
+HF's eager experts loop, traced as grouped_mm, compiles once, not once per call."""
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import moec
 from compare import check_compiled_matches_eager
+
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 
 
 class SplitByCountsMoE(nn.Module):
@@ -44,3 +51,13 @@ def test_other_backends_keep_dynamo_defaults():
     x = torch.randn(6, 16)
     torch.testing.assert_close(torch.compile(module, backend="eager")(x), module(x))
     assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+
+
+def test_hf_eager_experts_compile_once():
+    """The traced-as wrapper is one object per implementation: a fresh one per call of the compiled
+    function failed Dynamo's guard on its code and recompiled every training step."""
+    from hf_models import moe_block
+    compiled = torch.compile(moe_block("qwen3_moe", "eager"), backend="moec", options={"dense_backend": "eager"})
+    for seed in range(3):
+        compiled(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed)))
+    assert counters["moec"]["graphs"] == 1 and counters["moec"]["regions_fused"] == 1
