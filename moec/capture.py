@@ -14,7 +14,9 @@ data-dependent list), which no Dynamo setting can capture. transformers ships in
 implementations of the same experts contract (`ExpertsInterface`); while Dynamo traces for moec,
 `hf_experts_as()` has it trace the grouped_mm one instead, through a wrapper whose name marks
 every traced node's stack trace (so detection, explain and the logs say so), and leaves eager
-execution (and every other backend) untouched.
+execution (and every other backend) untouched. PEFT's LoRA on expert parameters gets the same
+treatment (moec/peft_lora.py): its per-forward parametrization graph-breaks, so while Dynamo
+traces, the wrapper computes the same adapted weight in traceable code instead.
 
 Known limitation: some code Dynamo graph-breaks on by default fails instead under dynamic-output
 capture (`.tolist()` of a data-dependent `bincount`, then `torch.split`): Dynamo raises its
@@ -33,6 +35,7 @@ from moec.passes.graph import TRACED_AS_MARKER
 from .config import Config
 from .errors import MoecError
 from .log import log
+from .peft_lora import param_lora_traced
 
 
 @contextlib.contextmanager
@@ -45,6 +48,7 @@ def tracing_context():
         if config.capture_dynamic:
             stack.enter_context(dynamic_capture())
         stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
+        stack.enter_context(param_lora_traced())
         yield
 
 

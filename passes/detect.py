@@ -8,7 +8,8 @@ Guarantees: returns the graph unchanged and a `DetectReport` whose regions are e
         U = everything computed from the top-k (mutations included)
         O = first (T, H) float node that all of U flows through      -> the combined output
         R = U up to O, plus the router's score ops and the buffers only R uses
-        weights = R's inputs that are graph inputs with a leading E dimension
+        weights = R's inputs that are graph inputs with a leading E dimension, and the weights
+                  R computes from parameters alone (LoRA's W + s * L @ R), split off R
         identify(R) -> Router, Experts that reproduce O on random tokens, or a Miss
 
 Top-k over anything that is not a router (sampling over vocabulary logits, attention) has no
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import identify
+from . import computed_weights, identify
 from .graph import TRACED_AS_MARKER, DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
 from .region import DetectReport, Miss, Region
 
@@ -127,6 +128,11 @@ def _analyse(gm, dg, anchor, linear, real):
         raise _NotMoE()
     # The tokens may be a real graph input too (the block's own argument): find them first.
     x = _token_input(dg, inputs - {logits}, router_side, hidden)
+    # weights the graph computes (LoRA's W + s * L @ R) stay in the graph and enter as inputs
+    nodes, computed, producers = computed_weights.split_producers(gm, dg, nodes, x, logits, real)
+    if producers:
+        real = {**real, **computed}
+        inputs = {d for n in nodes for d in dg.deps[n]} - nodes
     weights = {i for i in inputs if i in real} - {x}
     expert_side = dg.forward_slice({x} | weights, stop={logits}) & nodes
     kept = _router_outputs_kept(dg, nodes, expert_side, aliases | {output})

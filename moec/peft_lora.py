@@ -1,0 +1,75 @@
+"""Trace PEFT's LoRA on expert parameters (`LoraConfig(target_parameters=[...])`) in one graph.
+
+PEFT's `ParamWrapper` applies its adapter by registering an `nn.utils.parametrize`
+parametrization on the wrapped module for the duration of each forward and removing it after
+(peft/tuners/lora/layer.py, `_activate_lora`). Registration swaps the module's class and `set_`s
+the parameter, which Dynamo cannot trace: the wrapper's frame runs eagerly, the router and the
+experts land in different graphs, and the MoE layer cannot be fused (PEFT documents the
+limitation). While Dynamo traces for moec, `param_lora_traced()` has the wrapper compute the
+same weight, W + s * lhs @ rhs from PEFT's own `get_delta_factors`, and call the wrapped module
+with it through `torch.func.functional_call`, which Dynamo traces: one graph, in which moec finds
+the layer and the LoRA form of its weights. Eager calls, other backends, and the states this
+does not cover (adapters disabled or merged, per-sample adapter names, 2-D parameters, float8
+weights) run PEFT's own forward, unchanged.
+"""
+import contextlib
+import sys
+
+import torch
+
+
+@contextlib.contextmanager
+def param_lora_traced():
+    """While active, Dynamo traces PEFT's ParamWrapper through `_traced_forward`."""
+    wrapper = _param_wrapper_class()
+    if wrapper is None:
+        yield
+        return
+    original = wrapper.forward
+    if original is _traced_forward:   # nested entry (explain inside a compiled call)
+        yield
+        return
+    _ORIGINAL[wrapper] = original
+    wrapper.forward = _traced_forward
+    try:
+        yield
+    finally:
+        wrapper.forward = original
+
+
+_ORIGINAL: dict = {}
+
+
+def _traced_forward(self, x, *args, **kwargs):
+    original = _ORIGINAL[_param_wrapper_class()]
+    if not torch.compiler.is_compiling() or not _covered(self, kwargs):
+        return original(self, x, *args, **kwargs)
+    self._check_forward_args(x, *args, **kwargs)
+    wrapper_cls = type(self)
+    weights, module = {}, self
+    while isinstance(module, wrapper_cls):     # nested wrappers: one per targeted parameter
+        name = module.parameter_name
+        weight = weights.get(name, module.get_param())
+        for adapter in [a for a in module.active_adapters if a in module.lora_A]:
+            lhs, rhs, scale = module.get_delta_factors(adapter)
+            weight = torch.baddbmm(weight, lhs, rhs, alpha=scale)    # PEFT's _LoraFactorsProxy
+        weights[name] = weight
+        module = module.base_layer
+    return torch.func.functional_call(module, weights, (x, *args), kwargs)
+
+
+def _covered(self, kwargs) -> bool:
+    wrapper_cls = type(self)
+    module = self
+    while isinstance(module, wrapper_cls):
+        if module.disable_adapters or module.merged or module.num_experts < 2 or \
+                module.get_param().dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or \
+                not hasattr(module, "get_delta_factors"):
+            return False
+        module = module.base_layer
+    return kwargs.get("adapter_names") is None
+
+
+def _param_wrapper_class():
+    module = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(module, "ParamWrapper", None)
