@@ -44,6 +44,11 @@ class Config:
     graph after every pass, the regions and misses, region pictures, the AOT forward/backward
     graphs and the kernels chosen (see moec/dump.py). MOEC_DUMP or MOEC_DUMP_DIR."""
 
+    cache_dir: str = ""
+    """Where moec keeps what it measures once per machine, e.g. the overlap cost model's
+    calibration (calibration/<device>-ws<W>-<backend>.json, see moec/runtime/cost_model.py);
+    "" is ~/.cache/moec. MOEC_CACHE_DIR."""
+
     ep_group: object = None
     """Expert parallelism: the group the experts are spread over — a DeviceMesh with a dimension
     named "ep", a 1-D DeviceMesh, a ProcessGroup, or "world"; None (default) keeps every expert on
