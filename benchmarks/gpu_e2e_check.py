@@ -17,6 +17,7 @@ import traceback
 
 import torch
 import transformers
+from transformers import CompileConfig
 import triton
 from torch._dynamo.utils import counters
 
@@ -63,11 +64,14 @@ def check_train(arch):
 
 
 def check_decode(arch, mode="reduce-overhead"):
+    """transformers compiles the decode step itself (static cache on CUDA) with its CompileConfig."""
     model = causal_lm(arch, IMPL).cuda().to(torch.bfloat16)
     prompt = torch.randint(3, 96, (8, 12), device="cuda")
+    model.generation_config.disable_compile = True      # the eager reference
     expected = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    model.generation_config.disable_compile = False
     counters.clear()
-    model.forward = torch.compile(model.forward, backend="moec", mode=mode)
+    model.generation_config.compile_config = CompileConfig(backend="moec", mode=mode)
     got = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
     return {"tokens_equal": bool(torch.equal(got, expected)),
             "tokens_agree": float((got == expected).float().mean()),
@@ -79,7 +83,7 @@ def main():
                "transformers": transformers.__version__, "date": datetime.date.today().isoformat(), "archs": {}}
     # all training checks first: a CUDA fault in one decode check poisons the context for the rest
     for name, fn in (("train", check_train), ("decode_cudagraphs", check_decode),
-                     ("decode_default_mode", lambda a: check_decode(a, mode=None))):
+                     ("decode_default_mode", lambda a: check_decode(a, mode="default"))):
         for arch in ARCHS:
             torch._dynamo.reset()
             try:
