@@ -61,6 +61,15 @@ class Config:
     token order, in fixed-size all-to-alls without a sync; copies past that get zero output.
     Needs the same T on every rank. MOEC_EP_CAPACITY_FACTOR."""
 
+    expert_stats: bool = False
+    """Count on the device, per MoE layer, the token copies routed to each expert (and, with
+    capacity routing, those dropped): a few tiny device ops per layer and step, no host reads.
+    Read them with `moec.stats(model)`; see moec/expert_load.py. MOEC_EXPERT_STATS."""
+
+    expert_stats_log_every: int = 100
+    """With expert_stats and TORCH_LOGS=moec: log each layer's counts every N forward calls
+    (each log line reads that layer's counts to the host; 0: never). MOEC_EXPERT_STATS_LOG_EVERY."""
+
     @classmethod
     def from_options(cls, options: dict | None = None) -> "Config":
         values = _from_env()

@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from moec.passes.detect import detect
 from moec.passes.expert_parallel import expert_parallel
+from moec.passes.expert_stats import expert_stats
 from moec.passes.rewrite import rewrite
 
 from .dump import trace_artifact
@@ -20,6 +21,7 @@ from .log import log
 PIPELINE = (
     ("detect", detect),                    # find MoE regions, prove their semantics (graph unchanged)
     ("rewrite", rewrite),                  # regions -> moec.route / plan / experts / combine
+    ("expert_stats", expert_stats),        # with expert_stats: per-layer expert load counted on the device
     ("expert_parallel", expert_parallel),  # with ep_group: moec.experts -> all-to-all + local experts
 )
 
