@@ -24,7 +24,10 @@ def _tiles(x, src, w_up, k, *kernels):
     return [tuning.tile(name, E, k, H, F, x.dtype, x.device, T) for name in kernels]
 
 
-def _check(x):
+def _check(x, layout):
+    if layouts.lora_scales(layout):
+        raise MoecKernelError("moec.experts (triton): LoRA factors are not on the Triton path yet; "
+                              "use the reference backend (moec.codegen.kernels.set_backend('reference'))")
     if x.dtype not in _KERNEL_DTYPES:
         raise MoecKernelError(f"moec.experts (triton): dtype {x.dtype} unsupported; use float16, "
                               f"bfloat16 or float32, or the reference backend")
@@ -34,7 +37,7 @@ def _check(x):
 
 def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit):
     """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down."""
-    _check(x)
+    _check(x, layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     S, (E, F, H) = src.shape[0], w_up.shape
     y = x.new_empty(S, H)
@@ -48,7 +51,7 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     return y
 
 
-def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None):
     """[dx, one gradient per base of `weights`], each base's gradient one buffer.
 
     1. gate/up again with dh = grad_y W_down and d(act) fused -> h, dg, du   (S, F)
@@ -58,7 +61,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
        each stored by the wgrad kernel straight into its strided view of its base's buffer
        (HF's gate_up halves, GPT-OSS's transposed interleaved rows): no zero-fill, no add.
     """
-    _check(x)
+    _check(x, layout)
     roles = layouts.views(weights, layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     S, (E, F, H) = src.shape[0], w_up.shape
@@ -91,7 +94,8 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     launch_wgrad(du, x, offsets, dw_up, t_wg2 if gated else t_wg, src=src, k=k, a2=dg, out2=dw_gate,
                  db=db_up, db2=db_gate)
     launch_wgrad(grad_y, h, offsets, dw_down, t_wg, db=db_down)
-    return [dx] + _finish(grads, slots, out)
+    grads = _finish(grads, slots, out)
+    return [dx] + [g if needs is None or need else None for g, need in zip(grads, needs or grads)]
 
 
 def _finish(grads, slots, out):

@@ -10,6 +10,13 @@ A layout names, for each present role, `role=<index into weights>[T][[start:stop
 T transposes the last two dims first, the slice is along dim 1 after that (stop may be empty).
     "w_up=0[1024:2048:1] w_gate=0[0:1024:1] w_down=1"          HF fused gate_up (E, 2F, H)
     "w_up=0T[1::2] w_gate=0T[0::2] w_down=1T b_up=2[1::2] ..."   GPT-OSS (E, H, 2F), interleaved
+
+LoRA (optional, per projection p in up, gate, down): the projection's weight is W_p + s_p B_p A_p,
+read as the factors, never merged: y_p = x W_p^T + s_p (x A_p^T) B_p^T.
+    lora_a_p (E, r, K)   lora_b_p (E, N, r)   lora_scale_p=<float>   (K, N: the projection's in, out)
+The factors are views of bases like the weights (PEFT's shared A for a fused gate_up is one view
+read by both lora_a_up and lora_a_gate; B's halves are slices):
+    "w_up=0[16:32:1] w_gate=0[0:16:1] w_down=1 lora_a_up=2 lora_b_up=3[16:32:1] lora_scale_up=2.0 ..."
 This module is the one place that formats, parses and applies layouts.
 """
 import functools
@@ -18,7 +25,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 ROLES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+PROJECTIONS = ("up", "gate", "down")
+LORA_ROLES = tuple(f"lora_{f}_{p}" for p in PROJECTIONS for f in ("a", "b"))
+ALL_ROLES = ROLES + LORA_ROLES
 _TOKEN = re.compile(r"(\w+)=(\d+)(T?)(?:\[(-?\d*):(-?\d*):(\d*)\])?$")
+_SCALE = re.compile(r"lora_scale_(up|gate|down)=(\S+)$")
 
 
 @dataclass(frozen=True)
@@ -30,12 +41,15 @@ class View:
     slice: Optional[tuple] = None
 
 
-def pack(specs):
-    """specs: one (base, transpose, (start, step, stop) | None) or None per role of ROLES ->
+def pack(specs, lora=(None, None, None)):
+    """specs: one (base, transpose, (start, step, stop) | None) or None per role of ROLES; lora:
+    per projection of PROJECTIONS, None or (A spec, B spec, scale) ->
     (distinct bases in order of first use, layout string). Bases are compared by identity, so
     this serves fx nodes (the rewrite) and tensors (identify, tests, benchmarks) alike."""
-    bases, views = [], {}
-    for role, spec in zip(ROLES, specs):
+    bases, views, scales = [], {}, {}
+    factors = [f if f is not None else (None, None, None) for f in lora]
+    lora_specs = [spec for a, b, _ in factors for spec in (a, b)]
+    for role, spec in zip(ALL_ROLES, list(specs) + lora_specs):
         if spec is None:
             continue
         base, transpose, sl = spec
@@ -44,12 +58,15 @@ def pack(specs):
             index = len(bases)
             bases.append(base)
         views[role] = View(index, bool(transpose), None if sl is None else tuple(sl))
-    return bases, format_layout(views)
+    for p, (_, _, scale) in zip(PROJECTIONS, factors):
+        if scale is not None:
+            scales[p] = float(scale)
+    return bases, format_layout(views, scales)
 
 
-def format_layout(views: dict) -> str:
+def format_layout(views: dict, scales: dict = None) -> str:
     out = []
-    for role in ROLES:
+    for role in ALL_ROLES:
         v = views.get(role)
         if v is None:
             continue
@@ -58,24 +75,49 @@ def format_layout(views: dict) -> str:
             start, step, stop = v.slice
             text += f"[{start}:{'' if stop is None else stop}:{step}]"
         out.append(text)
+    out += [f"lora_scale_{p}={scales[p]!r}" for p in PROJECTIONS if p in (scales or {})]
     return " ".join(out)
 
 
 @functools.lru_cache(maxsize=None)
 def parse(layout: str) -> dict:
-    """layout string -> {role: View}; raises ValueError naming the bad part."""
+    """layout string -> {role: View} (LoRA factors included); raises ValueError naming the bad part."""
     views = {}
     for token in layout.split():
+        if _SCALE.match(token):
+            continue
         m = _TOKEN.match(token)
-        if m is None or m.group(1) not in ROLES or m.group(1) in views:
+        if m is None or m.group(1) not in ALL_ROLES or m.group(1) in views:
             raise ValueError(f"bad or repeated entry {token!r}; expected role=index[T][[start:stop:step]] "
-                             f"with role one of {ROLES}")
+                             f"with role one of {ALL_ROLES}, or lora_scale_<projection>=<float>")
         role, index, t, start, stop, step = m.groups()
         sl = None
         if m.group(4) is not None:
             sl = (int(start or 0), int(step or 1), int(stop) if stop else None)
         views[role] = View(int(index), t == "T", sl)
+    scales = lora_scales(layout)
+    for p in PROJECTIONS:
+        present = (f"lora_a_{p}" in views, f"lora_b_{p}" in views, p in scales)
+        if any(present) and not all(present):
+            raise ValueError(f"LoRA on {p} needs lora_a_{p}, lora_b_{p} and lora_scale_{p} together")
     return views
+
+
+@functools.lru_cache(maxsize=None)
+def lora_scales(layout: str) -> dict:
+    """{projection: scale} of the projections the layout gives LoRA factors."""
+    scales = {}
+    for token in layout.split():
+        m = _SCALE.match(token)
+        if m is None:
+            continue
+        if m.group(1) in scales:
+            raise ValueError(f"repeated entry {token!r}")
+        try:
+            scales[m.group(1)] = float(m.group(2))
+        except ValueError:
+            raise ValueError(f"bad scale in {token!r}; expected lora_scale_<projection>=<float>") from None
+    return scales
 
 
 def view(base, v: Optional[View]):
@@ -95,10 +137,18 @@ def views(weights, layout: str) -> list:
     return [view(weights[parsed[r].index], parsed[r]) if r in parsed else None for r in ROLES]
 
 
+def lora(weights, layout: str) -> list:
+    """Per projection of PROJECTIONS: (A (E, r, K), B (E, N, r), scale) as views of `weights`, or None."""
+    parsed, scales = parse(layout), lora_scales(layout)
+    return [(view(weights[parsed[f"lora_a_{p}"].index], parsed[f"lora_a_{p}"]),
+             view(weights[parsed[f"lora_b_{p}"].index], parsed[f"lora_b_{p}"]), scales[p])
+            if p in scales else None for p in PROJECTIONS]
+
+
 def users(layout: str, n_weights: int) -> list:
-    """For each base, the roles that read it (in ROLES order)."""
+    """For each base, the roles that read it (in ALL_ROLES order)."""
     parsed = parse(layout)
-    return [[r for r in ROLES if r in parsed and parsed[r].index == i] for i in range(n_weights)]
+    return [[r for r in ALL_ROLES if r in parsed and parsed[r].index == i] for i in range(n_weights)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +166,7 @@ def grad_plan(layout: str, dims: tuple) -> tuple:
     zero, accumulate = [], []
     for i, (n1, n2) in enumerate(dims):
         covered, orient = set(), None
-        for role in (r for r in ROLES if r in parsed and parsed[r].index == i):
+        for role in (r for r in ALL_ROLES if r in parsed and parsed[r].index == i):
             v = parsed[role]
             n = n2 if v.transpose else n1
             rows = set(range(n)[slice(v.slice[0], v.slice[2], v.slice[1])] if v.slice else range(n))

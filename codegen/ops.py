@@ -126,7 +126,8 @@ def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tenso
     """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype.
 
     weights: the distinct base tensors the experts read; `layout` (see codegen/layout.py) says
-    which view of which base is each of w_up, w_gate, w_down, b_up, b_gate, b_down."""
+    which view of which base is each of w_up, w_gate, w_down, b_up, b_gate, b_down, and of the
+    LoRA factors of any projection (computed beside its GEMM, never merged into its weight)."""
     _check_experts(x, src, offsets, weights, layout, activation)
     if kernels.use_triton(x):
         from .experts_launch import experts_forward
@@ -142,32 +143,40 @@ def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
 
 @torch.library.custom_op("moec::experts_backward", mutates_args=())
 def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
-                     layout: str, activation: str, alpha: float, limit: float) -> list[Tensor]:
+                     layout: str, activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:
     """[dx, one gradient per base in `weights`]: each base's gradient is one buffer (strides of
-    the base), every role's share written into its view of it."""
+    the base), every role's share written into its view of it. A base with needs[i] False (a
+    frozen weight) gets an empty (0,) tensor and no work."""
     if kernels.use_triton(x):
         from .experts_launch import experts_backward as launch
-        return launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
-    return reference.experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+        grads = launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs)
+    else:
+        grads = reference.experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha,
+                                           limit, needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @experts_backward.register_fake
-def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
-    return [torch.empty_like(x, memory_format=torch.contiguous_format)] + [torch.empty_like(w) for w in weights]
+def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format)] + \
+        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
 
 
 def _experts_setup(ctx, inputs, output):
     x, src, offsets, k, weights, layout, activation, alpha, limit = inputs
     ctx.save_for_backward(x, src, offsets, *weights)
     ctx.args = (k, layout, activation, alpha, limit)
+    # frozen bases (LoRA's W) get no gradient: the backward skips their GEMMs
+    ctx.needs = [w.requires_grad for w in weights]
 
 
 def _experts_bwd(ctx, grad_y):
     x, src, offsets, *weights = ctx.saved_tensors
     k, layout, activation, alpha, limit = ctx.args
     g = torch.ops.moec.experts_backward(grad_y.contiguous(), x, src, offsets, k, weights, layout,
-                                        activation, alpha, limit)
-    return g[0], None, None, None, list(g[1:]), None, None, None, None
+                                        activation, alpha, limit, ctx.needs)
+    grads = [t if need else None for t, need in zip(g[1:], ctx.needs)]
+    return g[0], None, None, None, grads, None, None, None, None
 
 
 experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
@@ -186,6 +195,8 @@ def _check_experts(x, src, offsets, weights, layout, activation):
     if bad or unused:
         raise MoecKernelError(f"moec.experts: layout {layout!r} must use each of the {len(weights)} weights "
                               f"(indices 0..{len(weights) - 1}) at least once")
+    if "lora_a_gate" in parsed and "w_gate" not in parsed:
+        raise MoecKernelError(f"moec.experts: layout {layout!r} gives LoRA factors to gate but no w_gate")
     for i, (w, roles) in enumerate(zip(weights, layouts.users(layout, len(weights)))):
         if w.dim() not in (2, 3):   # views need (E, N) or (E, N, K); shapes are checked per role below
             raise MoecKernelError(f"moec.experts: weights[{i}] ({', '.join(roles)}) must be 2-D or 3-D, "
@@ -207,6 +218,7 @@ def _check_experts(x, src, offsets, weights, layout, activation):
             raise MoecKernelError(f"moec.experts: {name} must have shape {want[name]}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise MoecKernelError(f"moec.experts: {name} is {t.dtype} but x is {x.dtype}; cast one of them")
+    _check_lora(x, weights, layout, E, F, H)
     if activation not in _ACTIVATIONS:
         raise MoecKernelError(f"moec.experts: activation={activation!r}; expected one of {_ACTIVATIONS}")
     if activation == "swiglu_oai" and w_gate is None:
@@ -215,6 +227,24 @@ def _check_experts(x, src, offsets, weights, layout, activation):
         raise MoecKernelError(f"moec.experts: offsets must be ({E + 1},) and src 1-D, got "
                               f"{tuple(offsets.shape)} and {tuple(src.shape)}")
     _same_device("experts", x, src=src, offsets=offsets)
+
+
+def _check_lora(x, weights, layout, E, F, H):
+    dims = {"up": (F, H), "gate": (F, H), "down": (H, F)}     # (out N, in K) of each projection
+    for p, factors in zip(layouts.PROJECTIONS, layouts.lora(weights, layout)):
+        if factors is None:
+            continue
+        a, b, _ = factors
+        N, K = dims[p]
+        for name, t in ((f"lora_a_{p}", a), (f"lora_b_{p}", b)):
+            _check_float("experts", name, t, dims=3)
+            _same_device("experts", x, **{name: t})
+            if t.dtype != x.dtype:
+                raise MoecKernelError(f"moec.experts: {name} is {t.dtype} but x is {x.dtype}; cast one of them")
+        r = a.shape[1]
+        if tuple(a.shape) != (E, r, K) or tuple(b.shape) != (E, N, r):
+            raise MoecKernelError(f"moec.experts: LoRA factors of {p} must be A (E={E}, r, {K}) and B "
+                                  f"(E={E}, {N}, r) with one rank r, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 # ---------------------------------------------------------------------------------- combine

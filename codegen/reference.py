@@ -139,11 +139,13 @@ def _act_and_derivative(v, activation):
 def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
     """Expert MLPs over grouped token copies -> y (S, H); rows past offsets[E] are zero.
 
-    `layout` (codegen/layout.py) reads w_up, w_gate: (E, F, H); w_down: (E, H, F) and the biases
-    out of the base tensors `weights`; y_e = act(x W_gate^T + b) * (x W_up^T + b) W_down^T + b.
+    `layout` (codegen/layout.py) reads w_up, w_gate: (E, F, H); w_down: (E, H, F), the biases and
+    any LoRA factors out of the base tensors `weights`; per projection p,
+    p(v) = v W_p^T + b_p + s_p (v A_p^T) B_p^T, and y_e = down(act(gate(x), up(x))).
     Loops over experts on the host: a reference, not a kernel.
     """
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    l_up, l_gate, l_down = layouts.lora(weights, layout)
     S, H = src_S.shape[0], w_down.shape[1]
     y = x_TH.new_zeros(S, H)
     bounds = offsets.tolist()
@@ -152,31 +154,34 @@ def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
         if hi == lo:
             continue
         rows = x_TH[src_S[lo:hi] // k]
-        u = _linear(rows, w_up[e], _at(b_up, e))
-        g = None if w_gate is None else _linear(rows, w_gate[e], _at(b_gate, e))
-        y[lo:hi] = _linear(activate(g, u, activation, alpha, limit), w_down[e], _at(b_down, e))
+        u = _project(rows, e, w_up, b_up, l_up)
+        g = None if w_gate is None else _project(rows, e, w_gate, b_gate, l_gate)
+        y[lo:hi] = _project(activate(g, u, activation, alpha, limit), e, w_down, b_down, l_down)
     return y
 
 
-def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
+def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit,
+                     needs=None):
     """[dx, one gradient per base of `weights`]: each role's gradient added into its view of its
-    base's (zeroed) gradient, as autograd through the views would."""
+    base's (zeroed) gradient, as autograd through the views would. needs[i] False: base i gets
+    None, and no role reading it has its gradient computed (frozen base weights under LoRA)."""
     parsed = layouts.parse(layout)
-    roles = layouts.views(weights, layout)
-    per_role = _role_grads(grad_y_SH, x_TH, src_S, offsets, k, *roles, activation, alpha, limit)
-    grads = [torch.zeros_like(w) for w in weights]
-    for role, g in zip(layouts.ROLES, per_role[1:]):
-        if g is not None:
-            layouts.view(grads[parsed[role].index], parsed[role]).add_(g)
-    return [per_role[0]] + grads
+    needs = [True] * len(weights) if needs is None else list(needs)
+    grads = [torch.zeros_like(w) if need else None for w, need in zip(weights, needs)]
+    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items() if needs[v.index]}
+    per_role = {role: torch.zeros_like(slot) for role, slot in slots.items()}
+    dx = _backward(grad_y_SH, x_TH, src_S, offsets, k, layouts.views(weights, layout),
+                   layouts.lora(weights, layout), per_role, activation, alpha, limit)
+    for role, g in per_role.items():
+        slots[role].add_(g)
+    return [dx] + grads
 
 
-def _role_grads(grad_y_SH, x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                activation, alpha, limit):
-    """Gradients of `experts` for x and each role's view (None where the role is absent)."""
-    grads = [torch.zeros_like(x_TH)] + [None if t is None else torch.zeros_like(t)
-                                        for t in (w_up, w_gate, w_down, b_up, b_gate, b_down)]
-    dx, dw_up, dw_gate, dw_down, db_up, db_gate, db_down = grads
+def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation, alpha, limit):
+    """dx of `experts`; fills grads[role][e] for each role present in `grads` (zeros elsewhere)."""
+    w_up, w_gate, w_down, b_up, b_gate, b_down = roles
+    l_up, l_gate, l_down = lora
+    dx = torch.zeros_like(x_TH)
     bounds = offsets.tolist()
     for e in range(w_up.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
@@ -184,21 +189,44 @@ def _role_grads(grad_y_SH, x_TH, src_S, offsets, k, w_up, w_gate, w_down, b_up, 
             continue
         token = src_S[lo:hi] // k
         rows, gy = x_TH[token], grad_y_SH[lo:hi]
-        u = _linear(rows, w_up[e], _at(b_up, e))
-        g = None if w_gate is None else _linear(rows, w_gate[e], _at(b_gate, e))
+        u = _project(rows, e, w_up, b_up, l_up)
+        g = None if w_gate is None else _project(rows, e, w_gate, b_gate, l_gate)
         h = activate(g, u, activation, alpha, limit)
-        dw_down[e] = gy.transpose(0, 1) @ h
-        dg, du = activate_backward(g, u, gy @ w_down[e], activation, alpha, limit)
-        dw_up[e] = du.transpose(0, 1) @ rows
-        drows = du @ w_up[e]
+        dh = _project_backward(gy, h, e, "down", w_down, l_down, grads)
+        dg, du = activate_backward(g, u, dh, activation, alpha, limit)
+        drows = _project_backward(du, rows, e, "up", w_up, l_up, grads)
         if g is not None:
-            dw_gate[e] = dg.transpose(0, 1) @ rows
-            drows = drows + dg @ w_gate[e]
-        for bias_grad, d in ((db_up, du), (db_gate, dg), (db_down, gy)):
-            if bias_grad is not None:
-                bias_grad[e] = d.sum(0)
+            drows = drows + _project_backward(dg, rows, e, "gate", w_gate, l_gate, grads)
         dx.index_add_(0, token, drows)
-    return grads
+    return dx
+
+
+def _project(v, e, w, b, lora):
+    """v W[e]^T + b[e] + s (v A[e]^T) B[e]^T: expert e's projection, LoRA factors never merged."""
+    out = _linear(v, w[e], _at(b, e))
+    if lora is not None:
+        a, b_, s = lora
+        out = out + s * (v @ a[e].transpose(0, 1)) @ b_[e].transpose(0, 1)
+    return out
+
+
+def _project_backward(d_out, v, e, p, w, lora, grads):
+    """d v of `_project` given d out; stores expert e's share of each wanted role gradient."""
+    d_v = d_out @ w[e]
+    _put(grads, f"w_{p}", e, lambda: d_out.transpose(0, 1) @ v)
+    _put(grads, f"b_{p}", e, lambda: d_out.sum(0))
+    if lora is not None:
+        a, b, s = lora
+        q = s * (d_out @ b[e])                                                  # (n, r)
+        d_v = d_v + q @ a[e]
+        _put(grads, f"lora_a_{p}", e, lambda: q.transpose(0, 1) @ v)          # (r, K)
+        _put(grads, f"lora_b_{p}", e, lambda: s * d_out.transpose(0, 1) @ (v @ a[e].transpose(0, 1)))
+    return d_v
+
+
+def _put(grads, role, e, value):
+    if role in grads:
+        grads[role][e] = value()
 
 
 def _at(bias, e):

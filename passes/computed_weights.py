@@ -30,12 +30,14 @@ _PASS_THROUGH = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeez
 
 @dataclass(frozen=True)
 class LoraForm:
-    """weight = base + scale * lhs @ rhs, per expert: base (E, N, K), lhs (E, N, r), rhs (E, r, K)."""
+    """weight = base + scale * lhs @ rhs, per expert: base (E, N, K), lhs (E, N, r), rhs (E, r, K).
+    `nodes`: the weight and the nodes computing its delta (bmm, scaling): what merging costs."""
     weight: fx.Node
     base: fx.Node
     lhs: fx.Node
     rhs: fx.Node
     scale: float
+    nodes: frozenset = frozenset()
 
 
 def split_producers(gm, dg, nodes, x, logits, real):
@@ -99,7 +101,7 @@ def lora_form(node) -> LoraForm | None:
         if node.kwargs.get("beta", 1) != 1 or len(node.args) > 3:
             return None
         scale = node.kwargs.get("alpha", 1)
-        return _checked(node, w, lhs, rhs, scale)
+        return _checked(node, w, lhs, rhs, scale, ())
     if name == "add" and len(node.args) == 2 and not node.kwargs:
         for w, delta in (node.args, node.args[::-1]):
             found = _scaled_product(delta)
@@ -108,23 +110,23 @@ def lora_form(node) -> LoraForm | None:
     return None
 
 
-def _scaled_product(node, scale=1.0):
-    """(lhs, rhs, scale) for `s * bmm(lhs, rhs)`, `bmm(...) * s`, `bmm(...) / s` chains."""
+def _scaled_product(node, scale=1.0, chain=()):
+    """(lhs, rhs, scale, chain nodes) for `s * bmm(lhs, rhs)`, `bmm(...) * s`, `bmm(...) / s`."""
     if not isinstance(node, fx.Node):
         return None
-    name = op_name(node)
+    name, chain = op_name(node), chain + (node,)
     if name in ("bmm", "matmul") and len(node.args) == 2 and not node.kwargs:
-        return node.args[0], node.args[1], scale
+        return node.args[0], node.args[1], scale, chain
     if name in ("mul", "truediv", "div") and len(node.args) == 2 and not node.kwargs:
         a, b = node.args
         if name == "mul" and isinstance(a, (int, float)):
             a, b = b, a
         if isinstance(b, (int, float)) and not isinstance(b, bool):
-            return _scaled_product(a, scale * b if name == "mul" else scale / b)
+            return _scaled_product(a, scale * b if name == "mul" else scale / b, chain)
     return None
 
 
-def _checked(node, w, lhs, rhs, scale):
+def _checked(node, w, lhs, rhs, scale, chain):
     if not all(isinstance(t, fx.Node) and _is_float_tensor(t) and value(t).dim() == 3 for t in (w, lhs, rhs)):
         return None
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -134,7 +136,7 @@ def _checked(node, w, lhs, rhs, scale):
         return None
     if len({value(t).dtype for t in (w, lhs, rhs, node)}) != 1:
         return None
-    return LoraForm(node, w, lhs, rhs, float(scale))
+    return LoraForm(node, w, lhs, rhs, float(scale), frozenset((node,) + tuple(chain)))
 
 
 def _is_float_tensor(node) -> bool:

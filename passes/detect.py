@@ -133,6 +133,10 @@ def _analyse(gm, dg, anchor, linear, real):
     if producers:
         real = {**real, **computed}
         inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    # a LoRA weight only the layer reads is computed as factors beside the GEMMs: the merged
+    # weight goes with the region (one read elsewhere too stays, and is read as it is)
+    lora = {f.weight: f for f in map(computed_weights.lora_form, producers)
+            if f is not None and all(dg.users[n] <= nodes | f.nodes for n in f.nodes)}
     weights = {i for i in inputs if i in real} - {x}
     expert_side = dg.forward_slice({x} | weights, stop={logits}) & nodes
     kept = _router_outputs_kept(dg, nodes, expert_side, aliases | {output})
@@ -144,9 +148,12 @@ def _analyse(gm, dg, anchor, linear, real):
     try:
         router, experts, bias, check = identify.identify(
             gm, dg, ordered, dg.sorted(inputs), output, x=x, logits=logits, real=real,
-            num_experts=num_experts, hidden=hidden)
+            num_experts=num_experts, hidden=hidden, lora=lora)
     except identify.Unproven as e:
         raise _Missed(str(e), output) from None
+    read = {spec[0] for spec in (experts.up, experts.gate, experts.down) if spec is not None}
+    merging = {n for w, f in lora.items() if w not in read for n in f.nodes}
+    ordered = dg.sorted(nodes | merging)     # the merged LoRA weights: the rewrite no longer reads them
     if isinstance(router.capacity, fx.Node):   # a symbolic capacity: the rewrite still reads it
         kept |= dg.backward_slice([router.capacity]) & nodes
     return Region(module=_block_path(ordered), idiom=_idiom(ordered), router=router, experts=experts,

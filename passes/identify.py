@@ -27,7 +27,9 @@ class Unproven(Exception):
     """No known form reproduces the region; the message says what was tried."""
 
 
-def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hidden):
+def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hidden, lora=None):
+    """lora: {weight input: computed_weights.LoraForm} for weights the graph computes as
+    W + s * L @ R: roles reading them are proven, and recorded, as W with the factors beside."""
     tokens = hint(shape(logits)[0])
     if tokens == 0:
         raise Unproven("compiled with zero tokens, so the rewrite cannot be checked; "
@@ -56,7 +58,7 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
     dtype, eps = _score_dtype(router_nodes, logits), _renorm_eps(router_nodes)
     routers = [dataclasses.replace(r, score_dtype=dtype, renorm_eps=eps) for r in routers]
     router, experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias,
-                                            num_experts, hidden, tokens, gen)
+                                            num_experts, hidden, tokens, gen, lora or {})
     return router, experts, bias, check
 
 
@@ -191,8 +193,10 @@ def _coarsest(nodes):
 
 
 def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, num_experts, hidden,
-                   tokens, gen):
-    """The first (router, experts) pair whose moec ops reproduce the layer on random tokens."""
+                   tokens, gen, lora):
+    """The first (router, experts) pair whose moec ops reproduce the layer on random tokens.
+    LoRA weights get random base and factors (a zero-initialised B would hide wrong factors):
+    the layer reads their merged value, moec's ops the factors."""
     fn = _extract(gm, nodes, inputs, [output])
     # 0-d inputs are scalars the graph lifted (a capacity factor), not expert weights
     weights = [i for i in inputs if i in real and i is not bias and i is not x and real[i].dim() > 0]
@@ -207,14 +211,16 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
     dtypes = (value(x).dtype,) if names & {"_grouped_mm", "grouped_mm"} else (torch.float64, value(x).dtype)
     for dtype in dtypes:
         x_values = _randn(x_shape, gen, x).to(dtype)
-        args = _args(inputs, {x: x_values, logits: logit_values.to(dtype)}, real, dtype)
+        factors = _lora_values(lora, gen, dtype)
+        given = {x: x_values, logits: logit_values.to(dtype), **{w: factors[w] for w in lora}}
+        args = _args(inputs, given, real, dtype)
         try:
             ref = fn(*args)[0].double().reshape(tokens, hidden)
         except Exception as e:  # an op without a float64 kernel: prove in the model's dtype
             if dtype is torch.float64:
                 continue
             raise Unproven(f"running the layer on random tokens failed: {e}") from None
-        env = dict(zip(inputs, args))
+        env = {**dict(zip(inputs, args)), **factors}
         x2d = env[x].double().reshape(tokens, hidden)
         # a bf16 model rounds inside the layer even when the proof feeds it float64
         tol = max(_TOLERANCE[dtype], _TOLERANCE[_coarsest(nodes)])
@@ -222,7 +228,7 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
         for router in routers:
             w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
             offsets, src, inv = torch.ops.moec.plan(ids, num_experts)
-            for experts in candidates:
+            for experts in map(lambda c: _with_lora(c, lora), candidates):
                 y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env),
                                            experts.activation, experts.alpha, experts.limit)
                 out = torch.ops.moec.combine(y, inv, w)
@@ -260,8 +266,34 @@ _TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, to
 def _weight_args(experts, env):
     """(bases as float64 tensors, layout): the arguments the rewrite will emit, on example values."""
     bases, layout = layouts.pack((experts.up, experts.gate, experts.down, experts.up_bias,
-                                  experts.gate_bias, experts.down_bias))
+                                  experts.gate_bias, experts.down_bias), experts.lora)
     return [env[node].double() for node in bases], layout
+
+
+def _with_lora(experts, lora):
+    """A role reading a LoRA weight P = W + s * L @ R as P[:, sl] (or P^T[:, sl]) reads W the same
+    way, plus s * B @ A with B = L[:, sl], A = R (or B = R^T[:, sl], A = L^T): exact algebra."""
+    changes = {}
+    for p in layouts.PROJECTIONS:
+        spec = getattr(experts, p)
+        if spec is None or spec[0] not in lora:
+            continue
+        form, (_, t, sl) = lora[spec[0]], spec
+        a, b = ((form.lhs, True, None), (form.rhs, True, sl)) if t else ((form.rhs, False, None), (form.lhs, False, sl))
+        changes[p], changes[f"lora_{p}"] = (form.base, t, sl), (a, b, form.scale)
+    return dataclasses.replace(experts, **changes) if changes else experts
+
+
+def _lora_values(lora, gen, dtype):
+    """Random W, L, R for each LoRA weight and its merged value W + s * L @ R, by node."""
+    values = {}
+    for form in lora.values():
+        for node, fan_in in ((form.base, shape(form.base)[2]), (form.lhs, 1), (form.rhs, shape(form.rhs)[2])):
+            if node not in values:
+                values[node] = _randn(_hint_shape(node), gen, node) * fan_in ** -0.5
+        w, lhs, rhs = values[form.base], values[form.lhs], values[form.rhs]
+        values[form.weight] = torch.baddbmm(w, lhs, rhs, alpha=form.scale)
+    return {node: v.to(dtype) for node, v in values.items()}
 
 
 def _expert_candidates(nodes, weights, real, num_experts, hidden, names):

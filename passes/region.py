@@ -46,6 +46,9 @@ class Experts:
 
     A view is (input node, transpose?, slice along dim 1 as (start, step) or None) so that
     `w_up` etc. are always (E, N, K) with y = x @ w[e].T.
+
+    LoRA (`lora_up` etc.): the projection's weight is the view plus scale * B @ A per expert,
+    given as (A view (E, r, K), B view (E, N, r), scale): computed as factors, never merged.
     """
     num_experts: int
     hidden: int
@@ -59,6 +62,13 @@ class Experts:
     down_bias: tuple | None = None
     alpha: float = 0.0
     limit: float = 0.0
+    lora_up: tuple | None = None
+    lora_gate: tuple | None = None
+    lora_down: tuple | None = None
+
+    @property
+    def lora(self) -> tuple:
+        return self.lora_up, self.lora_gate, self.lora_down
 
 
 @dataclass

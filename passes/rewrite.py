@@ -72,7 +72,7 @@ def _rewrite_region(graph, region, fake_mode):
         offsets, src, inv = (emit.item(plan, j) for j in range(3))
         # the base tensors go in as they are and the op takes its views below autograd, so each
         # fused parameter gets one gradient buffer, not a slice_backward (zeros + copy + add) per view
-        bases, layout = layouts.pack((ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias))
+        bases, layout = layouts.pack((ex.up, ex.gate, ex.down, ex.up_bias, ex.gate_bias, ex.down_bias), ex.lora)
         y = emit.op(torch.ops.moec.experts.default, x, src, offsets, r.top_k, list(bases), layout,
                     ex.activation, ex.alpha, ex.limit)
         out = emit.op(torch.ops.moec.combine.default, y, inv, weights)

@@ -1,18 +1,21 @@
 """LoRA on expert weights: PEFT's `target_parameters` on HF's 3D expert parameters, and a
 hand-written W + s * B @ A layer, compiled with moec: one graph, the layer fused, outputs and the
-gradient of every LoRA parameter equal to eager, frozen base weights without gradients.
+gradient of every LoRA parameter equal to eager, frozen base weights without gradients, and the
+merged weight W + s * B @ A never formed (moec.experts reads W and the factors).
 
 LoRA factors are random (`init_lora_weights=False`): PEFT's default B = 0 makes the low-rank
 term vanish, which would hide a rewrite that dropped it (the training test starts from the
 default and takes optimizer steps, after which B is no longer zero).
 """
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moec
 from compare import TOL
@@ -144,3 +147,56 @@ def test_hand_written_lora_experts():
     assert_compiled_matches_eager(model, x)
     assert counters["moec"]["regions_fused"] == 1
 
+
+
+class _Shapes(TorchDispatchMode):
+    """Records each op's name and the shapes of its tensor outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls.append((str(func), [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)]))
+        return out
+
+
+def _backward_recorded(module, x):
+    # the forward outside the mode: Dynamo runs compiled code only while no dispatch mode is on
+    out = _first(module(x))
+    with _Shapes() as mode:
+        (out * torch.randn_like(out)).sum().backward()
+    return mode.calls
+
+
+@pytest.mark.parametrize("arch,impl", [("qwen3_moe", "grouped_mm"), ("gpt_oss", "eager")])
+def test_merged_weight_never_formed(tmp_path, arch, impl):
+    """The rewritten graph reads W and the LoRA factors, not W + s * B @ A, and its backward makes
+    no tensor of a base weight's shape: no merged weight, no copy of W, no gradient for the
+    frozen W. Eager PEFT's backward, the positive control, does (the merged weight's gradient)."""
+    model = peft_block(arch, impl, torch.float32)
+    bases = {tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 3}
+    assert any(bases & set(shapes) for _, shapes in _backward_recorded(model, torch.randn(2, 5, 32))), "control"
+    compiled = torch.compile(model, backend="moec", options={**OPTIONS, "dump_dir": str(tmp_path)})
+    x = torch.randn(2, 5, 32)
+    compiled(x)                                           # compile outside the recorded run
+    [folder] = os.listdir(tmp_path)
+    before, after = (open(os.path.join(tmp_path, folder, f)).read() for f in ("00_input.py", "02_rewrite.py"))
+    assert "baddbmm" in before and "baddbmm" not in after
+    assert all(f"lora_{f}_{p}=" in after for f in "ab" for p in ("up", "gate", "down"))
+    calls = _backward_recorded(compiled, x)
+    assert not [c for c in calls if bases & set(c[1])], [c for c in calls if bases & set(c[1])]
+    backward = [shapes for name, shapes in calls if "experts_backward" in name]
+    assert backward and all((0,) in shapes for shapes in backward)   # the frozen bases' empty slots
+
+
+def test_hand_written_lora_graph_drops_the_delta(tmp_path):
+    """`W + bmm(B, A) * s`: the add, the bmm and the scaling all leave the rewritten graph."""
+    torch.manual_seed(0)
+    model = LoraExpertsMoE()
+    torch.compile(model, backend="moec", options={**OPTIONS, "dump_dir": str(tmp_path)})(torch.randn(12, 32))
+    [folder] = os.listdir(tmp_path)
+    before, after = (open(os.path.join(tmp_path, folder, f)).read() for f in ("00_input.py", "02_rewrite.py"))
+    assert "torch.bmm" in before and "torch.bmm" not in after and "lora_a_up=" in after
