@@ -67,7 +67,7 @@ def _ms(fn, reps):
 def run_cell(name, variant):
     from torch._dynamo.utils import counters
     from transformers import StaticCache
-    model = build(name, "eager" if variant == "hf_eager" else "grouped_mm")
+    model = build(name, "eager" if variant == "hf_eager" else os.environ.get("BENCH_EXPERTS_IMPL", "grouped_mm"))
     forward = model.forward
     if variant != "hf_eager":
         backend = "moec" if variant.startswith("moec") else "inductor"
@@ -147,6 +147,15 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def _error(stderr):
+    """The exception line of a failed cell (Dynamo appends hints after it)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
+            return ln.strip()
+    return lines[-1] if lines else "?"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"))
@@ -165,8 +174,7 @@ def main():
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", m, v],
                                   capture_output=True, text=True, timeout=900)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")), None)
-            row = json.loads(line[5:]) if line else {"model": m, "variant": v,
-                                                     "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            row = json.loads(line[5:]) if line else {"model": m, "variant": v, "error": _error(proc.stderr)}
             rows.append(json.loads(json.dumps(row)))   # int keys -> str, as read back from JSON
             print(m, v, json.dumps(row)[:400], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
