@@ -55,6 +55,8 @@ def run_pipeline(gm: fx.GraphModule, example_inputs, config, dumper=None) -> tup
         _verify(gm, name)
         pass_log.append((name, ms, before, len(gm.graph.nodes)))
         log.info("pass %d %s: %.1f ms, %d -> %d nodes", index, name, ms, before, len(gm.graph.nodes))
+        for module, why in getattr(report, "skipped", ()):   # what a pass left alone, and why
+            log.info("pass %s left %s alone: %s", name, module or "<root>", why)
         changed = gm.code != code
         if changed:   # MLIR's print-after-change, for tlparse
             trace_artifact(f"moec_after_{name}", lambda: gm.print_readable(print_output=False))
