@@ -61,8 +61,15 @@ def dynamic_capture():
     # user code that branches on `.item()` fails in Dynamo instead of graph-breaking (a known
     # limitation; MOEC_CAPTURE_DYNAMIC=0 turns both off).
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
-            fx_config.patch(backed_size_oblivious=True):
+            fx_config.patch(backed_size_oblivious=_SIZE_OBLIVIOUS_LOWERS):
         yield
+
+
+# torch 2.11's Inductor cannot lower a slice with a negative start on a size-oblivious dimension
+# (HF's `hidden_states[:, -1:]` for logits_to_keep=1: LoweringException KeyError
+# 'unbacked_bindings', seen on an H100 with torch 2.11); 2.13 lowers it. Where it can't, a batch
+# of one token compiles its own graph, as under Dynamo's defaults.
+_SIZE_OBLIVIOUS_LOWERS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 @contextlib.contextmanager
