@@ -1,23 +1,26 @@
-"""Grouped GEMM over contiguous grouped rows: C[s] = A1[s] B1[e] (+ A2[s] B2[e]) + bias[e].
+"""Grouped GEMM over contiguous grouped rows: C[s] = A1[s] B1[e] (+ A2[s] B2[e]) + bias[e],
+plus up to two low-rank terms T1[s] L1[e] + T2[s] L2[e] (LoRA, with their own rank r as K).
 
-Used for the down projection (A1 = h, B1[e] = W_down[e]^T) and for the input gradient of the
-gate/up projection (A1 = du, B1[e] = W_up[e]; A2 = dg, B2[e] = W_gate[e]). B operands are read
-through their strides, so weight views (transposes, interleaved slices) are never copied.
+Used for the down projection (A1 = h, B1[e] = W_down[e]^T; LoRA T1 = s h A_down^T, L1 = B_down^T)
+and for the input gradient of the gate/up projection (A1 = du, B1[e] = W_up[e]; A2 = dg, B2[e] =
+W_gate[e]; LoRA T = s du B_up, L = A_up and the same for gate), and, with N = r, for the LoRA
+products themselves. B and L operands are read through their strides, so weight views
+(transposes, interleaved slices) are never copied.
 Rows of dropped copies (past offsets[E]) are written as zeros by the tiles of segment E.
 Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 """
 import triton
 import triton.language as tl
 
-from .jit_helpers import expert_tile, ieee, mma
+from .jit_helpers import expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, mma
 
 
 @triton.jit
-def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr,
+def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1_ptr, l1_ptr, t2_ptr, l2_ptr,
                 S, E, N, K, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
-                s_bias_e, s_bias_n, s_c,
-                HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                s_bias_e, s_bias_n, s_c, s_t1, s_l1_e, s_l1_k, s_l1_n, R1, s_t2, s_l2_e, s_l2_k, s_l2_n, R2,
+                HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, LR1: tl.constexpr, LR2: tl.constexpr,
+                IEEE: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -46,6 +49,12 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr,
                 b = tl.load(b2_ptr + e64 * s_b2_e + kk[:, None] * s_b2_k + cols[None, :] * s_b2_n,
                             mask=bmask, other=0.0)
                 acc = mma(a, b, acc, IEEE)
+        if LR1:
+            acc = lowrank(acc, t1_ptr, s_t1, rows64, rmask, l1_ptr, e64, s_l1_e, s_l1_k, s_l1_n, cols, cmask,
+                          R1, IEEE, BLOCK_K)
+        if LR2:
+            acc = lowrank(acc, t2_ptr, s_t2, rows64, rmask, l2_ptr, e64, s_l2_e, s_l2_k, s_l2_n, cols, cmask,
+                          R2, IEEE, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e64 * s_bias_e + cols * s_bias_n, mask=cmask,
                            other=0.0).to(tl.float32)[None, :]
@@ -53,17 +62,18 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr,
              mask=rmask[:, None] & cmask[None, :])
 
 
-def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None):
-    """c (S, N) = grouped a1 (S, K) @ b1 (E, K, N) [+ a2 @ b2] [+ bias (E, N)]; b's may be views."""
+def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None, lr2=None):
+    """c (S, N) = grouped a1 (S, K) @ b1 (E, K, N) [+ a2 @ b2] [+ bias (E, N)] [+ t @ L for each
+    lr = (t (S, r), L (E, r, N))]; b's and L's may be views."""
     S, N = c.shape
     E, K = b1.shape[0], b1.shape[1]
     a2_, b2_ = (a2, b2) if a2 is not None else (a1, b1)
     bias_ = bias if bias is not None else c
     grid = ((triton.cdiv(S, tile.block_m) + E + 1) * triton.cdiv(N, tile.block_n),)
     down_kernel[grid](
-        a1, b1, a2_, b2_, bias_, c, offsets, S, E, N, K,
+        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
-        *(bias.stride() if bias is not None else (0, 0)), c.stride(0),
-        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, IEEE=ieee(c),
+        *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),
+        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None, IEEE=ieee(c),
         E_POW2=triton.next_power_of_2(E + 1), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

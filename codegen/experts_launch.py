@@ -24,10 +24,7 @@ def _tiles(x, src, w_up, k, *kernels):
     return [tuning.tile(name, E, k, H, F, x.dtype, x.device, T) for name in kernels]
 
 
-def _check(x, layout):
-    if layouts.lora_scales(layout):
-        raise MoecKernelError("moec.experts (triton): LoRA factors are not on the Triton path yet; "
-                              "use the reference backend (moec.codegen.kernels.set_backend('reference'))")
+def _check(x):
     if x.dtype not in _KERNEL_DTYPES:
         raise MoecKernelError(f"moec.experts (triton): dtype {x.dtype} unsupported; use float16, "
                               f"bfloat16 or float32, or the reference backend")
@@ -36,23 +33,29 @@ def _check(x, layout):
 
 
 def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit):
-    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down."""
-    _check(x, layout)
+    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down.
+    LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
+    K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed."""
+    _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    lu, lg, ld = layouts.lora(weights, layout)
     S, (E, F, H) = src.shape[0], w_up.shape
     y = x.new_empty(S, H)
     if S == 0:
         return y
     t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
+    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
     h = x.new_empty(S, F)
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h)
-    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down)
+                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg))
+    t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
+    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld))
     return y
 
 
 def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None):
-    """[dx, one gradient per base of `weights`], each base's gradient one buffer.
+    """[dx, one gradient per base of `weights`], each base's gradient one buffer; None for a base
+    with needs[i] False (a frozen weight), whose roles' GEMMs are skipped.
 
     1. gate/up again with dh = grad_y W_down and d(act) fused -> h, dg, du   (S, F)
     2. rows = du W_up + dg W_gate (grouped, dropped rows zero)             (S, H)
@@ -60,48 +63,132 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     4. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_y against h,
        each stored by the wgrad kernel straight into its strided view of its base's buffer
        (HF's gate_up halves, GPT-OSS's transposed interleaved rows): no zero-fill, no add.
+    LoRA (per projection: W + s B A, in v, out gradient d): t = s v A^T and q = s d B (S, r) are
+    rank-r grouped GEMMs; dv gains q A (r more K-columns in 1. and 2.), dA = q^T v, dB = d^T t.
     """
-    _check(x, layout)
+    _check(x)
     roles = layouts.views(weights, layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
+    lu, lg, ld = layouts.lora(weights, layout)
     S, (E, F, H) = src.shape[0], w_up.shape
     gated = w_gate is not None
-    grads = [torch.empty_like(w) for w in weights]     # the base's strides: the fake impl's too
+    needs = [True] * len(weights) if needs is None else list(needs)
+    shared = _shared_a(layout)
+    parsed = layouts.parse(layout)
+    # a shared A's gradient is one product (q_up + q_gate)^T x, written by lora_a_up alone
+    skip = ("lora_a_gate",) if shared else ()
+    grads = [torch.empty_like(w) if need else None for w, need in zip(weights, needs)]   # the base's strides
     dims = tuple((w.shape[1], w.shape[2] if w.dim() == 3 else 0) for w in weights)
-    zero, accumulate = layouts.grad_plan(layout, dims)
+    zero, accumulate = layouts.grad_plan(layout, dims, skip)
     for i in zero:
-        grads[i].zero_()
-    slots = layouts.views(grads, layout)
+        if grads[i] is not None:
+            grads[i].zero_()
+    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items()
+             if needs[v.index] and role not in skip}
     # a role overlapping an earlier one of the same base (not produced by moec's rewrite) writes a
     # temporary that is added at the end
-    out = [torch.empty_like(t, memory_format=torch.contiguous_format) if r in accumulate else t
-           for r, t in zip(layouts.ROLES, slots)]
+    out = {role: torch.empty_like(t, memory_format=torch.contiguous_format) if role in accumulate else t
+           for role, t in slots.items()}
     if S == 0:
-        for t in out:
-            if t is not None:
-                t.zero_()
+        for t in out.values():
+            t.zero_()
         return [torch.zeros_like(x, memory_format=torch.contiguous_format)] + _finish(grads, slots, out)
-    dw_up, dw_gate, dw_down, db_up, db_gate, db_down = out
+    o = out.get
     t_up, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
+    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
+    q_d = None if ld is None else _lora_rows(grad_y, ld[1], ld[2], offsets, t_down)
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if gated else None
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du)
+                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du,
+                   lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg),
+                   lora_d=None if ld is None else (q_d, ld[0]))
+    q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down,
+                                             *((dg, lg[1]) if shared else ()))
+    q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     rows = x.new_empty(S, H)
-    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate)
+    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate,
+                lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     dx = _sum_rows(rows, src, k, x)
     # the wgrad kernel writes every element of its outputs (zeros for experts without rows)
-    launch_wgrad(du, x, offsets, dw_up, t_wg2 if gated else t_wg, src=src, k=k, a2=dg, out2=dw_gate,
-                 db=db_up, db2=db_gate)
-    launch_wgrad(grad_y, h, offsets, dw_down, t_wg, db=db_down)
-    grads = _finish(grads, slots, out)
-    return [dx] + [g if needs is None or need else None for g, need in zip(grads, needs or grads)]
+    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
+           db2=o("b_gate"))
+    _wgrad(grad_y, h, offsets, o("w_down"), t_wg, db=o("b_down"))
+    _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
+    if shared:
+        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
+    else:
+        if lu is not None:
+            _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg)
+        if lg is not None:
+            _wgrad(dg, t_g, offsets, o("lora_b_gate"), t_wg)
+    if ld is not None:
+        _wgrad(q_d, h, offsets, o("lora_a_down"), t_wg)
+        t_d = _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
+        _wgrad(grad_y, t_d, offsets, o("lora_b_down"), t_wg)
+    return [dx] + _finish(grads, slots, out)
+
+
+def _shared_a(layout) -> bool:
+    """Whether gate's LoRA reads up's A with up's scale (PEFT on a fused gate_up): one t serves both."""
+    parsed, scales = layouts.parse(layout), layouts.lora_scales(layout)
+    a = parsed.get("lora_a_up")
+    return a is not None and a == parsed.get("lora_a_gate") and scales["up"] == scales["gate"]
+
+
+def _lora_x(x, src, offsets, k, lu, lg, shared, tile):
+    """t = s x[src // k] A^T (S, r) for up and gate: one grouped GEMM (a plain gate_up launch)
+    each, or one for both when they share A."""
+    def lowrank(factors):
+        a, _, scale = factors
+        t = x.new_empty(src.shape[0], a.shape[1])
+        launch_gate_up(x, src, offsets, k, a, None, None, None, ACTIVATION_CODE["none"], 0.0, 0.0, tile, t)
+        return t.mul_(scale)
+    t_u = None if lu is None else lowrank(lu)
+    t_g = t_u if shared else None if lg is None else lowrank(lg)
+    return t_u, t_g
+
+
+def _lora_rows(a1, b1, scale, offsets, tile, a2=None, b2=None):
+    """s (a1 b1[e] [+ a2 b2[e]]) (S, r) over contiguous grouped rows, b (E, K, r)."""
+    t = a1.new_empty(a1.shape[0], b1.shape[2])
+    launch_down(a1, b1, t, offsets, tile, a2=a2, b2=b2)
+    return t.mul_(scale)
+
+
+def _out_term(t, factors):
+    """(t, B^T as (E, r, N)): a LoRA term t B^T added to a projection's output."""
+    return None if factors is None else (t, factors[1].transpose(1, 2))
+
+
+def _wgrad(a, b, offsets, out, tile, tile_dual=None, src=None, k=1, a2=None, out2=None, db=None, db2=None):
+    """launch_wgrad for the wanted gradients only (None: a frozen base, or no such role); both
+    pairs (a, out, db), (a2, out2, db2) in one pass over b when both are wanted."""
+    pairs = [(t, w, d) for t, w, d in ((a, out, db), (a2, out2, db2)) if t is not None and (w, d) != (None, None)]
+    for t, w, d in pairs:
+        if w is None:    # a bias that trains beside a frozen weight: its per-expert row sums
+            d.copy_(_segment_sum(t, offsets, d.shape[0]))
+    pairs = [p for p in pairs if p[1] is not None]
+    if len(pairs) == 2:
+        (a, out, db), (a2, out2, db2) = pairs
+        launch_wgrad(a, b, offsets, out, tile_dual or tile, src=src, k=k, a2=a2, out2=out2, db=db, db2=db2)
+    elif pairs:
+        (a, out, db), = pairs
+        launch_wgrad(a, b, offsets, out, tile, src=src, k=k, db=db)
+
+
+def _segment_sum(a_SM, offsets, E):
+    """(E, M) sums of the grouped rows of each expert, without a host sync."""
+    S = a_SM.shape[0]
+    expert = torch.searchsorted(offsets[1:], torch.arange(S, device=a_SM.device), right=True)   # E past the end
+    sums = torch.zeros(E + 1, a_SM.shape[1], dtype=torch.float32, device=a_SM.device)
+    return sums.index_add_(0, expert, a_SM.float())[:E]
 
 
 def _finish(grads, slots, out):
-    for slot, t in zip(slots, out):
-        if t is not slot:
-            slot.add_(t)
+    for role, t in out.items():
+        if t is not slots[role]:
+            slots[role].add_(t)
     return grads
 
 

@@ -4,6 +4,8 @@ Forward, per grouped row s of expert e (token t = src[s] // k):
     g = x[t] W_gate[e]^T + b_gate[e];  u = x[t] W_up[e]^T + b_up[e];  h[s] = act(g, u)
 Backward (BACKWARD): also dh = grad_y[s] W_down[e] (K = H as well) and stores h, dg, du for the
 input- and weight-gradient GEMMs, so the pre-activations never round-trip through memory.
+LoRA (LORA_U/G/D): g, u and dh each may get a low-rank term t[s] L[e] with t (S, r) precomputed
+(s x A^T for u and g, s grad_y B_down for dh) and L (E, r, F) a factor's view: r more columns of K.
 The token gather is in the A-operand load: no (S, H) permuted copy of x exists.
 Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' weights (2*F*H each)
 + S*F written. FLOPs: 2*S*H*F per projection.
@@ -11,17 +13,20 @@ Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' we
 import triton
 import triton.language as tl
 
-from .jit_helpers import activate, activate_backward, expert_tile, ieee, mma
+from .jit_helpers import activate, activate_backward, expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, mma
 
 
 @triton.jit
 def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, gy_ptr, wd_ptr,
-                   h_ptr, dg_ptr, du_ptr,
+                   h_ptr, dg_ptr, du_ptr, tu_ptr, lu_ptr, tg_ptr, lg_ptr, td_ptr, ld_ptr,
                    S, E, H, F, k_top, alpha, limit,
                    s_xt, s_xh, s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h,
                    s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_wd_e, s_wd_h, s_wd_f,
+                   s_tu, s_lu_e, s_lu_k, s_lu_n, R_U, s_tg, s_lg_e, s_lg_k, s_lg_n, R_G,
+                   s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
                    HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+                   LORA_U: tl.constexpr, LORA_G: tl.constexpr, LORA_D: tl.constexpr,
                    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -56,6 +61,16 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
             b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
                         mask=bmask, other=0.0)
             acc_d = mma(a, b, acc_d, IEEE)
+    rows64 = rows.to(tl.int64)
+    if LORA_U:
+        acc_u = lowrank(acc_u, tu_ptr, s_tu, rows64, rmask, lu_ptr, e64, s_lu_e, s_lu_k, s_lu_n, cols, cmask,
+                        R_U, IEEE, BLOCK_K)
+    if LORA_G:
+        acc_g = lowrank(acc_g, tg_ptr, s_tg, rows64, rmask, lg_ptr, e64, s_lg_e, s_lg_k, s_lg_n, cols, cmask,
+                        R_G, IEEE, BLOCK_K)
+    if LORA_D:
+        acc_d = lowrank(acc_d, td_ptr, s_td, rows64, rmask, ld_ptr, e64, s_ld_e, s_ld_k, s_ld_n, cols, cmask,
+                        R_D, IEEE, BLOCK_K)
     if HAS_BU:
         acc_u += tl.load(bu_ptr + e64 * s_bu_e + cols * s_bu_f, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BG:
@@ -72,8 +87,9 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
 
 
 def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alpha, limit, tile,
-                   h, grad_y=None, w_down=None, dg=None, du=None):
-    """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too."""
+                   h, grad_y=None, w_down=None, dg=None, du=None, lora_u=None, lora_g=None, lora_d=None):
+    """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too. lora_u/g/d: (t (S, r),
+    L (E, r, F)) adding t L[e] to u, g or dh."""
     S, (E, F, H) = src.shape[0], w_up.shape
     backward = grad_y is not None
     gated = w_gate is not None
@@ -82,11 +98,15 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     grid = ((triton.cdiv(S, tile.block_m) + E) * triton.cdiv(F, tile.block_n),)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
+        *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h),
         S, E, H, F, k, alpha, limit,
         x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
         *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
         gy.stride(0), *(w_down.stride() if backward else (0, 0, 0)),
+        *lowrank_args(lora_u), *lowrank_args(lora_g), *lowrank_args(lora_d),
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-        BACKWARD=backward, IEEE=ieee(x), E_POW2=triton.next_power_of_2(E + 1),
+        BACKWARD=backward, IEEE=ieee(x), LORA_U=lora_u is not None, LORA_G=lora_g is not None,
+        LORA_D=lora_d is not None, E_POW2=triton.next_power_of_2(E + 1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
+

@@ -43,8 +43,11 @@ def _tanh(v):
 
 @triton.jit
 def act_plain(v, ACT: tl.constexpr):
-    """ACT: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu. fp32 in, fp32 out."""
-    if ACT == 0:
+    """ACT: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 5 none (a plain grouped GEMM, as LoRA's
+    x A^T). fp32 in, fp32 out."""
+    if ACT == 5:
+        out = v
+    elif ACT == 0:
         out = v * _sigmoid(v)
     elif ACT == 1:
         out = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
@@ -58,7 +61,9 @@ def act_plain(v, ACT: tl.constexpr):
 @triton.jit
 def act_plain_grad(v, ACT: tl.constexpr):
     """d act_plain / d v."""
-    if ACT == 0:
+    if ACT == 5:
+        d = tl.full(v.shape, 1.0, tl.float32)
+    elif ACT == 0:
         s = _sigmoid(v)
         d = s * (1.0 + v * (1.0 - s))
     elif ACT == 1:
@@ -105,7 +110,35 @@ def activate_backward(g, u, dh, alpha, limit, ACT: tl.constexpr, GATED: tl.const
     return dg, du
 
 
-ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4, "none": 5}
+
+
+@triton.jit
+def lowrank(acc, t_ptr, s_t, rows64, rmask, b_ptr, e64, s_b_e, s_b_k, s_b_n, cols, cmask, R,
+            IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += t[rows, :R] @ B[e][:R, cols]: a LoRA term beside a grouped GEMM's main product.
+    t (S, R) rows are contiguous; B is read as (E, R, N) through its strides (a factor's view)."""
+    for k0 in range(0, R, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < R
+        a = tl.load(t_ptr + rows64[:, None] * s_t + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + e64 * s_b_e + kk[:, None] * s_b_k + cols[None, :] * s_b_n,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(a, b, acc, IEEE)
+    return acc
+
+
+def lowrank_ptrs(lora, dummy):
+    """The (t, L) pointers of a `lowrank` term for a launch; `dummy` when there is none."""
+    return (lora[0], lora[1]) if lora is not None else (dummy, dummy)
+
+
+def lowrank_args(lora):
+    """(t row stride, L strides as (E, r, N), r) of a `lowrank` term; zeros when there is none."""
+    if lora is None:
+        return 0, 0, 0, 0, 0
+    t, factor = lora
+    return (t.stride(0), *factor.stride(), factor.shape[1])
 
 
 @triton.jit

@@ -152,9 +152,10 @@ def users(layout: str, n_weights: int) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def grad_plan(layout: str, dims: tuple) -> tuple:
+def grad_plan(layout: str, dims: tuple, skip: tuple = ()) -> tuple:
     """How the backward writes one gradient per base in place. dims: each base's dim-1 and
-    dim-2 sizes (0 for a missing dim 2). -> (bases to zero first, roles to accumulate).
+    dim-2 sizes (0 for a missing dim 2); skip: roles whose gradient another role's write already
+    holds (a shared LoRA A). -> (bases to zero first, roles to accumulate).
 
     A role writes straight into its view of its base's buffer when no earlier role of that base
     covered the same elements; an overlapping role's gradient is added after (needs a temporary).
@@ -166,7 +167,7 @@ def grad_plan(layout: str, dims: tuple) -> tuple:
     zero, accumulate = [], []
     for i, (n1, n2) in enumerate(dims):
         covered, orient = set(), None
-        for role in (r for r in ALL_ROLES if r in parsed and parsed[r].index == i):
+        for role in (r for r in ALL_ROLES if r in parsed and parsed[r].index == i and r not in skip):
             v = parsed[role]
             n = n2 if v.transpose else n1
             rows = set(range(n)[slice(v.slice[0], v.slice[2], v.slice[1])] if v.slice else range(n))

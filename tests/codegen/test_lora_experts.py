@@ -1,50 +1,62 @@
 """moec.experts with LoRA factors (codegen/layout.py's lora_* roles) against autograd through the
-merged weights W + s * L @ R, in float64: outputs, and the gradients of x, of the factors and of
+merged weights W + s * L @ R in float64: outputs, and the gradients of x, of the factors and of
 the base weights when they train; frozen bases get no gradient. Layouts as the rewrite emits them
 for PEFT's target_parameters: a fused gate_up whose A is shared by gate and up and whose B is
-sliced (HF concat, interleaved, GPT-OSS transposed)."""
+sliced (HF concat, interleaved, GPT-OSS transposed with biases). Kernel inputs are NaN-padded
+strided views and tiles are small, so an out-of-bounds read or a partial tile shows."""
 import pytest
 import torch
 
-from moec.codegen import kernels, reference
+from moec.codegen import kernels, reference, tuning
 from moec.codegen import layout as layouts
+from moec.codegen.tuning import Tile
 
-from kernel_helpers import DEVICE, rel_err
+from kernel_helpers import DEVICE, TOL, padded, rel_err
 
-E, k, H, F, T, R = 4, 2, 24, 16, 13, 3
+E, k, H, F, T, R = 4, 2, 24, 40, 13, 3
+SMALL = Tile(16, 16, 16, 4, 1)
+PINS = dict(gate_up=SMALL, gate_up_bwd=SMALL, down=SMALL, down_dx=SMALL, wgrad=SMALL, wgrad_dual=SMALL)
+SCALES = {"gu": 2.0, "down": 0.5}
 
 
-def _r(*shape, scale=1.0):
-    return torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
+def _params(form, lora_on, bias, dtype):
+    """name -> NaN-padded tensor: fused gate_up and down bases, their biases, their LoRA factors
+    L (E, a, R) and R (E, R, b) of P = W + s * L @ R."""
+    gu, down = ((E, H, 2 * F), (E, F, H)) if form == "gpt_oss" else ((E, 2 * F, H), (E, H, F))
+    p = {"gu": padded(gu, dtype, scale=H ** -0.5), "down": padded(down, dtype, scale=F ** -0.5)}
+    if bias:
+        p["b_gu"], p["b_down"] = padded((E, 2 * F), dtype, scale=0.5), padded((E, H), dtype, scale=0.5)
+    for name in lora_on:
+        a, b = p[name].shape[1:]
+        p[f"{name}_L"], p[f"{name}_R"] = padded((E, a, R), dtype, scale=0.3), padded((E, R, b), dtype, scale=b ** -0.5)
+    return p
 
 
-def _layer(form, lora_on, frozen=False, scale_up=2.0, scale_down=0.5):
-    """(merged-weight specs, LoRA specs, leaves): P = W + s * L @ R per fused base, read either as
-    P (the reference) or as W with the factors (what the rewrite emits)."""
-    if form == "gpt_oss":            # stored (E, H, 2F) and (E, F, H): read transposed
-        gu, down, t = (_r(E, H, 2 * F, scale=H ** -0.5), _r(E, F, H, scale=F ** -0.5)), None, True
-        up, gate = (1, 2, None), (0, 2, None)
+def _pack(form, p, merged):
+    """moec.experts' (weights, layout) reading `p`: P itself (merged, the reference) or W plus
+    factors (what the rewrite emits), each role the same view of its base."""
+    t = form == "gpt_oss"
+    if form == "concat":
+        up, gate = (F, 1, 2 * F), (0, 1, F)
     else:
-        gu, down, t = (_r(E, 2 * F, H, scale=H ** -0.5), _r(E, H, F, scale=F ** -0.5)), None, False
-        up, gate = ((F, 1, 2 * F), (0, 1, F)) if form == "concat" else ((1, 2, None), (0, 2, None))
-    w_gu, w_down = (w.requires_grad_(not frozen) for w in gu)
-    factors = {}
-    for name, w, s in (("gu", w_gu, scale_up), ("down", w_down, scale_down)):
-        if name in lora_on:
-            factors[name] = (_r(E, w.shape[1], R, scale=0.3).requires_grad_(),
-                             _r(E, R, w.shape[2], scale=w.shape[2] ** -0.5).requires_grad_(), s)
-    merged = {name: (w if name not in factors else
-                     torch.baddbmm(w, factors[name][0], factors[name][1], alpha=factors[name][2]))
-              for name, w in (("gu", w_gu), ("down", w_down))}
-    plain = [(merged["gu"], t, up), (merged["gu"], t, gate), (merged["down"], t, None), None, None, None]
-    bases = [(w_gu, t, up), (w_gu, t, gate), (w_down, t, None), None, None, None]
+        up, gate = (1, 2, None), (0, 2, None)
+
+    def base(name):
+        if merged and f"{name}_L" in p:
+            return torch.baddbmm(p[name], p[f"{name}_L"], p[f"{name}_R"], alpha=SCALES[name])
+        return p[name]
+
+    gu, down = base("gu"), base("down")
+    specs = [(gu, t, up), (gu, t, gate), (down, t, None)]
+    specs += [(p["b_gu"], False, up), (p["b_gu"], False, gate), (p["b_down"], False, None)] if "b_gu" in p \
+        else [None, None, None]
     lora = [None, None, None]
     for i, (name, sl) in enumerate((("gu", up), ("gu", gate), ("down", None))):
-        if name in factors:
-            lhs, rhs, s = factors[name]
-            lora[i] = ((lhs, True, None), (rhs, True, sl), s) if t else ((rhs, False, None), (lhs, False, sl), s)
-    leaves = [w_gu, w_down] + [f for name in ("gu", "down") if name in factors for f in factors[name][:2]]
-    return plain, (bases, lora), leaves
+        if not merged and f"{name}_L" in p:
+            lhs, rhs = p[f"{name}_L"], p[f"{name}_R"]
+            lora[i] = ((lhs, True, None), (rhs, True, sl)) if t else ((rhs, False, None), (lhs, False, sl))
+            lora[i] += (SCALES[name],)
+    return layouts.pack(specs, lora)
 
 
 def _routing():
@@ -53,40 +65,58 @@ def _routing():
     return reference.plan(ids, E)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
-@pytest.mark.parametrize("form", ["concat", "interleaved", "gpt_oss"])
-@pytest.mark.parametrize("lora_on", [("gu", "down"), ("gu",), ("down",)])
-@pytest.mark.parametrize("frozen", [True, False])
-def test_lora_equals_merged_weights(form, lora_on, frozen, backend):
+def _check(form, lora_on, frozen, backend, dtype, bias=False):
     act = "swiglu_oai" if form == "gpt_oss" else "silu"
     args = (act, 1.702, 7.0)
     offsets, src, _ = _routing()
-    plain, (bases, lora), leaves = _layer(form, lora_on, frozen)
-    x = _r(T, H).requires_grad_()
-    gy = _r(T * k, H)
+    p = _params(form, lora_on, bias, dtype)
+    trains = lambda name: "_L" in name or "_R" in name or not frozen or name.startswith("b_")
+    p = {n: t.requires_grad_(trains(n)) for n, t in p.items()}
+    ref = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in p.items()}
+    x = padded((T, H), dtype).requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    gy = torch.randn(T * k, H, dtype=torch.float64, device=DEVICE)
+    wanted = [n for n, t in p.items() if t.requires_grad]
 
-    ref_bases, ref_layout = layouts.pack(plain)
-    y_ref = torch.ops.moec.experts(x, src, offsets, k, ref_bases, ref_layout, *args)
-    wanted = [x] + [t for t in leaves if t.requires_grad]
-    g_ref = torch.autograd.grad(y_ref, wanted, gy)
+    weights, layout = _pack(form, ref, merged=True)
+    y_ref = torch.ops.moec.experts(x_ref, src, offsets, k, weights, layout, *args)
+    g_ref = torch.autograd.grad(y_ref, [x_ref] + [ref[n] for n in wanted], gy)
 
-    weights, layout = layouts.pack(bases, lora)
+    weights, layout = _pack(form, p, merged=False)
     assert "lora_a_" in layout
-    with kernels.backend(backend):
+    with kernels.backend(backend), tuning.pin(**PINS):
         y = torch.ops.moec.experts(x, src, offsets, k, weights, layout, *args)
-        g = torch.autograd.grad(y, wanted, gy)
-    assert rel_err(y, y_ref) < 1e-12
-    for got, want in zip(g, g_ref):
-        assert got.shape == want.shape and rel_err(got, want) < 1e-12
+        g = torch.autograd.grad(y, [x] + [p[n] for n in wanted], gy.to(dtype))
+    tol = TOL.get(dtype, 1e-12)
+    assert y.dtype == dtype and rel_err(y, y_ref) < tol
+    for name, got, want in zip(["x"] + wanted, g, g_ref):
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("reference", torch.float64)])
+@pytest.mark.parametrize("form", ["concat", "interleaved", "gpt_oss"])
+@pytest.mark.parametrize("lora_on", [("gu", "down"), ("gu",), ("down",)])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_lora_equals_merged_weights(form, lora_on, frozen, backend, dtype):
+    _check(form, lora_on, frozen, backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                           ("reference", torch.float64)])
+def test_lora_with_trainable_biases_beside_frozen_weights(backend, dtype):
+    """GPT-OSS layout with biases that train while the weights they sit beside are frozen: the
+    bias gradients are per-expert row sums computed without a weight-gradient GEMM."""
+    _check("gpt_oss", ("gu", "down"), True, backend, dtype, bias=True)
 
 
 def test_frozen_bases_get_no_gradient_work():
-    """experts_backward with needs False for a base returns None for it and computes no role of it."""
+    """experts_backward with needs False for a base returns None for it and the same gradients
+    as without the mask for the others."""
     offsets, src, _ = _routing()
-    _, (bases, lora), _ = _layer("concat", ("gu", "down"))
-    weights, layout = layouts.pack(bases, lora)
-    weights = [w.detach() for w in weights]
-    x, gy = _r(T, H), _r(T * k, H)
+    p = {n: t.double() for n, t in _params("concat", ("gu", "down"), False, torch.float64).items()}
+    weights, layout = _pack("concat", p, merged=False)
+    x, gy = padded((T, H), torch.float64), torch.randn(T * k, H, dtype=torch.float64, device=DEVICE)
     needs = [False, False] + [True] * (len(weights) - 2)
     got = reference.experts_backward(gy, x, src, offsets, k, weights, layout, "silu", 0.0, 0.0, needs)
     full = reference.experts_backward(gy, x, src, offsets, k, weights, layout, "silu", 0.0, 0.0)
@@ -96,17 +126,16 @@ def test_frozen_bases_get_no_gradient_work():
 
 
 def test_layout_round_trip_and_errors():
-    _, (bases, lora), _ = _layer("interleaved", ("gu", "down"))
-    weights, layout = layouts.pack(bases, lora)
-    weights = [w.detach() for w in weights]
+    p = _params("interleaved", ("gu", "down"), False, torch.float64)
+    weights, layout = _pack("interleaved", p, merged=False)
     parsed = layouts.parse(layout)
     assert layouts.format_layout(parsed, layouts.lora_scales(layout)) == layout
     assert parsed["lora_a_up"] == parsed["lora_a_gate"]          # PEFT's shared A
     assert layouts.lora_scales(layout) == {"up": 2.0, "gate": 2.0, "down": 0.5}
     with pytest.raises(ValueError, match="lora_a_up, lora_b_up and lora_scale_up together"):
         layouts.parse("w_up=0 w_down=1 lora_a_up=2")
+    offsets, src, _ = _routing()
+    bad = list(weights)
+    bad[2] = bad[2].transpose(1, 2)                                 # A read as (E, H, r)
     with pytest.raises(Exception, match="LoRA factors of up must be"):
-        x = _r(T, H)
-        offsets, src, _ = _routing()
-        bad = [weights[0], weights[1], weights[2].transpose(1, 2), weights[3], *weights[4:]]
-        torch.ops.moec.experts(x, src, offsets, k, bad, layout, "silu", 0.0, 0.0)
+        torch.ops.moec.experts(padded((T, H), torch.float64), src, offsets, k, bad, layout, "silu", 0.0, 0.0)

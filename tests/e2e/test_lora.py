@@ -83,6 +83,20 @@ def test_peft_target_parameters_fused_and_exact(arch, impl, dtype):
     assert counters["moec"]["regions_fused"] == 1 and counters["moec"]["graphs"] == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_peft_lora_on_triton_kernels():
+    """The same on moec's Triton kernels (the interpreter on CPU): LoRA's low-rank GEMMs beside
+    the grouped ones, forward and backward."""
+    pytest.importorskip("triton")
+    from moec.codegen import kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = peft_block("qwen3_moe", "grouped_mm", torch.float32).to(device)
+    with kernels.backend("triton"):
+        assert_compiled_matches_eager(model, torch.randn(2, 5, 32, device=device))
+    assert counters["moec"]["regions_fused"] == 1
+
+
 def test_adamw_steps_match_eager():
     """PEFT's default init (B = 0), three AdamW steps on the LoRA parameters: the losses and the
     parameters after each step equal eager's, and the base weights do not move."""
