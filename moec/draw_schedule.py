@@ -6,7 +6,7 @@ lanes: compute and communication. Chunk i has colour i in both lanes, so a chunk
 experts and combine can be followed across; ops run whole are grey, weight-gradient ops placed
 under an all-to-all are hatched.
 
-    python -m moec.draw_schedule out.png --world 64 [any moec.runtime.simulate flag]
+    python -m moec.draw_schedule out.png --world 64 [the layer and link flags of moec.runtime.simulate]
 """
 import sys
 

@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,8 +206,9 @@ class Calibration:
 # Sizes measured per device type: big enough that the bandwidth term dominates the largest one,
 # small enough that calibration takes about a second.
 _SIZES = {
-    "cpu": dict(matmul=(64, 128, 192, 256), copy=(1 << 16, 1 << 18, 1 << 20), a2a=(1 << 12, 1 << 15, 1 << 18)),
-    "cuda": dict(matmul=(1024, 2048, 4096, 6144), copy=(1 << 22, 1 << 24, 1 << 26), a2a=(1 << 16, 1 << 20, 1 << 24, 1 << 26)),
+    "cpu": dict(matmul=(64, 128, 192, 256), copy=(1 << 16, 1 << 18, 1 << 20), a2a=(1 << 12, 1 << 16, 1 << 20)),
+    "cuda": dict(matmul=(1024, 2048, 4096, 6144), copy=(1 << 22, 1 << 24, 1 << 26),
+                 a2a=(1 << 16, 1 << 20, 1 << 24, 1 << 26)),
 }
 
 
@@ -229,23 +229,19 @@ def calibrate(device, group=None, timer=None, dtype: torch.dtype | None = None) 
     timer = timer or _Stopwatch(device, agree=slowest)
     es = torch.finfo(dtype).bits // 8
 
-    flops, times = [], []
-    for n in sizes["matmul"]:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        flops.append(2.0 * n ** 3)
-        times.append(slowest(timer("matmul", flops[-1], lambda: torch.mm(a, b, out=c))))
+    mats = [[torch.randn(n, n, device=device, dtype=dtype) for _ in range(3)] for n in sizes["matmul"]]
+    flops = [2.0 * n ** 3 for n in sizes["matmul"]]
+    times = _fastest(timer, slowest, "matmul", flops, [lambda a=a, b=b, c=c: torch.mm(a, b, out=c) for a, b, c in mats])
     _, per_flop = fit_latency_rate(flops, times, "matmul")
 
-    nbytes, times = [], []
-    for n in sizes["copy"]:
-        x, y = torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)
-        nbytes.append(2.0 * n * es)                              # read + write
-        times.append(slowest(timer("copy", nbytes[-1], lambda: y.copy_(x))))
+    vecs = [(torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype))
+            for n in sizes["copy"]]
+    nbytes = [2.0 * n * es for n in sizes["copy"]]                 # read + write
+    times = _fastest(timer, slowest, "copy", nbytes, [lambda x=x, y=y: y.copy_(x) for x, y in vecs])
     _, per_byte = fit_latency_rate(nbytes, times, "copy")
 
     tiny = torch.zeros(1, device=device, dtype=dtype)
-    launch = slowest(timer("launch", 0.0, lambda: tiny.add_(1)))
+    launch, = _fastest(timer, slowest, "launch", [0.0], [lambda: tiny.add_(1)])
     compute = ComputeModel(1.0 / per_flop, 1.0 / per_byte, launch)
 
     a2a = _calibrate_all_to_all(group, device, dtype, sizes["a2a"], timer, slowest) if world > 1 else None
@@ -258,15 +254,25 @@ def _calibrate_all_to_all(group, device, dtype, sizes, timer, slowest) -> AllToA
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise MoecError("all-to-all calibration over an NCCL group needs a CUDA device; pass device='cuda'")
     es = torch.finfo(dtype).bits // 8
-    off, times = [], []
-    for total in sizes:
-        n = max(world, total // es // world * world)             # per-rank elements, a multiple of W
-        x, y = torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)
-        off.append(n * es * (world - 1) / world)
-        dist.barrier(group)
-        times.append(slowest(timer("all_to_all", off[-1], lambda: dist.all_to_all_single(y, x, group=group))))
+    counts = [max(world, total // es // world * world) for total in sizes]   # per-rank elements, a multiple of W
+    bufs = [(torch.randn(n, device=device, dtype=dtype), torch.empty(n, device=device, dtype=dtype)) for n in counts]
+    off = [n * es * (world - 1) / world for n in counts]
+    dist.barrier(group)
+    times = _fastest(timer, slowest, "all_to_all", off,
+                     [lambda x=x, y=y: dist.all_to_all_single(y, x, group=group) for x, y in bufs])
     latency, per_byte = fit_latency_rate(off, times, "all-to-all")
     return AllToAllModel(latency, 1.0 / per_byte, world_size=world)
+
+
+def _fastest(timer, slowest, what, amounts, fns, passes: int = 3) -> list:
+    """Per size, the least over `passes` of the slowest rank's time. The passes sweep every size in
+    turn, so a burst of load elsewhere on the machine lands on one pass of several sizes, not on
+    every pass of one size, and the least drops it (load only ever adds time)."""
+    best = [math.inf] * len(fns)
+    for _ in range(passes):
+        for i, (amount, fn) in enumerate(zip(amounts, fns)):
+            best[i] = min(best[i], slowest(timer(what, amount, fn)))
+    return best
 
 
 def fit_latency_rate(amounts, times, what: str) -> tuple:
@@ -341,17 +347,17 @@ def _slowest(group, device):
 
 
 class _Stopwatch:
-    """The default timer: median over a few runs of `reps` back-to-back calls, per call."""
+    """The default timer: `reps` back-to-back calls filling about budget_s, per call."""
 
-    def __init__(self, device, agree, runs: int = 5, budget_s: float = 0.02):
-        self.device, self.agree, self.runs, self.budget_s = device, agree, runs, budget_s
+    def __init__(self, device, agree, budget_s: float = 0.02):
+        self.device, self.agree, self.budget_s = device, agree, budget_s
 
     def __call__(self, what, amount, fn) -> float:
         fn()                                                     # warm up (allocator, kernel choice)
         one = self._time(fn, 1)
         # every rank must run a collective equally often: the group agrees on the count
         reps = int(self.agree(max(1, min(200, int(self.budget_s / max(one, 1e-7))))))
-        return statistics.median(self._time(fn, reps) for _ in range(self.runs)) / reps
+        return self._time(fn, reps) / reps
 
     def _time(self, fn, reps) -> float:
         if self.device.type == "cuda":

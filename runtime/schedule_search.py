@@ -39,9 +39,15 @@ with two prunings that keep it so:
     [lo, len(pre)) and post prefixes [0, hi) are tried: O(k_max * |pre| * |post|) timelines;
   - a lower bound per k, max(total compute, k*(dispatch+combine chunk), dispatch + experts chunk
     + k*combine chunk), skips a k that cannot beat the best found.
-Weight-gradient placement is greedy (largest first into each idle gap, in time order, where its
-memory, held from its ready time to its start, keeps the peak within the budget); the search
-minimises the timeline plus the weight-gradient time left unplaced.
+Weight-gradient placement is greedy (largest first into each idle gap, in time order, where it
+fits whole and its memory, held from its ready time to its start, keeps the peak within the
+budget); the search minimises the timeline plus the weight-gradient time left unplaced, which is
+counted as run serially.
+
+Limits of the model: each chunk carries 1/k of every rank's bytes (routing alike in every chunk);
+overlapped compute and communication do not slow each other (in practice the collective takes
+SMs and memory bandwidth); in dropless mode each chunk needs its own split-size exchange and host
+sync, which the caller should add to the all-to-all latency; a weight-gradient op is never split.
 """
 import dataclasses
 import math
@@ -110,7 +116,8 @@ class Schedule:
     exposed_comm_s: float
     comm_s: float
     events: tuple
-    tried: tuple = ()            # (k, dict(step_s, exposed_s, comm_s, compute_s) or dict(pruned_below=lb))
+    tried: tuple = ()            # (k, dict(step_s, exposed_s, comm_s, compute_s)), or for a k the lower
+                                 # bound ruled out, (k, dict(pruned_below, comm_s, compute_s))
     placed: tuple = ()
     unplaced: tuple = ()
     costs: LayerCosts = field(default=None, repr=False)
@@ -154,7 +161,7 @@ def search(costs: LayerCosts, a2a: AllToAllModel, k_max: int = 8, wgrads=(), mem
     if k_max < 1:
         raise MoecError(f"schedule search: k_max={k_max}; give k_max >= 1")
     comm = _Comm(costs, a2a)
-    wgrads = tuple(wgrads)
+    wgrads = _checked(wgrads)
     pre_los = [len(costs.pre)]                   # pre ranges [lo, len(pre)), the empty one first
     while pre_los[-1] > 0 and costs.pre[pre_los[-1] - 1].splittable:
         pre_los.append(pre_los[-1] - 1)
@@ -201,10 +208,21 @@ def predict(costs: LayerCosts, a2a: AllToAllModel, k: int, pre_range=None, post_
                             f"{[op.name for op in ops[lo:hi] if not op.splittable]}")
     if k < 1:
         raise MoecError(f"chunk count k={k}: must be >= 1")
-    comm = _Comm(costs, a2a)
+    comm, wgrads = _Comm(costs, a2a), _checked(wgrads)
     events = _timeline(costs, comm, k, pre_range, post_range)
-    placed, unplaced, events = _place(events, tuple(wgrads), memory_budget_bytes)
-    return _schedule(costs, a2a, comm, k, pre_range, post_range, events, placed, unplaced, tuple(wgrads), ())
+    placed, unplaced, events = _place(events, wgrads, memory_budget_bytes)
+    return _schedule(costs, a2a, comm, k, pre_range, post_range, events, placed, unplaced, wgrads, ())
+
+
+def _checked(wgrads) -> tuple:
+    wgrads = tuple(wgrads)
+    names = [w.name for w in wgrads]
+    if len(set(names)) < len(names):
+        raise MoecError(f"weight-gradient ops need distinct names (placements are reported by name): {names}")
+    for w in wgrads:
+        if not (w.time_s >= 0 and w.bytes_held >= 0 and math.isfinite(w.time_s)):
+            raise MoecError(f"WGrad {w.name!r}: time_s={w.time_s}, bytes_held={w.bytes_held}; give finite values >= 0")
+    return wgrads
 
 
 class _Comm:

@@ -6,9 +6,10 @@ For each world size it prints the predicted layer time with no overlap (k=1), wi
 alone pipelined against the all-to-alls (Tutel-style), and with the full schedule that also
 chunks the splittable ops around them (Lancet-style, `schedule_search.search`), plus the exposed
 all-to-all time of each and the chunk count chosen. Link speeds, latencies and compute rates are
-flags (defaults: H100 SXM hosts of 8, NVLink 450 GB/s and one 400 Gb/s NIC per GPU); a calibration
-file from `load_or_calibrate` replaces the compute rates. These are predictions of a model, not
-measurements: they rank choices, and their absolute numbers are only as good as the flags.
+flags (defaults: H100 SXM hosts of 8, NVLink 450 GB/s and one 400 Gb/s NIC per GPU, compute rates
+measured on an H100); a calibration file from `load_or_calibrate` replaces the compute rates.
+These are predictions of a model, not measurements: they rank choices, and their absolute
+numbers are only as good as the flags.
 
 The layer, per rank (T tokens, H hidden, F expert width, E experts, k top-k, d bytes per value):
     pre     attention core (not chunked: each query attends the whole sequence), out-proj (T,H)x(H,H),
@@ -54,9 +55,9 @@ class Setup:
     ib_GBps: float = 50.0         # per GPU, one direction
     latency_us: float = 20.0      # all-to-all base latency
     per_peer_us: float = 0.2      # added per peer (assumed; calibrate to replace)
-    tflops: float = 600.0         # achievable dense matmul rate
-    hbm_GBps: float = 2800.0      # achievable copy bandwidth (read + write counted)
-    launch_us: float = 5.0
+    tflops: float = 750.0         # bf16 matmul rate   } measured on an H100 by
+    hbm_GBps: float = 3000.0      # copy, read + write } benchmarks/check_cost_model.py
+    launch_us: float = 11.0       # per eager launch   }
     k_max: int = 8
 
 

@@ -153,6 +153,8 @@ def test_bad_ranges_are_refused():
         search(costs, a2a, k_max=0)
     with pytest.raises(MoecError, match="names no op or stage"):
         search(costs, a2a, wgrads=[WGrad("w", 1e-4, after="attention")])
+    with pytest.raises(MoecError, match="distinct names"):
+        search(costs, a2a, wgrads=[WGrad("w", 1e-4), WGrad("w", 2e-4)])
 
 
 def wgrad_layer():
