@@ -192,6 +192,7 @@ def common_module(paths) -> str:
 def _clean_source_name(path: str) -> str:
     # Dynamo names modules by their source: L['self'].layers[0].mlp -> layers.0.mlp
     p = path.replace("L['self']", "").replace("L['model']", "")
+    p = p.replace(".__dict__['_modules']['", "._modules['")   # a wrapper's __getattr__ (PEFT's PeftModel)
     p = p.replace("._modules['", ".").replace("']", "").replace("[", ".").replace("]", "")
     p = p.replace("L['", "").replace("'", "")
     return p.strip(".")
