@@ -121,10 +121,13 @@ def _analyse(gm, dg, anchor, linear, real):
     # Before any miss is raised: a look-alike (argmax over a codebook) must not be reported.
     if not _expert_weight_inputs(dg, nodes, real, num_experts):
         if _per_expert_modules(inputs, real, num_experts):
+            lora = ("; each has its own LoRA adapters (PEFT target_modules on per-expert Linear layers), "
+                    "and moec fuses LoRA on stacked weights: put it on the 3D parameters with "
+                    "LoraConfig(target_parameters=[...])" if _per_expert_lora(inputs, real, num_experts) else "")
             raise _Missed(f"the {num_experts} experts are separate modules (an nn.ModuleList of nn.Linear), "
                           "not stacked (E, ...) weights: moec's grouped kernels read stacked weights and "
                           "never copy parameters per step. Store the experts as 3D parameters (as Hugging "
-                          "Face's MoE layers do) to have this layer fused", output)
+                          f"Face's MoE layers do) to have this layer fused{lora}", output)
         raise _NotMoE()
     # The tokens may be a real graph input too (the block's own argument): find them first.
     x = _token_input(dg, inputs - {logits}, router_side, hidden)
@@ -305,6 +308,14 @@ def _per_expert_modules(inputs, real, num_experts) -> bool:
     """At least E matrices of one shape among the layer's inputs: one weight per expert module."""
     shapes = [tuple(real[i].shape) for i in inputs if i in real and real[i].dim() == 2]
     return any(shapes.count(s) >= num_experts for s in set(shapes))
+
+
+def _per_expert_lora(inputs, real, num_experts) -> bool:
+    """Per-expert (N, K) weights with (r, K) and (N, r) companions, r smaller than N and K, each at
+    least E times: a LoRA adapter on every expert's Linear."""
+    shapes = [tuple(real[i].shape) for i in inputs if i in real and real[i].dim() == 2]
+    common = {s for s in set(shapes) if shapes.count(s) >= num_experts}
+    return any((r, K) in common and (N, r) in common and r < min(N, K) for N, K in common for r, _ in common)
 
 
 def _real_inputs(gm, example_inputs) -> dict:

@@ -214,3 +214,49 @@ def test_hand_written_lora_graph_drops_the_delta(tmp_path):
     [folder] = os.listdir(tmp_path)
     before, after = (open(os.path.join(tmp_path, folder, f)).read() for f in ("00_input.py", "02_rewrite.py"))
     assert "torch.bmm" in before and "torch.bmm" not in after and "lora_a_up=" in after
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden=32, ffn=16):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(hidden, ffn, bias=False), nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListMoE(nn.Module):
+    """Experts as an nn.ModuleList of per-expert Linear layers (Mixtral's original style)."""
+
+    def __init__(self, hidden=32, experts=4, top_k=2):
+        super().__init__()
+        self.k, self.E = top_k, experts
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(_Expert(hidden) for _ in range(experts))
+
+    def forward(self, x):                                             # (T, H)
+        w, ids = torch.topk(F.softmax(self.gate(x), dim=-1), self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out
+
+
+def test_lora_on_per_expert_linear_is_a_named_miss():
+    """PEFT's target_modules on per-expert nn.Linear: Dynamo unrolls every expert and its adapter.
+    moec's kernels read stacked weights (stacking would copy the frozen weights every step), so it
+    is a miss whose reason names the adapters and the fix; the unfused layer still equals eager."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(ModuleListMoE().double(), peft.LoraConfig(
+        r=4, target_modules=["w1", "w2", "w3"], init_lora_weights=False))
+    x = torch.randn(12, 32, dtype=torch.float64)
+    report = moec.explain(model, x)
+    [region] = report.regions
+    assert region.status == "missed" and region.module == "base_model.model", str(report)
+    assert "separate modules" in region.reason and "target_parameters" in region.reason
+    torch._dynamo.reset()
+    counters.clear()
+    assert_compiled_matches_eager(model, x)
+    assert counters["moec"]["regions_missed_unproven"] == 1 and counters["moec"]["regions_fused"] == 0
