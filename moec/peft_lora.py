@@ -22,52 +22,54 @@ import torch
 def param_lora_traced():
     """While active, Dynamo traces PEFT's ParamWrapper through `_traced_forward`."""
     wrapper = _param_wrapper_class()
-    if wrapper is None:
+    if wrapper is None or wrapper.forward is _traced_forward:   # no PEFT, or a nested entry
         yield
         return
-    original = wrapper.forward
-    if original is _traced_forward:   # nested entry (explain inside a compiled call)
-        yield
-        return
-    _ORIGINAL[wrapper] = original
+    _peft_forward["original"] = wrapper.forward
     wrapper.forward = _traced_forward
     try:
         yield
     finally:
-        wrapper.forward = original
+        wrapper.forward = _peft_forward.pop("original")
 
 
-_ORIGINAL: dict = {}
+_peft_forward: dict = {}     # ParamWrapper's own forward while the traced one stands in for it
 
 
 def _traced_forward(self, x, *args, **kwargs):
-    original = _ORIGINAL[_param_wrapper_class()]
-    if not torch.compiler.is_compiling() or not _covered(self, kwargs):
-        return original(self, x, *args, **kwargs)
+    # Dynamo folds is_compiling() to True and traces the first branch only: no guard on the rest
+    if torch.compiler.is_compiling() and _covered(self, kwargs):
+        return _adapted_call(self, x, args, kwargs)
+    return _peft_forward["original"](self, x, *args, **kwargs)
+
+
+def _adapted_call(self, x, args, kwargs):
+    """The wrapped module called with W + s * lhs @ rhs for each adapted parameter, as PEFT's
+    `_LoraFactorsProxy` computes it (`baddbmm`), several active adapters one after another."""
     self._check_forward_args(x, *args, **kwargs)
-    wrapper_cls = type(self)
     weights, module = {}, self
-    while isinstance(module, wrapper_cls):     # nested wrappers: one per targeted parameter
+    while isinstance(module, type(self)):     # nested wrappers: one per targeted parameter
         name = module.parameter_name
         weight = weights.get(name, module.get_param())
         for adapter in [a for a in module.active_adapters if a in module.lora_A]:
             lhs, rhs, scale = module.get_delta_factors(adapter)
-            weight = torch.baddbmm(weight, lhs, rhs, alpha=scale)    # PEFT's _LoraFactorsProxy
+            weight = torch.baddbmm(weight, lhs, rhs, alpha=scale)
         weights[name] = weight
         module = module.base_layer
     return torch.func.functional_call(module, weights, (x, *args), kwargs)
 
 
 def _covered(self, kwargs) -> bool:
-    wrapper_cls = type(self)
     module = self
-    while isinstance(module, wrapper_cls):
+    while isinstance(module, type(self)):
         if module.disable_adapters or module.merged or module.num_experts < 2 or \
-                module.get_param().dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or \
-                not hasattr(module, "get_delta_factors"):
+                module.get_param().dtype not in _DTYPES or not hasattr(module, "get_delta_factors"):
             return False
         module = module.base_layer
     return kwargs.get("adapter_names") is None
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # PEFT folds float8 otherwise
 
 
 def _param_wrapper_class():

@@ -260,3 +260,21 @@ def test_lora_on_per_expert_linear_is_a_named_miss():
     counters.clear()
     assert_compiled_matches_eager(model, x)
     assert counters["moec"]["regions_missed_unproven"] == 1 and counters["moec"]["regions_fused"] == 0
+
+
+def test_adapter_states_and_eager_calls_keep_peft_semantics():
+    """Disabling the adapter inside a compiled call gives the base model's output (PEFT's own
+    forward runs, and the layer is fused without LoRA), and PEFT's ParamWrapper is its own again
+    outside compiled calls."""
+    from peft.tuners.lora.layer import ParamWrapper
+    original = ParamWrapper.forward
+    model = peft_block("mixtral", "batched_mm", torch.float64)
+    compiled = torch.compile(model, backend="moec", options=OPTIONS)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    torch.testing.assert_close(_first(compiled(x)), _first(model(x)), **TOL[torch.float64])
+    with model.disable_adapter():
+        base = _first(model(x))
+        torch.testing.assert_close(_first(compiled(x)), base, **TOL[torch.float64])
+    assert (_first(model(x)) - base).abs().max() > 1e-3
+    assert ParamWrapper.forward is original
+    assert counters["moec"]["regions_fused"] == 2
