@@ -235,8 +235,10 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
                 err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                 best = min(best, err)
                 if err <= tol:
+                    lora = [p for p, f in zip(layouts.PROJECTIONS, experts.lora) if f is not None]
                     return router, experts, (f"matched on {tokens} random tokens in {str(dtype)[6:]} "
-                                             f"(rel. err {err:.1e})")
+                                             f"(rel. err {err:.1e})" +
+                                             (f"; LoRA on {', '.join(lora)} as factors" if lora else ""))
         kinds = sorted({r.kind for r in routers})
         raise Unproven(f"no known expert form reproduces the layer ({len(candidates)} expert forms x "
                        f"routers {kinds} tried, best relative error {best:.1e})")
