@@ -74,7 +74,10 @@ def split_producers(gm, dg, nodes, x, logits, real):
 
 def evaluate(gm, dg, targets, real):
     """Values of `targets` (nodes that read only graph inputs and constants) on the real inputs."""
-    targets = dg.sorted(targets)
+    # A value `real` holds already is not recomputed: a sharded weight's stand-in (see detect's
+    # `_stand_in`) recomputed would gather the shards, a collective at compile time.
+    known = {t: real[t] for t in targets if t in real}
+    targets = dg.sorted(set(targets) - known.keys())
     needed = dg.sorted(dg.backward_slice(targets))
     g, env = fx.Graph(), {}
     leaves = [n for n in needed if n.op in ("placeholder", "get_attr")]
@@ -86,7 +89,7 @@ def evaluate(gm, dg, targets, real):
     g.output(tuple(env[t] for t in targets))
     with torch.no_grad():
         out = fx.GraphModule(gm, g)(*[real[n].detach() for n in leaves])
-    return dict(zip(targets, out))
+    return {**known, **dict(zip(targets, out))}
 
 
 def lora_form(node) -> LoraForm | None:

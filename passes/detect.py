@@ -21,7 +21,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import computed_weights, identify
-from .graph import TRACED_AS_MARKER, DepGraph, common_module, is_tensor, module_path, op_name, shape, source_location, value
+from .graph import (TRACED_AS_MARKER, DepGraph, common_module, gathered_dtensor, is_tensor, module_path, op_name,
+                    shape, source_location, value)
 from .region import DetectReport, Miss, Region
 
 _ANCHORS = {"topk", "max", "argmax"}
@@ -330,7 +331,19 @@ def _real_inputs(gm, example_inputs) -> dict:
             v = _get_attr(gm, node.target)
             if isinstance(v, torch.Tensor):
                 real[node] = v
+        elif gathered_dtensor(node) in real:
+            real[node] = _stand_in(real[gathered_dtensor(node)])
     return real
+
+
+def _stand_in(dt):
+    """Values for a sharded weight gathered in the graph: its other shards live on other ranks and
+    a proof needs only values of its shape and scale, so seeded random ones (the same on every
+    rank) stand in; no collective runs at compile time."""
+    local = dt.to_local().detach()
+    scale = float(local.std()) if local.numel() > 1 else 0.0
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(dt.shape, generator=g, dtype=local.dtype) * (scale or 1.0)).to(local.device)
 
 
 def _get_attr(gm, target):

@@ -5,19 +5,26 @@ nothing; torch.distributed initialised on every rank of the group.
 Guarantees: each `moec.experts` node becomes a call to `moec.runtime.ep_experts` with the same
 arguments plus the group's name, `Config.ep_capacity_factor` and the layer's module path. Its
 output keeps the contract of `moec.experts` ((T*k, H), grouped by expert), so `moec.combine`
-and everything downstream run unchanged. A layer whose E the group size does not divide is an
-error (every rank must place the same experts), not a miss.
+and everything downstream run unchanged. A weight the graph all-gathers from a DTensor input
+(`dt.full_tensor()`, how `shard_experts` modules read their weights) is handed over as the
+DTensor, whose local shard is all ep_experts reads; the gather, then unread, is erased. A layer
+whose E the group size does not divide is an error (every rank must place the same experts),
+not a miss.
 Must not change: any other node.
 
     for node in graph: if node is moec.experts(*args):
+        weights := [dt if w is dt.full_tensor() else w for w in weights]
         node := ep_experts(*args, group_name, capacity_factor, site=module path)
 """
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.distributed.tensor import Shard
 
 from moec.runtime import ep_experts, resolve_ep_group
+
+from .graph import gathered_dtensor
 
 PASS = "expert_parallel"
 
@@ -27,6 +34,7 @@ class ExpertParallelReport:
     group: str          # c10d group name ("" when expert parallelism is off)
     size: int           # ranks in the group
     layers: tuple       # module paths of the layers now expert-parallel, in graph order
+    sharded: tuple = ()  # DTensor inputs handed over as their shards (their gathers erased), by node name
 
 
 def expert_parallel(gm: fx.GraphModule, ctx) -> tuple:
@@ -35,7 +43,7 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> tuple:
         return gm, ExpertParallelReport("", 1, ())
     group = resolve_ep_group(spec)
     capacity_factor = float(ctx.config.ep_capacity_factor)
-    layers = []
+    layers, sharded = [], []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.moec.experts.default:
             continue
@@ -44,17 +52,34 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> tuple:
         num_experts = offsets.meta["example_value"].shape[0] - 1 if "example_value" in offsets.meta else None
         if num_experts is not None:
             group.local_experts(int(num_experts), site)
+        x, src, offsets, k, weights, *rest = node.args
+        local = [_shard_of(w, group) or w for w in weights]
         with gm.graph.inserting_before(node):
-            ep = gm.graph.call_function(ep_experts, tuple(node.args) + (group.name,),
+            ep = gm.graph.call_function(ep_experts, (x, src, offsets, k, local, *rest, group.name),
                                         {"capacity_factor": capacity_factor, "site": site})
         ep.meta.update(node.meta)      # same output: the example value and provenance carry over
         ep.meta["moec_pass"] = PASS
         node.replace_all_uses_with(ep)
         gm.graph.erase_node(node)
+        for w, shard in zip(weights, local):
+            if shard is not w:
+                sharded.append(shard.name)
+                if not w.users:     # a gather nothing reads any more
+                    gm.graph.erase_node(w)
         layers.append(site)
     gm.graph.lint()
     gm.recompile()
-    return gm, ExpertParallelReport(group.name, group.size, tuple(layers))
+    return gm, ExpertParallelReport(group.name, group.size, tuple(layers), tuple(sharded))
+
+
+def _shard_of(weight, group):
+    """The DTensor `weight` gathers, if it is sharded Shard(0) over exactly this EP group (so its
+    local shard holds this rank's experts); else None, and the gathered weight is used as it is."""
+    source = gathered_dtensor(weight)
+    dt = source.meta.get("example_value") if source is not None else None
+    if dt is None or tuple(dt.placements) != (Shard(0),) or dt.device_mesh.ndim != 1:
+        return None
+    return source if dt.device_mesh.get_group().group_name == group.name else None
 
 
 def _module_path(node) -> str:

@@ -196,3 +196,12 @@ def _clean_source_name(path: str) -> str:
     p = p.replace("._modules['", ".").replace("']", "").replace("[", ".").replace("]", "")
     p = p.replace("L['", "").replace("'", "")
     return p.strip(".")
+
+
+def gathered_dtensor(node) -> fx.Node | None:
+    """The DTensor graph input `node` all-gathers whole (`dt.full_tensor(...)`, as modules sharded
+    by `moec.runtime.shard_experts` read their weights), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target != "full_tensor":
+        return None
+    source = node.args[0]
+    return source if isinstance(source, fx.Node) and source.op == "placeholder" else None

@@ -1,12 +1,24 @@
 """`shard_experts`: give each rank of the EP group only its experts' weights.
 
-Expert weights become DTensors placed Shard(0) on the EP mesh: their global shape stays
-(E, ...) — so moec's detection sees the model it was written as, and optimizers and distributed
-checkpoints understand them — while each rank stores only its (E/ep, ...) slice.
+Expert weights become DTensor parameters placed Shard(0) on the EP mesh: their global shape
+stays (E, ...), optimizers and distributed checkpoints see DTensors, and each rank stores only
+its (E/ep, ...) slice. The model's code is left as written, for full (E, ...) plain tensors, so
+the module's class becomes a subclass (`Sharded<Class>`, as FSDP2's `fully_shard` does) in which,
+inside `forward`, reading a sharded weight gives it whole:
+
+    forward      one all-gather per sharded weight, in a fixed order (the same collectives on
+                 every rank, however often or data-dependently the code reads the weight);
+                 backward reduce-scatters its gradient, summed over the ranks' tokens
+    compiled     the gather is traced into the graph (`full_tensor` on the DTensor parameter);
+                 moec finds the layer through it, and with `ep_group` its expert_parallel pass
+                 hands the DTensor to the expert-parallel experts instead: no gather runs
+    elsewhere    (initialisation, optimizers, `state_dict`) the DTensor parameter itself
+
+A layer moec does not fuse stays correct: its gathered weights are simply used as they are.
 """
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 from moec.codegen.errors import MoecError
 
@@ -28,18 +40,22 @@ def shard_experts(model: nn.Module, ep_group, num_experts: int | None = None) ->
     """
     group = resolve_ep_group(ep_group)
     names = []
-    for mod_name, module in model.named_modules():
+    for mod_name, module in list(model.named_modules()):
         if isinstance(module, _NOT_EXPERTS):
             continue
         params = dict(module.named_parameters(recurse=False))
         lead = num_experts if num_experts is not None else _leading_experts(params)
+        sharded = []
         for name, p in params.items():
             if lead is None or isinstance(p, DTensor) or p.dim() < 2 or p.shape[0] != lead:
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
             group.local_experts(lead, full)
             setattr(module, name, nn.Parameter(_sharded(p, group), requires_grad=p.requires_grad))
+            sharded.append(name)
             names.append(full)
+        if sharded:
+            _gather_in_forward(module, sharded)
     return names
 
 
@@ -59,3 +75,45 @@ def _sharded(p, group):
         return DTensor.from_local(local, group.mesh, [Shard(0)], run_check=False, shape=data.shape,
                                   stride=data.stride())
     return distribute_tensor(data, group.mesh, [Shard(0)])
+
+
+class ShardedExperts:
+    """Mixin of the `Sharded<Class>` subclasses: gathers the sharded weights once per forward.
+    `_moec_gathered` holds them while forward runs (an instance attribute, which Dynamo traces
+    as a side effect, so code split by a graph break still reads the one gather)."""
+    _moec_sharded: tuple = ()          # names of the sharded parameters, set per subclass
+
+    def forward(self, *args, **kwargs):
+        self._moec_gathered = {n: _gathered(self._parameters[n]) for n in self._moec_sharded}
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._moec_gathered = None
+
+
+_SUBCLASSES = {}                       # (class, sharded names) -> its Sharded subclass
+
+
+def _gather_in_forward(module, names):
+    base = getattr(type(module), "_moec_base", type(module))
+    names = tuple(sorted(set(names) | set(getattr(type(module), "_moec_sharded", ()))))
+    cls = _SUBCLASSES.get((base, names))
+    if cls is None:
+        attrs = {n: property(_reader(n)) for n in names}
+        cls = type(f"Sharded{base.__name__}", (ShardedExperts, base),
+                   {**attrs, "_moec_base": base, "_moec_sharded": names})
+        _SUBCLASSES[(base, names)] = cls
+    module._moec_gathered = None       # present from the start: Dynamo guards on it
+    module.__class__ = cls
+
+
+def _reader(name):
+    def read(self):
+        gathered = self.__dict__.get("_moec_gathered")
+        return gathered[name] if gathered else self._parameters[name]
+    return read
+
+
+def _gathered(p):
+    # Partial: each rank's gradient of the full weight covers its own tokens; the sum is the gradient.
+    return p.full_tensor(grad_placements=[Partial()]) if isinstance(p, DTensor) else p

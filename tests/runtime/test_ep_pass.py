@@ -13,11 +13,14 @@ from torch.testing import assert_close
 import moec.pipeline
 from moec.codegen.errors import MoecError
 from moec.config import Config
+from moec.runtime import shard_experts
 from moec.runtime.consistency import forget
 from moec.passes.expert_parallel import ExpertParallelReport, expert_parallel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))        # tests/: the shared MoE idioms
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
+
+from moe_ops import summed  # noqa: E402
 
 
 def _with_ep_pass():
@@ -31,19 +34,26 @@ def _reports():
     return [r.reports["expert_parallel"] for r in session.take() if "expert_parallel" in r.reports]
 
 
-def compiled_matches_single_process(rank, ws, make, shapes, options, expert_params):
+def compiled_matches_single_process(rank, ws, make, shapes, options, expert_params, sharded=False, starve=False):
     """Compile a copy of make()'s module with EP over every rank; compare with the plain module:
-    outputs and input grads per rank, expert-weight grads summed over ranks (data parallel)."""
+    outputs and input grads per rank, expert-weight grads summed over ranks (data parallel).
+    sharded: the copy's expert weights are DTensors (shard_experts) first, whose grads are DTensors
+    holding that sum; the compiled steps must run no gather of them. starve: rank 0's tokens
+    never choose the experts rank 1 owns (the upper half), checked on the router's choices."""
     _with_ep_pass()
     torch._dynamo.reset()
     from moec import session
     session.clear()   # pool workers outlive tests: drop records of earlier jobs' compiles
     torch.manual_seed(0)
     ref = make()
+    x = torch.randn(*shapes[rank], generator=torch.Generator().manual_seed(rank))
+    if starve:
+        _starve_upper_half(ref, x, rank)
     ep = copy.deepcopy(ref)
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
+    if sharded:
+        assert set(shard_experts(ep, mesh)) == expert_params
     compiled = torch.compile(ep, backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh, **options})
-    x = torch.randn(*shapes[rank], generator=torch.Generator().manual_seed(rank))
     outs = []
     for fn, mod in ((ref, ref), (compiled, ep)):
         xi = x.clone().requires_grad_()
@@ -55,15 +65,34 @@ def compiled_matches_single_process(rank, ws, make, shapes, options, expert_para
     assert_close(out_ep, out_ref)
     assert_close(gx_ep, gx_ref, msg="grad of x")
     for name, g in gp_ref.items():
-        a, b = gp_ep[name].clone(), g.clone()
-        if name in expert_params:       # each rank's grad covers its own experts only
-            dist.all_reduce(a)
+        a, b = gp_ep[name], g.clone()
+        if name in expert_params:       # each rank's grad covers its own tokens only
             dist.all_reduce(b)
+            a = a.full_tensor() if sharded else summed(a)
         assert_close(a, b, msg=f"grad of {name}")
     reports = _reports()
     assert len(reports) == 1, [(r.size, r.layers) for r in reports]
     [report] = reports
     assert report.size == ws and len(report.layers) == 1
+    assert len(report.sharded) == (len(expert_params) if sharded else 0), report
+    if sharded:
+        with torch.profiler.profile() as prof:
+            compiled(x.clone().requires_grad_()).square().sum().backward()
+        gathers = [e.key for e in prof.key_averages() if "all_gather" in e.key or "reduce_scatter" in e.key]
+        assert not gathers, f"the compiled step gathered the sharded weights: {gathers}"
+
+
+def _starve_upper_half(block, x, rank):
+    """Routers read only hidden channel 0 for the upper half of the experts, which a positive
+    channel 0 (rank 0's tokens) makes their lowest logits."""
+    E = block.gate.weight.shape[0]
+    with torch.no_grad():
+        block.gate.weight[E // 2:] = 0
+        block.gate.weight[E // 2:, 0] = -10.0
+        if rank == 0:
+            x[..., 0] = x[..., 0].abs() + 1
+        chosen = block.gate(x.reshape(-1, x.shape[-1]))[2]
+    assert (chosen >= E // 2).any() != (rank == 0), f"rank {rank} chose experts {chosen.unique().tolist()}"
 
 
 def _mask_loop():
@@ -82,9 +111,27 @@ def _mixtral():
     return moe_block("mixtral")
 
 
+def _qwen3_moe():
+    from hf_models import moe_block
+    return moe_block("qwen3_moe")
+
+
+HF_EXPERTS = {"experts.gate_up_proj", "experts.down_proj"}
+
+
 def test_compiled_hf_mixtral_block_matches_single_process(pool2):
-    pool2.run(compiled_matches_single_process, _mixtral, [(1, 4, 32), (1, 6, 32)], {},
-              {"experts.gate_up_proj", "experts.down_proj"}, timeout=120)
+    pool2.run(compiled_matches_single_process, _mixtral, [(1, 4, 32), (1, 6, 32)], {}, HF_EXPERTS, timeout=120)
+
+
+@pytest.mark.parametrize("make", [_mixtral, _qwen3_moe], ids=["mixtral", "qwen3_moe"])
+def test_compiled_hf_block_with_dtensor_experts_matches_single_process(pool2, make):
+    """shard_experts' DTensor weights: the model code reads them gathered, moec hands the shards over."""
+    pool2.run(compiled_matches_single_process, make, [(1, 4, 32), (1, 6, 32)], {}, HF_EXPERTS, True, timeout=120)
+
+
+def test_compiled_dtensor_experts_with_an_expert_starved_on_one_rank(pool2):
+    pool2.run(compiled_matches_single_process, _qwen3_moe, [(1, 5, 32), (1, 6, 32)], {}, HF_EXPERTS, True, True,
+              timeout=120)
 
 
 def compile_with_indivisible_experts(rank, ws):
