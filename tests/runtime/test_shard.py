@@ -1,6 +1,10 @@
 """runtime/shard.py: expert weights become DTensor Shard(0) over the EP group; meta models too;
-and EP over the 'ep' dimension of a 2-D mesh (two EP groups side by side) matches single-process."""
+EP over the 'ep' dimension of a 2-D mesh (two EP groups side by side) matches single-process; and
+a sharded HF block keeps its code: it runs eager (gathering its weights inside forward) and
+compiled with its layer left unfused, while optimizers and state_dict see the DTensors."""
 import copy
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -10,6 +14,8 @@ from torch.testing import assert_close
 
 from moe_ops import H, Experts, moe
 from moec.runtime import shard_experts
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
 
 
 def shards_real_and_meta(rank, ws):
@@ -56,3 +62,46 @@ def ep_on_a_2d_mesh(rank, ws):
 
 def test_ep_over_the_ep_dim_of_a_2d_mesh(pool4):
     pool4.run(ep_on_a_2d_mesh)
+
+
+def sharded_hf_block_keeps_its_code(rank, ws):
+    from hf_models import moe_block
+    torch._dynamo.reset()
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
+    ref = moe_block("qwen3_moe")
+    block = copy.deepcopy(ref)
+    experts_class = type(block.experts)
+    names = shard_experts(block, mesh)
+    assert names == ["experts.gate_up_proj", "experts.down_proj"]
+    assert isinstance(block.experts, experts_class) and type(block.experts).__name__ == f"Sharded{experts_class.__name__}"
+    assert isinstance(block.experts.gate_up_proj, DTensor)                     # outside forward: the parameter
+    state = block.state_dict()
+    assert list(state) == list(ref.state_dict()) and all(isinstance(state[n], DTensor) for n in names)
+    x = torch.randn(1, 5 + rank, 32, generator=torch.Generator().manual_seed(rank))
+    # eager: the unchanged HF loop reads the gathered weights; rewrite disabled: the gathers stay in the graph
+    unfused = torch.compile(block, backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
+                                                            "disable": ("rewrite",)})
+    results = [_forward_backward(fn, m, x) for fn, m in ((ref, ref), (block, block), (unfused, block))]
+    (out_ref, gx_ref, grads_ref) = results[0]
+    for out, gx, grads in results[1:]:
+        assert_close(out, out_ref)
+        assert_close(gx, gx_ref)
+        for name in names:
+            want = grads_ref[name].clone()
+            dist.all_reduce(want)             # each rank's tokens: the sharded grad holds their sum
+            assert_close(grads[name].full_tensor(), want, msg=name)
+    torch.optim.AdamW(block.parameters(), lr=1e-2).step()
+    assert block.experts.down_proj.placements == (Shard(0),)
+    assert block.experts.down_proj.to_local().shape[0] == block.experts.num_experts // ws
+
+
+def _forward_backward(fn, module, x):
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    out.square().sum().backward()
+    return out, x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def test_sharded_hf_block_runs_eager_and_unfused(pool2):
+    pool2.run(sharded_hf_block_keeps_its_code, timeout=120)
