@@ -169,6 +169,7 @@ def main():
     import transformers
     import triton
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for m in args.models.split(","):
         for v in args.variants.split(","):
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", m, v],
@@ -177,10 +178,11 @@ def main():
             row = json.loads(line[5:]) if line else {"model": m, "variant": v, "error": _error(proc.stderr)}
             rows.append(json.loads(json.dumps(row)))   # int keys -> str, as read back from JSON
             print(m, v, json.dumps(row)[:400], flush=True)
+            with open(os.path.join(args.out, "bench_serving_cells.json"), "w") as f:   # a cut run keeps its cells
+                json.dump(rows, f, indent=1)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "models": {m: {k: v for k, v in MODELS[m].items()} for m in args.models.split(",")}}
-    os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, "bench_serving")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
