@@ -49,10 +49,10 @@ class LayerLoad:
 
     def to_dict(self) -> dict:
         """Plain Python numbers (one device-to-host read)."""
-        counts = self.counts.tolist()
+        *counts, dropped, steps = torch.cat([self.counts, self.dropped[None], self.steps[None]]).tolist()
         mean = sum(counts) / len(counts)
-        return {"layer": self.layer, "counts": counts, "routed": sum(counts), "dropped": int(self.dropped),
-                "steps": int(self.steps), "imbalance": max(counts) / mean if mean else float("nan")}
+        return {"layer": self.layer, "counts": counts, "routed": sum(counts), "dropped": dropped,
+                "steps": steps, "imbalance": max(counts) / mean if mean else float("nan")}
 
 
 def stats(model: torch.nn.Module | None = None) -> dict:
