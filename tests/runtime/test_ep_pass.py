@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing import assert_close
 
@@ -132,6 +133,36 @@ def test_compiled_hf_block_with_dtensor_experts_matches_single_process(pool2, ma
 def test_compiled_dtensor_experts_with_an_expert_starved_on_one_rank(pool2):
     pool2.run(compiled_matches_single_process, _qwen3_moe, [(1, 5, 32), (1, 6, 32)], {}, HF_EXPERTS, True, True,
               timeout=120)
+
+
+def causal_lm_per_block_matches_single_process(rank, ws):
+    """torchtitan's way: each decoder layer compiled on its own (one graph serves both layers),
+    expert weights sharded; the loss and every gradient equal the single-process model's."""
+    _with_ep_pass()
+    torch._dynamo.reset()
+    counters.clear()
+    from hf_models import causal_lm
+    ref = causal_lm("qwen3_moe").double().train()
+    ref.config.use_cache = False
+    ep = copy.deepcopy(ref)
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
+    sharded = set(shard_experts(ep, mesh))
+    assert len(sharded) == 2 * ref.config.num_hidden_layers
+    for layer in ep.model.layers:
+        layer.compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh})
+    ids = torch.randint(3, 96, (2, 4 + rank), generator=torch.Generator().manual_seed(rank))
+    expected, got = ref(ids, labels=ids).loss, ep(ids, labels=ids).loss
+    expected.backward()
+    got.backward()
+    assert_close(got, expected)
+    for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
+        want = summed(p.grad) if name in sharded else p.grad
+        assert_close(q.grad.full_tensor() if name in sharded else q.grad, want, msg=name)
+    assert dict(counters["moec"]) == {"graphs": 1, "regions_fused": 1}, dict(counters["moec"])
+
+
+def test_causal_lm_compiled_per_block_with_dtensor_experts(pool2):
+    pool2.run(causal_lm_per_block_matches_single_process, timeout=120)
 
 
 def compile_with_indivisible_experts(rank, ws):
