@@ -1,13 +1,15 @@
 """runtime/shard.py: expert weights become DTensor Shard(0) over the EP group; meta models too;
 EP over the 'ep' dimension of a 2-D mesh (two EP groups side by side) matches single-process; and
-a sharded HF block keeps its code: it runs eager (gathering its weights inside forward) and
-compiled with its layer left unfused, while optimizers and state_dict see the DTensors."""
+a sharded HF block keeps its code: it runs eager (gathering its weights inside forward), and
+compiled with its layer left unfused or fused without expert parallelism, while optimizers and
+state_dict see the DTensors."""
 import copy
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.testing import assert_close
@@ -67,6 +69,7 @@ def test_ep_over_the_ep_dim_of_a_2d_mesh(pool4):
 def sharded_hf_block_keeps_its_code(rank, ws):
     from hf_models import moe_block
     torch._dynamo.reset()
+    counters.clear()
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
     ref = moe_block("qwen3_moe")
     block = copy.deepcopy(ref)
@@ -78,10 +81,15 @@ def sharded_hf_block_keeps_its_code(rank, ws):
     state = block.state_dict()
     assert list(state) == list(ref.state_dict()) and all(isinstance(state[n], DTensor) for n in names)
     x = torch.randn(1, 5 + rank, 32, generator=torch.Generator().manual_seed(rank))
-    # eager: the unchanged HF loop reads the gathered weights; rewrite disabled: the gathers stay in the graph
+    # eager: the unchanged HF loop reads the gathered weights; rewrite disabled: the gathers stay in
+    # the graph; no ep_group: moec's single-process experts read the gathered weights
     unfused = torch.compile(block, backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
                                                             "disable": ("rewrite",)})
     results = [_forward_backward(fn, m, x) for fn, m in ((ref, ref), (block, block), (unfused, block))]
+    torch._dynamo.reset()
+    no_ep = torch.compile(block, backend="moec", options={"dense_backend": "aot_eager"})
+    results.append(_forward_backward(no_ep, block, x))
+    assert counters["moec"]["regions_fused"] == 1
     (out_ref, gx_ref, grads_ref) = results[0]
     for out, gx, grads in results[1:]:
         assert_close(out, out_ref)
