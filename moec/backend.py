@@ -44,7 +44,8 @@ class MoecBackend:
         if "detect" in reports:
             dumper.regions(reports["detect"], reports.get("rewrite"))
             dumper.kernels(reports["detect"])
-        compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph)
+        compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph,
+                                 on_cudagraphs=dumper.cudagraphs)
         dumper.finish(pass_log)
         return compiled
 

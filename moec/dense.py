@@ -14,16 +14,20 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from torch._dynamo.utils import counters
+
 from .errors import MoecError
+from .log import log
 
 _TENSORRT = ("torch_tensorrt", "tensorrt")
 
 
-def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None):
+def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None, on_cudagraphs=None):
     """`on_aot_graph(kind, gm)` sees forward and backward graphs after AOT autograd (Inductor and
-    aot_eager; with aot_eager, one pair per dense partition)."""
+    aot_eager; with aot_eager, one pair per dense partition). With a CUDA-graph mode
+    ("reduce-overhead"), `on_cudagraphs(kind, text)` hears whether Inductor will capture each."""
     if config.dense_backend == "inductor":
-        return _inductor(gm, example_inputs, mode, on_aot_graph)
+        return _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs)
     backend = resolve(config.dense_backend, on_aot_graph)
     if not any(is_moec_node(n) for n in gm.graph.nodes):
         return backend(gm, example_inputs)
@@ -119,21 +123,42 @@ def _example(node):
     return v
 
 
-def _inductor(gm, example_inputs, mode, on_aot_graph):
+def _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs=None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-    patches = list_mode_options(mode) if mode else None
-    if on_aot_graph is None:
-        return compile_fx(gm, example_inputs, config_patches=patches)
+    patches = list_mode_options(mode) if mode else {}
+    wants_cudagraphs = bool(patches.get("triton.cudagraphs"))
+    if on_aot_graph is None and not wants_cudagraphs:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
 
     def inner(graph, inputs, *args, **kwargs):
-        on_aot_graph("backward" if kwargs.get("is_backward") else "forward", graph)
-        return compile_fx_inner(graph, inputs, *args, **kwargs)
+        kind = "backward" if kwargs.get("is_backward") else "forward"
+        if on_aot_graph is not None:
+            on_aot_graph(kind, graph)
+        compiled = compile_fx_inner(graph, inputs, *args, **kwargs)
+        if wants_cudagraphs:
+            _note_cudagraphs(kind, compiled, kwargs.get("cudagraphs"), on_cudagraphs)
+        return compiled
+    if on_aot_graph is None:
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
     # A cache hit would skip AOT autograd and the graphs with it: dumps compile afresh.
     import torch._functorch.config as functorch_config
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner,
-                          config_patches={**(patches or {}), "fx_graph_cache": False})
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches={**patches, "fx_graph_cache": False})
+
+
+def _note_cudagraphs(kind, compiled, enabled, on_cudagraphs):
+    """Whether Inductor will capture this graph in CUDA graphs, and if not why (its own reason:
+    a CPU tensor, an input mutation, a dynamic shape it cannot bucket...). Inductor decides in
+    compile_fx_inner; the capture itself happens at the first runs."""
+    reason = getattr(compiled, "disabled_cudagraphs_reason", None)
+    on = bool(enabled) and not reason
+    text = "CUDA graphs on (captured at the first runs, replayed after)" if on else \
+        f"CUDA graphs off: {reason or 'Inductor disabled them for this graph'}"
+    counters["moec"][f"cudagraphs_{'on' if on else 'off'}"] += 1
+    log.info("%s graph: %s", kind, text)
+    if on_cudagraphs is not None:
+        on_cudagraphs(kind, text)
 
 
 def _recording_aot_eager(on_aot_graph):

@@ -44,6 +44,7 @@ class Dumper:
         self.dir = _fresh_dir(root, _compile_name())
         self.items = []      # (file, one-line description), in order
         self.pass_log = []   # (pass, ms, nodes before, nodes after)
+        self.captures = {}   # graph kind -> whether Inductor captures it in CUDA graphs
 
     def _write(self, name, text, what):
         with open(os.path.join(self.dir, name), "w") as f:
@@ -53,7 +54,8 @@ class Dumper:
     def _add(self, name, what):
         # The index is rewritten with every item: the backward graph arrives only at the first
         # backward call, long after the compile returned.
-        self.items.append((name, what))
+        if name not in (n for n, _ in self.items):   # a file rewritten as more arrives is listed once
+            self.items.append((name, what))
         self._write_index()
 
     def graph(self, step: int, name: str, gm: fx.GraphModule, changed: bool = True):
@@ -75,6 +77,11 @@ class Dumper:
 
     def aot_graph(self, kind: str, gm):
         self._write(f"aot_{kind}.py", _readable(gm), f"{kind} graph after AOT autograd")
+
+    def cudagraphs(self, kind: str, text: str):
+        self.captures[kind] = text
+        body = "\n".join(f"{k}: {v}" for k, v in self.captures.items()) + "\n"
+        self._write("cudagraphs.txt", body, "whether Inductor captures each graph in CUDA graphs, or why not")
 
     def kernels(self, detect_report):
         from moec.codegen import kernels, tuning

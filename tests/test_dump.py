@@ -115,3 +115,22 @@ def test_torch_logs_and_trace(tmp_path):
     traces = "".join(open(os.path.join(tmp_path / "trace", f)).read() for f in os.listdir(tmp_path / "trace"))
     for artifact in ("moec_input_graph", "moec_after_rewrite", "moec_regions"):
         assert f'"name": "{artifact}"' in traces
+
+
+def test_dump_says_whether_cuda_graphs_capture(tmp_path, monkeypatch):
+    # mode= and options= are exclusive in torch.compile: the dump folder comes from MOEC_DUMP
+    monkeypatch.setenv("MOEC_DUMP", str(tmp_path))
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model = causal_lm("qwen3_moe", "grouped_mm")
+    tokens = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        got = torch.compile(model, backend="moec", mode="reduce-overhead")(tokens).logits
+        expected = model(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    [folder] = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    text = open(os.path.join(folder, "cudagraphs.txt")).read()
+    # a CPU graph cannot be captured: Inductor's own reason is passed on, and the index lists the file
+    assert text.startswith("forward: CUDA graphs off: skipping cudagraphs due to"), text
+    assert "[cudagraphs.txt]" in open(os.path.join(folder, "index.md")).read()
+    assert counters["moec"]["cudagraphs_off"] == 1 and counters["moec"]["regions_fused"] == 2
