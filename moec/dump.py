@@ -72,7 +72,9 @@ class Dumper:
         from .draw import draw_region
         for i, region in enumerate(detect_report.regions):
             path = os.path.join(self.dir, f"region_{i}.png")
-            if draw_region(gm.graph, region, path, title=region.module or "<root>"):
+            # a region inside an activation-checkpoint body lives in that body's graph, not the root's
+            owner = gm.get_submodule(region.graph) if region.graph else gm
+            if draw_region(owner.graph, region, path, title=region.module or "<root>"):
                 self._add(f"region_{i}.png", f"region {region.module or '<root>'}, nodes by role")
 
     def aot_graph(self, kind: str, gm):

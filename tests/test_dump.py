@@ -134,3 +134,12 @@ def test_dump_says_whether_cuda_graphs_capture(tmp_path, monkeypatch):
     assert text.startswith("forward: CUDA graphs off: skipping cudagraphs due to"), text
     assert "[cudagraphs.txt]" in open(os.path.join(folder, "index.md")).read()
     assert counters["moec"]["cudagraphs_off"] == 1 and counters["moec"]["regions_fused"] == 2
+
+
+def test_dump_pictures_regions_inside_checkpoint_bodies(tmp_path):
+    model = causal_lm("qwen3_moe", "grouped_mm").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    folder = _compile_and_run(model, torch.randint(3, 96, (2, 7)), tmp_path, dense_backend="eager")
+    for i in range(2):
+        with open(os.path.join(folder, f"region_{i}.png"), "rb") as f:
+            assert f.read(8) == PNG
