@@ -49,7 +49,23 @@ def tracing_context():
             stack.enter_context(dynamic_capture())
         stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
         stack.enter_context(param_lora_traced())
+        stack.enter_context(checkpoint_side_effects())
         yield
+
+
+def checkpoint_side_effects():
+    """Let Dynamo keep a checkpointed body whose forward has Python side effects in one graph.
+
+    Hugging Face collects router logits (`output_router_logits=True`, needed for the aux loss)
+    with forward hooks that append to a list. Inside an activation-checkpoint body that side
+    effect makes Dynamo give up on the whole decoder layer ("Failed to handle graph break
+    gracefully ... falling back to eager"), so the MoE layer never reaches moec and nothing says
+    so. With this switch the side effect happens once, in the forward, and is not replayed by
+    the backward's recomputation; in eager the replay finds HF's collector already closed and
+    does nothing, so the results are the same."""
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 @contextlib.contextmanager

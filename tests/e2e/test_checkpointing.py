@@ -1,5 +1,6 @@
 """Activation checkpointing: MoE layers inside torch.utils.checkpoint bodies are still found and
 fused, and gradients equal eager (HF gradient checkpointing; full and selective checkpoint)."""
+import copy
 import functools
 
 import pytest
@@ -22,6 +23,27 @@ def test_hf_gradient_checkpointing(arch):
     counters.clear()
     check_compiled_matches_eager(model, tokens)
     assert counters["moec"]["regions_fused"] == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_gradient_checkpointing_with_router_logits(arch):
+    # HF's router-logit hooks append to a list inside each checkpointed layer: Dynamo used to drop
+    # those layers to eager, unfused and unreported. The aux loss's gradient must reach the router.
+    model = causal_lm(arch, "grouped_mm").train()
+    model.config.output_router_logits = True
+    model.gradient_checkpointing_enable()
+    reference = copy.deepcopy(model)
+    counters.clear()
+    compiled = torch.compile(model.forward, backend="moec", options={"dense_backend": "eager"})
+    tokens = torch.randint(3, 96, (2, 7))
+    got, expected = compiled(input_ids=tokens, labels=tokens), reference(input_ids=tokens, labels=tokens)
+    assert counters["moec"]["regions_fused"] == model.config.num_hidden_layers
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss)
+    torch.testing.assert_close(got.loss, expected.loss)
+    got.loss.backward()
+    expected.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
