@@ -18,7 +18,9 @@ import sys
 import torch
 
 LAYERS, BATCH, SEQ, STEPS, WARMUP = 2, 4, 1024, 6, 3
-VARIANTS = ("hf_eager", "hf_gmm_compiled", "moec", "hf_eager_ckpt", "hf_gmm_compiled_ckpt", "moec_ckpt")
+VARIANTS = ("hf_eager", "hf_gmm_compiled", "moec", "hf_eager_ckpt", "hf_gmm_compiled_ckpt", "moec_ckpt",
+            "hf_gmm_compiled_lora", "moec_lora")
+LORA_RANK = 16
 
 
 def build(impl):
@@ -37,7 +39,7 @@ def build(impl):
 def active_params(model):
     """Parameters a token passes through: all but the embedding table, the experts counted k/E."""
     c = model.config
-    total = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    total = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     return total - experts + experts * c.num_experts_per_tok // c.num_experts
 
@@ -57,15 +59,21 @@ def peak_flops():
 
 def run_cell(variant):
     from torch._dynamo.utils import counters
-    ckpt = variant.endswith("_ckpt")
-    base = variant.removesuffix("_ckpt")
+    ckpt, lora = variant.endswith("_ckpt"), variant.endswith("_lora")
+    base = variant.removesuffix("_ckpt").removesuffix("_lora")
     model = build("eager" if base == "hf_eager" else "grouped_mm")
     if ckpt:
         model.gradient_checkpointing_enable()
+    if lora:   # PEFT LoRA on the 3D expert weights; everything else frozen
+        import peft
+        names = [n.split("model.layers.")[-1].split(".", 1)[1] for n, _ in model.named_parameters() if ".experts." in n]
+        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=[],
+                                 target_parameters=sorted(set(names)))
+        model = peft.get_peft_model(model, config)
     forward = model.forward
     if base != "hf_eager":
         forward = torch.compile(model.forward, backend="moec" if base == "moec" else "inductor")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tokens = [torch.randint(100, 30000, (BATCH, SEQ), device="cuda") for _ in range(2)]
 
     def step(i):
@@ -87,6 +95,7 @@ def run_cell(variant):
     ms = start.elapsed_time(end) / STEPS
     tok_s = BATCH * SEQ * 1e3 / ms
     c = model.config
+    # (with LoRA: the frozen base still costs its forward and input-gradient GEMMs, so this overstates MFU by ~1/3)
     flops_per_token = 6 * active_params(model) + 12 * c.num_hidden_layers * SEQ * c.hidden_size
     return {"variant": variant, "ms_per_step": ms, "tokens_per_s": tok_s,
             "mfu": flops_per_token * tok_s / peak_flops(), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
