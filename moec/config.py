@@ -70,6 +70,15 @@ class Config:
     """With expert_stats and TORCH_LOGS=moec: log each layer's counts every N forward calls
     (each log line reads that layer's counts to the host; 0: never). MOEC_EXPERT_STATS_LOG_EVERY."""
 
+    wgrad_schedule: bool = True
+    """With ep_group: in the backward, run weight gradients while the all-to-alls are in flight
+    (passes/schedule_wgrad.py; Inductor and aot_eager). False, or disable=("schedule_wgrad",),
+    keeps AOT autograd's order. MOEC_WGRAD_SCHEDULE."""
+
+    wgrad_memory_bound_mb: float = 0.0
+    """How far (MiB) moving weight gradients may raise the backward's predicted peak memory;
+    0: not at all. MOEC_WGRAD_MEMORY_BOUND_MB."""
+
     @classmethod
     def from_options(cls, options: dict | None = None) -> "Config":
         values = _from_env()
