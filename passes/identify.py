@@ -227,9 +227,10 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
         best = float("inf")
         for router in routers:
             w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
-            offsets, src, inv = torch.ops.moec.plan(ids, num_experts)
+            used, ids = _touched(ids, num_experts)
+            offsets, src, inv = torch.ops.moec.plan(ids, used.numel())
             for experts in map(lambda c: _with_lora(c, lora), candidates):
-                y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env),
+                y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env, used),
                                            experts.activation, experts.alpha, experts.limit)
                 out = torch.ops.moec.combine(y, inv, w)
                 err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -265,11 +266,24 @@ def route_with_capacity(router, logits, bias, num_experts):
 _TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def _weight_args(experts, env):
-    """(bases as float64 tensors, layout): the arguments the rewrite will emit, on example values."""
+def _touched(ids, num_experts):
+    """(experts the proof tokens reach, ids renumbered into that list; -1 stays dropped). The proof
+    then copies only those experts to float64: a Qwen3-30B-A3B layer's 128 experts are 4.8 GB in
+    float64, the few dozen a proof reaches a fraction of it."""
+    used = torch.unique(ids[ids >= 0])
+    if used.numel() == 0:            # every copy dropped: one expert keeps the shapes valid
+        used = torch.zeros(1, dtype=ids.dtype, device=ids.device)
+    table = torch.full((num_experts,), -1, dtype=ids.dtype, device=ids.device)
+    table[used] = torch.arange(used.numel(), dtype=ids.dtype, device=ids.device)
+    return used, torch.where(ids >= 0, table[ids.clamp_min(0)], -1)
+
+
+def _weight_args(experts, env, used):
+    """(bases as float64 tensors, layout): the arguments the rewrite will emit, on example values,
+    restricted to the experts in `used` (dim 0 of every base is the expert)."""
     bases, layout = layouts.pack((experts.up, experts.gate, experts.down, experts.up_bias,
                                   experts.gate_bias, experts.down_bias), experts.lora)
-    return [env[node].double() for node in bases], layout
+    return [env[node][used].double() for node in bases], layout
 
 
 def _with_lora(experts, lora):
