@@ -45,7 +45,7 @@ class MoecBackend:
             dumper.regions(reports["detect"], reports.get("rewrite"))
             dumper.kernels(reports["detect"])
         compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph,
-                                 on_cudagraphs=dumper.cudagraphs)
+                                 on_cudagraphs=dumper.cudagraphs, on_backward_report=dumper.backward_report)
         dumper.finish(pass_log)
         return compiled
 

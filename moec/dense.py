@@ -6,7 +6,12 @@ implementations give it shapes) and fuses the dense code around them. Every othe
 partitions, never a moec node: the graph is split where moec's ops begin and end, each dense
 partition is compiled on the fake values Dynamo recorded for its inputs (symbolic shapes), and
 moec's ops run between them with their own autograd.
+
+Backward-graph passes (moec/backward.py: weight gradients under the all-to-alls) reach the
+backward through Inductor's post-grad custom pass, or through aot_eager's bw_compiler, per
+partition; other backends compile their own backward or have none ("eager"), so they run none.
 """
+import contextlib
 import operator
 import unittest.mock
 
@@ -16,30 +21,34 @@ from torch.fx.passes.split_module import split_module
 
 from torch._dynamo.utils import counters
 
+from .backward import backward_hook, param_flags
 from .errors import MoecError
 from .log import log
 
 _TENSORRT = ("torch_tensorrt", "tensorrt")
 
 
-def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None, on_cudagraphs=None):
+def compile_dense(gm, example_inputs, config, mode=None, on_aot_graph=None, on_cudagraphs=None,
+                  on_backward_report=None):
     """`on_aot_graph(kind, gm)` sees forward and backward graphs after AOT autograd (Inductor and
-    aot_eager; with aot_eager, one pair per dense partition). With a CUDA-graph mode
-    ("reduce-overhead"), `on_cudagraphs(kind, text)` hears whether Inductor will capture each."""
+    aot_eager; with aot_eager, one pair per dense partition, the backward as it runs). With a
+    CUDA-graph mode ("reduce-overhead"), `on_cudagraphs(kind, text)` hears whether Inductor will
+    capture each. `on_backward_report(report)` hears what each backward pass did."""
+    backward = backward_hook(config, on_backward_report)
     if config.dense_backend == "inductor":
-        return _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs)
-    backend = resolve(config.dense_backend, on_aot_graph)
+        return _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs, backward)
+    backend = resolve(config.dense_backend, on_aot_graph, backward)
     if not any(is_moec_node(n) for n in gm.graph.nodes):
         return backend(gm, example_inputs)
     return compile_partitions(gm, backend)
 
 
-def resolve(name, on_aot_graph=None):
+def resolve(name, on_aot_graph=None, backward=None):
     """The backend callable for a name or callable; a clear MoecError for one that is not there."""
     if callable(name):
         return name
-    if name == "aot_eager" and on_aot_graph is not None:
-        return _recording_aot_eager(on_aot_graph)
+    if name == "aot_eager" and (on_aot_graph is not None or backward is not None):
+        return _aot_eager(on_aot_graph, backward)
     if name in _TENSORRT:
         try:
             import torch_tensorrt  # noqa: F401  (registers its torch.compile backend)
@@ -123,19 +132,28 @@ def _example(node):
     return v
 
 
-def _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs=None):
+def _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs=None, backward=None):
+    from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     patches = list_mode_options(mode) if mode else {}
     wants_cudagraphs = bool(patches.get("triton.cudagraphs"))
-    if on_aot_graph is None and not wants_cudagraphs:
+    if on_aot_graph is None and not wants_cudagraphs and backward is None:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
+    wgrad = None
+    if backward is not None:
+        # Inductor's post-grad custom pass, after its own pattern passes, before its scheduler;
+        # set for the whole compile so that its uuid keys Inductor's and AOT autograd's caches,
+        # armed only while the backward compiles
+        wgrad = backward.inductor_pass(param_flags(example_inputs), inductor_config.post_grad_custom_post_pass)
+        patches = {**patches, "post_grad_custom_post_pass": wgrad}
 
     def inner(graph, inputs, *args, **kwargs):
         kind = "backward" if kwargs.get("is_backward") else "forward"
         if on_aot_graph is not None:
             on_aot_graph(kind, graph)
-        compiled = compile_fx_inner(graph, inputs, *args, **kwargs)
+        with wgrad.armed() if wgrad is not None and kind == "backward" else contextlib.nullcontext():
+            compiled = compile_fx_inner(graph, inputs, *args, **kwargs)
         if wants_cudagraphs:
             _note_cudagraphs(kind, compiled, kwargs.get("cudagraphs"), on_cudagraphs)
         return compiled
@@ -161,10 +179,27 @@ def _note_cudagraphs(kind, compiled, enabled, on_cudagraphs):
         on_cudagraphs(kind, text)
 
 
-def _recording_aot_eager(on_aot_graph):
-    from functorch.compile import make_boxed_func
+def _aot_eager(on_aot_graph, backward):
+    """torch's aot_eager (min-cut partitioner, boxed no-op compilers), showing each forward and
+    backward graph to `on_aot_graph` and running the backward passes first."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
-    def recorder(kind):
-        return lambda graph, _inputs: (on_aot_graph(kind, graph), make_boxed_func(graph.forward))[1]
-    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    def forward_compiler(graph, _inputs):
+        if on_aot_graph is not None:
+            on_aot_graph("forward", graph)
+        return make_boxed_func(graph.forward)
+
+    def compile_graph(gm, example_inputs):
+        flags = param_flags(example_inputs)
+
+        def backward_compiler(graph, _inputs):
+            if backward is not None:
+                backward.run(graph, flags)
+            if on_aot_graph is not None:
+                on_aot_graph("backward", graph)
+            return make_boxed_func(graph.forward)
+        return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+                            partition_fn=min_cut_rematerialization_partition,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
+    return compile_graph

@@ -10,7 +10,8 @@ under an all-to-all are hatched.
 """
 import sys
 
-from moec.runtime.schedule_search import Schedule
+from moec.runtime.cost_model import Op
+from moec.runtime.schedule_search import Event, LayerCosts, Schedule
 
 from .errors import MoecError
 
@@ -28,10 +29,13 @@ def _pyplot():
     return plt
 
 
-def draw_schedule(schedule: Schedule, path, title: str = "", compare_unchunked: bool = True) -> None:
-    """Write `path` (PNG); a MoecError where matplotlib is missing."""
+def draw_schedule(schedule: Schedule, path, title: str = "", compare_unchunked: bool = True, panels=None) -> None:
+    """Write `path` (PNG); a MoecError where matplotlib is missing. panels: [(name, Schedule)] to
+    draw instead of the unchunked and the chosen schedule, titled by `title` alone."""
     plt = _pyplot()
-    panels = ([("unchunked (k=1)", schedule.unchunked())] if compare_unchunked and schedule.k > 1 else []) + \
+    given = panels is not None
+    panels = panels if given else \
+        ([("unchunked (k=1)", schedule.unchunked())] if compare_unchunked and schedule.k > 1 else []) + \
         [(f"chosen (k={schedule.k})", schedule)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 1.9 * len(panels) + 0.6), sharex=True, squeeze=False)
     colours = plt.get_cmap("tab10")
@@ -57,10 +61,48 @@ def draw_schedule(schedule: Schedule, path, title: str = "", compare_unchunked: 
     axes[-1, 0].set_xlim(0, end * 1.01)
     axes[-1, 0].set_xlabel("ms")
     chunked = ", ".join(schedule.chunked_ops()) or "experts only"
-    fig.suptitle(f"{title + ': ' if title else ''}k={schedule.k}, chunked: {chunked}", fontsize=10)
+    fig.suptitle(title if given else f"{title + ': ' if title else ''}k={schedule.k}, chunked: {chunked}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw_backward(report, path, title: str = "") -> None:
+    """A `passes.schedule_wgrad` report's predicted backward: AOT autograd's order above, the
+    weight gradients moved under the all-to-alls (hatched) below."""
+    exposed = lambda which: sum(w.comm_s - getattr(w, f"hidden_{which}_s") for w in report.windows)
+    panels = [("as AOT autograd ordered it", _as_schedule(report.timeline_before, report.step_before_s, exposed("before"))),
+              ("weight gradients under the all-to-alls", _as_schedule(report.timeline_after, report.step_after_s,
+                                                                      exposed("after")))]
+    draw_schedule(panels[1][1], path, title or "backward", panels=panels)
+
+
+def _as_schedule(timeline, step_s, exposed_s) -> Schedule:
+    """Timeline events of a backward as a k=1 Schedule; runs of unmoved compute ops are merged
+    into one bar each so the all-to-alls and the moved ops stay readable."""
+    events, run = [], []
+
+    def flush():
+        if run:
+            label = run[0].label if len(run) == 1 else f"{len(run)} ops"
+            events.append(Event("compute", "pre", label, -1, run[0].start, run[-1].end))
+            run.clear()
+    for e in timeline:
+        if e.stream == "compute" and not e.moved and (not run or abs(run[-1].end - e.start) < 1e-12):
+            run.append(e)
+            continue
+        flush()
+        if e.stream == "compute" and not e.moved:
+            run.append(e)
+        elif e.stream == "compute":
+            events.append(Event("compute", "wgrad", e.label, -1, e.start, e.end))
+        else:
+            events.append(Event("comm", "dispatch", e.label, -1, e.start, e.end))
+    flush()
+    comm = sum(e.end - e.start for e in events if e.stream == "comm")
+    none = LayerCosts((), 0.0, Op("experts", 0.0), 0.0, ())
+    return Schedule(1, (0, 0), (0, 0), step_s, step_s, exposed_s, comm, tuple(sorted(events, key=lambda e: e.start)),
+                    costs=none)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,8 @@ One folder per compiled graph, named by Dynamo's compile id (frame and attempt):
     regions.json / .md     regions found (router, experts, check) and near misses with reasons
     region_<i>.png         each region's subgraph, nodes grouped by role
     aot_forward.py / aot_backward.py   the graphs after AOT autograd (Inductor, aot_eager)
+    wgrad_schedule.txt / _<i>.png      weight gradients moved under the backward's all-to-alls,
+                           per all-to-all, with the predicted timelines before and after
     kernels.json           per region: which implementation runs and its launch settings
 
 The runner calls the writer; passes never write files. `python -m moec.dump diff A B` compares
@@ -27,6 +29,7 @@ import torch.fx as fx
 
 from moec.passes.graph import hint
 
+from .errors import MoecError
 from .log import log
 
 
@@ -44,6 +47,7 @@ class Dumper:
         self.dir = _fresh_dir(root, _compile_name())
         self.items = []      # (file, one-line description), in order
         self.pass_log = []   # (pass, ms, nodes before, nodes after)
+        self.backward_reports = []
         self.captures = {}   # graph kind -> whether Inductor captures it in CUDA graphs
 
     def _write(self, name, text, what):
@@ -78,7 +82,28 @@ class Dumper:
                 self._add(f"region_{i}.png", f"region {region.module or '<root>'}, nodes by role")
 
     def aot_graph(self, kind: str, gm):
-        self._write(f"aot_{kind}.py", _readable(gm), f"{kind} graph after AOT autograd")
+        # aot_eager compiles each dense partition apart: one file per graph, in compile order
+        n = sum(1 for name, _ in self.items if name.startswith(f"aot_{kind}"))
+        name = f"aot_{kind}.py" if n == 0 else f"aot_{kind}_{n}.py"
+        self._write(name, _readable(gm), f"{kind} graph after AOT autograd" + (f" (graph {n})" if n else ""))
+
+    def backward_report(self, report):
+        """A `schedule_wgrad` report (one per backward graph: aot_eager has one per partition)."""
+        self.backward_reports.append(report)
+        text = "\n\n".join(f"# backward graph {i}\n{r.text()}" for i, r in enumerate(self.backward_reports))
+        with open(os.path.join(self.dir, "wgrad_schedule.txt"), "w") as f:
+            f.write(text + "\n")
+        if len(self.backward_reports) == 1:
+            self._add("wgrad_schedule.txt", "weight gradients moved under the backward's all-to-alls")
+        if report.windows:
+            from .draw_schedule import draw_backward
+            name = f"wgrad_schedule_{len(self.backward_reports) - 1}.png"
+            try:
+                draw_backward(report, os.path.join(self.dir, name), title=f"backward graph {len(self.backward_reports) - 1}")
+            except MoecError as e:      # matplotlib missing: the text says it all
+                log.info("no picture of the weight-gradient schedule: %s", e)
+                return
+            self._add(name, "predicted backward timeline: AOT's order, then weight gradients scheduled")
 
     def cudagraphs(self, kind: str, text: str):
         self.captures[kind] = text

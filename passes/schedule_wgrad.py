@@ -1,0 +1,432 @@
+"""Pass `schedule_wgrad`: run weight gradients while the backward's all-to-alls are in flight.
+
+Expects: an AOT autograd backward graph (ATen ops, fake values in node.meta["val"]) whose
+all-to-alls are functional collectives, `_c10d_functional.all_to_all_single` followed later by
+its `wait_tensor` (what `moec.runtime.ep_experts` traces to: the backward holds the reversed
+dispatch and combine); which outputs are parameter gradients; a `NodeCosts`; a memory bound.
+Guarantees: the same nodes computing the same values, in a valid topological order, in which
+a weight-gradient op that is ready runs between an all-to-all's start and its wait. A weight-
+gradient op is a node whose results flow only into parameter gradients (mm(dy^T, x) of a
+linear, a bias's sum, the reshapes and slice-scatters of an expert weight's gradient); a unit
+is a connected group of them. A unit moves *later* (deferred from before the all-to-all: the
+all-to-all starts sooner) or *earlier* (from after the wait, with the ancestors it needs that
+depend on no wait, e.g. the router's backward feeding the gate weight's gradient). Each
+all-to-all's predicted duration is filled greedily, largest unit that fits first, in program
+order of the all-to-alls; a move stays only if the predicted peak memory of the whole order
+(live storages, views sharing their base's, inputs freed after their last use) stays within
+the original peak plus `memory_bound_bytes`.
+Must not change: any node's target or arguments, the order of collectives among themselves (so
+every rank issues them alike whatever each rank's costs predict), any node already between an
+all-to-all and its wait, side-effecting nodes.
+
+    for (start, wait) in all_to_alls, in order:
+        slack := comm_s(start) - compute already between start and wait
+        while a unit u (+ ancestors it needs, none after a wait) fits in slack and memory:
+            move u's nodes just before `wait`; slack -= time(u)
+
+What Inductor already does, and why this pass: Inductor's scheduler keeps collectives in graph
+order (`comms.decide_global_ordering_of_comms`) and, by default, picks among topological orders
+the one with the least estimated peak memory (`reorder_for_peak_memory`), which knows nothing of
+communication. `reorder_for_compute_comm_overlap` (off by default; `torch._inductor.comms`:
+raise comms / sink waits, on the scheduler's fused nodes) and the post-grad `OverlapScheduler`
+(`aten_distributed_optimizations.enable_overlap_scheduling`, off by default, torch >= 2.10:
+prefetches collective starts and defers waits over any compute by roofline or benchmarked
+estimates, with a memory cap) are general: they move *collectives* past compute, treat all
+compute alike, are tuned for FSDP/TP collectives (all_gather, reduce_scatter, all_reduce), and
+are global switches that also reorder every other collective of the graph. An expert-parallel
+backward's all-to-all cannot be issued earlier (its input is the gradient the previous op just
+made), so what hides it is compute that does not feed it: the weight gradients, which only the
+graph's outputs tell apart. This pass moves those and only those, with moec's own cost model
+(the one the forward chunking uses) and a memory bound of its own; `pin_order` then hands the
+order to Inductor as `control_deps` edges (Inductor's own mechanism, fx_passes/
+control_dependencies.py, which its OverlapScheduler uses the same way), since the peak-memory
+reordering would otherwise be free to undo it. Turning Inductor's overlap scheduling on as well
+remains possible and is independent.
+Non-Inductor backends: the pass is plain FX; moec/dense.py runs it from aot_eager's
+bw_compiler on each dense partition's backward. There the graph is split at moec's ops, so a
+partition holds one layer's all-to-alls and its experts' weight-gradient tails, not the dense
+weight gradients of other partitions. "eager" has no backward graph (autograd's engine orders
+the backward), so it cannot apply.
+"""
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .node_costs import ALL_TO_ALL, WAIT, is_collective, nbytes, size, val
+
+PASS = "schedule_wgrad"
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Move:
+    nodes: tuple            # node names, in the order they now run (ancestors pulled along first)
+    ops: tuple              # their op names, for reading
+    time_s: float           # predicted compute time of the unit
+    direction: str          # "later" (was before the all-to-all) or "earlier" (was after its wait)
+
+
+@dataclass(frozen=True)
+class Window:
+    collective: str         # the all_to_all_single node
+    wait: str
+    comm_s: float           # its predicted duration
+    busy_s: float           # compute already between it and its wait
+    moves: tuple            # Move, in placement order
+    hidden_before_s: float  # of comm_s, hidden behind compute in the original order (timeline)
+    hidden_after_s: float   # ... and in the new order
+
+
+@dataclass(frozen=True)
+class Event:
+    stream: str             # "compute" or "comm"
+    label: str
+    moved: bool
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class ScheduleWGradReport:
+    windows: tuple = ()
+    left: tuple = ()        # (unit's nodes, why it stayed)
+    peak_before: int = 0    # predicted peak bytes of the original order
+    peak_after: int = 0
+    memory_bound: float = 0.0
+    step_before_s: float = 0.0
+    step_after_s: float = 0.0
+    timeline_before: tuple = ()
+    timeline_after: tuple = ()
+    skipped: str = ""       # why nothing was tried ("" when it was)
+    cost_source: str = ""
+
+    @property
+    def moved(self) -> int:
+        return sum(len(m.nodes) for w in self.windows for m in w.moves)
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"{PASS}: nothing moved: {self.skipped}"
+        hidden = sum(w.hidden_after_s - w.hidden_before_s for w in self.windows)
+        filled = sum(1 for w in self.windows if w.moves)
+        return (f"{PASS}: {self.moved} weight-gradient ops moved under {filled} of {len(self.windows)} all-to-alls, "
+                f"{_ms(hidden)} more communication hidden (predicted step {_ms(self.step_before_s)} -> "
+                f"{_ms(self.step_after_s)}), peak memory {self.peak_before} -> {self.peak_after} B "
+                f"(bound +{self.memory_bound:.0f} B)")
+
+    def text(self) -> str:
+        lines = [self.summary()]
+        if self.cost_source:
+            lines.append(f"cost model: {self.cost_source}")
+        for w in self.windows:
+            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {_ms(w.comm_s)}, {_ms(w.busy_s)} of compute already "
+                         f"under it; hidden {_ms(w.hidden_before_s)} -> {_ms(w.hidden_after_s)}")
+            for m in w.moves:
+                lines.append(f"  moved {m.direction} ({_ms(m.time_s)}): " +
+                             ", ".join(f"{n} ({op})" for n, op in zip(m.nodes, m.ops)))
+            if not w.moves:
+                lines.append("  nothing moved")
+        for nodes, why in self.left:
+            lines.append(f"left in place: {', '.join(nodes)}: {why}")
+        return "\n".join(lines)
+
+
+def schedule_wgrad(gm: fx.GraphModule, param_outputs, costs, memory_bound_bytes: float = 0.0) -> tuple:
+    """param_outputs: indices into the graph's outputs that are parameter gradients; costs: a
+    `passes.node_costs.NodeCosts`. -> (gm reordered in place, ScheduleWGradReport)."""
+    graph = gm.graph
+    original = list(graph.nodes)
+    windows = _windows(original)
+    if not windows:
+        return gm, ScheduleWGradReport(skipped="no all-to-all in this graph", cost_source=costs.source)
+    inside = {n for a, w in windows for n in _between(original, a, w)}
+    busy = {a: sum(costs.compute_s(n) for n in _between(original, a, w)) for a, w in windows}
+    units, left = [], []
+    for unit in _units(original, weight_gradient_nodes(graph, param_outputs)):
+        if any(n in inside for n in unit):
+            left.append((_names(unit), "already runs under an all-to-all"))
+        elif sum(costs.compute_s(n) for n in unit) <= 0:
+            left.append((_names(unit), "no kernel to run (views only)"))
+        else:
+            units.append(unit)
+    memory = _Memory(original)
+    peak0 = memory.peak(original)
+    order, moves, stayed = _fill(original, windows, units, busy, costs, memory, peak0 + memory_bound_bytes,
+                                 fixed=inside | {n for pair in windows for n in pair})
+    left += [(_names(u), why) for u, why in stayed]
+    before = _timeline(original, costs, windows, set())
+    if any(moves.values()):
+        _reorder(graph, order)
+        gm.recompile()
+    after = _timeline(order, costs, windows, {n for ms in moves.values() for m in ms for n in m.nodes})
+    report = ScheduleWGradReport(
+        tuple(Window(a.name, w.name, costs.comm_s(a), busy[a], tuple(moves.get(a, ())), before.hidden[a],
+                     after.hidden[a]) for a, w in windows),
+        tuple(left), peak0, memory.peak(order), memory_bound_bytes, before.step_s, after.step_s,
+        tuple(before.events), tuple(after.events), cost_source=costs.source)
+    return gm, report
+
+
+def _fill(order, windows, units, busy, costs, memory, limit, fixed) -> tuple:
+    """Greedy: per all-to-all in program order, the largest unit that fits its time left and
+    keeps the peak within `limit`, until none does. -> (new order, {start: [Move]}, [(unit left
+    in place, why)])."""
+    units, fixed = list(units), set(fixed)
+    moves = defaultdict(list)
+    why_not = {id(u): "did not fit the time left under any all-to-all" for u in units}
+    for start, wait in windows:
+        slack = costs.comm_s(start) - busy[start]
+        while slack > _EPS:
+            pos = {n: i for i, n in enumerate(order)}
+            fits = []
+            for unit in units:
+                nodes, reason = _plan(unit, start, wait, pos, fixed)
+                t = sum(costs.compute_s(n) for n in nodes) if nodes else 0.0
+                if nodes is None:
+                    why_not[id(unit)] = reason
+                elif t <= slack + _EPS:
+                    fits.append((t, unit, nodes))
+            placed = None
+            for t, unit, nodes in sorted(fits, key=lambda f: -f[0]):
+                trial = _moved(order, nodes, wait)
+                if memory.peak(trial) > limit:
+                    why_not[id(unit)] = "would raise the predicted peak memory past the bound"
+                    continue
+                heavy = [n for n in unit if costs.compute_s(n) > 0]     # where its kernels were
+                direction = "earlier" if pos[heavy[0]] > pos[wait] else "later"
+                moves[start].append(Move(_names(nodes), tuple(_op(n) for n in nodes), t, direction))
+                placed, order, slack = unit, trial, slack - t
+                fixed |= set(nodes)
+                break
+            if placed is None:
+                break
+            units.remove(placed)
+    return order, moves, [(u, why_not[id(u)]) for u in units]
+
+
+def weight_gradient_nodes(graph: fx.Graph, param_outputs) -> set:
+    """Nodes whose every use is by another such node or by the output at a parameter gradient's
+    index; collectives, waits and side-effecting nodes never count."""
+    out = graph.output_node()
+    results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    param_outputs = set(param_outputs)
+    at_params = defaultdict(lambda: True)
+    for i, r in enumerate(results):
+        if isinstance(r, fx.Node):
+            at_params[r] = at_params[r] and i in param_outputs
+    wgrad = set()
+    for node in reversed(graph.nodes):
+        if node.op != "call_function" or is_collective(node) or node.target is WAIT or node.is_impure() \
+                or not node.users:
+            continue
+        if all(u in wgrad or (u is out and at_params[node]) for u in node.users):
+            wgrad.add(node)
+    return wgrad
+
+
+def pin_order(gm: fx.GraphModule, report: ScheduleWGradReport) -> int:
+    """Make the moves binding for Inductor's scheduler: each moved op waits for its all-to-all's
+    start, the wait for every moved op (Inductor's control_deps). -> edges added (0 where this
+    torch has no control_deps)."""
+    try:
+        from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
+    except ImportError:
+        return 0
+    by_name = {n.name: n for n in gm.graph.nodes}
+    deps = {}
+    for w in report.windows:
+        ops = [by_name[n] for m in w.moves for n in m.nodes
+               if by_name[n].op == "call_function" and isinstance(by_name[n].target, torch._ops.OpOverload)]
+        if not ops:
+            continue
+        start, wait = by_name[w.collective], by_name[w.wait]
+        for n in ops:
+            deps[n] = {start}
+        deps[wait] = set(ops)
+    if deps:
+        preserve_node_ordering(gm.graph, deps)
+        gm.recompile()
+    return sum(len(d) for d in deps.values())
+
+
+def _windows(order) -> list:
+    """(all_to_all_single, its wait_tensor) pairs, in program order."""
+    pairs = []
+    for n in order:
+        if n.target is ALL_TO_ALL:
+            wait = next((u for u in n.users if u.target is WAIT), None)
+            if wait is not None:
+                pairs.append((n, wait))
+    return pairs
+
+
+def _between(order, a, b) -> list:
+    i, j = order.index(a), order.index(b)
+    return order[i + 1:j]
+
+
+def _units(order, wgrad) -> list:
+    """Connected groups of weight-gradient nodes, each in program order."""
+    parent = {n: n for n in wgrad}
+
+    def root(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+    for n in wgrad:
+        for i in n.all_input_nodes:
+            if i in wgrad:
+                parent[root(i)] = root(n)
+    groups = defaultdict(list)
+    for n in order:
+        if n in wgrad:
+            groups[root(n)].append(n)
+    return list(groups.values())
+
+
+def _plan(unit, start, wait, pos, fixed):
+    """The nodes to put just before `wait` for `unit` to run there: the unit plus every ancestor
+    now after the wait (each must be free to move: no collective, wait or side effect, not
+    already under an all-to-all). -> (nodes in program order, "") or (None, why not)."""
+    if pos[unit[0]] > pos[start] and pos[unit[-1]] < pos[wait]:
+        return None, "already under this all-to-all"
+    members, pulled, stack = set(unit), [], [i for n in unit for i in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in members or pos[n] < pos[wait]:
+            continue
+        if n.op != "call_function" or n in fixed or is_collective(n) or n.target is WAIT or n.is_impure():
+            return None, f"needs {n.name}, which depends on an all-to-all that has not finished there"
+        members.add(n)
+        pulled.append(n)
+        stack.extend(n.all_input_nodes)
+    return sorted(members, key=pos.__getitem__), ""
+
+
+def _moved(order, nodes, before) -> list:
+    moving = set(nodes)
+    rest = [n for n in order if n not in moving]
+    i = rest.index(before)
+    return rest[:i] + list(nodes) + rest[i:]
+
+
+def _reorder(graph, order):
+    """Relink the graph's nodes in `order` (a topological order of the same nodes)."""
+    out = graph.output_node()
+    for n in order:
+        if n is not out:
+            out.prepend(n)
+    graph.lint()
+
+
+class _Memory:
+    """Predicted live bytes along an order: a storage is allocated by the node that first yields
+    it and freed after the last node reading any value on it; graph inputs are live from the start
+    and freed after their last use; outputs live to the end. wait_tensor yields its input."""
+
+    def __init__(self, order):
+        self.storages, self.nbytes, self.inputs, self.outputs = {}, {}, set(), set()
+        for n in order:
+            if n.op == "output":
+                for i in n.all_input_nodes:
+                    self.outputs |= self.storages.get(i, set())
+                continue
+            if n.target is WAIT:
+                self.storages[n] = set(self.storages.get(n.args[0], set()))
+                continue
+            keys = set()
+            for t in _tensors(val(n)):
+                key = t.untyped_storage()._cdata
+                keys.add(key)
+                self.nbytes.setdefault(key, size(t.untyped_storage().nbytes()) if _sized(t) else nbytes(t))
+            self.storages[n] = keys
+            if n.op == "placeholder":
+                self.inputs |= keys
+
+    def peak(self, order) -> int:
+        last, made = {}, {}
+        for i, n in enumerate(order):
+            for key in self.storages.get(n, ()):
+                made.setdefault(key, i)
+                last.setdefault(key, i)
+            for inp in n.all_input_nodes:
+                for key in self.storages.get(inp, ()):
+                    last[key] = i
+        frees = defaultdict(list)
+        for key, i in last.items():
+            if key not in self.outputs:
+                frees[i].append(key)
+        live = sum(self.nbytes[k] for k in self.inputs)
+        peak = live
+        for i, n in enumerate(order):
+            if n.op != "placeholder":
+                live += sum(self.nbytes[k] for k in self.storages.get(n, ()) if made.get(k) == i)
+            peak = max(peak, live)
+            live -= sum(self.nbytes[k] for k in frees[i])
+        return peak
+
+
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for x in v for t in _tensors(x)]
+    return []
+
+
+def _sized(t) -> bool:
+    try:
+        t.untyped_storage().nbytes()
+        return True
+    except Exception:      # a storage of unknown size (unbacked): count the tensor's own bytes
+        return False
+
+
+@dataclass
+class _Timeline:
+    events: list
+    hidden: dict
+    step_s: float
+
+
+def _timeline(order, costs, windows, moved) -> _Timeline:
+    """Two in-order streams: compute runs the nodes; an all-to-all starts on the comm stream when
+    issued (and the previous one is done) and its wait holds compute until it ends."""
+    starts = {a for a, _ in windows}
+    wait_of = {w: a for a, w in windows}
+    t, comm_free, end, hidden, events = 0.0, 0.0, {}, {}, []
+    for n in order:
+        if n in starts:
+            s = max(t, comm_free)
+            end[n] = comm_free = s + costs.comm_s(n)
+            events.append(Event("comm", n.name, False, s, end[n]))
+        elif n in wait_of:
+            a = wait_of[n]
+            hidden[a] = max(0.0, costs.comm_s(a) - max(0.0, end[a] - t))
+            hidden[a] = hidden[a] if hidden[a] > _EPS else 0.0
+            t = max(t, end[a])
+        else:
+            d = costs.compute_s(n)
+            if d > 0:
+                events.append(Event("compute", n.name, n in moved, t, t + d))
+                t += d
+    return _Timeline(events, hidden, max(t, comm_free))
+
+
+def _names(nodes) -> tuple:
+    return tuple(n.name for n in nodes)
+
+
+def _op(node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s >= 1e-4 or s == 0 else f"{s * 1e6:.3g} us"
+
