@@ -38,11 +38,12 @@ from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, ca
 from .dump import trace_artifact
 from .log import log
 
-# Rates used where nothing is calibrated: simulate.py's H100 numbers (NVLink all-to-all), and
-# for the CPU a few-core machine with gloo over loopback (measured on the CI box, rounded).
+# Rates used where nothing is calibrated: simulate.py's H100 numbers (NVLink all-to-all), and for
+# the CPU what `moec.runtime.calibrate` measured on the 2-core CI machine (2 gloo ranks, one
+# thread each), rounded.
 _DEFAULTS = {
     "cuda": (ComputeModel(750e12, 3000e9, 11e-6), (20e-6, 450e9)),
-    "cpu": (ComputeModel(50e9, 10e9, 5e-6), (100e-6, 1e9)),
+    "cpu": (ComputeModel(200e9, 30e9, 2e-6), (100e-6, 2e9)),
 }
 
 

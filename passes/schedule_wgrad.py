@@ -27,21 +27,22 @@ all-to-all and its wait, side-effecting nodes.
 What Inductor already does, and why this pass: Inductor's scheduler keeps collectives in graph
 order (`comms.decide_global_ordering_of_comms`) and, by default, picks among topological orders
 the one with the least estimated peak memory (`reorder_for_peak_memory`), which knows nothing of
-communication. `reorder_for_compute_comm_overlap` (off by default; `torch._inductor.comms`:
-raise comms / sink waits, on the scheduler's fused nodes) and the post-grad `OverlapScheduler`
-(`aten_distributed_optimizations.enable_overlap_scheduling`, off by default, torch >= 2.10:
-prefetches collective starts and defers waits over any compute by roofline or benchmarked
-estimates, with a memory cap) are general: they move *collectives* past compute, treat all
-compute alike, are tuned for FSDP/TP collectives (all_gather, reduce_scatter, all_reduce), and
-are global switches that also reorder every other collective of the graph. An expert-parallel
-backward's all-to-all cannot be issued earlier (its input is the gradient the previous op just
-made), so what hides it is compute that does not feed it: the weight gradients, which only the
-graph's outputs tell apart. This pass moves those and only those, with moec's own cost model
-(the one the forward chunking uses) and a memory bound of its own; `pin_order` then hands the
-order to Inductor as `control_deps` edges (Inductor's own mechanism, fx_passes/
-control_dependencies.py, which its OverlapScheduler uses the same way), since the peak-memory
-reordering would otherwise be free to undo it. Turning Inductor's overlap scheduling on as well
-remains possible and is independent.
+communication. Two opt-in passes overlap it: `reorder_for_compute_comm_overlap` (scheduler
+nodes; `torch._inductor.comms` raises collectives and sinks waits) and, in torch >= 2.10, the
+post-grad `OverlapScheduler` (`aten_distributed_optimizations.enable_overlap_scheduling`: issues
+collectives early and defers waits over independent compute, by roofline or benchmarked
+estimates, under a memory cap). Forced to run on this MoE backward (CPU, its GPU-only roofline
+stubbed), the OverlapScheduler did hide the second all-to-all behind the router's backward, the
+gate weight's gradient and the expert weights' gradient tails, and left the first empty. It is
+not usable as moec's default: it is off by default and global (it reorders every collective of
+the graph, FSDP's included), its estimates query the GPU's DRAM bandwidth (it fails on CPU/gloo,
+and aot_eager never runs it), and it has no notion of all-to-all bytes or of moec's calibrated
+EP group. This pass does the part that matters here, with moec's cost model and memory bound,
+on every backend that has a backward graph; `pin_order` hands its order to Inductor as
+`control_deps` edges (Inductor's own mechanism, fx_passes/control_dependencies.py, used by the
+OverlapScheduler the same way), so that `reorder_for_peak_memory` cannot undo it (in the tests
+it kept the order unpinned too). Both can be on: this pass runs first (post_grad_custom_post_pass
+precedes overlap scheduling in post_grad.py) and the OverlapScheduler respects its edges.
 Non-Inductor backends: the pass is plain FX; moec/dense.py runs it from aot_eager's
 bw_compiler on each dense partition's backward. There the graph is split at moec's ops, so a
 partition holds one layer's all-to-alls and its experts' weight-gradient tails, not the dense
