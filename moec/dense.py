@@ -136,10 +136,11 @@ def _inductor(gm, example_inputs, mode, on_aot_graph, on_cudagraphs=None, backwa
     from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-    patches = list_mode_options(mode) if mode else {}
+    from .cache_tag import tagged
+    patches = tagged(list_mode_options(mode) if mode else {})   # caches keyed on moec's sources too
     wants_cudagraphs = bool(patches.get("triton.cudagraphs"))
     if on_aot_graph is None and not wants_cudagraphs and backward is None:
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        return compile_fx(gm, example_inputs, config_patches=patches)
     wgrad = None
     if backward is not None:
         # Inductor's post-grad custom pass, after its own pattern passes, before its scheduler;
