@@ -72,23 +72,9 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     lu, lg, ld = layouts.lora(weights, layout)
     S, (E, F, H) = src.shape[0], w_up.shape
     gated = w_gate is not None
-    needs = [True] * len(weights) if needs is None else list(needs)
     shared = _shared_a(layout)
-    parsed = layouts.parse(layout)
     # a shared A's gradient is one product (q_up + q_gate)^T x, written by lora_a_up alone
-    skip = ("lora_a_gate",) if shared else ()
-    grads = [torch.empty_like(w) if need else None for w, need in zip(weights, needs)]   # the base's strides
-    dims = tuple((w.shape[1], w.shape[2] if w.dim() == 3 else 0) for w in weights)
-    zero, accumulate = layouts.grad_plan(layout, dims, skip)
-    for i in zero:
-        if grads[i] is not None:
-            grads[i].zero_()
-    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items()
-             if needs[v.index] and role not in skip}
-    # a role overlapping an earlier one of the same base (not produced by moec's rewrite) writes a
-    # temporary that is added at the end
-    out = {role: torch.empty_like(t, memory_format=torch.contiguous_format) if role in accumulate else t
-           for role, t in slots.items()}
+    grads, slots, out = _grad_buffers(weights, layout, needs, skip=("lora_a_gate",) if shared else ())
     if S == 0:
         for t in out.values():
             t.zero_()
@@ -110,10 +96,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate,
                 lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     dx = _sum_rows(rows, src, k, x)
-    # the wgrad kernel writes every element of its outputs (zeros for experts without rows)
-    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
-           db2=o("b_gate"))
-    _wgrad(grad_y, h, offsets, o("w_down"), t_wg, db=o("b_down"))
+    _base_wgrads(grad_y, x, src, offsets, k, h, du, dg, o, t_wg, t_wg2)
     _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
     if shared:
         _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
@@ -127,6 +110,78 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
         t_d = _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
         _wgrad(grad_y, t_d, offsets, o("lora_b_down"), t_wg)
     return [dx] + _finish(grads, slots, out)
+
+
+def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+    """Steps 1-3 of `experts_backward` alone: -> [dx (T, H), h, du, dg (S, F) grouped; dg (0,)
+    without a gate]. With `experts_wgrad` on the same h, du, dg it gives what `experts_backward`
+    gives, so the weight gradients can run later (under an all-to-all). No LoRA layouts."""
+    _check(x)
+    _no_lora(layout)
+    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    S, (E, F, H) = src.shape[0], w_up.shape
+    h, du = x.new_empty(S, F), x.new_empty(S, F)
+    dg = x.new_empty(S, F) if w_gate is not None else x.new_empty(0)
+    if S == 0:
+        return [torch.zeros_like(x, memory_format=torch.contiguous_format), h, du, dg]
+    t_up, t_down = _tiles(x, src, w_up, k, "gate_up_bwd", "down_dx")
+    gate = dg if w_gate is not None else None
+    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=gate, du=du)
+    rows = x.new_empty(S, H)
+    launch_down(du, w_up, rows, offsets, t_down, a2=gate, b2=w_gate)
+    return [_sum_rows(rows, src, k, x), h, du, dg]
+
+
+def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=None):
+    """Step 4 of `experts_backward` alone, from `experts_backward_rows`' h, du, dg: one gradient
+    per base of `weights` (None where needs[i] is False)."""
+    _check(x)
+    _no_lora(layout)
+    grads, slots, out = _grad_buffers(weights, layout, needs)
+    if src.shape[0] == 0:
+        for t in out.values():
+            t.zero_()
+        return _finish(grads, slots, out)
+    w_up = layouts.views(weights, layout)[0]
+    t_wg, t_wg2 = _tiles(x, src, w_up, k, "wgrad", "wgrad_dual")
+    _base_wgrads(grad_y, x, src, offsets, k, h, du, dg if dg.numel() else None, out.get, t_wg, t_wg2)
+    return _finish(grads, slots, out)
+
+
+def _no_lora(layout):
+    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+        raise MoecKernelError(f"moec.experts_backward_rows / experts_wgrad: layout {layout!r} has LoRA "
+                              f"factors; use moec.experts_backward, which computes them")
+
+
+def _grad_buffers(weights, layout, needs, skip=()):
+    """(grads: one buffer per base with its strides, None where not needed; slots: each role's
+    view of its base's buffer; out: where each role's kernel writes, a slot or a temporary)."""
+    parsed = layouts.parse(layout)
+    needs = [True] * len(weights) if needs is None else list(needs)
+    grads = [torch.empty_like(w) if need else None for w, need in zip(weights, needs)]
+    dims = tuple((w.shape[1], w.shape[2] if w.dim() == 3 else 0) for w in weights)
+    zero, accumulate = layouts.grad_plan(layout, dims, skip)
+    for i in zero:
+        if grads[i] is not None:
+            grads[i].zero_()
+    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items()
+             if needs[v.index] and role not in skip}
+    # a role overlapping an earlier one of the same base (not produced by moec's rewrite) writes a
+    # temporary that is added at the end
+    out = {role: torch.empty_like(t, memory_format=torch.contiguous_format) if role in accumulate else t
+           for role, t in slots.items()}
+    return grads, slots, out
+
+
+def _base_wgrads(grad_y, x, src, offsets, k, h, du, dg, o, t_wg, t_wg2):
+    """dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down (+ bias) from grad_y
+    against h. The wgrad kernel writes every element of its outputs (zeros for experts without
+    rows)."""
+    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
+           db2=o("b_gate"))
+    _wgrad(grad_y, h, offsets, o("w_down"), t_wg, db=o("b_down"))
 
 
 def _shared_a(layout) -> bool:

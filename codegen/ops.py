@@ -162,6 +162,55 @@ def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, nee
         [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
 
 
+@torch.library.custom_op("moec::experts_backward_rows", mutates_args=())
+def experts_backward_rows(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
+                          layout: str, activation: str, alpha: float, limit: float) -> list[Tensor]:
+    """`experts_backward` without its weight gradients: [dx (T, H), h, du, dg (S, F) grouped; dg
+    (0,) without a gate], what `experts_wgrad` needs for them. Split so that a backward pass can
+    send dx (an all-to-all) while the weight gradients compute. No LoRA layouts."""
+    _check_split(layout, "experts_backward_rows")
+    if kernels.use_triton(x):
+        from .experts_launch import experts_backward_rows as launch
+        return launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+    return reference.experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+
+
+@experts_backward_rows.register_fake
+def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+    _check_split(layout, "experts_backward_rows")
+    S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
+    gated = "w_gate" in layouts.parse(layout)
+    return [torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(S, F), x.new_empty(S, F),
+            x.new_empty(S, F) if gated else x.new_empty(0)]
+
+
+@torch.library.custom_op("moec::experts_wgrad", mutates_args=())
+def experts_wgrad(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, h: Tensor, du: Tensor,
+                  dg: Tensor, weights: list[Tensor], layout: str, needs: list[bool]) -> list[Tensor]:
+    """The weight gradients of `experts_backward` from `experts_backward_rows`' h, du, dg: one per
+    base in `weights`, as `experts_backward` returns them (an empty (0,) tensor where needs[i] is
+    False)."""
+    _check_split(layout, "experts_wgrad")
+    if kernels.use_triton(x):
+        from .experts_launch import experts_wgrad as launch
+        grads = launch(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs)
+    else:
+        grads = reference.experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@experts_wgrad.register_fake
+def _(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs):
+    _check_split(layout, "experts_wgrad")
+    return [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
+
+
+def _check_split(layout, op):
+    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+        raise MoecKernelError(f"moec.{op}: layout {layout!r} has LoRA factors, whose gradients need more than "
+                              f"h, du, dg; use moec.experts_backward")
+
+
 def _experts_setup(ctx, inputs, output):
     x, src, offsets, k, weights, layout, activation, alpha, limit = inputs
     ctx.save_for_backward(x, src, offsets, *weights)

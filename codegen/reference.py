@@ -177,8 +177,46 @@ def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activa
     return [dx] + grads
 
 
-def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation, alpha, limit):
-    """dx of `experts`; fills grads[role][e] for each role present in `grads` (zeros elsewhere)."""
+def experts_backward_rows(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
+    """[dx, h, du, dg] of `experts_backward` without its weight gradients: h the activation's
+    output, du / dg the gradients of up's / gate's outputs (S, F) grouped, zero past offsets[E];
+    dg (0,) without a gate. No LoRA layouts."""
+    roles = layouts.views(weights, layout)
+    S, F = src_S.shape[0], roles[0].shape[1]
+    keep = {"h": x_TH.new_zeros(S, F), "du": x_TH.new_zeros(S, F),
+            "dg": x_TH.new_zeros(S, F) if roles[1] is not None else x_TH.new_empty(0)}
+    dx = _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, (None, None, None), {}, activation, alpha, limit,
+                   keep)
+    return [dx, keep["h"], keep["du"], keep["dg"]]
+
+
+def experts_wgrad(grad_y_SH, x_TH, src_S, offsets, k, h_SF, du_SF, dg_SF, weights, layout, needs=None):
+    """The weight gradients of `experts_backward` from `experts_backward_rows`' h, du, dg: one per
+    base of `weights` (None where needs[i] is False)."""
+    parsed = layouts.parse(layout)
+    needs = [True] * len(weights) if needs is None else list(needs)
+    grads = [torch.zeros_like(w) if need else None for w, need in zip(weights, needs)]
+    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items() if needs[v.index]}
+    per_role = {role: torch.zeros_like(slot) for role, slot in slots.items()}
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        rows = x_TH[src_S[lo:hi] // k]
+        for p, d_out, v in (("down", grad_y_SH[lo:hi], h_SF[lo:hi]), ("up", du_SF[lo:hi], rows),
+                            ("gate", dg_SF[lo:hi] if dg_SF.numel() else None, rows)):
+            if d_out is not None:
+                _put(per_role, f"w_{p}", e, lambda: d_out.transpose(0, 1) @ v)
+                _put(per_role, f"b_{p}", e, lambda: d_out.sum(0))
+    for role, g in per_role.items():
+        slots[role].add_(g)
+    return grads
+
+
+def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation, alpha, limit, keep=None):
+    """dx of `experts`; fills grads[role][e] for each role present in `grads` (zeros elsewhere),
+    and keep["h" / "du" / "dg"][rows of e] where `keep` is given."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     l_up, l_gate, l_down = lora
     dx = torch.zeros_like(x_TH)
@@ -198,6 +236,10 @@ def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation
         if g is not None:
             drows = drows + _project_backward(dg, rows, e, "gate", w_gate, l_gate, grads)
         dx.index_add_(0, token, drows)
+        if keep is not None:
+            keep["h"][lo:hi], keep["du"][lo:hi] = h, du
+            if g is not None:
+                keep["dg"][lo:hi] = dg
     return dx
 
 

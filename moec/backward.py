@@ -13,8 +13,11 @@ forward Dynamo graph, so these passes are reached through the dense backend's co
 `flags = param_flags(example_inputs)`: per input of the forward as AOT autograd flattens it,
 whether it is a parameter; the backward returns one gradient per such input, in order.
 
-Today one pass: `schedule_wgrad`, on with expert parallelism (Config.ep_group) unless
-Config.wgrad_schedule is false or "schedule_wgrad" is in Config.disable. It reads the cost model
+Two passes, in this order, on with expert parallelism (Config.ep_group) unless
+Config.wgrad_schedule is false or "schedule_wgrad" is in Config.disable:
+`split_experts_backward` (off alone with disable=("split_experts_backward",)) splits the
+experts' backward into its input-gradient and weight-gradient halves, then `schedule_wgrad`
+moves weight gradients under the all-to-alls. It reads the cost model
 calibrated for this device and EP group under Config.cache_dir when one is cached there
 (`moec.runtime.load_or_calibrate(device, group)` writes it), else fixed rates per device type
 (the report says which). It never measures or communicates while compiling: a rank whose
@@ -24,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wrapper_subclass
 
-from moec.passes import node_costs, schedule_wgrad as wgrad_pass
+from moec.passes import node_costs, schedule_wgrad as wgrad_pass, split_experts_backward as split_pass
 from moec.passes.node_costs import NodeCosts, val
 from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, calibration_key
 
@@ -59,12 +63,14 @@ class BackwardHook:
         self.config, self.on_report = config, on_report
         self.bound = float(config.wgrad_memory_bound_mb) * 2 ** 20
 
-    def run(self, gm, flags, pin: bool = False):
+    def run(self, gm, flags, pin: bool = False) -> "BackwardReport":
         """Run the passes on a backward GraphModule in place; pin: bind the order for Inductor."""
         with _disable_current_modes():      # AOT may compile under its fake mode: our numbers are real
             report = self._run(gm, flags, pin)
-        if report.moved:
-            counters["moec"]["wgrad_ops_moved"] += report.moved
+        if report.split is not None and report.split.split:
+            counters["moec"]["experts_backward_split"] += len(report.split.split)
+        if report.schedule.moved:
+            counters["moec"]["wgrad_ops_moved"] += report.schedule.moved
         log.info("%s", report.summary())
         trace_artifact("moec_wgrad_schedule", report.text)
         if self.on_report is not None:
@@ -74,15 +80,17 @@ class BackwardHook:
     def _run(self, gm, flags, pin):
         outputs = _outputs(gm.graph)
         if len(outputs) != len(flags):
-            report = wgrad_pass.ScheduleWGradReport(
+            return BackwardReport(None, wgrad_pass.ScheduleWGradReport(
                 skipped=f"the backward returns {len(outputs)} values for {len(flags)} forward inputs, so its "
-                        f"parameter gradients cannot be told apart")
-        else:
-            costs = self.costs(gm.graph)
-            _, report = wgrad_pass.schedule_wgrad(gm, [i for i, f in enumerate(flags) if f], costs, self.bound)
-            if pin and report.moved:
-                wgrad_pass.pin_order(gm, report)
-        return report
+                        f"parameter gradients cannot be told apart"))
+        split = None
+        if split_pass.PASS not in self.config.disable:
+            _, split = split_pass.split_experts_backward(gm)
+        costs = self.costs(gm.graph)
+        _, schedule = wgrad_pass.schedule_wgrad(gm, [i for i, f in enumerate(flags) if f], costs, self.bound)
+        if pin and schedule.moved:
+            wgrad_pass.pin_order(gm, schedule)
+        return BackwardReport(split, schedule)
 
     def costs(self, graph) -> NodeCosts:
         device = next((v.device for n in graph.nodes if isinstance(v := val(n), torch.Tensor)), torch.device("cpu"))
@@ -148,11 +156,26 @@ def _inductor_pass_class():
                 None if self.before is not None else ""
             if before is None:
                 return None    # a chained pass without a uuid: Inductor must not cache
-            files = tuple(os.path.abspath(m.__file__) for m in (wgrad_pass, node_costs)) + (os.path.abspath(__file__),)
+            files = tuple(os.path.abspath(m.__file__) for m in (wgrad_pass, split_pass, node_costs)) + (os.path.abspath(__file__),)
             key = hashlib.sha256(get_hash_for_files(files))
             key.update(repr((self.flags, self.hook.bound, self.hook.costs_key(), before)).encode())
             return key.hexdigest()
     return InductorPass
+
+
+@dataclass(frozen=True)
+class BackwardReport:
+    """What the backward passes did to one backward graph."""
+    split: object             # passes.split_experts_backward.SplitReport, None where not run
+    schedule: object          # passes.schedule_wgrad.ScheduleWGradReport
+
+    def summary(self) -> str:
+        split = f"{len(self.split.split)} experts backward split; " if self.split is not None and self.split.split \
+            else ""
+        return split + self.schedule.summary()
+
+    def text(self) -> str:
+        return "\n".join(([self.split.text()] if self.split is not None else []) + [self.schedule.text()])
 
 
 def param_flags(example_inputs) -> list:

@@ -88,18 +88,18 @@ class Dumper:
         self._write(name, _readable(gm), f"{kind} graph after AOT autograd" + (f" (graph {n})" if n else ""))
 
     def backward_report(self, report):
-        """A `schedule_wgrad` report (one per backward graph: aot_eager has one per partition)."""
+        """A `moec.backward.BackwardReport` (one per backward graph: aot_eager has one per partition)."""
         self.backward_reports.append(report)
         text = "\n\n".join(f"# backward graph {i}\n{r.text()}" for i, r in enumerate(self.backward_reports))
         with open(os.path.join(self.dir, "wgrad_schedule.txt"), "w") as f:
             f.write(text + "\n")
         if len(self.backward_reports) == 1:
             self._add("wgrad_schedule.txt", "weight gradients moved under the backward's all-to-alls")
-        if report.windows:
+        if report.schedule.windows:
             from .draw_schedule import draw_backward
             name = f"wgrad_schedule_{len(self.backward_reports) - 1}.png"
             try:
-                draw_backward(report, os.path.join(self.dir, name), title=f"backward graph {len(self.backward_reports) - 1}")
+                draw_backward(report.schedule, os.path.join(self.dir, name), title=f"backward graph {len(self.backward_reports) - 1}")
             except MoecError as e:      # matplotlib missing: the text says it all
                 log.info("no picture of the weight-gradient schedule: %s", e)
                 return

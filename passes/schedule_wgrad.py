@@ -7,21 +7,23 @@ dispatch and combine); which outputs are parameter gradients; a `NodeCosts`; a m
 Guarantees: the same nodes computing the same values, in a valid topological order, in which
 a weight-gradient op that is ready runs between an all-to-all's start and its wait. A weight-
 gradient op is a node whose results flow only into parameter gradients (mm(dy^T, x) of a
-linear, a bias's sum, the reshapes and slice-scatters of an expert weight's gradient); a unit
-is a connected group of them. A unit moves *later* (deferred from before the all-to-all: the
-all-to-all starts sooner) or *earlier* (from after the wait, with the ancestors it needs that
-depend on no wait, e.g. the router's backward feeding the gate weight's gradient). Each
-all-to-all's predicted duration is filled greedily, largest unit that fits first, in program
-order of the all-to-alls; a move stays only if the predicted peak memory of the whole order
-(live storages, views sharing their base's, inputs freed after their last use) stays within
-the original peak plus `memory_bound_bytes`.
+linear, a bias's sum, the experts' `experts_wgrad` and the slice-scatters of their gradients);
+a unit is one such op that runs a kernel, plus what must move with it: its descendants that
+ran before the wait (later, after it) and its ancestors that ran after the wait (earlier, before
+it; none may depend on a wait, e.g. the router's backward feeding the gate weight's gradient).
+A unit moves *later* (deferred from before the all-to-all, which then starts sooner) or
+*earlier* (from after the wait). Each all-to-all's predicted duration is filled greedily,
+largest unit that fits first, in program order of the all-to-alls; a move stays only if the
+predicted peak memory of the whole order (live storages, views sharing their base's, inputs
+freed after their last use) stays within the original peak plus `memory_bound_bytes`.
 Must not change: any node's target or arguments, the order of collectives among themselves (so
 every rank issues them alike whatever each rank's costs predict), any node already between an
 all-to-all and its wait, side-effecting nodes.
 
     for (start, wait) in all_to_alls, in order:
         slack := comm_s(start) - compute already between start and wait
-        while a unit u (+ ancestors it needs, none after a wait) fits in slack and memory:
+        while a unit u (a kernel + ancestors after the wait + descendants before it) fits in
+              slack and memory:
             move u's nodes just before `wait`; slack -= time(u)
 
 What Inductor already does, and why this pass: Inductor's scheduler keeps collectives in graph
@@ -65,7 +67,7 @@ _EPS = 1e-12
 class Move:
     nodes: tuple            # node names, in the order they now run (ancestors pulled along first)
     ops: tuple              # their op names, for reading
-    time_s: float           # predicted compute time of the unit
+    time_s: float           # predicted compute time of the unit's nodes
     direction: str          # "later" (was before the all-to-all) or "earlier" (was after its wait)
 
 
@@ -92,7 +94,7 @@ class Event:
 @dataclass(frozen=True)
 class ScheduleWGradReport:
     windows: tuple = ()
-    left: tuple = ()        # (unit's nodes, why it stayed)
+    left: tuple = ()        # ((kernel's node name,), why it stayed)
     peak_before: int = 0    # predicted peak bytes of the original order
     peak_after: int = 0
     memory_bound: float = 0.0
@@ -144,19 +146,15 @@ def schedule_wgrad(gm: fx.GraphModule, param_outputs, costs, memory_bound_bytes:
         return gm, ScheduleWGradReport(skipped="no all-to-all in this graph", cost_source=costs.source)
     inside = {n for a, w in windows for n in _between(original, a, w)}
     busy = {a: sum(costs.compute_s(n) for n in _between(original, a, w)) for a, w in windows}
-    units, left = [], []
-    for unit in _units(original, weight_gradient_nodes(graph, param_outputs)):
-        if any(n in inside for n in unit):
-            left.append((_names(unit), "already runs under an all-to-all"))
-        elif sum(costs.compute_s(n) for n in unit) <= 0:
-            left.append((_names(unit), "no kernel to run (views only)"))
-        else:
-            units.append(unit)
+    wgrad = weight_gradient_nodes(graph, param_outputs)
+    heavy = [n for n in original if n in wgrad and costs.compute_s(n) > 0]     # the kernels worth moving
+    left = [((n.name,), "already runs under an all-to-all") for n in heavy if n in inside]
+    candidates = [n for n in heavy if n not in inside]
     memory = _Memory(original)
     peak0 = memory.peak(original)
-    order, moves, stayed = _fill(original, windows, units, busy, costs, memory, peak0 + memory_bound_bytes,
-                                 fixed=inside | {n for pair in windows for n in pair})
-    left += [(_names(u), why) for u, why in stayed]
+    order, moves, stayed = _fill(original, windows, candidates, wgrad, busy, costs, memory,
+                                 peak0 + memory_bound_bytes, fixed=inside | {n for pair in windows for n in pair})
+    left += [((n.name,), why) for n, why in stayed]
     before = _timeline(original, costs, windows, set())
     if any(moves.values()):
         _reorder(graph, order)
@@ -170,41 +168,45 @@ def schedule_wgrad(gm: fx.GraphModule, param_outputs, costs, memory_bound_bytes:
     return gm, report
 
 
-def _fill(order, windows, units, busy, costs, memory, limit, fixed) -> tuple:
+def _fill(order, windows, candidates, wgrad, busy, costs, memory, limit, fixed) -> tuple:
     """Greedy: per all-to-all in program order, the largest unit that fits its time left and
-    keeps the peak within `limit`, until none does. -> (new order, {start: [Move]}, [(unit left
-    in place, why)])."""
-    units, fixed = list(units), set(fixed)
+    keeps the peak within `limit`, until none does; a unit is a weight-gradient kernel with what
+    must move with it (see `_plan`). -> (new order, {start: [Move]}, [(kernel left in place, why)])."""
+    candidates, fixed = list(candidates), set(fixed)
     moves = defaultdict(list)
-    why_not = {id(u): "did not fit the time left under any all-to-all" for u in units}
+    why_not = defaultdict(dict)      # kernel -> {kind: first reason of that kind}
     for start, wait in windows:
         slack = costs.comm_s(start) - busy[start]
         while slack > _EPS:
             pos = {n: i for i, n in enumerate(order)}
             fits = []
-            for unit in units:
-                nodes, reason = _plan(unit, start, wait, pos, fixed)
+            for c in candidates:
+                nodes, reason = _plan(c, start, wait, pos, fixed, wgrad)
                 t = sum(costs.compute_s(n) for n in nodes) if nodes else 0.0
                 if nodes is None:
-                    why_not[id(unit)] = reason
+                    why_not[c].setdefault("order", reason)
                 elif t <= slack + _EPS:
-                    fits.append((t, unit, nodes))
+                    fits.append((t, c, nodes))
+                else:
+                    why_not[c].setdefault("time", f"{_ms(t)} does not fit the {_ms(slack)} left under {start.name}")
             placed = None
-            for t, unit, nodes in sorted(fits, key=lambda f: -f[0]):
+            for t, c, nodes in sorted(fits, key=lambda f: (-f[0], pos[f[1]])):
                 trial = _moved(order, nodes, wait)
                 if memory.peak(trial) > limit:
-                    why_not[id(unit)] = "would raise the predicted peak memory past the bound"
+                    why_not[c].setdefault("memory", f"under {start.name} it would raise the predicted peak memory "
+                                                    f"past the bound")
                     continue
-                heavy = [n for n in unit if costs.compute_s(n) > 0]     # where its kernels were
-                direction = "earlier" if pos[heavy[0]] > pos[wait] else "later"
+                direction = "earlier" if pos[c] > pos[wait] else "later"
                 moves[start].append(Move(_names(nodes), tuple(_op(n) for n in nodes), t, direction))
-                placed, order, slack = unit, trial, slack - t
+                placed, order, slack = nodes, trial, slack - t
                 fixed |= set(nodes)
                 break
             if placed is None:
                 break
-            units.remove(placed)
-    return order, moves, [(u, why_not[id(u)]) for u in units]
+            candidates = [c for c in candidates if c not in placed]
+    # the most telling reason: memory, then time, then order (a wait it needs)
+    return order, moves, [(c, next((why_not[c][k] for k in ("memory", "time", "order") if k in why_not[c]),
+                                   "no all-to-all had time left")) for c in candidates]
 
 
 def weight_gradient_nodes(graph: fx.Graph, param_outputs) -> set:
@@ -268,43 +270,38 @@ def _between(order, a, b) -> list:
     return order[i + 1:j]
 
 
-def _units(order, wgrad) -> list:
-    """Connected groups of weight-gradient nodes, each in program order."""
-    parent = {n: n for n in wgrad}
-
-    def root(n):
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-    for n in wgrad:
-        for i in n.all_input_nodes:
-            if i in wgrad:
-                parent[root(i)] = root(n)
-    groups = defaultdict(list)
-    for n in order:
-        if n in wgrad:
-            groups[root(n)].append(n)
-    return list(groups.values())
-
-
-def _plan(unit, start, wait, pos, fixed):
-    """The nodes to put just before `wait` for `unit` to run there: the unit plus every ancestor
-    now after the wait (each must be free to move: no collective, wait or side effect, not
-    already under an all-to-all). -> (nodes in program order, "") or (None, why not)."""
-    if pos[unit[0]] > pos[start] and pos[unit[-1]] < pos[wait]:
+def _plan(kernel, start, wait, pos, fixed, wgrad):
+    """The nodes to put just before `wait` for `kernel` (a weight-gradient node) to run there:
+    itself, every ancestor now after the wait (it must run earlier, so none may depend on a wait)
+    and every descendant now before the wait (it must run later; all are weight-gradient nodes).
+    Each must be free to move: no collective, wait or side effect, not already placed or under an
+    all-to-all. -> (nodes in program order, "") or (None, why not)."""
+    if pos[start] < pos[kernel] < pos[wait]:
         return None, "already under this all-to-all"
-    members, pulled, stack = set(unit), [], [i for n in unit for i in n.all_input_nodes]
+    members, stack = {kernel}, list(kernel.all_input_nodes)
     while stack:
         n = stack.pop()
         if n in members or pos[n] < pos[wait]:
             continue
-        if n.op != "call_function" or n in fixed or is_collective(n) or n.target is WAIT or n.is_impure():
+        if not _free(n, fixed):
             return None, f"needs {n.name}, which depends on an all-to-all that has not finished there"
         members.add(n)
-        pulled.append(n)
         stack.extend(n.all_input_nodes)
+    stack = list(kernel.users)
+    while stack:
+        n = stack.pop()
+        if n in members or n.op == "output" or pos[n] > pos[wait]:
+            continue
+        if n not in wgrad or not _free(n, fixed):
+            return None, f"its result is read by {n.name}, which already runs under an all-to-all"
+        members.add(n)
+        stack.extend(n.users)
     return sorted(members, key=pos.__getitem__), ""
+
+
+def _free(n, fixed) -> bool:
+    return n.op == "call_function" and n not in fixed and not is_collective(n) and n.target is not WAIT \
+        and not n.is_impure()
 
 
 def _moved(order, nodes, before) -> list:
