@@ -17,10 +17,10 @@ Two passes, in this order, on with expert parallelism (Config.ep_group) unless
 Config.wgrad_schedule is false or "schedule_wgrad" is in Config.disable:
 `split_experts_backward` (off alone with disable=("split_experts_backward",)) splits the
 experts' backward into its input-gradient and weight-gradient halves, then `schedule_wgrad`
-moves weight gradients under the all-to-alls. It reads the cost model
-calibrated for this device and EP group under Config.cache_dir when one is cached there
+moves weight gradients under the all-to-alls. schedule_wgrad reads the cost model calibrated
+for this device and EP group under Config.cache_dir when one is cached there
 (`moec.runtime.load_or_calibrate(device, group)` writes it), else fixed rates per device type
-(the report says which). It never measures or communicates while compiling: a rank whose
+(the report says which). Nothing here measures or communicates while compiling: a rank whose
 compile hit a cache would not take part, and the others would wait forever.
 """
 import contextlib
@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wr
 
 from moec.passes import node_costs, schedule_wgrad as wgrad_pass, split_experts_backward as split_pass
 from moec.passes.node_costs import NodeCosts, val
+from moec.runtime import resolve_ep_group
 from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, calibration_key
 
 from .dump import trace_artifact
@@ -93,21 +94,22 @@ class BackwardHook:
         return BackwardReport(split, schedule)
 
     def costs(self, graph) -> NodeCosts:
+        """The calibration for this device and EP group if one is cached, else this device's
+        compute calibration with fixed all-to-all rates, else fixed rates (`source` says which)."""
         device = next((v.device for n in graph.nodes if isinstance(v := val(n), torch.Tensor)), torch.device("cpu"))
-        group = _ep_process_group(self.config.ep_group)
+        group = dist.distributed_c10d._resolve_process_group(resolve_ep_group(self.config.ep_group).name)
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         compute, (latency, bandwidth) = _DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-        a2a, source = AllToAllModel(latency, bandwidth, world_size=size), f"fixed {device.type} rates"
-        grouped, local = (self._calibration(device, g) for g in (group, None))
+        a2a = AllToAllModel(latency, bandwidth, world_size=size)
+        grouped, local = self._calibration(device, group), self._calibration(device, None)
         if grouped is not None and grouped[0].all_to_all is not None:
-            (cal, path), source = grouped, f"calibrated ({grouped[1]})"
-            compute, a2a = cal.compute, cal.all_to_all
-        elif local is not None:
-            compute, source = local[0].compute, f"compute calibrated ({local[1]}), fixed all-to-all rates"
-        if not source.startswith("calibrated"):
-            source += (f"; moec.runtime.load_or_calibrate(device, group, cache_dir) measures them into "
-                       f"{self._root()}")
-        return NodeCosts(compute, a2a, rank, size, source)
+            (cal, path) = grouped
+            return NodeCosts(cal.compute, cal.all_to_all, rank, size, f"calibrated ({path})")
+        measure = f"; moec.runtime.load_or_calibrate(device, group, cache_dir) measures them into {self._root()}"
+        if local is not None:
+            return NodeCosts(local[0].compute, a2a, rank, size,
+                             f"compute calibrated ({local[1]}), fixed all-to-all rates" + measure)
+        return NodeCosts(compute, a2a, rank, size, f"fixed {device.type} rates" + measure)
 
     def costs_key(self):
         """What `costs` reads, for Inductor's cache key: the calibration files' contents."""
@@ -156,7 +158,8 @@ def _inductor_pass_class():
                 None if self.before is not None else ""
             if before is None:
                 return None    # a chained pass without a uuid: Inductor must not cache
-            files = tuple(os.path.abspath(m.__file__) for m in (wgrad_pass, split_pass, node_costs)) + (os.path.abspath(__file__),)
+            files = tuple(os.path.abspath(m.__file__) for m in (wgrad_pass, split_pass, node_costs))
+            files += (os.path.abspath(__file__),)
             key = hashlib.sha256(get_hash_for_files(files))
             key.update(repr((self.flags, self.hook.bound, self.hook.costs_key(), before)).encode())
             return key.hexdigest()
@@ -197,8 +200,3 @@ def _leaves(x) -> int:
 def _outputs(graph) -> tuple:
     out = graph.output_node().args[0]
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _ep_process_group(spec):
-    from moec.runtime import resolve_ep_group
-    return dist.distributed_c10d._resolve_process_group(resolve_ep_group(spec).name)

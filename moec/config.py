@@ -72,8 +72,10 @@ class Config:
 
     wgrad_schedule: bool = True
     """With ep_group: in the backward, run weight gradients while the all-to-alls are in flight
-    (passes/schedule_wgrad.py; Inductor and aot_eager). False, or disable=("schedule_wgrad",),
-    keeps AOT autograd's order. MOEC_WGRAD_SCHEDULE."""
+    (passes/schedule_wgrad.py; Inductor and aot_eager), the experts' own split from their input
+    gradient first (passes/split_experts_backward.py; disable=("split_experts_backward",) keeps
+    them fused). False, or disable=("schedule_wgrad",), keeps AOT autograd's order.
+    MOEC_WGRAD_SCHEDULE."""
 
     wgrad_memory_bound_mb: float = 0.0
     """How far (MiB) moving weight gradients may raise the backward's predicted peak memory;

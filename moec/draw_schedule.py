@@ -7,6 +7,9 @@ experts and combine can be followed across; ops run whole are grey, weight-gradi
 under an all-to-all are hatched.
 
     python -m moec.draw_schedule out.png --world 64 [the layer and link flags of moec.runtime.simulate]
+
+`draw_backward` draws a `passes.schedule_wgrad` report the same way: the backward's predicted
+timeline as AOT autograd ordered it, above the one with weight gradients under the all-to-alls.
 """
 import sys
 
@@ -71,9 +74,10 @@ def draw_backward(report, path, title: str = "") -> None:
     """A `passes.schedule_wgrad` report's predicted backward: AOT autograd's order above, the
     weight gradients moved under the all-to-alls (hatched) below."""
     exposed = lambda which: sum(w.comm_s - getattr(w, f"hidden_{which}_s") for w in report.windows)
-    panels = [("as AOT autograd ordered it", _as_schedule(report.timeline_before, report.step_before_s, exposed("before"))),
-              ("weight gradients under the all-to-alls", _as_schedule(report.timeline_after, report.step_after_s,
-                                                                      exposed("after")))]
+    panels = [("as AOT autograd ordered it",
+               _as_schedule(report.timeline_before, report.step_before_s, exposed("before"))),
+              ("weight gradients under the all-to-alls",
+               _as_schedule(report.timeline_after, report.step_after_s, exposed("after")))]
     draw_schedule(panels[1][1], path, title or "backward", panels=panels)
 
 

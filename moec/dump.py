@@ -97,9 +97,10 @@ class Dumper:
             self._add("wgrad_schedule.txt", "weight gradients moved under the backward's all-to-alls")
         if report.schedule.windows:
             from .draw_schedule import draw_backward
-            name = f"wgrad_schedule_{len(self.backward_reports) - 1}.png"
+            i = len(self.backward_reports) - 1
+            name = f"wgrad_schedule_{i}.png"
             try:
-                draw_backward(report.schedule, os.path.join(self.dir, name), title=f"backward graph {len(self.backward_reports) - 1}")
+                draw_backward(report.schedule, os.path.join(self.dir, name), title=f"backward graph {i}")
             except MoecError as e:      # matplotlib missing: the text says it all
                 log.info("no picture of the weight-gradient schedule: %s", e)
                 return

@@ -124,7 +124,8 @@ class ScheduleWGradReport:
         if self.cost_source:
             lines.append(f"cost model: {self.cost_source}")
         for w in self.windows:
-            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {_ms(w.comm_s)}, {_ms(w.busy_s)} of compute already "
+            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {_ms(w.comm_s)}, {_ms(w.busy_s)} of compute "
+                         f"already "
                          f"under it; hidden {_ms(w.hidden_before_s)} -> {_ms(w.hidden_after_s)}")
             for m in w.moves:
                 lines.append(f"  moved {m.direction} ({_ms(m.time_s)}): " +

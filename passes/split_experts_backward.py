@@ -130,5 +130,5 @@ def _getitem_after(graph, parent, i, old):
 def _provenance(node) -> dict:
     # where the node came from, for stack traces and dumps; not what describes its values or
     # inputs (eager_input_vals, tensor_meta belong to the old op's schema)
-    return {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node",
-                                                        "seq_nr", "original_aten")}
+    keep = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "seq_nr", "original_aten")
+    return {k: v for k, v in node.meta.items() if k in keep}

@@ -100,7 +100,8 @@ def _moved_in_dump(tmp, name):
     windows = re.findall(r"\n(all_to_all_single_\d+) \.\. (wait_tensor_\d+):[^\n]*\n((?:  moved[^\n]*\n)*)", text)
     moved = [(s, w, re.findall(r"(\w+) \(\w+\)", body)) for s, w, body in windows if body]
     assert moved, text
-    backward = next(f.read_text() for f in sorted(folder.glob("aot_backward*.py")) if "all_to_all_single" in f.read_text())
+    backward = next(text for text in (f.read_text() for f in sorted(folder.glob("aot_backward*.py")))
+                    if "all_to_all_single" in text)
     _moved_under_all_to_all(backward, moved)
     return moved
 
@@ -130,7 +131,9 @@ def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws):
         got, codes = run_and_get_code(_step, compiled, model, x)
     _matches_reference(got, expected, rank)
     assert counters["moec"]["wgrad_ops_moved"] > 0, dict(counters["moec"])
-    [backward] = [c for c in codes if "moec.experts_backward" in c]
+    assert counters["moec"]["experts_backward_split"] == 1, dict(counters["moec"])
+    [backward] = [c for c in codes if "moec.experts_backward_rows" in c]
+    assert "moec.experts_wgrad" in backward
     calls = [line.strip() for line in backward[backward.index("def call("):].splitlines()]
     pos = lambda needle, after=0: next(i for i, line in enumerate(calls) if i > after and needle in line)
     # the combine's backward all-to-all: the router's backward and the gate weight's gradient run
