@@ -61,6 +61,14 @@ class Config:
     token order, in fixed-size all-to-alls without a sync; copies past that get zero output.
     Needs the same T on every rank. MOEC_EP_CAPACITY_FACTOR."""
 
+    ep_chunks: int = 0
+    """With ep_group: run each MoE layer as a pipeline of this many token chunks, so one chunk's
+    all-to-alls travel while another computes (pass chunk_tokens; the ops around the layer that
+    treat each token alone, e.g. norms, residuals, router and projections, are chunked with it).
+    0 (default): the cost model chooses k per layer, calibrated once per machine (see cache_dir);
+    1: off; n: n chunks (capacity mode: n pieces of the slots). Off too with disable=("chunk_tokens",).
+    MOEC_EP_CHUNKS."""
+
     expert_stats: bool = False
     """Count on the device, per MoE layer, the token copies routed to each expert (and, with
     capacity routing, those dropped): a few tiny device ops per layer and step, no host reads.

@@ -106,6 +106,20 @@ class Dumper:
                 return
             self._add(name, "predicted backward timeline: AOT's order, then weight gradients scheduled")
 
+    def schedules(self, report):
+        """A `chunk_tokens` report: per layer the chosen schedule explained, and its timeline."""
+        for i, layer in enumerate(report.layers):
+            self._write(f"schedule_{i}.txt", layer.text() + "\n", f"token chunks of {layer.site}: k and why")
+            if layer.schedule is None:
+                continue
+            from .draw_schedule import draw_schedule
+            try:
+                draw_schedule(layer.schedule, os.path.join(self.dir, f"schedule_{i}.png"), title=layer.site)
+            except MoecError as e:      # matplotlib missing: the text says it all
+                log.info("no picture of the schedule: %s", e)
+                continue
+            self._add(f"schedule_{i}.png", f"predicted timeline of {layer.site}: unchunked and chosen")
+
     def cudagraphs(self, kind: str, text: str):
         self.captures[kind] = text
         body = "\n".join(f"{k}: {v}" for k, v in self.captures.items()) + "\n"

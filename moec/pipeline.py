@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from moec.passes.chunk_tokens import chunk_tokens
 from moec.passes.detect import detect
 from moec.passes.expert_parallel import expert_parallel
 from moec.passes.expert_stats import expert_stats
@@ -23,6 +24,7 @@ PIPELINE = (
     ("rewrite", rewrite),                  # regions -> moec.route / plan / experts / combine
     ("expert_stats", expert_stats),        # with expert_stats: per-layer expert load counted on the device
     ("expert_parallel", expert_parallel),  # with ep_group: moec.experts -> all-to-all + local experts
+    ("chunk_tokens", chunk_tokens),        # with ep_group: each layer pipelined over token chunks
 )
 
 
@@ -57,6 +59,8 @@ def run_pipeline(gm: fx.GraphModule, example_inputs, config, dumper=None) -> tup
         log.info("pass %d %s: %.1f ms, %d -> %d nodes", index, name, ms, before, len(gm.graph.nodes))
         for module, why in getattr(report, "skipped", ()):   # what a pass left alone, and why
             log.info("pass %s left %s alone: %s", name, module or "<root>", why)
+        for line in getattr(report, "log_lines", list)():       # what it chose, in a line each
+            log.info("pass %s: %s", name, line)
         changed = gm.code != code
         if changed:   # MLIR's print-after-change, for tlparse
             trace_artifact(f"moec_after_{name}", lambda: gm.print_readable(print_output=False))
@@ -64,6 +68,8 @@ def run_pipeline(gm: fx.GraphModule, example_inputs, config, dumper=None) -> tup
             dumper.graph(index, name, gm, changed)
             if name == "detect":   # the regions' nodes exist only until the rewrite
                 dumper.region_pictures(gm, report)
+            if name == "chunk_tokens":
+                dumper.schedules(report)
         if config.stop_after == name:
             log.info("stopping after %s (stop_after)", name)
             break

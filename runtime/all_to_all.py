@@ -49,6 +49,36 @@ def all_to_all(rows: Tensor, out_splits: list | None, in_splits: list | None, gr
         return _waited(fc.all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group_name))
 
 
+def all_to_all_start(rows: Tensor, out_splits: list | None, in_splits: list | None, group_name: str,
+                     ep: int) -> Tensor:
+    """`all_to_all` without the wait: the rows are in flight until `wait(result)`, so compute placed
+    between the two overlaps the exchange (under torch.compile the wait_tensor node lands where
+    `wait` is called, not right after the collective as `fc.all_to_all_single` puts it).
+    Differentiable; the backward's reverse all-to-all waits at once."""
+    if out_splits is None:                                 # equal blocks: the op wants explicit splits
+        out_splits = in_splits = [rows.shape[0] // ep] * ep
+    return torch.ops._c10d_functional_autograd.all_to_all_single(rows.contiguous(), out_splits, in_splits,
+                                                                 group_name)
+
+
+def wait(t: Tensor, what: str = "all-to-all", group_name: str = "") -> Tensor:
+    """The result of `all_to_all_start`, once it has arrived."""
+    with _clear_errors(what, group_name):
+        return _Wait.apply(t)
+
+
+class _Wait(torch.autograd.Function):
+    # wait_tensor's own autograd formula is not registered on every supported torch version;
+    # the gradient of a wait is the gradient itself.
+    @staticmethod
+    def forward(ctx, t):
+        return torch.ops._c10d_functional.wait_tensor(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _waited(t: Tensor) -> Tensor:
     # In eager the collective returns lazily; wait here so a timeout surfaces inside
     # `_clear_errors`. Under tracing the result is already followed by a wait_tensor node.

@@ -304,14 +304,25 @@ def calibration_key(device, group=None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-ws{world}-{backend}")
 
 
+def calibration_path(device, group=None, cache_dir: str | None = None) -> Path:
+    """Where `load_or_calibrate` caches the calibration for (device, world size, backend)."""
+    return Path(cache_dir or Path.home() / ".cache" / "moec").expanduser() / "calibration" / \
+        f"{calibration_key(device, group)}.json"
+
+
+def cached_calibration(device, group=None, cache_dir: str | None = None) -> Calibration | None:
+    """This rank's cached calibration, if any: no measurement and no collective."""
+    path = calibration_path(device, group, cache_dir)
+    return Calibration.load(path) if path.exists() else None
+
+
 def load_or_calibrate(device, group=None, cache_dir: str | None = None, timer=None, refresh: bool = False,
                       dtype: torch.dtype | None = None) -> Calibration:
     """The cached calibration for (device, world size, backend) under cache_dir/calibration/
     (default ~/.cache/moec; moec's Config.cache_dir, MOEC_CACHE_DIR, is what the passes pass),
     measuring and caching it first where there is none or refresh is set. With a group, rank 0
     decides and every rank gets rank 0's numbers (every rank must call this)."""
-    path = Path(cache_dir or Path.home() / ".cache" / "moec").expanduser() / "calibration" / \
-        f"{calibration_key(device, group)}.json"
+    path = calibration_path(device, group, cache_dir)
     rank0 = group is None or dist.get_rank(group) == 0
     cached = Calibration.load(path) if rank0 and path.exists() and not refresh else None
     measure = cached is None if group is None else _broadcast(group, device, cached is None)

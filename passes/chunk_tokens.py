@@ -1,0 +1,469 @@
+"""Pass `chunk_tokens`: pipeline each expert-parallel MoE layer over k chunks of its tokens, so the
+all-to-alls of one chunk travel while another chunk computes (Lancet, MLSys 2024, forward part).
+
+Expects: `ep_experts` calls made by `expert_parallel` (else the pass changes nothing), each fed by
+`moec.route` -> `moec.plan` and read by `moec.combine` as `rewrite` emits them; static token counts.
+Guarantees: the layer computes the same values (up to float rounding of smaller GEMMs). Dropless
+(`ep_capacity_factor` 0), with k > 1 chunks of rows [o_i, o_i + T_i) of the layer's (T, H) input:
+
+    for i < k:  pre ops (chunk i); route, plan (chunk i); d_i = ep_dispatch(chunk i)  # starts
+    for i < k:  side ops (chunk i); y_i = ep_local_experts(ep_wait(d_i)); c_i = ep_combine(y_i)
+    for i < k:  ep_collect(ep_wait(c_i)); combine (chunk i); post ops (chunk i)
+    values read outside the block: torch.cat of their chunks
+
+pre ops: the token-local ops the layer's input and router logits come from (norm, residual add,
+router, attention output projection...), up to the first op that is not token-local; post ops:
+the token-local ops after the combine (residual add, next norm, next projections...); side ops:
+token-local ops fed by the pre ops and feeding the post ops without passing the experts (a shared
+expert), run under the dispatches. Token-locality is inferred from shapes and checked on random
+inputs (passes/token_locality.py); each layer's chunked ranges and k come from the cost model
+(`schedule_search.search`, same k on every rank, see chunk_costs.py) or `Config.ep_chunks`.
+Capacity mode (`ep_capacity_factor` > 0): which copies are kept depends on all earlier tokens, so
+tokens are not chunked; the layer's (E, C, H) slots are cut into k pieces along C instead, each
+piece dispatched, computed and combined in turn (the Tutel overlap, experts only).
+Every all-to-all is started where its inputs are ready and waited for just before its first use.
+Must not change: nodes outside the chunked ranges, other than their order (nodes that read the
+layer move after it) and reading concatenated values.
+"""
+import dataclasses
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from moec.runtime import load_or_calibrate
+from moec.runtime.cost_model import cached_calibration
+from moec.runtime.expert_parallel import (ep_collect, ep_combine, ep_dispatch, ep_experts, ep_local_experts,
+                                          ep_wait)
+from moec.runtime.mesh import resolve_ep_group
+
+from . import token_locality as tl
+from .chunk_costs import agree, forced, layer_costs
+from .graph import DepGraph, module_path, value
+
+PASS = "chunk_tokens"
+_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+@dataclass(frozen=True)
+class LayerChunking:
+    site: str
+    mode: str            # "dropless" (token chunks) or "capacity" (pieces of the slots)
+    k: int               # 1: left whole
+    pre: tuple           # names of the ops before the dispatch run in k chunks, program order
+    side: tuple          # ops beside the experts run in k chunks under the dispatches
+    post: tuple          # ops after the combine run in k chunks
+    stops: tuple         # (node, why) where the token-local ranges end
+    why: str             # how k was chosen
+    schedule: object = None   # moec.runtime.Schedule predicted for this layer (None: no a2a model)
+
+    def summary(self) -> str:
+        what = "slots" if self.mode == "capacity" else \
+            f"tokens, with {len(self.pre)} ops before, {len(self.side)} beside, {len(self.post)} after"
+        head = f"{self.site}: k={self.k} ({self.why})" + (f", {what}" if self.k > 1 else ", left whole")
+        return head + (f"; {self.schedule.explain().splitlines()[0]}" if self.schedule is not None else "")
+
+    def text(self) -> str:
+        lines = [self.summary(), ""]
+        for title, names in (("chunked before the dispatch", self.pre), ("chunked beside the experts", self.side),
+                             ("chunked after the combine", self.post)):
+            lines.append(f"{title}: {', '.join(names) or '-'}")
+        lines.append("token-local ranges end at: " + (", ".join(f"{n} ({why})" for n, why in self.stops) or "-"))
+        if self.schedule is not None:
+            lines += ["", self.schedule.explain()]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ChunkTokensReport:
+    layers: tuple        # LayerChunking per expert-parallel layer, graph order
+    skipped: tuple = ()  # (site, why) for layers left whole
+
+    def log_lines(self) -> list:
+        return [layer.summary() for layer in self.layers]
+
+
+# Per-chunk moec ops go through these plain functions, not as torch.ops.moec nodes: to the dense
+# backends' partitioner (moec/dense.py) a chunked layer is then one dense region, so the dispatch
+# handles (Python values) stay inside one traced function, as they do inside ep_experts.
+def chunk_route(*args):
+    return torch.ops.moec.route.default(*args)
+
+
+def chunk_plan(ids, num_experts):
+    return torch.ops.moec.plan.default(ids, num_experts)
+
+
+def chunk_combine(y, inv, weights):
+    return torch.ops.moec.combine.default(y, inv, weights)
+
+
+@dataclass
+class _Layer:
+    """One expert-parallel MoE layer and its token-local neighbourhood."""
+    ep: fx.Node
+    route: fx.Node
+    plan: fx.Node
+    combine: fx.Node
+    x: fx.Node
+    T: int
+    top_k: int
+    num_experts: int
+    ep_size: int
+    weights: list
+    core: list           # route and its items, ops on the routing weights, plan and its items
+    pre: list = dataclasses.field(default_factory=list)
+    side: list = dataclasses.field(default_factory=list)
+    post: list = dataclasses.field(default_factory=list)
+    rules: dict = dataclasses.field(default_factory=dict)
+    stops: list = dataclasses.field(default_factory=list)
+
+
+def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
+    cfg = ctx.config
+    eps = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ep_experts]
+    if cfg.ep_group is None or not eps or cfg.ep_chunks == 1:
+        return gm, ChunkTokensReport((), tuple((_site(n), "ep_chunks=1") for n in eps))
+    group = resolve_ep_group(cfg.ep_group)
+    pg = dist.distributed_c10d._resolve_process_group(group.name)
+    device = value(eps[0].args[0]).device
+    # a forced k needs no agreement: read a cached calibration only, for the report (no collective)
+    calibration = cached_calibration(device, pg, cfg.cache_dir or None) if cfg.ep_chunks else \
+        load_or_calibrate(device, pg, cache_dir=cfg.cache_dir or None)
+    layers, skipped = [], []
+    for ep in eps:
+        site = _site(ep)
+        capacity = ep.kwargs.get("capacity_factor", 0.0) > 0
+        layer = _find(gm, ep, group.size, capacity)
+        a2a = calibration.all_to_all if calibration is not None else None
+        if a2a is not None and not capacity:   # each chunk also exchanges counts and syncs: one more latency
+            a2a = dataclasses.replace(a2a, latency_s=2 * a2a.latency_s)
+        mine = layer if isinstance(layer, str) or calibration is None else \
+            layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()})
+        if cfg.ep_chunks:
+            ranges = (0, 0) if isinstance(layer, str) else (len(layer.pre), len(layer.post))
+            k, pre_r, post_r, sched, why = forced(mine, a2a, cfg.ep_chunks, *ranges)
+        else:
+            k, pre_r, post_r, sched, why = agree(mine, a2a, pg)
+        if k == 1:
+            skipped.append((site, why if isinstance(layer, _Layer) else layer))
+            layers.append(LayerChunking(site, "capacity" if capacity else "dropless", 1, (), (), (), (), why, sched))
+            continue
+        if capacity:
+            _emit_capacity(gm.graph, layer, k)
+        else:
+            layer.pre, layer.post = layer.pre[pre_r[0]:pre_r[1]], layer.post[post_r[0]:post_r[1]]
+            _emit_chunked(gm.graph, layer, k)
+        name = lambda nodes: tuple(n.name for n in nodes)   # noqa: E731
+        layers.append(LayerChunking(site, "capacity" if capacity else "dropless", k, name(layer.pre),
+                                    name(layer.side), name(layer.post), tuple(layer.stops), why, sched))
+    gm.graph.lint()
+    gm.recompile()
+    return gm, ChunkTokensReport(tuple(layers), tuple(skipped))
+
+
+def _site(ep) -> str:
+    return module_path(ep) or ep.name
+
+
+# --- finding the layer and its token-local neighbourhood ----------------------------------------
+
+def _find(gm, ep, ep_size, capacity):
+    """The layer with its pre, side and post ops, or a string saying why it stays whole."""
+    x, src, offsets = ep.args[0], ep.args[1], ep.args[2]
+    plan = offsets.args[0] if offsets.target is operator.getitem else None
+    if plan is None or plan.target is not torch.ops.moec.plan.default or src.args[0] is not plan:
+        return "the experts' slots do not come from moec.plan"
+    ids = plan.args[0]
+    route = ids.args[0] if ids.target is operator.getitem else None
+    if route is None or route.target is not torch.ops.moec.route.default:
+        return "the expert ids do not come straight from moec.route (router capacity?)"
+    combine = [u for u in ep.users if u.target is torch.ops.moec.combine.default]
+    if len(ep.users) != 1 or not combine:
+        return "the experts' output is read by more than moec.combine"
+    combine = combine[0]
+    T = value(x).shape[0]
+    if not isinstance(T, int):
+        return "the token count is symbolic (dynamic shapes): chunk sizes must be static"
+    weights = [w for w in ep.args[4] if isinstance(w, fx.Node)]
+    layer = _Layer(ep, route, plan, combine, x, T, ep.args[3], value(offsets).shape[0] - 1, ep_size, weights, [])
+    if capacity:
+        return layer
+    deps = DepGraph.build(gm.graph)
+    core = _core(layer, deps)
+    if isinstance(core, str):
+        return core
+    layer.core = core
+    if T >= 2:     # one token: nothing to check the rules on; the experts alone are chunked
+        _grow(layer, deps)
+    return layer
+
+
+def _core(layer, deps):
+    """route, its items, the ops on the routing weights up to combine, plan and its items, with
+    rules for the token-local ones; a string if something outside reads what chunks cannot give."""
+    route, plan, combine = layer.route, layer.plan, layer.combine
+    between = deps.backward_slice([combine.args[2]], stop={route}) & deps.forward_slice([route])
+    between -= {route, *route.users}
+    core = [route, *route.users, *deps.sorted(between), plan, *plan.users]
+    for n in core:
+        if n is plan or n.target is operator.getitem and n.args[0] is plan:
+            if any(u not in core and u not in (layer.ep, combine) for u in n.users):
+                return f"{n.name} (the layer's plan) is also read outside it (expert_stats?)"
+            continue
+        r = tl.rule(n, layer.T)
+        if r is None or r.kind not in ("getitem", "route") and not tl.verify(n, r, layer.T):
+            return f"{n.name} on the routing weights is not token-local"
+        layer.rules[n] = r
+    H = value(layer.x).shape[1]
+    layer.rules[combine] = tl.Rule("combine", {}, (H,))
+    return core
+
+
+def _grow(layer, deps):
+    """The pre, side and post ranges: token-local nodes, convex around the layer (no path leaves
+    the chunked nodes and comes back), each edge between two chunked nodes reading chunks as they
+    are. Shape rules first, the check on random inputs last (it runs the op)."""
+    T, inside = layer.T, set(layer.core) | {layer.ep, layer.combine}
+    ancestors = deps.backward_slice([layer.x, layer.route.args[0]])
+    mutated = {deps.root[m] for m in deps.mutations} | set(deps.mutations)
+    pre = set()
+    for n in sorted(ancestors - inside, key=deps.order.__getitem__, reverse=True):
+        why = _shape_why(layer, n, mutated, deps)
+        if not why:
+            toward = [u for u in deps.users[n] if u in ancestors or u in inside]
+            bad = [u for u in toward if u not in pre and u not in inside or not _compatible(layer, n, u)]
+            why = f"read by {bad[0].name}, which is not chunked" if bad else _check_why(layer, n)
+        if why:
+            _stop(layer, n, why, any(u in pre or u in inside for u in deps.users[n]))
+        else:
+            pre.add(n)
+    layer.pre = deps.sorted(pre)
+    chunked = pre | inside
+    descendants = deps.forward_slice([layer.combine]) - {layer.combine}
+    beside = deps.forward_slice(pre | {layer.x}) - ancestors - descendants - inside
+    for group, candidates in (("side", beside), ("post", descendants)):
+        depends, taken = deps.forward_slice(chunked), []
+        for n in deps.sorted(candidates):
+            why = _shape_why(layer, n, mutated, deps)
+            if not why:
+                bad = [a for a in deps.deps[n] if a in depends and (a not in chunked or not _compatible(layer, a, n))]
+                why = f"reads {bad[0].name}, which is not chunked" if bad else _check_why(layer, n)
+            if why:
+                _stop(layer, n, why, group == "post" and any(a in chunked for a in deps.deps[n]))
+                continue
+            taken.append(n)
+            chunked.add(n)
+            depends |= {n}
+        setattr(layer, group, taken)
+
+
+def _shape_why(layer, n, mutated, deps) -> str:
+    """'' if the shape rules make n token-local (the rule is recorded), else why not."""
+    if n.op in ("placeholder", "get_attr"):
+        return "a graph input"
+    if n in mutated or deps.root.get(n) in mutated:
+        return "written in place"
+    r = tl.rule(n, layer.T)
+    if r is None:
+        return "not token-local by its shapes"
+    layer.rules[n] = r
+    return ""
+
+
+def _check_why(layer, n) -> str:
+    r = layer.rules[n]
+    if r.kind != "getitem" and not tl.verify(n, r, layer.T):
+        del layer.rules[n]
+        return "chunked and whole differ on random inputs"
+    return ""
+
+
+def _stop(layer, n, why, next_to_chunked):
+    """Record where a range ends, for nodes that carry tokens next to a chunked node."""
+    v = value(n)
+    if next_to_chunked and isinstance(v, torch.Tensor) and tl.token_dims(tuple(v.shape), layer.T):
+        layer.stops.append((n.name, why))
+
+
+def _compatible(layer, producer, consumer) -> bool:
+    """The consumer reads the producer's chunks as they are: rows of the same flat form."""
+    if consumer is layer.ep:
+        use = tl.ArgUse(True, (value(layer.x).shape[1],)) if producer is layer.x else None
+    else:
+        rule = layer.rules.get(consumer)
+        if rule is not None and rule.kind == "getitem":
+            return True
+        use = rule.args.get(producer) if rule is not None else None
+    made = layer.rules.get(producer)
+    if use is None or made is None or not use.rows or use.expand is not None:
+        return False
+    return isinstance(value(producer), torch.Tensor) and tuple(use.rest) == tuple(made.out_rest)
+
+
+# --- emitting the chunked layer -----------------------------------------------------------------
+
+class _Block:
+    """Emits nodes in order before `anchor`; keeps the chunks of each chunked node by (node, i)."""
+
+    def __init__(self, graph, layer, k, anchor):
+        self.graph, self.layer, self.anchor = graph, layer, anchor
+        self.sizes = tl.chunk_sizes(layer.T, k)
+        self.starts = [sum(self.sizes[:i]) for i in range(k)]
+        self.chunks, self.flat, self.nodes = {}, {}, []
+        self.old = set(graph.nodes)
+
+    def call(self, target, args, kwargs=None, like=None, op="call_function"):
+        with self.graph.inserting_before(self.anchor):
+            self.graph.create_node(op, target, args, kwargs or {})
+        return self._made(like)
+
+    def _made(self, like):
+        """Stamp the nodes just emitted (those between the last known one and the anchor)."""
+        new, n = [], self.anchor.prev
+        while n not in self.old:
+            new.append(n)
+            n = n.prev
+        for n in reversed(new):
+            if like is not None:
+                n.meta.update({key: like.meta[key] for key in _META if key in like.meta})
+            n.meta["moec_pass"] = PASS
+            self.old.add(n)
+            self.nodes.append(n)
+        return self.anchor.prev
+
+    def input(self, a, use, i):
+        """Input `a` of a chunk-i node, as `use` reads it: its chunk, or a row slice of it whole."""
+        if (a, i) in self.chunks:
+            return self.chunks[(a, i)]
+        if (a, use) not in self.flat:
+            with self.graph.inserting_before(self.anchor):
+                flat = tl.flat_input(self.graph, a, use, self.layer.T)
+            self.flat[(a, use)] = self._made(a) if flat is not a else a
+        if not use.rows:
+            return self.flat[(a, use)]
+        return self.call("narrow", (self.flat[(a, use)], 0, self.starts[i], self.sizes[i]), op="call_method")
+
+    def node(self, n, i):
+        """Chunk i of a chunked node, by its rule."""
+        r = self.layer.rules[n]
+        if r.kind == "getitem":
+            ins = {n.args[0]: self.chunks[(n.args[0], i)]}
+        else:
+            ins = {a: self.input(a, r.args.get(a, tl.ArgUse(False)), i) for a in n.all_input_nodes}
+        with self.graph.inserting_before(self.anchor):
+            r.emit(self.graph, n, ins, self.sizes[i])
+        self.chunks[(n, i)] = self._made(n)
+        return self.chunks[(n, i)]
+
+
+def _emit_chunked(graph, layer, k):
+    """The three stages of the module docstring, then the reads from outside, then the order."""
+    ep, combine, route, plan = layer.ep, layer.combine, layer.route, layer.plan
+    b = _Block(graph, layer, k, ep)
+    _, _, _, top_k, weights, layout, activation, alpha, limit, group = ep.args
+    experts = (weights, layout, activation, alpha, limit)
+    route_uses = layer.rules[route].args
+    items = {n.args[1]: n for n in plan.users}
+    dispatches, pendings = [], []
+    for i in range(k):
+        for n in layer.pre:
+            b.node(n, i)
+        for n in layer.core:
+            if n is route:
+                args = tuple(b.input(a, route_uses[a], i) if isinstance(a, fx.Node) else a for a in route.args)
+                b.chunks[(n, i)] = b.call(chunk_route, args, like=n)
+            elif n is plan:
+                b.chunks[(n, i)] = b.call(chunk_plan, (b.chunks[(plan.args[0], i)], plan.args[1]), like=n)
+            elif n.target is operator.getitem and n.args[0] is plan:
+                b.chunks[(n, i)] = b.call(operator.getitem, (b.chunks[(plan, i)], n.args[1]), like=n)
+            else:
+                b.node(n, i)
+        x_i = b.input(layer.x, tl.ArgUse(True, (value(layer.x).shape[1],)), i)
+        d = b.call(ep_dispatch, (x_i, b.chunks[(items[1], i)], b.chunks[(items[0], i)], top_k, *experts, group),
+                   {**ep.kwargs, "chunk": f"tokens {i + 1}/{k}"}, like=ep)
+        dispatches.append(b.call(operator.getitem, (d, 0), like=ep))
+    for i, d in enumerate(dispatches):
+        for n in layer.side:
+            b.node(n, i)
+        got = b.call(ep_wait, (b.call(operator.getitem, (d, 0), like=ep),), like=ep)
+        y = b.call(ep_local_experts, (got, d, *experts), {"site": ep.kwargs.get("site", "")}, like=ep)
+        pendings.append(b.call(ep_combine, (y, d), like=ep))
+    for i, (d, pending) in enumerate(zip(dispatches, pendings)):
+        rows = b.call(ep_collect, ((d,), [b.call(ep_wait, (pending,), like=ep)]), like=ep)
+        weights_i = b.chunks[(combine.args[2], i)]
+        b.chunks[(combine, i)] = b.call(chunk_combine, (rows, b.chunks[(items[2], i)], weights_i), like=combine)
+        for n in layer.post:
+            b.node(n, i)
+    chunked = [*layer.pre, *layer.core, *layer.side, combine, *layer.post]
+    _read_outside(b, chunked, {ep, plan, *plan.users}, k)
+    _erase(graph, set(chunked) | {ep})
+    _reorder(graph, b.nodes)
+
+
+def _read_outside(b, chunked, skip, k):
+    """Nodes outside the block read the concatenation of the chunks, in the original shape."""
+    inside = set(chunked) | skip
+    for n in chunked:
+        outside = [u for u in n.users if u not in inside]
+        if not outside or n in skip:
+            continue
+        whole = b.call(torch.cat, ([b.chunks[(n, i)] for i in range(k)], 0), like=n)
+        shape = tuple(value(n).shape)
+        if shape != (b.layer.T, *b.layer.rules[n].out_rest):
+            whole = b.call("reshape", (whole, shape), like=n, op="call_method")
+        whole.meta["example_value"] = value(n)
+        for u in outside:
+            u.replace_input_with(n, whole)
+
+
+def _erase(graph, dead):
+    """Erase nodes nothing reads any more, readers first."""
+    while dead:
+        free = [n for n in dead if not n.users]
+        if not free:
+            raise AssertionError(f"chunk_tokens: still read after chunking: "
+                                 f"{[(n.name, [u.name for u in n.users]) for n in dead]}")
+        for n in free:
+            graph.erase_node(n)
+            dead.discard(n)
+
+
+def _emit_capacity(graph, layer, k):
+    """ep_experts -> k pieces of the slots: start every dispatch, then per piece wait, experts,
+    start the combine; then wait for the combines and reassemble."""
+    ep = layer.ep
+    b = _Block(graph, layer, 1, ep)
+    x, src, offsets, top_k, weights, layout, activation, alpha, limit, group = ep.args
+    experts = (weights, layout, activation, alpha, limit)
+    ds = b.call(ep_dispatch, (x, src, offsets, top_k, *experts, group),
+                {**ep.kwargs, "pieces": k, "chunk": f"pieces {k}"}, like=ep)
+    pendings = []
+    for j in range(k):
+        d = b.call(operator.getitem, (ds, j), like=ep)
+        got = b.call(ep_wait, (b.call(operator.getitem, (d, 0), like=ep),), like=ep)
+        y = b.call(ep_local_experts, (got, d, *experts), {"site": ep.kwargs.get("site", "")}, like=ep)
+        pendings.append(b.call(ep_combine, (y, d), like=ep))
+    backs = [b.call(ep_wait, (p,), like=ep) for p in pendings]
+    out = b.call(ep_collect, (ds, backs), like=ep)
+    out.meta.update(ep.meta)
+    ep.replace_all_uses_with(out)
+    graph.erase_node(ep)
+
+
+def _reorder(graph, block):
+    """Nodes the block reads stay before it, nodes that read it move after it; order kept otherwise."""
+    inside = set(block)
+    after, todo = set(), [u for n in block for u in n.users if u not in inside]
+    while todo:
+        n = todo.pop()
+        if n not in after:
+            after.add(n)
+            todo.extend(n.users)
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    order = [n for n in nodes if n not in after and n not in inside] + block + [n for n in nodes if n in after]
+    for prev, n in zip(order, order[1:]):
+        if prev.next is not n:
+            prev.append(n)

@@ -1,0 +1,401 @@
+"""Which FX nodes compute each token's output from that token's inputs alone, and how to run such a
+node on a chunk of the tokens. Read by the pass `chunk_tokens`.
+
+Legend: T tokens (rows of an MoE layer's (T, H) input), k chunks, T_i rows in chunk i.
+A value *carries tokens* when a leading run of its dims multiplies to T; its token dims are the
+fewest that do (ntok). Its *flat form* is (T, *shape[ntok:]): row-major order is unchanged, so
+row t is token t's part of the value, and chunk i is rows [o_i, o_i + T_i) of the flat form.
+
+A node is token-local when chunk i of its output is a function of chunk i of its inputs that carry
+tokens and of its other inputs whole. Rules on shapes propose it:
+    pointwise  a torch op tagged pointwise (add, mul, rsqrt, silu, where...) or a dtype/copy
+               method (to, type_as, float, contiguous...); inputs broadcast
+    linear     linear(x, w, b) and matmul/mm(x, w) with w 2-D and b read whole, x's token dims
+               not its last
+    along      reductions, scans, softmax, topk, split/chunk/cat/stack along dims that are not
+               token dims (a reduction with no dim reduces all of them: not local)
+    view       view/reshape/flatten/unflatten/squeeze/unsqueeze/expand whose token dims stay
+               leading; transpose/permute of the other dims; basic indexing of the other dims
+    route      moec.route routes each token alone
+and `verify` runs the node on random inputs, whole and in three uneven chunks, before it is
+trusted: a rule wrong for some op fails there, not in a user's model. Everything else (attention
+over a sequence, a sum over tokens, an aux loss, in-place writes, symbolic sizes) is not
+token-local. Attention could be split on the batch axis only; that is not done here.
+
+    use = rule(node, T)          -> Rule | None, with how each input is read (`ArgUse`)
+    ok  = verify(gm, node, use, T)
+    y_i = use.emit(graph, node, {input: its chunk-i or whole node}, T_i)
+"""
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .graph import _mutated_arg, op_name, value
+
+# dtype and copy methods: elementwise, shape-preserving, not tagged (they are not aten ops)
+_UNARY_METHODS = {"to", "type", "float", "double", "half", "bfloat16", "type_as", "clone", "contiguous", "detach"}
+_OPERATOR_NAMES = {"truediv": "div", "floordiv": "floor_divide", "invert": "bitwise_not", "and_": "bitwise_and",
+                   "or_": "bitwise_or", "xor": "bitwise_xor", "getitem": ""}
+# name -> position of the dim argument (also passed as dim=); None: the op acts on its last dim by default
+_ALONG = {"sum": 1, "mean": 1, "amax": 1, "amin": 1, "max": 1, "min": 1, "prod": 1, "var": 1, "std": 1,
+          "norm": 2, "vector_norm": 2, "logsumexp": 1, "softmax": 1, "log_softmax": 1, "cumsum": 1,
+          "cumprod": 1, "argmax": 1, "argmin": 1, "all": 1, "any": 1, "topk": 2, "sort": 1,
+          "split": 2, "chunk": 2, "tensor_split": 2, "unbind": 1, "cat": 1, "concat": 1, "stack": 1}
+_DIM_DEFAULTS = {"topk": -1, "sort": -1, "split": 0, "chunk": 0, "tensor_split": 0, "unbind": 0, "cat": 0,
+                 "concat": 0, "stack": 0}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_PERMUTES = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
+_LINEAR = {"linear", "matmul", "mm"}
+
+
+def token_dims(shape, T: int) -> int | None:
+    """ntok: the fewest leading dims of `shape` whose product is T (at least one), else None."""
+    p = 1
+    for i, s in enumerate(shape):
+        if not isinstance(s, int):
+            return None
+        p *= s
+        if p == T:
+            return i + 1
+        if p > T or p == 0:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class ArgUse:
+    """How a node reads one input in chunk form: `rows` of its flat form, (T_i, *rest), reached from
+    the input by expand(expand) + reshape when broadcast; else the input whole, reshaped to `whole`
+    when its leading broadcast dims must go."""
+    rows: bool
+    rest: tuple = ()
+    expand: tuple | None = None
+    whole: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str                # pointwise, linear, along, view, permute, index, getitem, route
+    args: dict               # input node -> ArgUse
+    out_rest: object         # the output's flat rest shape (a tuple per item for a tuple output)
+    dims: tuple = ()         # along: the output's dims acted on, shifted into the flat form
+    ntok_in: int = 0         # token dims of the first input (along/permute/index rewrite dims by it)
+
+    def emit(self, graph: fx.Graph, node: fx.Node, inputs: dict, T_i: int) -> fx.Node:
+        """Chunk T_i of `node` in `graph`, its inputs taken from `inputs` (node -> chunk node)."""
+        arg = lambda a: fx.node.map_arg(a, lambda n: inputs[n])   # noqa: E731
+        src = inputs[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
+        if self.kind == "view":
+            method = "expand" if op_name(node) in ("expand", "expand_as") else "reshape"
+            return graph.call_method(method, (src, (T_i, *self.out_rest)))
+        if self.kind == "permute":
+            perm = _permutation(node)
+            return graph.call_method("permute", (src, (0, *[p - self.ntok_in + 1 for p in perm[self.ntok_in:]])))
+        if self.kind == "index":
+            return graph.call_function(operator.getitem, (src, _flat_index(node, self.ntok_in)))
+        args, kwargs = arg(node.args), arg(node.kwargs)
+        if self.kind == "along":
+            args, kwargs = _with_dims(node, args, kwargs, self.ntok_in)
+        return graph.create_node(node.op, node.target, tuple(args), dict(kwargs))
+
+
+def rule(node: fx.Node, T: int) -> Rule | None:
+    """The rule that makes `node` token-local for T tokens, or None (see the module docstring)."""
+    if node.op not in ("call_function", "call_method") or _mutates(node):
+        return None
+    out = value(node)
+    inputs = node.all_input_nodes
+    if any(not isinstance(value(a), torch.Tensor) and not _is_tuple_item_source(a, node) for a in inputs):
+        return None                                   # symbolic sizes and the like
+    name = op_name(node)
+    if node.target is operator.getitem and not isinstance(value(node.args[0]), torch.Tensor):
+        item = value(node)
+        ntok = token_dims(item.shape, T) if isinstance(item, torch.Tensor) else None
+        return Rule("getitem", {}, tuple(item.shape[ntok:])) if ntok else None
+    if not isinstance(out, torch.Tensor):
+        return _tuple_rule(node, name, out, T)
+    ntok = token_dims(out.shape, T)
+    if ntok is None:
+        return None
+    rest = tuple(out.shape[ntok:])
+    if node.target is torch.ops.moec.route.default:
+        return None                                   # tuple output: handled above
+    if name in _LINEAR:
+        return _linear(node, out, ntok, rest, T)
+    if name in _ALONG and _dim_arg(node, name) is not _NOT_A_DIM:
+        return _along(node, name, ntok, rest, T)
+    if name in _RESHAPES or name in ("expand", "expand_as"):
+        return _view(node, ntok, rest, T)
+    if name in _PERMUTES:
+        return _permute(node, ntok, rest, T)
+    if node.target is operator.getitem:
+        return _index(node, ntok, rest, T)
+    if _is_pointwise(node, name):
+        return _pointwise(node, out, ntok, rest)
+    return None
+
+
+def _tuple_rule(node, name, out, T):
+    if not isinstance(out, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in out):
+        return None
+    first = value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    n_in = token_dims(first.shape, T)
+    outs = [token_dims(v.shape, T) for v in out]
+    if n_in is None or any(o is None for o in outs):
+        return None
+    rests = tuple(tuple(v.shape[o:]) for v, o in zip(out, outs))
+    if node.target is torch.ops.moec.route.default:
+        logits, bias = node.args[0], node.args[1]
+        if len(first.shape) != 2:
+            return None
+        uses = {logits: ArgUse(True, tuple(first.shape[1:]))}
+        if isinstance(bias, fx.Node):
+            uses[bias] = ArgUse(False)
+        return Rule("route", uses, rests)
+    if name in _ALONG:
+        r = _along(node, name, n_in, None, T)
+        return None if r is None else Rule("along", r.args, rests, r.dims, n_in)
+    return None
+
+
+def _pointwise(node, out, ntok, rest):
+    uses = {}
+    for a in node.all_input_nodes:
+        s = tuple(value(a).shape)
+        if len(s) > len(out.shape):
+            return None
+        padded = (1,) * (len(out.shape) - len(s)) + s
+        if all(d == 1 for d in padded[:ntok]):
+            uses[a] = ArgUse(False, whole=padded[ntok:] if len(s) > len(rest) else None)
+        else:
+            uses[a] = ArgUse(True, padded[ntok:], None if padded[:ntok] == tuple(out.shape[:ntok])
+                             else tuple(out.shape[:ntok]) + padded[ntok:])
+    return Rule("pointwise", uses, rest)
+
+
+def _linear(node, out, ntok, rest, T):
+    x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+        return None
+    xs, ws = tuple(value(x).shape), tuple(value(w).shape)
+    if token_dims(xs, T) != ntok or ntok >= len(xs) or len(ws) != 2 or x is w:
+        return None
+    uses = {x: ArgUse(True, xs[ntok:])}
+    for a in node.all_input_nodes:
+        if a is not x:
+            uses[a] = ArgUse(False)
+    return Rule("linear", uses, rest)
+
+
+def _along(node, name, ntok, rest, T):
+    data = node.args[0]
+    tensors = list(data) if name in ("cat", "concat", "stack") else [data]
+    if not tensors or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    shapes = [tuple(value(t).shape) for t in tensors]
+    n_in = token_dims(shapes[0], T)
+    if n_in is None or any(token_dims(s, T) != n_in or s[:n_in] != shapes[0][:n_in] for s in shapes):
+        return None
+    ndim = len(shapes[0]) + (1 if name == "stack" else 0)
+    dims = _dim_arg(node, name)
+    if dims is None:
+        return None                                   # all dims: reduces the tokens too
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    if any(not isinstance(d, int) for d in dims) or any((d % ndim) < n_in for d in dims):
+        return None
+    uses = {t: ArgUse(True, s[n_in:]) for t, s in zip(tensors, shapes)}
+    for a in node.all_input_nodes:
+        uses.setdefault(a, ArgUse(False))
+    return Rule("along", uses, rest, tuple(dims), n_in)
+
+
+def _view(node, ntok, rest, T):
+    src = node.args[0]
+    s = tuple(value(src).shape)
+    n_in = token_dims(s, T)
+    if n_in is None or math.prod(rest) != math.prod(s[n_in:]) and op_name(node) not in ("expand", "expand_as"):
+        return None
+    if op_name(node) in ("expand", "expand_as") and (s[:n_in] != tuple(value(node).shape[:ntok]) or n_in != ntok):
+        return None                                   # broadcasting over the tokens is not a view of them
+    uses = {src: ArgUse(True, s[n_in:])}
+    for a in node.all_input_nodes:
+        uses.setdefault(a, ArgUse(False))             # view_as/expand_as: their other input gives a shape
+    return Rule("view", uses, rest)
+
+
+def _permute(node, ntok, rest, T):
+    src = node.args[0]
+    s = tuple(value(src).shape)
+    n_in = token_dims(s, T)
+    perm = _permutation(node)
+    if n_in != ntok or perm is None or tuple(perm[:ntok]) != tuple(range(ntok)):
+        return None
+    return Rule("permute", {src: ArgUse(True, s[n_in:])}, rest, ntok_in=n_in)
+
+
+def _index(node, ntok, rest, T):
+    src = node.args[0]
+    s = tuple(value(src).shape)
+    n_in = token_dims(s, T)
+    if n_in is None or n_in != ntok or _flat_index(node, n_in) is None:
+        return None
+    return Rule("index", {src: ArgUse(True, s[n_in:])}, rest, ntok_in=n_in)
+
+
+def _flat_index(node, ntok):
+    """The index into the flat form for a basic index into the token-leading value, or None when
+    it touches a token dim."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not all(i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool) for i in idx) or \
+            idx.count(Ellipsis) > 1 or any(isinstance(i, slice) and any(isinstance(v, fx.Node) for v in
+                                                                          (i.start, i.stop, i.step)) for i in idx):
+        return None                                   # tensor, None and symbolic indices are not handled
+    ndim = len(value(node.args[0]).shape)
+    if Ellipsis in idx:
+        at = idx.index(Ellipsis)
+        idx = idx[:at] + (slice(None),) * (ndim - len(idx) + 1) + idx[at + 1:]
+    idx = idx + (slice(None),) * (ndim - len(idx))
+    if any(i != slice(None) for i in idx[:ntok]):
+        return None
+    return (slice(None),) + tuple(idx[ntok:])
+
+
+def _permutation(node):
+    ndim = len(value(node.args[0]).shape)
+    name, args = op_name(node), node.args[1:]
+    if name == "permute":
+        perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        perm = [p % ndim for p in perm] if all(isinstance(p, int) for p in perm) else None
+        return perm if perm is None or sorted(perm) == list(range(ndim)) else None
+    if name in ("transpose", "swapaxes", "swapdims"):
+        a, b = (list(args) + [node.kwargs.get("dim0"), node.kwargs.get("dim1")])[:2]
+        if not isinstance(a, int) or not isinstance(b, int):
+            return None
+        perm = list(range(ndim))
+        perm[a % ndim], perm[b % ndim] = perm[b % ndim], perm[a % ndim]
+        return perm
+    return None
+
+
+_NOT_A_DIM = object()
+
+
+def _dim_arg(node, name):
+    """The dim(s) an along-dims op acts on; None for all dims; _NOT_A_DIM when the op is the
+    pointwise overload (max(a, b))."""
+    at = _ALONG[name]
+    v = node.kwargs.get("dim", node.args[at] if len(node.args) > at else _DIM_DEFAULTS.get(name))
+    if name in ("max", "min") and isinstance(v, fx.Node):
+        return _NOT_A_DIM
+    return v
+
+
+def _with_dims(node, args, kwargs, ntok):
+    name = op_name(node)
+    shift = lambda d: d - ntok + 1 if d >= 0 else d   # noqa: E731
+    at = _ALONG[name]
+    if "dim" in kwargs:
+        d = kwargs["dim"]
+        kwargs = {**kwargs, "dim": tuple(map(shift, d)) if isinstance(d, (tuple, list)) else shift(d)}
+    elif len(args) > at:
+        d = args[at]
+        args = (*args[:at], tuple(map(shift, d)) if isinstance(d, (tuple, list)) else shift(d), *args[at + 1:])
+    elif name in _DIM_DEFAULTS and _DIM_DEFAULTS[name] >= 0:
+        kwargs = {**kwargs, "dim": shift(_DIM_DEFAULTS[name])}
+    return args, kwargs
+
+
+def _is_pointwise(node, name) -> bool:
+    if node.op == "call_method" and name in _UNARY_METHODS:
+        return True
+    if name.endswith("_"):
+        return False
+    packet = getattr(torch.ops.aten, _OPERATOR_NAMES.get(name, name) or "_no_such_op_", None)
+    if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    return any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
+
+
+def _mutates(node) -> bool:
+    return _mutated_arg(node) is not None
+
+
+def _is_tuple_item_source(a, node) -> bool:
+    return node.target is operator.getitem and node.args[0] is a
+
+
+# --- checking a rule on random inputs ------------------------------------------------------------
+
+def chunk_sizes(T: int, k: int) -> list:
+    """Rows per chunk, as torch.tensor_split cuts T into k: the first T % k chunks one row longer."""
+    return [T // k + (1 if i < T % k else 0) for i in range(k)]
+
+
+def flat_input(graph, a: fx.Node, use: ArgUse, T: int) -> fx.Node:
+    """`a` as the node reads it, whole: (T, *rest) for rows, else the broadcast-ready value."""
+    if not use.rows:
+        return graph.call_method("reshape", (a, use.whole)) if use.whole is not None else a
+    if use.expand is not None:
+        a = graph.call_method("expand", (a, use.expand))
+    return graph.call_method("reshape", (a, (T, *use.rest)))
+
+
+def verify(node: fx.Node, use: Rule, T: int, owner: torch.nn.Module | None = None, k: int = 3,
+           seed: int = 0) -> bool:
+    """`node` run whole and in k uneven chunks by `use` agree on random inputs."""
+    k = min(k, T)
+    g = fx.Graph()
+    phs = {a: g.placeholder(a.name) for a in node.all_input_nodes}
+    whole = g.node_copy(node, lambda a: phs[a])
+    flats = {a: flat_input(g, phs[a], use.args.get(a, ArgUse(False)), T) for a in node.all_input_nodes}
+    chunks, start = [], 0
+    for T_i in chunk_sizes(T, k):
+        ins = {a: g.call_method("narrow", (f, 0, start, T_i)) if use.args.get(a, ArgUse(False)).rows else f
+               for a, f in flats.items()}
+        chunks.append(use.emit(g, node, ins, T_i))
+        start += T_i
+    out = value(node)
+    items = range(len(out)) if isinstance(out, (tuple, list)) else [None]
+    results = []
+    for j in items:
+        parts = [c if j is None else g.call_function(operator.getitem, (c, j)) for c in chunks]
+        shape = tuple((out if j is None else out[j]).shape)
+        results.append(g.call_method("reshape", (g.call_function(torch.cat, (parts, 0)), shape)))
+        results.append(whole if j is None else g.call_function(operator.getitem, (whole, j)))
+    g.output(tuple(results))
+    gm = fx.GraphModule(owner if owner is not None else torch.nn.Module(), g)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            got = gm(*[_random_like(value(a), gen) for a in node.all_input_nodes])
+    except Exception:   # noqa: BLE001 -- a rule that cannot even run is a rule that does not hold
+        return False
+    return all(_close(a, b) for a, b in zip(got[0::2], got[1::2]))
+
+
+def _random_like(v, gen):
+    shape = tuple(int(s) for s in v.shape)
+    if v.dtype.is_floating_point:
+        # positive, away from 0: rsqrt, log and pow see valid inputs, so NaNs cannot hide a mismatch
+        t = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+    elif v.dtype == torch.bool:
+        t = torch.randint(0, 2, shape, generator=gen).bool()
+    else:
+        t = torch.randint(0, 4, shape, generator=gen)
+    return t.to(dtype=v.dtype, device=v.device)
+
+
+def _close(a, b) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    rtol = 1e-3 if torch.finfo(a.dtype).bits >= 32 else 3e-2
+    a, b = a.double(), b.double()
+    scale = max(1.0, float(b.abs().nan_to_num().max())) if b.numel() else 1.0
+    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True))

@@ -1,0 +1,232 @@
+"""passes/chunk_tokens.py: expert-parallel MoE layers pipelined over token chunks (or, in capacity
+mode, pieces of the slots) on 2 and 4 gloo ranks compute what the single-process model computes:
+outputs and every gradient (expert weights summed over the ranks, router, norms, projections).
+The models run in float64, but HF's norms and routers compute in float32 inside, so chunked and
+whole (rows summed in another order) agree to float32 rounding: `_TOL`."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing import assert_close
+
+from moe_ops import summed
+from moec.runtime import shard_experts
+from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel
+
+sys.path.insert(0, str(Path(__file__).parents[1]))        # tests/: the shared MoE idioms
+sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
+
+
+_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _reports():
+    from moec import session
+    return [r.reports["chunk_tokens"] for r in session.take() if "chunk_tokens" in r.reports]
+
+
+def _compare(ref, ep, sharded, run):
+    """run(model) -> loss on this rank's tokens; the EP model's loss and grads equal the plain one's."""
+    want, got = run(ref), run(ep)
+    want.backward()
+    got.backward()
+    assert_close(got, want, **_TOL)
+    for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
+        g = q.grad.full_tensor() if name in sharded else q.grad
+        assert_close(g, summed(p.grad) if name in sharded else p.grad, **_TOL,
+                     msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def _start(rank, ws, make):
+    """The plain model and an EP copy with its experts sharded over the ranks."""
+    torch._dynamo.reset()
+    from moec import session
+    session.clear()
+    from moec.runtime.consistency import forget
+    forget()
+    ref = make()
+    ep = copy.deepcopy(ref)
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
+    return ref, ep, mesh, set(shard_experts(ep, mesh))
+
+
+def _causal_lm(arch):
+    from hf_models import causal_lm
+    model = causal_lm(arch).double().train()
+    model.config.use_cache = False
+    return model
+
+
+def hf_matches_single_process(rank, ws, arch, whole_model, tokens, options):
+    """A tiny HF causal LM, each decoder layer compiled alone (whole_model: the model as one graph),
+    EP over every rank with `options`; this rank feeds (B, S) = tokens[rank] token ids."""
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm(arch))
+    opts = {"dense_backend": "aot_eager", "ep_group": mesh, **options}
+    if whole_model:
+        ep.model.compile(backend="moec", options=opts)
+    else:
+        for layer in ep.model.layers:
+            layer.compile(backend="moec", options=opts)
+    ids = torch.randint(3, 96, tokens[rank], generator=torch.Generator().manual_seed(rank))
+    _compare(ref, ep, sharded, lambda m: _loss(m, ids))
+    return [[(l.k, l.pre, l.side, l.post, l.stops, l.why) for l in r.layers] for r in _reports()]
+
+
+def _loss(model, ids):
+    """A loss every logit feeds, also for one token (a next-token loss would have no labels)."""
+    logits = model(ids).logits
+    probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7), dtype=logits.dtype)
+    return (logits * probe).sum()
+
+
+@pytest.mark.parametrize("arch, k, tokens", [
+    ("mixtral", 3, [(1, 5), (2, 4)]),          # T = 5 (chunks 2, 2, 1) and 8 (3, 3, 2)
+    ("qwen3_moe", 2, [(1, 7), (1, 4)]),
+    ("deepseek_v3", 4, [(1, 3), (2, 3)]),      # T = 3 < k: an empty chunk on rank 0
+], ids=["mixtral-k3", "qwen3_moe-k2", "deepseek_v3-k4"])
+def test_hf_decoder_layers_chunked_match_single_process(pool2, arch, k, tokens):
+    results = pool2.run(hf_matches_single_process, arch, False, tokens, {"ep_chunks": k}, timeout=240)
+    for per_rank in results:
+        assert per_rank, "no layer compiled"
+        for k_, pre, side, post, stops, why in (l for g in per_rank for l in g):
+            assert k_ == k and why.startswith(f"ep_chunks={k}"), why
+            # the residual add, the norm and the router before; the residual add after
+            assert any("router_logits" in n for n in pre) and len(pre) >= 10, pre
+            assert post, post
+            # attention mixes the tokens: the range stops at its output's transpose
+            assert any(n.startswith("transpose") for n, _ in stops), stops
+            assert (len(side) == 5) == (arch == "deepseek_v3"), side   # the shared expert, under the dispatch
+
+
+def test_whole_tiny_model_chunked_as_one_graph(pool2):
+    results = pool2.run(hf_matches_single_process, "qwen3_moe", True, [(2, 3), (1, 5)], {"ep_chunks": 3},
+                        timeout=240)
+    layers = [l for g in results[0] for l in g]
+    assert len(layers) == 2 and all(l[0] == 3 for l in layers), layers
+    # the first layer's post range runs into the second layer's norm and projections
+    assert len(layers[0][3]) > 5, layers[0][3]
+
+
+def capacity_matches_unchunked(rank, ws, k, capacity_factor):
+    """Capacity mode drops copies, so the reference is the same EP model unchunked (ep_chunks=1)."""
+    plain, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
+    ref = copy.deepcopy(ep)
+    for model, chunks in ((ref, 1), (ep, k)):
+        for layer in model.model.layers:
+            layer.compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh, "ep_chunks": chunks,
+                                                   "ep_capacity_factor": capacity_factor})
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(rank))
+    want, got = _loss(ref, ids), _loss(ep, ids)
+    want.backward()
+    got.backward()
+    assert_close(got, want, **_TOL)
+    for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
+        assert_close(q.grad.full_tensor() if name in sharded else q.grad,
+                     p.grad.full_tensor() if name in sharded else p.grad, **_TOL,
+                     msg=lambda m, name=name: f"grad of {name}: {m}")
+    dropped = want.item() != _loss(plain, ids).item()
+    return dropped, [(l.k, l.mode, l.pre, l.post) for r in _reports() for l in r.layers]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_capacity_mode_pieces_match_unchunked(pool2, k):
+    """Chunked along the slots: each (E, C, H) dispatch in k pieces; 0.75 drops copies."""
+    results = pool2.run(capacity_matches_unchunked, k, 0.75, timeout=240)
+    assert any(dropped for dropped, _ in results), "the capacity drops nothing: the test would not see a wrong drop"
+    for _, layers in results:
+        assert set(layers) == {(k, "capacity", (), ())}, layers     # ep_chunks=1 reports nothing
+
+
+def starved_block_matches(rank, ws, k):
+    """An MoE block alone; rank 0's tokens never choose rank 1's experts, so its chunks send rank 1 nothing."""
+    from hf_models import moe_block
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: moe_block("qwen3_moe").double())
+    E = ref.gate.weight.shape[0]
+    x = torch.randn(1, 5 + rank, 32, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    with torch.no_grad():
+        for m in (ref, ep):
+            m.gate.weight[E // 2:] = 0
+            m.gate.weight[E // 2:, 0] = -10.0
+        if rank == 0:
+            x[..., 0] = x[..., 0].abs() + 1
+        chosen = ref.gate(x.reshape(-1, 32))[2]
+    assert (chosen >= E // 2).any() != (rank == 0), chosen
+    compiled = torch.compile(ep, backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
+                                                          "ep_chunks": k})
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    _compare(ref, ep, sharded, lambda m: ((compiled if m is ep else m)(x)[0] * probe).sum())
+    [layer] = [l for r in _reports() for l in r.layers]
+    return layer.k, layer.pre, layer.post
+
+
+def test_chunk_that_sends_nothing(pool2):
+    for k, pre, post in pool2.run(starved_block_matches, 3, timeout=240):
+        assert k == 3 and "router_logits" in pre and post, (pre, post)
+
+
+def test_four_ranks(pool4):
+    # T = 1 on rank 3: two of its three chunks are empty and nothing around the experts is chunked
+    results = pool4.run(hf_matches_single_process, "mixtral", False, [(1, 5), (2, 3), (1, 6), (1, 1)],
+                        {"ep_chunks": 3}, timeout=300)
+    assert {l[0] for per_rank in results for g in per_rank for l in g} == {3}
+    assert all(not l[1] for g in results[3] for l in g) and all(l[1] for g in results[0] for l in g)
+
+
+def test_four_ranks_capacity(pool4):
+    for _, layers in pool4.run(capacity_matches_unchunked, 2, 1.0, timeout=300):
+        assert set(layers) == {(2, "capacity", (), ())}, layers
+
+
+def _write_calibration(cache_dir, ws, a2a):
+    key = f"cpu-ws{ws}-gloo"            # calibration_key of a CPU device and a gloo group of ws ranks
+    path = Path(cache_dir) / "calibration" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(Calibration(key, ComputeModel(1e9, 1e10, 1e-6), a2a).to_json())
+
+
+def cost_model_chooses(rank, ws, cache_dir, dump_dir):
+    """ep_chunks=0: rank 0's cached calibration (a slow link) makes chunking pay; every rank takes the
+    same k though their token counts differ; the dump explains and draws it."""
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
+    layer = ep.model.layers[0]
+    layer.compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh, "cache_dir": cache_dir,
+                                           "dump_dir": f"{dump_dir}/rank{rank}"})
+    ids = torch.randint(3, 96, (2, 4 + 2 * rank), generator=torch.Generator().manual_seed(rank))
+    _compare(ref, ep, sharded, lambda m: _loss(m, ids))
+    [layer] = [l for r in _reports() for l in r.layers]
+    return layer.k, layer.why, layer.schedule is not None and layer.schedule.k == layer.k, layer.text()
+
+
+def test_cost_model_choice(pool2, tmp_path):
+    _write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))   # compute ~ transfer
+    results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"), timeout=240)
+    (k0, why0, ok0, text0), (k1, why1, ok1, _) = results
+    assert k0 == k1 > 1 and why0 == why1 == "cost model" and ok0 and ok1, results
+    assert "predicted vs" in text0 and "chunked before the dispatch: " in text0, text0
+    for rank in range(2):
+        [folder] = (tmp_path / "dump" / f"rank{rank}").iterdir()
+        assert (folder / "schedule_0.txt").read_text().startswith(f"mlp.experts: k={k0} (cost model)")
+        assert (folder / "schedule_0.png").exists(), sorted(p.name for p in folder.iterdir())
+
+
+def test_cost_model_keeps_a_layer_whole_when_chunking_does_not_pay(pool2, tmp_path):
+    _write_calibration(tmp_path / "cache", 2, AllToAllModel(5e-3, 1e12, world_size=2))   # latency-bound link
+    results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"), timeout=240)
+    assert [r[:3] for r in results] == [(1, "cost model", True)] * 2, results
+    assert "no chunking pays off" in results[0][3], results[0][3]
+
+
+def random_chunks_match(rank, ws, k, tokens):
+    return hf_matches_single_process(rank, ws, "qwen3_moe", False, tokens, {"ep_chunks": k})
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, database=None)
+@given(k=st.integers(2, 6), t0=st.integers(1, 7), t1=st.integers(1, 7))
+def test_random_chunk_counts(pool2, k, t0, t1):
+    results = pool2.run(random_chunks_match, k, [(1, t0), (1, t1)], timeout=240)
+    assert {l[0] for per_rank in results for g in per_rank for l in g} == {k}
