@@ -135,6 +135,8 @@ def _inductor_pass_class():
 
     class InductorPass(CustomGraphPass):
         def __init__(self, hook, flags, before):
+            # what was set there before: None, a pass, or (torch >= 2.13) a list of them
+            before = () if before is None else tuple(before) if isinstance(before, (list, tuple)) else (before,)
             self.hook, self.flags, self.before, self.on = hook, tuple(flags), before, False
 
         @contextlib.contextmanager
@@ -147,16 +149,15 @@ def _inductor_pass_class():
                 self.on = False
 
         def __call__(self, graph):
-            if self.before is not None:
-                self.before(graph)
+            for p in self.before:
+                p(graph)
             if self.on:
                 self.hook.run(graph.owning_module, self.flags, pin=True)
 
         def uuid(self):
             # Inductor's FX graph cache keys on this: the pass's code and everything it reads
-            before = self.before.uuid() if isinstance(self.before, CustomGraphPass) else \
-                None if self.before is not None else ""
-            if before is None:
+            before = tuple(p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.before)
+            if None in before:
                 return None    # a chained pass without a uuid: Inductor must not cache
             files = tuple(os.path.abspath(m.__file__) for m in (wgrad_pass, split_pass, node_costs))
             files += (os.path.abspath(__file__),)

@@ -7,15 +7,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing import assert_close
 
-from moec.backward import backward_hook
-from moec.config import Config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
 
@@ -145,10 +142,3 @@ def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws):
 
 def test_inductor_step_runs_weight_gradients_under_the_all_to_alls(pool2):
     pool2.run(inductor_step_runs_weight_gradients_under_the_all_to_alls, timeout=300)
-
-
-@pytest.mark.parametrize("options, on", [({}, False), ({"ep_group": "world"}, True),
-                                         ({"ep_group": "world", "wgrad_schedule": False}, False),
-                                         ({"ep_group": "world", "disable": ("schedule_wgrad",)}, False)])
-def test_switches(options, on):
-    assert (backward_hook(Config.from_options(options)) is not None) == on
