@@ -410,7 +410,7 @@ def _timeline(order, costs, windows, moved) -> _Timeline:
         else:
             d = costs.compute_s(n)
             if d > 0:
-                events.append(Event("compute", n.name, n in moved, t, t + d))
+                events.append(Event("compute", n.name, n.name in moved, t, t + d))
                 t += d
     return _Timeline(events, hidden, max(t, comm_free))
 

@@ -89,6 +89,19 @@ def test_ready_weight_gradients_run_between_the_all_to_all_and_its_wait():
     assert [why for nodes, why in report.left if "mm_3" in nodes] == \
         ["needs wait_tensor, which depends on an all-to-all that has not finished there"]
     assert report.peak_after <= report.peak_before
+    assert {e.label for e in report.timeline_after if e.moved} == {"mm", "sum_1"}     # what the picture hatches
+    assert not any(e.moved for e in report.timeline_before)
+
+
+def test_backward_picture(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the dump extra) is not installed")
+    from moec.draw_schedule import _as_schedule, draw_backward
+    _, report = schedule_wgrad(trace(linear_backward, *LINEAR), PARAMS, costs())
+    draw_backward(report, tmp_path / "b.png", title="test")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    after = _as_schedule(report.timeline_after, report.step_after_s, 0.0)
+    assert sorted(e.label for e in after.events if e.stage == "wgrad") == ["mm", "sum_1"]
+    assert [e.label for e in after.events if e.stream == "comm"] == ["all_to_all_single"]
 
 
 def test_largest_unit_that_fits_goes_first_and_the_rest_stays_when_the_time_is_used_up():
