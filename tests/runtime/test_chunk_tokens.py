@@ -67,6 +67,8 @@ def hf_matches_single_process(rank, ws, arch, whole_model, tokens, options):
     EP over every rank with `options`; this rank feeds (B, S) = tokens[rank] token ids."""
     ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm(arch))
     opts = {"dense_backend": "aot_eager", "ep_group": mesh, **options}
+    if "dump_dir" in opts:
+        opts["dump_dir"] = f"{opts['dump_dir']}/rank{rank}"
     if whole_model:
         ep.model.compile(backend="moec", options=opts)
     else:
@@ -101,6 +103,29 @@ def test_hf_decoder_layers_chunked_match_single_process(pool2, arch, k, tokens):
             # attention mixes the tokens: the range stops at its output's transpose
             assert any(n.startswith("transpose") for n, _ in stops), stops
             assert (len(side) == 5) == (arch == "deepseek_v3"), side   # the shared expert, under the dispatch
+
+
+def _collectives(forward_graph: str) -> str:
+    """The dispatch/combine all-to-alls in a dumped AOT forward graph, in order: S for a start, W for
+    its wait (the count exchanges, waited at once, are left out)."""
+    started, out = set(), []
+    for line in forward_graph.splitlines():
+        name = line.strip().split(" = ")[0]
+        if "_c10d_functional_autograd.all_to_all_single" in line:
+            started.add(name)
+            out.append("S")
+        elif "wait_tensor.default(" in line and line.split("wait_tensor.default(")[1].split(")")[0] in started:
+            out.append("W")
+    return "".join(out)
+
+
+def test_aot_forward_starts_early_and_waits_late(pool2, tmp_path):
+    pool2.run(hf_matches_single_process, "mixtral", False, [(1, 5), (1, 6)],
+              {"ep_chunks": 3, "dump_dir": str(tmp_path)}, timeout=240)
+    for rank in range(2):
+        for folder in (tmp_path / f"rank{rank}").iterdir():
+            # three dispatches started; then per chunk: its wait, its combine started; then the combines' waits
+            assert _collectives((folder / "aot_forward.py").read_text()) == "SSSWSWSWSWWW"
 
 
 def test_whole_tiny_model_chunked_as_one_graph(pool2):
