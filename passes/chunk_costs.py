@@ -15,6 +15,11 @@ picking its own ranges for that k. Any rank that cannot chunk the layer makes ev
 whole. This is a collective at compile time, like the calibration it follows: every rank must
 compile the same graphs in the same order (true of EP training steps with the same shapes on every
 rank; a recompilation on one rank alone would wait here for the others). A forced k needs none.
+
+The search times the stage-major program of schedule_search.py (all pre chunks, then all experts,
+then all post chunks); chunk_tokens emits it software-pipelined (chunk i+1's dispatch before
+chunk i's experts), which dropless mode's host sync per chunk needs, and the model does not see:
+the prediction is the model's, not a simulation of the emitted order.
 """
 import dataclasses
 import math

@@ -6,9 +6,10 @@ Expects: `ep_experts` calls made by `expert_parallel` (else the pass changes not
 Guarantees: the layer computes the same values (up to float rounding of smaller GEMMs). Dropless
 (`ep_capacity_factor` 0), with k > 1 chunks of rows [o_i, o_i + T_i) of the layer's (T, H) input:
 
-    for i < k:  pre ops (chunk i); route, plan (chunk i); d_i = ep_dispatch(chunk i)  # starts
-    for i < k:  side ops (chunk i); y_i = ep_local_experts(ep_wait(d_i)); c_i = ep_combine(y_i)
-    for i < k:  ep_collect(ep_wait(c_i)); combine (chunk i); post ops (chunk i)
+    A(i): pre ops (chunk i); route, plan (chunk i); d_i = ep_dispatch(chunk i)   # started
+    B(i): side ops (chunk i); y_i = ep_local_experts(ep_wait(d_i)); c_i = ep_combine(y_i)
+    C(i): ep_collect(ep_wait(c_i)); combine (chunk i); post ops (chunk i)
+    order: A(0) A(1) B(0) A(2) B(1) C(0) ... A(i+1) B(i) C(i-1) ... B(k-1) C(k-2) C(k-1)
     values read outside the block: torch.cat of their chunks
 
 pre ops: the token-local ops the layer's input and router logits come from (norm, residual add,
@@ -360,15 +361,17 @@ class _Block:
 
 
 def _emit_chunked(graph, layer, k):
-    """The three stages of the module docstring, then the reads from outside, then the order."""
+    """The stages of the module docstring, software-pipelined; then the reads from outside, then
+    the order of the graph around the block."""
     ep, combine, route, plan = layer.ep, layer.combine, layer.route, layer.plan
     b = _Block(graph, layer, k, ep)
     _, _, _, top_k, weights, layout, activation, alpha, limit, group = ep.args
     experts = (weights, layout, activation, alpha, limit)
     route_uses = layer.rules[route].args
     items = {n.args[1]: n for n in plan.users}
-    dispatches, pendings = [], []
-    for i in range(k):
+    dispatches, pendings = {}, {}
+
+    def dispatch(i):      # pre ops, route, plan, counts + host splits, start the dispatch
         for n in layer.pre:
             b.node(n, i)
         for n in layer.core:
@@ -384,19 +387,31 @@ def _emit_chunked(graph, layer, k):
         x_i = b.input(layer.x, tl.ArgUse(True, (value(layer.x).shape[1],)), i)
         d = b.call(ep_dispatch, (x_i, b.chunks[(items[1], i)], b.chunks[(items[0], i)], top_k, *experts, group),
                    {**ep.kwargs, "chunk": f"tokens {i + 1}/{k}"}, like=ep)
-        dispatches.append(b.call(operator.getitem, (d, 0), like=ep))
-    for i, d in enumerate(dispatches):
+        dispatches[i] = b.call(operator.getitem, (d, 0), like=ep)
+
+    def experts_of(i):    # side ops, wait for the rows, experts, start the combine
         for n in layer.side:
             b.node(n, i)
+        d = dispatches[i]
         got = b.call(ep_wait, (b.call(operator.getitem, (d, 0), like=ep),), like=ep)
         y = b.call(ep_local_experts, (got, d, *experts), {"site": ep.kwargs.get("site", "")}, like=ep)
-        pendings.append(b.call(ep_combine, (y, d), like=ep))
-    for i, (d, pending) in enumerate(zip(dispatches, pendings)):
-        rows = b.call(ep_collect, ((d,), [b.call(ep_wait, (pending,), like=ep)]), like=ep)
-        weights_i = b.chunks[(combine.args[2], i)]
-        b.chunks[(combine, i)] = b.call(chunk_combine, (rows, b.chunks[(items[2], i)], weights_i), like=combine)
+        pendings[i] = b.call(ep_combine, (y, d), like=ep)
+
+    def combined(i):      # wait for the rows back, combine, post ops
+        rows = b.call(ep_collect, ((dispatches[i],), [b.call(ep_wait, (pendings[i],), like=ep)]), like=ep)
+        b.chunks[(combine, i)] = b.call(chunk_combine, (rows, b.chunks[(items[2], i)], b.chunks[(combine.args[2], i)]),
+                                        like=combine)
         for n in layer.post:
             b.node(n, i)
+
+    # Each dropless dispatch first syncs the host on its split sizes, and the count exchange
+    # queues behind the all-to-alls already started (one communicator): so chunk i+1's dispatch
+    # is issued before chunk i's experts, and chunk i's combine is read after chunk i+1's experts,
+    # each host sync leaving queued compute (the previous chunk's experts, post ops) to overlap.
+    for step in range(k + 2):
+        for stage, i in ((dispatch, step), (experts_of, step - 1), (combined, step - 2)):
+            if 0 <= i < k:
+                stage(i)
     chunked = [*layer.pre, *layer.core, *layer.side, combine, *layer.post]
     _read_outside(b, chunked, {ep, plan, *plan.users}, k)
     _erase(graph, set(chunked) | {ep})
