@@ -83,7 +83,8 @@ class ChunkTokensReport:
     skipped: tuple = ()  # (site, why) for layers left whole
 
     def log_lines(self) -> list:
-        return [layer.summary() for layer in self.layers]
+        """A line per chunked layer (the pipeline logs `skipped` apart)."""
+        return [layer.summary() for layer in self.layers if layer.k > 1]
 
 
 # Per-chunk moec ops go through these plain functions, not as torch.ops.moec nodes: to the dense
@@ -105,9 +106,9 @@ def chunk_combine(y, inv, weights):
 class _Layer:
     """One expert-parallel MoE layer and its token-local neighbourhood."""
     ep: fx.Node
-    route: fx.Node
-    plan: fx.Node
-    combine: fx.Node
+    route: fx.Node | None      # None in capacity mode, where only ep changes
+    plan: fx.Node | None
+    combine: fx.Node | None
     x: fx.Node
     T: int
     top_k: int
@@ -149,7 +150,7 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
         else:
             k, pre_r, post_r, sched, why = agree(mine, a2a, pg)
         if k == 1:
-            skipped.append((site, why if isinstance(layer, _Layer) else layer))
+            skipped.append((site, why))
             layers.append(LayerChunking(site, "capacity" if capacity else "dropless", 1, (), (), (), (), why, sched))
             continue
         if capacity:
@@ -174,6 +175,13 @@ def _site(ep) -> str:
 def _find(gm, ep, ep_size, capacity):
     """The layer with its pre, side and post ops, or a string saying why it stays whole."""
     x, src, offsets = ep.args[0], ep.args[1], ep.args[2]
+    T = value(x).shape[0]
+    if not isinstance(T, int):
+        return "the token count is symbolic (dynamic shapes): chunk sizes must be static"
+    weights = [w for w in ep.args[4] if isinstance(w, fx.Node)]
+    layer = _Layer(ep, None, None, None, x, T, ep.args[3], value(offsets).shape[0] - 1, ep_size, weights, [])
+    if capacity:                   # the pieces are cut inside the dispatch: nothing around it changes
+        return layer
     plan = offsets.args[0] if offsets.target is operator.getitem else None
     if plan is None or plan.target is not torch.ops.moec.plan.default or src.args[0] is not plan:
         return "the experts' slots do not come from moec.plan"
@@ -184,14 +192,7 @@ def _find(gm, ep, ep_size, capacity):
     combine = [u for u in ep.users if u.target is torch.ops.moec.combine.default]
     if len(ep.users) != 1 or not combine:
         return "the experts' output is read by more than moec.combine"
-    combine = combine[0]
-    T = value(x).shape[0]
-    if not isinstance(T, int):
-        return "the token count is symbolic (dynamic shapes): chunk sizes must be static"
-    weights = [w for w in ep.args[4] if isinstance(w, fx.Node)]
-    layer = _Layer(ep, route, plan, combine, x, T, ep.args[3], value(offsets).shape[0] - 1, ep_size, weights, [])
-    if capacity:
-        return layer
+    layer.route, layer.plan, layer.combine = route, plan, combine[0]
     deps = DepGraph.build(gm.graph)
     core = _core(layer, deps)
     if isinstance(core, str):
@@ -267,6 +268,8 @@ def _shape_why(layer, n, mutated, deps) -> str:
         return "a graph input"
     if n in mutated or deps.root.get(n) in mutated:
         return "written in place"
+    if n.target is torch.ops.moec.route.default:
+        return "another MoE layer's router"       # left to that layer, whose core it is
     r = tl.rule(n, layer.T)
     if r is None:
         return "not token-local by its shapes"

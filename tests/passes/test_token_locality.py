@@ -2,7 +2,6 @@
 example values (no process group): token-local ops are found and check out on random inputs;
 ops that mix tokens (attention, sums and scans over tokens, an aux loss) are never chunked, and
 a wrong rule is caught by the check."""
-import operator
 
 import pytest
 import torch
