@@ -194,8 +194,8 @@ def _linear(node, out, ntok, rest, T):
 
 def _along(node, name, ntok, rest, T):
     data = node.args[0]
-    tensors = list(data) if name in ("cat", "concat", "stack") else [data]
-    if not tensors or not all(isinstance(t, fx.Node) for t in tensors):
+    tensors = list(data) if name in ("cat", "concat", "stack") and isinstance(data, (tuple, list)) else [data]
+    if not tensors or not all(isinstance(t, fx.Node) and isinstance(value(t), torch.Tensor) for t in tensors):
         return None
     shapes = [tuple(value(t).shape) for t in tensors]
     n_in = token_dims(shapes[0], T)
