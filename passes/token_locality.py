@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .graph import _mutated_arg, op_name, value
 
@@ -345,8 +346,7 @@ def flat_input(graph, a: fx.Node, use: ArgUse, T: int) -> fx.Node:
     return graph.call_method("reshape", (a, (T, *use.rest)))
 
 
-def verify(node: fx.Node, use: Rule, T: int, owner: torch.nn.Module | None = None, k: int = 3,
-           seed: int = 0) -> bool:
+def verify(node: fx.Node, use: Rule, T: int, k: int = 3, seed: int = 0) -> bool:
     """`node` run whole and in k uneven chunks by `use` agree on random inputs."""
     k = min(k, T)
     g = fx.Graph()
@@ -368,26 +368,27 @@ def verify(node: fx.Node, use: Rule, T: int, owner: torch.nn.Module | None = Non
         results.append(g.call_method("reshape", (g.call_function(torch.cat, (parts, 0)), shape)))
         results.append(whole if j is None else g.call_function(operator.getitem, (whole, j)))
     g.output(tuple(results))
-    gm = fx.GraphModule(owner if owner is not None else torch.nn.Module(), g)
-    gen = torch.Generator().manual_seed(seed)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    gens = {}
     try:
-        with torch.no_grad():
-            got = gm(*[_random_like(value(a), gen) for a in node.all_input_nodes])
+        # real tensors on the graph's device, whatever mode the compiler is in
+        with torch.no_grad(), _disable_current_modes():
+            got = gm(*[_random_like(value(a), gens, seed) for a in node.all_input_nodes])
     except Exception:   # noqa: BLE001 -- a rule that cannot even run is a rule that does not hold
         return False
     return all(_close(a, b) for a, b in zip(got[0::2], got[1::2]))
 
 
-def _random_like(v, gen):
-    shape = tuple(int(s) for s in v.shape)
+def _random_like(v, gens, seed):
+    """Made on v's device (full-size inputs of a large layer stay cheap to make)."""
+    shape, device = tuple(int(s) for s in v.shape), torch.device(v.device)
+    gen = gens.setdefault(device, torch.Generator(device=device).manual_seed(seed))
     if v.dtype.is_floating_point:
         # positive, away from 0: rsqrt, log and pow see valid inputs, so NaNs cannot hide a mismatch
-        t = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
-    elif v.dtype == torch.bool:
-        t = torch.randint(0, 2, shape, generator=gen).bool()
-    else:
-        t = torch.randint(0, 4, shape, generator=gen)
-    return t.to(dtype=v.dtype, device=v.device)
+        return torch.rand(shape, generator=gen, device=device, dtype=v.dtype) + 0.5
+    if v.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen, device=device).bool()
+    return torch.randint(0, 4, shape, generator=gen, device=device, dtype=v.dtype)
 
 
 def _close(a, b) -> bool:
