@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moec.runtime import LayerCosts, Op, predict, search
+from moec.runtime.expert_parallel import capacity
 
 from .graph import value
 
@@ -53,12 +54,14 @@ def node_op(node, kind: str, compute, name: str = "") -> Op:
     return compute.op(name, float(sum(t.numel() for t in out)), in_bytes + out_bytes, 0.0, k_max=K_MAX)
 
 
-def layer_costs(layer, compute, kinds: dict) -> LayerCosts:
+def layer_costs(layer, compute, kinds: dict, capacity_factor: float = 0.0) -> LayerCosts:
     """LayerCosts for a layer found by `chunk_tokens` (its .pre, .post, .side node lists, .x, .ep,
-    .weights, .top_k and .num_experts); `kinds` maps each node to its rule's kind."""
+    .weights, .top_k and .num_experts); `kinds` maps each node to its rule's kind. Capacity mode
+    sends the padded (E, C, H) slots, not the S copies."""
     x = value(layer.x)
     S, H = x.shape[0] * layer.top_k, x.shape[1]
     es = x.element_size()
+    sent = layer.num_experts * capacity(S, layer.num_experts, capacity_factor) if capacity_factor > 0 else S
     weights = [value(w) for w in layer.weights]
     per_expert = sum(w.numel() for w in weights) / layer.num_experts      # parameters per expert
     local_bytes = sum(_nbytes(w) for w in weights) / layer.ep_size          # this rank's experts
@@ -67,7 +70,7 @@ def layer_costs(layer, compute, kinds: dict) -> LayerCosts:
     if side:                                           # they run between dispatch and experts
         times = [experts.chunk_s(k) + sum(op.chunk_s(k) for op in side) for k in range(1, K_MAX + 1)]
         experts = Op("experts", times[0], True, experts.fixed_s + sum(op.fixed_s for op in side), tuple(times))
-    rows = float(S * H * es)
+    rows = float(sent * H * es)
     return LayerCosts(tuple(node_op(n, kinds[n], compute) for n in layer.pre), rows, experts, rows,
                       tuple(node_op(n, kinds[n], compute) for n in layer.post))
 

@@ -143,7 +143,8 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
         if a2a is not None and not capacity:   # each chunk also exchanges counts and syncs: one more latency
             a2a = dataclasses.replace(a2a, latency_s=2 * a2a.latency_s)
         mine = layer if isinstance(layer, str) or calibration is None else \
-            layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()})
+            layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()},
+                        ep.kwargs.get("capacity_factor", 0.0))
         if cfg.ep_chunks:
             ranges = (0, 0) if isinstance(layer, str) else (len(layer.pre), len(layer.post))
             k, pre_r, post_r, sched, why = forced(mine, a2a, cfg.ep_chunks, *ranges)

@@ -214,14 +214,15 @@ def _write_calibration(cache_dir, ws, a2a):
     path.write_text(Calibration(key, ComputeModel(1e9, 1e10, 1e-6), a2a).to_json())
 
 
-def cost_model_chooses(rank, ws, cache_dir, dump_dir):
+def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None):
     """ep_chunks=0: rank 0's cached calibration (a slow link) makes chunking pay; every rank takes the
     same k though their token counts differ; the dump explains and draws it."""
     ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
     layer = ep.model.layers[0]
     layer.compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh, "cache_dir": cache_dir,
-                                           "dump_dir": f"{dump_dir}/rank{rank}"})
-    ids = torch.randint(3, 96, (2, 4 + 2 * rank), generator=torch.Generator().manual_seed(rank))
+                                           "dump_dir": f"{dump_dir}/rank{rank}", **(options or {})})
+    T = (4 if options else 4 + 2 * rank)      # capacity mode needs the same T on every rank
+    ids = torch.randint(3, 96, (2, T), generator=torch.Generator().manual_seed(rank))
     _compare(ref, ep, sharded, lambda m: _loss(m, ids))
     [layer] = [l for r in _reports() for l in r.layers]
     return layer.k, layer.why, layer.schedule is not None and layer.schedule.k == layer.k, layer.text()
@@ -237,6 +238,15 @@ def test_cost_model_choice(pool2, tmp_path):
         [folder] = (tmp_path / "dump" / f"rank{rank}").iterdir()
         assert (folder / "schedule_0.txt").read_text().startswith(f"mlp.experts: k={k0} (cost model)")
         assert (folder / "schedule_0.png").exists(), sorted(p.name for p in folder.iterdir())
+
+
+def test_cost_model_choice_in_capacity_mode(pool2, tmp_path):
+    """Capacity 8 drops nothing here, so the single-process model is still the reference."""
+    _write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))
+    results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"),
+                        {"ep_capacity_factor": 8.0}, timeout=240)
+    assert results[0][0] == results[1][0] > 1 and all(r[2] for r in results), results
+    assert "slots" in results[0][3], results[0][3]
 
 
 def test_cost_model_keeps_a_layer_whole_when_chunking_does_not_pay(pool2, tmp_path):
