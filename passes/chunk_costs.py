@@ -30,7 +30,7 @@ import torch.distributed as dist
 from moec.runtime import LayerCosts, Op, predict, search
 from moec.runtime.expert_parallel import capacity
 
-from .graph import value
+from .graph import hint, value
 
 K_MAX = 8
 MIN_GAIN = 0.02      # chunk only for a predicted gain above this: a cat per value read outside, a host
@@ -59,7 +59,7 @@ def layer_costs(layer, compute, kinds: dict, capacity_factor: float = 0.0) -> La
     .weights, .top_k and .num_experts); `kinds` maps each node to its rule's kind. Capacity mode
     sends the padded (E, C, H) slots, not the S copies."""
     x = value(layer.x)
-    S, H = x.shape[0] * layer.top_k, x.shape[1]
+    S, H = hint(x.shape[0]) * layer.top_k, hint(x.shape[1])
     es = x.element_size()
     sent = layer.num_experts * capacity(S, layer.num_experts, capacity_factor) if capacity_factor > 0 else S
     weights = [value(w) for w in layer.weights]

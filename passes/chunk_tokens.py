@@ -2,9 +2,11 @@
 all-to-alls of one chunk travel while another chunk computes (Lancet, MLSys 2024, forward part).
 
 Expects: `ep_experts` calls made by `expert_parallel` (else the pass changes nothing), each fed by
-`moec.route` -> `moec.plan` and read by `moec.combine` as `rewrite` emits them; static token counts.
+`moec.route` -> `moec.plan` and read by `moec.combine` as `rewrite` emits them. A symbolic token
+count (dynamic shapes) chunks the layer's own ops only: the neighbours' rules need sizes to check.
 Guarantees: the layer computes the same values (up to float rounding of smaller GEMMs). Dropless
-(`ep_capacity_factor` 0), with k > 1 chunks of rows [o_i, o_i + T_i) of the layer's (T, H) input:
+(`ep_capacity_factor` 0), with k > 1 chunks of rows of the layer's (T, H) input as torch.tensor_split
+cuts them:
 
     A(i): pre ops (chunk i); route, plan (chunk i); d_i = ep_dispatch(chunk i)   # started
     B(i): side ops (chunk i); y_i = ep_local_experts(ep_wait(d_i)); c_i = ep_combine(y_i)
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.runtime import load_or_calibrate
 from moec.runtime.cost_model import cached_calibration
@@ -176,9 +179,7 @@ def _site(ep) -> str:
 def _find(gm, ep, ep_size, capacity):
     """The layer with its pre, side and post ops, or a string saying why it stays whole."""
     x, src, offsets = ep.args[0], ep.args[1], ep.args[2]
-    T = value(x).shape[0]
-    if not isinstance(T, int):
-        return "the token count is symbolic (dynamic shapes): chunk sizes must be static"
+    T = value(x).shape[0]        # symbolic under dynamic shapes: then only the experts are chunked
     weights = [w for w in ep.args[4] if isinstance(w, fx.Node)]
     layer = _Layer(ep, None, None, None, x, T, ep.args[3], value(offsets).shape[0] - 1, ep_size, weights, [])
     if capacity:                   # the pieces are cut inside the dispatch: nothing around it changes
@@ -199,7 +200,7 @@ def _find(gm, ep, ep_size, capacity):
     if isinstance(core, str):
         return core
     layer.core = core
-    if T >= 2:     # one token: nothing to check the rules on; the experts alone are chunked
+    if isinstance(T, int) and T >= 2:     # else no rule can be checked on random inputs
         _grow(layer, deps)
     return layer
 
@@ -217,8 +218,10 @@ def _core(layer, deps):
                 return f"{n.name} (the layer's plan) is also read outside it (expert_stats?)"
             continue
         r = tl.rule(n, layer.T)
-        if r is None or r.kind not in ("getitem", "route") and not tl.verify(n, r, layer.T):
-            return f"{n.name} on the routing weights is not token-local"
+        checked = r is not None and (r.kind in ("getitem", "route") or isinstance(layer.T, int) and
+                                     tl.verify(n, r, layer.T))
+        if not checked:
+            return f"{n.name} on the routing weights is not token-local (or cannot be checked: symbolic T)"
         layer.rules[n] = r
     H = value(layer.x).shape[1]
     layer.rules[combine] = tl.Rule("combine", {}, (H,))
@@ -315,8 +318,8 @@ class _Block:
 
     def __init__(self, graph, layer, k, anchor):
         self.graph, self.layer, self.anchor = graph, layer, anchor
-        self.sizes = tl.chunk_sizes(layer.T, k)
-        self.starts = [sum(self.sizes[:i]) for i in range(k)]
+        self.k = k
+        self.sizes = tl.chunk_sizes(layer.T, k) if isinstance(layer.T, int) else [None] * k
         self.chunks, self.flat, self.nodes = {}, {}, []
         self.old = set(graph.nodes)
 
@@ -343,13 +346,16 @@ class _Block:
         """Input `a` of a chunk-i node, as `use` reads it: its chunk, or a row slice of it whole."""
         if (a, i) in self.chunks:
             return self.chunks[(a, i)]
-        if (a, use) not in self.flat:
+        key = (a, str(use))                   # str: a symbolic size does not hash
+        if key not in self.flat:
             with self.graph.inserting_before(self.anchor):
-                flat = tl.flat_input(self.graph, a, use, self.layer.T)
-            self.flat[(a, use)] = self._made(a) if flat is not a else a
+                flat = tl.flat_input(self.graph, a, use, self.layer.T, tuple(value(a).shape))
+            flat = self._made(a) if flat is not a else a
+            # rows as torch.tensor_split cuts them (tl.chunk_sizes), symbolic T too
+            self.flat[key] = self.call(torch.tensor_split, (flat, self.k), like=a) if use.rows else flat
         if not use.rows:
-            return self.flat[(a, use)]
-        return self.call("narrow", (self.flat[(a, use)], 0, self.starts[i], self.sizes[i]), op="call_method")
+            return self.flat[key]
+        return self.call(operator.getitem, (self.flat[key], i), like=a)
 
     def node(self, n, i):
         """Chunk i of a chunked node, by its rule."""
@@ -430,9 +436,9 @@ def _read_outside(b, chunked, skip, k):
         if not outside or n in skip:
             continue
         whole = b.call(torch.cat, ([b.chunks[(n, i)] for i in range(k)], 0), like=n)
-        shape = tuple(value(n).shape)
-        if shape != (b.layer.T, *b.layer.rules[n].out_rest):
-            whole = b.call("reshape", (whole, shape), like=n, op="call_method")
+        shape, flat = tuple(value(n).shape), (b.layer.T, *b.layer.rules[n].out_rest)
+        if len(shape) != len(flat) or not all(statically_known_true(x == y) for x, y in zip(shape, flat)):
+            whole = b.call("reshape", (whole, shape), like=n, op="call_method")   # static T only
         whole.meta["example_value"] = value(n)
         for u in outside:
             u.replace_input_with(n, whole)

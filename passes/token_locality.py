@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .graph import _mutated_arg, op_name, value
@@ -52,16 +53,15 @@ _PERMUTES = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 _LINEAR = {"linear", "matmul", "mm"}
 
 
-def token_dims(shape, T: int) -> int | None:
-    """ntok: the fewest leading dims of `shape` whose product is T (at least one), else None."""
+def token_dims(shape, T) -> int | None:
+    """ntok: the fewest leading dims of `shape` whose product is T (at least one), else None.
+    Symbolic sizes count where the product is T whatever the symbols (no guard is added)."""
     p = 1
     for i, s in enumerate(shape):
-        if not isinstance(s, int):
-            return None
-        p *= s
-        if p == T:
+        p = p * s
+        if statically_known_true(p == T):
             return i + 1
-        if p > T or p == 0:
+        if statically_known_true(p > T) or statically_known_true(p == 0):
             return None
     return None
 
@@ -85,13 +85,15 @@ class Rule:
     dims: tuple = ()         # along: the output's dims acted on, shifted into the flat form
     ntok_in: int = 0         # token dims of the first input (along/permute/index rewrite dims by it)
 
-    def emit(self, graph: fx.Graph, node: fx.Node, inputs: dict, T_i: int) -> fx.Node:
-        """Chunk T_i of `node` in `graph`, its inputs taken from `inputs` (node -> chunk node)."""
+    def emit(self, graph: fx.Graph, node: fx.Node, inputs: dict, T_i) -> fx.Node:
+        """Chunk i of `node` (T_i rows, None where not known statically) in `graph`, its inputs
+        taken from `inputs` (node -> chunk node)."""
         arg = lambda a: fx.node.map_arg(a, lambda n: inputs[n])   # noqa: E731
         src = inputs[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
         if self.kind == "view":
             method = "expand" if op_name(node) in ("expand", "expand_as") else "reshape"
-            return graph.call_method(method, (src, (T_i, *self.out_rest)))
+            rows = T_i if isinstance(T_i, int) else graph.call_method("size", (src, 0))
+            return graph.call_method(method, (src, (rows, *self.out_rest)))
         if self.kind == "permute":
             perm = _permutation(node)
             return graph.call_method("permute", (src, (0, *[p - self.ntok_in + 1 for p in perm[self.ntok_in:]])))
@@ -337,10 +339,14 @@ def chunk_sizes(T: int, k: int) -> list:
     return [T // k + (1 if i < T % k else 0) for i in range(k)]
 
 
-def flat_input(graph, a: fx.Node, use: ArgUse, T: int) -> fx.Node:
-    """`a` as the node reads it, whole: (T, *rest) for rows, else the broadcast-ready value."""
+def flat_input(graph, a: fx.Node, use: ArgUse, T, shape: tuple) -> fx.Node:
+    """`a` (of `shape`) as the node reads it, whole: (T, *rest) for rows, else the broadcast-ready
+    value."""
     if not use.rows:
         return graph.call_method("reshape", (a, use.whole)) if use.whole is not None else a
+    if use.expand is None and len(shape) == 1 + len(use.rest) and \
+            all(statically_known_true(x == y) for x, y in zip(shape[1:], use.rest)):
+        return a                                      # flat already (T may be symbolic)
     if use.expand is not None:
         a = graph.call_method("expand", (a, use.expand))
     return graph.call_method("reshape", (a, (T, *use.rest)))
@@ -352,7 +358,8 @@ def verify(node: fx.Node, use: Rule, T: int, k: int = 3, seed: int = 0) -> bool:
     g = fx.Graph()
     phs = {a: g.placeholder(a.name) for a in node.all_input_nodes}
     whole = g.node_copy(node, lambda a: phs[a])
-    flats = {a: flat_input(g, phs[a], use.args.get(a, ArgUse(False)), T) for a in node.all_input_nodes}
+    flats = {a: flat_input(g, phs[a], use.args.get(a, ArgUse(False)), T, tuple(value(a).shape))
+             for a in node.all_input_nodes}
     chunks, start = [], 0
     for T_i in chunk_sizes(T, k):
         ins = {a: g.call_method("narrow", (f, 0, start, T_i)) if use.args.get(a, ArgUse(False)).rows else f

@@ -104,7 +104,8 @@ def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, 
     splits = host_splits(torch.cat([counts_E.view(ep, El).sum(1), recv_counts.sum(1)]))
     send, recv = splits[:ep], splits[ep:]
     kept, R = sum(send), sum(recv)
-    rows = x[(src[:kept] if S else src) // k]   # (kept, H); an empty chunk's slice would mint a size unused
+    empty = isinstance(S, int) and S == 0       # slicing it would mint a size nothing uses
+    rows = x[(src if empty else src[:kept]) // k]                                  # (kept, H)
     local_ids = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep),
                                         recv_counts.reshape(-1), output_size=R)    # (R,)
     pending = all_to_all_start(rows, recv, send, group.name, ep)                   # (R, H)

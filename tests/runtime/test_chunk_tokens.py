@@ -194,6 +194,28 @@ def test_chunk_that_sends_nothing(pool2):
         assert k == 3 and "router_logits" in pre and post, (pre, post)
 
 
+def dynamic_on_one_rank(rank, ws):
+    """Rank 0 compiles with symbolic shapes (its token count unknown): only the layer's own ops are
+    chunked there, into the same k, so the ranks' all-to-alls still pair up."""
+    from hf_models import moe_block
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: moe_block("qwen3_moe").double())
+    compiled = torch.compile(ep, backend="moec", dynamic=rank == 0,
+                             options={"dense_backend": "aot_eager", "ep_group": mesh, "ep_chunks": 3})
+    for T in (5, 7):
+        x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(rank + T), dtype=torch.float64)
+        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        _compare(ref, ep, sharded, lambda m: ((compiled if m is ep else m)(x)[0] * probe).sum())
+        for p in (*ref.parameters(), *ep.parameters()):
+            p.grad = None
+    return [(l.k, l.pre) for r in _reports() for l in r.layers]
+
+
+def test_symbolic_token_count_on_one_rank(pool2):
+    dynamic, static = pool2.run(dynamic_on_one_rank, timeout=240)
+    assert dynamic and all(layer == (3, ()) for layer in dynamic), dynamic
+    assert static and all(k == 3 and "router_logits" in pre for k, pre in static), static
+
+
 def test_four_ranks(pool4):
     # T = 1 on rank 3: two of its three chunks are empty and nothing around the experts is chunked
     results = pool4.run(hf_matches_single_process, "mixtral", False, [(1, 5), (2, 3), (1, 6), (1, 1)],
