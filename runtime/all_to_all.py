@@ -57,8 +57,24 @@ def all_to_all_start(rows: Tensor, out_splits: list | None, in_splits: list | No
     Differentiable; the backward's reverse all-to-all waits at once."""
     if out_splits is None:                                 # equal blocks: the op wants explicit splits
         out_splits = in_splits = [rows.shape[0] // ep] * ep
-    return torch.ops._c10d_functional_autograd.all_to_all_single(rows.contiguous(), out_splits, in_splits,
-                                                                 group_name)
+    return _Start.apply(rows.contiguous(), out_splits, in_splits, group_name)
+
+
+class _Start(torch.autograd.Function):
+    # The plain functional collective, not _c10d_functional_autograd's: Inductor knows the former
+    # is in flight until its wait_tensor and keeps its buffers alive until then; the latter is an
+    # opaque op to it, whose send buffer it reused for other values while the exchange still read
+    # it (wrong results as soon as compute ran between start and wait).
+    @staticmethod
+    def forward(ctx, rows, out_splits, in_splits, group_name):
+        ctx.splits = (out_splits, in_splits, group_name)
+        return torch.ops._c10d_functional.all_to_all_single(rows, out_splits, in_splits, group_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits, group_name = ctx.splits
+        back = torch.ops._c10d_functional.all_to_all_single(grad.contiguous(), in_splits, out_splits, group_name)
+        return torch.ops._c10d_functional.wait_tensor(back), None, None, None
 
 
 def wait(t: Tensor, what: str = "all-to-all", group_name: str = "") -> Tensor:

@@ -105,18 +105,22 @@ def test_hf_decoder_layers_chunked_match_single_process(pool2, arch, k, tokens):
             assert (len(side) == 5) == (arch == "deepseek_v3"), side   # the shared expert, under the dispatch
 
 
-def _collectives(forward_graph: str) -> str:
-    """The dispatch/combine all-to-alls in a dumped AOT forward graph, in order: S for a start, W for
-    its wait (the count exchanges, waited at once, are left out)."""
-    started, out = set(), []
-    for line in forward_graph.splitlines():
-        name = line.strip().split(" = ")[0]
-        if "_c10d_functional_autograd.all_to_all_single" in line:
-            started.add(name)
-            out.append("S")
-        elif "wait_tensor.default(" in line and line.split("wait_tensor.default(")[1].split(")")[0] in started:
-            out.append("W")
-    return "".join(out)
+def _collectives(code: str) -> str:
+    """The dispatch/combine all-to-alls in a dumped AOT forward graph or Inductor's code, in order:
+    S for a start, W for its wait. A count exchange (waited before any other collective) is left out."""
+    events, alias = [], {}
+    for line in code.splitlines():
+        left, _, right = line.strip().partition(" = ")
+        if "_c10d_functional.all_to_all_single.default(" in line:
+            events.append(("S", left))
+        elif "wait_tensor.default(" in line:
+            name = line.split("wait_tensor.default(")[1].split(")")[0]
+            events.append(("W", alias.get(name, name)))
+        elif right and right.split(";")[0].strip() in {n for _, n in events} | set(alias):
+            alias[left] = alias.get(right.split(";")[0].strip(), right.split(";")[0].strip())   # bufB = bufA
+    started = {name for kind, name in events if kind == "S"}
+    counts = {a[1] for a, b in zip(events, events[1:]) if a[0] == "S" and b == ("W", a[1])}
+    return "".join(kind for kind, name in events if name in started and name not in counts)
 
 
 def test_aot_forward_starts_early_and_waits_late(pool2, tmp_path):
@@ -126,6 +130,27 @@ def test_aot_forward_starts_early_and_waits_late(pool2, tmp_path):
         for folder in (tmp_path / f"rank{rank}").iterdir():
             # A0 A1 B0 A2 B1 C0 B2 C1 C2: S S WS S WS W WS W W
             assert _collectives((folder / "aot_forward.py").read_text()) == "SSWSSWSWWSWW"
+
+
+def inductor_forward_order(rank, ws):
+    """Inductor's generated forward for capacity-mode pieces (dropless EP does not compile with
+    Inductor on CPU: its unbacked split sizes), with the dispatch/combine starts and waits in order."""
+    import torch._functorch.config as functorch_config
+    from hf_models import moe_block
+    from torch._inductor.utils import run_and_get_code
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: moe_block("qwen3_moe"))
+    with torch._inductor.config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(ep, backend="moec", options={"ep_group": mesh, "ep_chunks": 2,
+                                                              "ep_capacity_factor": 8.0})   # drops none
+        x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(rank))
+        got, [forward] = run_and_get_code(lambda: compiled(x)[0])
+    torch.testing.assert_close(got, ref(x)[0], rtol=1e-4, atol=1e-5)
+    return _collectives(forward[forward.index("def call("):])
+
+
+def test_inductor_keeps_starts_early_and_waits_late(pool2):
+    # both pieces' dispatches; per piece: its wait, its combine started; then the combines' waits
+    assert pool2.run(inductor_forward_order, timeout=300) == ["SSWSWSWW"] * 2
 
 
 def test_whole_tiny_model_chunked_as_one_graph(pool2):
