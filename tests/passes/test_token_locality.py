@@ -5,7 +5,6 @@ a wrong rule is caught by the check."""
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
@@ -13,31 +12,13 @@ from moec.codegen import layout as layouts
 from moec.passes import token_locality as tl
 from moec.passes.chunk_tokens import _find
 from moec.passes.graph import op_name
+from fx_values import traced
 from moec.runtime.expert_parallel import ep_experts
 
 torch.fx.wrap("ep_experts")
 
 B, S, H, E, F_ = 2, 5, 8, 4, 6
 T = B * S
-
-
-class _Values(fx.Interpreter):
-    """Records each node's value as Dynamo would (meta["example_value"]); ep_experts runs as
-    moec.experts, whose contract it keeps."""
-
-    def run_node(self, n):
-        if n.op == "call_function" and n.target is ep_experts:
-            v = torch.ops.moec.experts(*self.map_nodes_to_values(n.args[:9], n))
-        else:
-            v = super().run_node(n)
-        n.meta["example_value"] = v
-        return v
-
-
-def traced(fn, *inputs):
-    gm = fx.symbolic_trace(fn)
-    _Values(gm).run(*inputs)
-    return gm
 
 
 def node(gm, name):

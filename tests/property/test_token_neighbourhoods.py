@@ -4,13 +4,13 @@ group): no op that mixes tokens is ever chunked, every chunked node computes the
 chunk counts than the one it was checked with, and a chain that is token-local all the way is
 chunked all the way."""
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
 from budget import examples
+from fx_values import traced
 from moec.codegen import layout as layouts
 from moec.passes import token_locality as tl
 from moec.passes.chunk_tokens import _find
@@ -69,22 +69,11 @@ def _layer(before, after):
     return fn
 
 
-class _Values(fx.Interpreter):
-    def run_node(self, n):
-        if n.op == "call_function" and n.target is ep_experts:
-            v = torch.ops.moec.experts(*self.map_nodes_to_values(n.args[:9], n))
-        else:
-            v = super().run_node(n)
-        n.meta["example_value"] = v
-        return v
-
-
 @settings(max_examples=examples(15))
 @given(before=ops, after=ops)
 def test_random_neighbourhoods(before, after):
     p = lambda *s: torch.randn(*s) / s[-1] ** 0.5   # noqa: E731
-    gm = fx.symbolic_trace(_layer(before, after))
-    _Values(gm).run(torch.randn(B, S, H), p(H), p(H, H), p(E, H), p(E, F_, H), p(E, H, F_))
+    gm = traced(_layer(before, after), torch.randn(B, S, H), p(H), p(H, H), p(E, H), p(E, F_, H), p(E, H, F_))
     [ep] = [n for n in gm.graph.nodes if n.target is ep_experts]
     layer = _find(gm, ep, 2, capacity=False)
     chunked = [*layer.pre, *layer.side, *layer.post]
