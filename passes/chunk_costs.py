@@ -22,7 +22,6 @@ chunk i's experts), which dropless mode's host sync per chunk needs, and the mod
 the prediction is the model's, not a simulation of the emitted order.
 """
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,7 @@ from moec.runtime import LayerCosts, Op, predict, search
 from moec.runtime.expert_parallel import capacity
 
 from .graph import hint, value
+from .node_costs import nbytes
 
 K_MAX = 8
 MIN_GAIN = 0.02      # chunk only for a predicted gain above this: a cat per value read outside, a host
@@ -44,12 +44,12 @@ def node_op(node, kind: str, compute, name: str = "") -> Op:
         return Op(name, 0.0)                           # views: no kernel
     out = _tensors(value(node))
     ins = {a: value(a) for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)}
-    out_bytes = sum(_nbytes(t) for t in out)
-    in_bytes = sum(_nbytes(t) for t in ins.values())
+    out_bytes = sum(nbytes(t) for t in out)
+    in_bytes = sum(nbytes(t) for t in ins.values())
     if kind == "linear":
         x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
         flops = 2.0 * sum(t.numel() for t in out) * value(x).shape[-1]
-        fixed = sum(_nbytes(t) for a, t in ins.items() if a is not x)
+        fixed = sum(nbytes(t) for a, t in ins.items() if a is not x)
         return compute.op(name, flops, in_bytes + out_bytes, fixed, k_max=K_MAX)
     return compute.op(name, float(sum(t.numel() for t in out)), in_bytes + out_bytes, 0.0, k_max=K_MAX)
 
@@ -64,7 +64,7 @@ def layer_costs(layer, compute, kinds: dict, capacity_factor: float = 0.0) -> La
     sent = layer.num_experts * capacity(S, layer.num_experts, capacity_factor) if capacity_factor > 0 else S
     weights = [value(w) for w in layer.weights]
     per_expert = sum(w.numel() for w in weights) / layer.num_experts      # parameters per expert
-    local_bytes = sum(_nbytes(w) for w in weights) / layer.ep_size          # this rank's experts
+    local_bytes = sum(nbytes(w) for w in weights) / layer.ep_size          # this rank's experts
     experts = compute.op("experts", 2.0 * S * per_expert, local_bytes + 4.0 * S * H * es, local_bytes, k_max=K_MAX)
     side = [node_op(n, kinds[n], compute) for n in layer.side]
     if side:                                           # they run between dispatch and experts
@@ -161,6 +161,3 @@ def _tensors(v) -> list:
         return [v]
     return [t for t in v if isinstance(t, torch.Tensor)] if isinstance(v, (tuple, list)) else []
 
-
-def _nbytes(t) -> float:
-    return float(math.prod(int(s) for s in t.shape) * t.element_size())
