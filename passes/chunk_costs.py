@@ -30,7 +30,7 @@ from moec.runtime import LayerCosts, Op, predict, search
 from moec.runtime.expert_parallel import capacity
 
 from .graph import hint, value
-from .node_costs import nbytes
+from .node_costs import nbytes, tensors
 
 K_MAX = 8
 MIN_GAIN = 0.02      # chunk only for a predicted gain above this: a cat per value read outside, a host
@@ -42,7 +42,7 @@ def node_op(node, kind: str, compute, name: str = "") -> Op:
     name = name or node.name
     if kind in ("view", "permute", "index", "getitem"):
         return Op(name, 0.0)                           # views: no kernel
-    out = _tensors(value(node))
+    out = tensors(value(node))
     ins = {a: value(a) for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)}
     out_bytes = sum(nbytes(t) for t in out)
     in_bytes = sum(nbytes(t) for t in ins.values())
@@ -154,10 +154,3 @@ def _slowest(all_costs) -> LayerCosts:
                       max(c.dispatch_bytes for c in all_costs), worst([c.experts for c in all_costs]),
                       max(c.combine_bytes for c in all_costs),
                       tuple(worst(ops) for ops in zip(*(c.post for c in all_costs))), first.rank)
-
-
-def _tensors(v) -> list:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    return [t for t in v if isinstance(t, torch.Tensor)] if isinstance(v, (tuple, list)) else []
-

@@ -93,6 +93,15 @@ def nbytes(v) -> int:
     return 0
 
 
+def tensors(v) -> list:
+    """The tensors in a value: itself, or those inside (nested) tuples and lists."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for x in v for t in tensors(x)]
+    return []
+
+
 def is_collective(node) -> bool:
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "_c10d_functional" and target is not WAIT

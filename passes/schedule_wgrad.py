@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .node_costs import ALL_TO_ALL, WAIT, is_collective, nbytes, size, val
+from .graph import op_name
+from .node_costs import ALL_TO_ALL, WAIT, is_collective, nbytes, size, tensors, val
 
 PASS = "schedule_wgrad"
 _EPS = 1e-12
@@ -198,7 +199,7 @@ def _fill(order, windows, candidates, wgrad, busy, costs, memory, limit, fixed) 
                                                     f"past the bound")
                     continue
                 direction = "earlier" if pos[c] > pos[wait] else "later"
-                moves[start].append(Move(_names(nodes), tuple(_op(n) for n in nodes), t, direction))
+                moves[start].append(Move(_names(nodes), tuple(op_name(n) for n in nodes), t, direction))
                 placed, order, slack = nodes, trial, slack - t
                 fixed |= set(nodes)
                 break
@@ -337,7 +338,7 @@ class _Memory:
                 self.storages[n] = set(self.storages.get(n.args[0], set()))
                 continue
             keys = set()
-            for t in _tensors(val(n)):
+            for t in tensors(val(n)):
                 key = t.untyped_storage()._cdata
                 keys.add(key)
                 self.nbytes.setdefault(key, size(t.untyped_storage().nbytes()) if _sized(t) else nbytes(t))
@@ -366,14 +367,6 @@ class _Memory:
             peak = max(peak, live)
             live -= sum(self.nbytes[k] for k in frees[i])
         return peak
-
-
-def _tensors(v):
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, (tuple, list)):
-        return [t for x in v for t in _tensors(x)]
-    return []
 
 
 def _sized(t) -> bool:
@@ -417,13 +410,6 @@ def _timeline(order, costs, windows, moved) -> _Timeline:
 
 def _names(nodes) -> tuple:
     return tuple(n.name for n in nodes)
-
-
-def _op(node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
 
 
 def _ms(s: float) -> str:
