@@ -91,20 +91,12 @@ class Dumper:
         """A `moec.backward.BackwardReport` (one per backward graph: aot_eager has one per partition)."""
         self.backward_reports.append(report)
         text = "\n\n".join(f"# backward graph {i}\n{r.text()}" for i, r in enumerate(self.backward_reports))
-        with open(os.path.join(self.dir, "wgrad_schedule.txt"), "w") as f:
-            f.write(text + "\n")
-        if len(self.backward_reports) == 1:
-            self._add("wgrad_schedule.txt", "weight gradients moved under the backward's all-to-alls")
+        self._write("wgrad_schedule.txt", text + "\n", "weight gradients moved under the backward's all-to-alls")
         if report.schedule.windows:
             from .draw_schedule import draw_backward
             i = len(self.backward_reports) - 1
-            name = f"wgrad_schedule_{i}.png"
-            try:
-                draw_backward(report.schedule, os.path.join(self.dir, name), title=f"backward graph {i}")
-            except MoecError as e:      # matplotlib missing: the text says it all
-                log.info("no picture of the weight-gradient schedule: %s", e)
-                return
-            self._add(name, "predicted backward timeline: AOT's order, then weight gradients scheduled")
+            self._picture(draw_backward, report.schedule, f"wgrad_schedule_{i}.png", f"backward graph {i}",
+                          "predicted backward timeline: AOT's order, then weight gradients scheduled")
 
     def schedules(self, report):
         """A `chunk_tokens` report: per layer the chosen schedule explained, and its timeline."""
@@ -113,12 +105,16 @@ class Dumper:
             if layer.schedule is None:
                 continue
             from .draw_schedule import draw_schedule
-            try:
-                draw_schedule(layer.schedule, os.path.join(self.dir, f"schedule_{i}.png"), title=layer.site)
-            except MoecError as e:      # matplotlib missing: the text says it all
-                log.info("no picture of the schedule: %s", e)
-                continue
-            self._add(f"schedule_{i}.png", f"predicted timeline of {layer.site}: unchunked and chosen")
+            self._picture(draw_schedule, layer.schedule, f"schedule_{i}.png", layer.site,
+                          f"predicted timeline of {layer.site}: unchunked and chosen")
+
+    def _picture(self, draw, schedule, name, title, what):
+        try:
+            draw(schedule, os.path.join(self.dir, name), title=title)
+        except MoecError as e:      # matplotlib missing: the text file says it all
+            log.info("no picture %s: %s", name, e)
+            return
+        self._add(name, what)
 
     def cudagraphs(self, kind: str, text: str):
         self.captures[kind] = text
