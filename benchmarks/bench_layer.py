@@ -23,6 +23,7 @@ import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer  # noqa: E402
 
 METHODS = ("moec", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled")
+GRAPH_METHODS = ("moec", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): it cannot be captured
 
 
 def ceilings():
@@ -43,6 +44,23 @@ def floor_ms(s, T, ids, peak_flops, bw, train):
     act_bytes = 2 * 2 * T * s.H
     flops, byts = (3 * gated_flops, 3 * weight_bytes + 3 * act_bytes) if train else (gated_flops, weight_bytes + act_bytes)
     return max(flops / peak_flops, byts / bw) * 1e3, flops
+
+
+def bench_graph(fn, x):
+    """Forward only, replayed from a CUDA graph: the GPU time of a decode step with the host's
+    launch cost gone, as `mode="reduce-overhead"` serving sees it."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
 def bench(fn, params, x, train):
@@ -99,6 +117,13 @@ def run(args):
                         row[name] = None
                         row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     row[name + "_wall_s"] = round(time.time() - t0, 1)
+                if args.graphs and not train:
+                    for name in GRAPH_METHODS:
+                        try:
+                            row[name + "_graph"] = bench_graph(fns[name], x)
+                        except Exception as e:
+                            row[name + "_graph"] = None
+                            row[name + "_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
                 print(_line(row), flush=True)
                 _save(args.out, info, rows)
@@ -109,7 +134,8 @@ def run(args):
 
 
 def _line(r):
-    parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in METHODS]
+    names = list(METHODS) + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
+    parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in names]
     return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
 
 
@@ -123,6 +149,17 @@ def table(rows):
         pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
         out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('hf_loop'))} "
                    f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {sp} | {pf} |")
+    graphed = [r for r in rows if "moec_graph" in r]
+    if graphed:
+        out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",
+                "| layer | tokens | floor ms | moec ms | HF grouped_mm + compile ms | moec speedup vs compiled | "
+                "moec % of floor | HF compiled % of floor |", "|" + "---|" * 8]
+        pct = lambda r, v: f"{100 * r['floor_ms'] / v:.0f}%" if v else "—"
+        for r in graphed:
+            c, m = r.get("hf_grouped_mm_compiled_graph"), r.get("moec_graph")
+            sp = f"{c / m:.2f}x" if c and m else "—"
+            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(c)} | {sp} | "
+                       f"{pct(r, m)} | {pct(r, c)} |")
     return "\n".join(out)
 
 
@@ -139,6 +176,7 @@ def main():
     p.add_argument("--deepseek-max-tokens", type=int, default=4096)
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--graphs", action="store_true", help="also time forward replays of CUDA graphs")
     args = p.parse_args()
     info, rows = run(args)
     _save(args.out, info, rows)

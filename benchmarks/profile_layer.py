@@ -18,6 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="olmoe")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--fwd", action="store_true", help="forward only, under no_grad (decode)")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     p = make_params(s, "cuda")
@@ -25,6 +26,9 @@ def main():
     leaves = [x] + [t for t in p.values() if t.requires_grad]
 
     def step():
+        if args.fwd:
+            with torch.no_grad():
+                return moec_layer(s, p, x)
         out = moec_layer(s, p, x)
         torch.autograd.grad(out.float().square().sum(), leaves)
     for _ in range(3):
@@ -34,7 +38,7 @@ def main():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"{s.name} T={args.tokens} train step, per-kernel CUDA time summed over 5 steps")
+    print(f"{s.name} T={args.tokens} {'forward' if args.fwd else 'train'} step, per-kernel CUDA time summed over 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 

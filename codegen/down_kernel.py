@@ -12,7 +12,7 @@ Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 import triton
 import triton.language as tl
 
-from .jit_helpers import expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, mma
+from .jit_helpers import expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, max_tiles, mma
 
 
 @triton.jit
@@ -69,7 +69,9 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     E, K = b1.shape[0], b1.shape[1]
     a2_, b2_ = (a2, b2) if a2 is not None else (a1, b1)
     bias_ = bias if bias is not None else c
-    grid = ((triton.cdiv(S, tile.block_m) + E + 1) * triton.cdiv(N, tile.block_n),)
+    if S == 0:
+        return
+    grid = (max_tiles(S, E + 1, tile.block_m) * triton.cdiv(N, tile.block_n),)
     down_kernel[grid](
         a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),

@@ -13,7 +13,8 @@ Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' we
 import triton
 import triton.language as tl
 
-from .jit_helpers import activate, activate_backward, expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, mma
+from .jit_helpers import (activate, activate_backward, expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs,
+                          max_tiles, mma)
 
 
 @triton.jit
@@ -95,7 +96,9 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     gated = w_gate is not None
     wg, bu, bg = (w_gate if gated else w_up), (b_up if b_up is not None else h), (b_gate if b_gate is not None else h)
     gy, wd = (grad_y, w_down) if backward else (h, w_up)
-    grid = ((triton.cdiv(S, tile.block_m) + E) * triton.cdiv(F, tile.block_n),)
+    if S == 0:
+        return
+    grid = (max_tiles(S, E, tile.block_m) * triton.cdiv(F, tile.block_n),)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
         *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h),

@@ -3,11 +3,19 @@
 Tile table: segment i in [0, E) holds grouped rows offsets[i]:offsets[i+1] (expert i); with
 `dropped`, segment E holds rows offsets[E]:S (copies routed to no expert). Each segment is cut
 into ceil(rows / BLOCK_M) tiles, numbered in segment order; a program finds its tile's segment
-from a cumulative sum over at most E+1 counts, so the grid can be sized from the host-known
-bound cdiv(S, BLOCK_M) + E + 1 while the counts stay on the device (no sync, no recompile).
+from a cumulative sum over at most E+1 counts, so the grid can be sized from a host-known bound
+(`max_tiles`) while the counts stay on the device (no sync, no recompile).
 """
 import triton
 import triton.language as tl
+
+
+def max_tiles(S: int, segments: int, block_m: int) -> int:
+    """Most tiles S grouped rows can make over `segments` segments: each non-empty segment adds at
+    most one partial tile, and no tile is empty, so min(S, cdiv(S, BLOCK_M) + min(segments, S)).
+    At decode sizes (S << E) this keeps the grid near S instead of E: programs past the last tile
+    still start and read the offsets, which at E = 128 was most of a 1-token launch."""
+    return min(S, triton.cdiv(S, block_m) + min(segments, S))
 
 
 @triton.jit

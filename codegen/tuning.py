@@ -7,6 +7,7 @@ tuned this process, loaded from a JSON cache, or shipped in codegen/tuned/ (writ
 benchmarks/tune_kernels.py) -> the heuristic table below.
 """
 import contextlib
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -32,8 +33,14 @@ def bucket(tokens: int) -> int:
     return 1 << max(0, int(tokens) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device) -> str:
+    # asked on every launch; the driver query costs more than the rest of a decode-size lookup
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def key(kernel, E, k, H, F, dtype, device, tokens):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = _device_name(device)
     return f"{kernel}|E{E}|k{k}|H{H}|F{F}|{str(dtype)[6:]}|{name}|T{bucket(tokens)}"
 
 

@@ -1,0 +1,60 @@
+"""Why a decode step costs what it costs: one model, one batch, moec vs HF grouped_mm, under CUDA
+graphs (mode="reduce-overhead") or not. Prints ms per step, the CUDA-graph and recompile counters,
+moec's `cudagraphs.txt` report (MOEC_DUMP must point at a folder), and the per-kernel CUDA time
+and CPU time of 5 steps from torch.profiler.
+
+    MOEC_DUMP=/tmp/d python benchmarks/decode_diag.py qwen3 moec_cg 1
+"""
+import glob
+import os
+import sys
+
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_serving import PROMPT, _ms, build  # noqa: E402
+
+
+def main(name, variant, batch):
+    from transformers import StaticCache
+    model = build(name, "grouped_mm")
+    cg = variant.endswith("_cg")
+    forward = torch.compile(model.forward, backend="moec" if variant.startswith("moec") else "inductor",
+                            mode="reduce-overhead" if cg else None)
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=PROMPT + 64)
+        prompt = torch.randint(100, 30000, (batch, PROMPT), device="cuda")
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(PROMPT, device="cuda"), logits_to_keep=1)
+        state = {"tok": out.logits[:, -1:].argmax(-1), "pos": PROMPT}
+
+        def step():
+            if cg:
+                torch.compiler.cudagraph_mark_step_begin()
+            pos = torch.tensor([state["pos"]], device="cuda")
+            o = forward(input_ids=state["tok"], past_key_values=cache, use_cache=True, cache_position=pos,
+                        position_ids=pos.expand(batch, 1), logits_to_keep=1)
+            state["tok"] = o.logits[:, -1:].argmax(-1)
+            state["pos"] += 1
+        for _ in range(6):
+            step()
+        ms = _ms(step, 10)
+        print(f"RESULT {name} {variant} b{batch}: {ms:.3f} ms/step", flush=True)
+        print("counters moec", dict(counters["moec"]), "inductor skips",
+              {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, "stats", dict(counters["stats"]))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    for path in sorted(glob.glob(os.path.join(os.environ.get("MOEC_DUMP", "/nonexistent"), "**", "cudagraphs.txt"),
+                                 recursive=True)):
+        print("==", path)
+        print(open(path).read()[:3000])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
