@@ -12,25 +12,26 @@ Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 import triton
 import triton.language as tl
 
-from .jit_helpers import expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs, max_tiles, mma
+from .jit_helpers import (GROUP_M, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs, max_tiles,
+                          mma)
 
 
 @triton.jit
 def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1_ptr, l1_ptr, t2_ptr, l2_ptr,
-                S, E, N, K, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
+                S, E, N, K, M_TILES, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
                 s_bias_e, s_bias_n, s_c, s_t1, s_l1_e, s_l1_k, s_l1_n, R1, s_t2, s_l2_e, s_l2_k, s_l2_n, R2,
                 HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, LR1: tl.constexpr, LR2: tl.constexpr,
-                IEEE: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
+                IEEE: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(N, BLOCK_N)
-    e, row0, row_end = expert_tile(pid // n_n, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
+    tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
+    e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
     if e < 0:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    cols = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if e < E:
@@ -71,11 +72,12 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     bias_ = bias if bias is not None else c
     if S == 0:
         return
-    grid = (max_tiles(S, E + 1, tile.block_m) * triton.cdiv(N, tile.block_n),)
+    m_tiles = max_tiles(S, E + 1, tile.block_m)
+    grid = (m_tiles * triton.cdiv(N, tile.block_n),)
     down_kernel[grid](
-        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K,
+        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K, m_tiles,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
         *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None, IEEE=ieee(c),
-        E_POW2=triton.next_power_of_2(E + 1), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        E_POW2=triton.next_power_of_2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -13,14 +13,14 @@ Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' we
 import triton
 import triton.language as tl
 
-from .jit_helpers import (activate, activate_backward, expert_tile, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          max_tiles, mma)
+from .jit_helpers import (GROUP_M, activate, activate_backward, expert_tile, grouped_order, ieee, lowrank,
+                          lowrank_args, lowrank_ptrs, max_tiles, mma)
 
 
 @triton.jit
 def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, gy_ptr, wd_ptr,
                    h_ptr, dg_ptr, du_ptr, tu_ptr, lu_ptr, tg_ptr, lg_ptr, td_ptr, ld_ptr,
-                   S, E, H, F, k_top, alpha, limit,
+                   S, E, H, F, k_top, alpha, limit, M_TILES,
                    s_xt, s_xh, s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h,
                    s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_wd_e, s_wd_h, s_wd_f,
                    s_tu, s_lu_e, s_lu_k, s_lu_n, R_U, s_tg, s_lg_e, s_lg_k, s_lg_n, R_G,
@@ -28,18 +28,18 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
                    HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
                    LORA_U: tl.constexpr, LORA_G: tl.constexpr, LORA_D: tl.constexpr,
-                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
     n_n = tl.cdiv(F, BLOCK_N)
-    e, row0, row_end = expert_tile(pid // n_n, offsets_ptr, E, S, BLOCK_M, E_POW2, False)
+    tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
+    e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, False)
     if e < 0:
         return
     e64 = e.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     tok = (tl.load(src_ptr + rows, mask=rmask, other=0) // k_top).to(tl.int64)
-    cols = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,18 +98,19 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     gy, wd = (grad_y, w_down) if backward else (h, w_up)
     if S == 0:
         return
-    grid = (max_tiles(S, E, tile.block_m) * triton.cdiv(F, tile.block_n),)
+    m_tiles = max_tiles(S, E, tile.block_m)
+    grid = (m_tiles * triton.cdiv(F, tile.block_n),)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
         *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h),
-        S, E, H, F, k, alpha, limit,
+        S, E, H, F, k, alpha, limit, m_tiles,
         x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
         *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
         gy.stride(0), *(w_down.stride() if backward else (0, 0, 0)),
         *lowrank_args(lora_u), *lowrank_args(lora_g), *lowrank_args(lora_d),
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
         BACKWARD=backward, IEEE=ieee(x), LORA_U=lora_u is not None, LORA_G=lora_g is not None,
-        LORA_D=lora_d is not None, E_POW2=triton.next_power_of_2(E + 1),
+        LORA_D=lora_d is not None, E_POW2=triton.next_power_of_2(E + 1), GROUP_M=GROUP_M,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
 

@@ -10,12 +10,27 @@ import triton
 import triton.language as tl
 
 
+GROUP_M = 8     # m tiles per n tile in `grouped_order`
+
+
 def max_tiles(S: int, segments: int, block_m: int) -> int:
     """Most tiles S grouped rows can make over `segments` segments: each non-empty segment adds at
     most one partial tile, and no tile is empty, so min(S, cdiv(S, BLOCK_M) + min(segments, S)).
     At decode sizes (S << E) this keeps the grid near S instead of E: programs past the last tile
     still start and read the offsets, which at E = 128 was most of a 1-token launch."""
     return min(S, triton.cdiv(S, block_m) + min(segments, S))
+
+
+@triton.jit
+def grouped_order(pid, n_n, m_tiles, GROUP: tl.constexpr):
+    """pid -> (m tile, n tile), GROUP m tiles per n tile before the next n tile: the GROUP tiles
+    share the weight tile they read (through L2) and the next n tile finds their rows in L2.
+    Row-major order instead re-read a whole expert's weights once per m tile, e.g. 8 times a
+    step for Mixtral's 235 MB experts at 4096 tokens (1024 rows per expert)."""
+    width = GROUP * n_n
+    first = (pid // width) * GROUP
+    size = tl.minimum(m_tiles - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
 
 
 @triton.jit

@@ -6,6 +6,8 @@ Launch 2 (`plan_scatter_kernel`), same blocks: each program sums the count table
 ~128 blocks x (E+1)) for its experts' start slots, then writes src[slot] = copy, inv[copy] = slot;
 program 0 writes offsets. Invalid ids (outside [0, E)) go to segment E, after offsets[E].
 Bytes: S ids read twice, 2*S*8 written, + blocks^2 * (E+1) * 4 from L2.
+Few copies (decode): one program does both passes (`plan_single_kernel`), recomputing each copy's
+rank instead of storing it, so a decode step pays one launch's latency instead of two.
 """
 import torch
 import triton
@@ -63,7 +65,28 @@ def plan_scatter_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, src_ptr, inv
         tl.store(inv_ptr + c, slot.to(tl.int64), mask=cmask)
 
 
-def plan_launch(ids, num_experts, sub=None, max_blocks=128):
+@triton.jit
+def plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, S, E, SUB: tl.constexpr, E_POW2: tl.constexpr):
+    cols = tl.arange(0, E_POW2)
+    total = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, S, SUB):
+        c = c0 + tl.arange(0, SUB)
+        total += tl.sum((_expert_key(ids_ptr, c, c < S, E)[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    start = tl.cumsum(total, axis=0) - total
+    tl.store(offsets_ptr + cols, start.to(tl.int64), mask=cols <= E)
+    running = start
+    for c0 in range(0, S, SUB):
+        c = c0 + tl.arange(0, SUB)
+        cmask = c < S
+        onehot = (_expert_key(ids_ptr, c, cmask, E)[:, None] == cols[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot + running[None, :]
+        slot = tl.sum(onehot * before, axis=1)
+        tl.store(src_ptr + slot, c.to(tl.int64), mask=cmask)
+        tl.store(inv_ptr + c, slot.to(tl.int64), mask=cmask)
+        running += tl.sum(onehot, axis=0)
+
+
+def plan_launch(ids, num_experts, sub=None, max_blocks=128, single_max_chunks=4):
     """-> offsets (E+1,), src (S,), inv (S,) int64, as `reference.plan`."""
     flat = ids.reshape(-1)
     S, E, dev = flat.shape[0], num_experts, ids.device
@@ -73,6 +96,9 @@ def plan_launch(ids, num_experts, sub=None, max_blocks=128):
         return offsets, src, inv
     e_pow2 = triton.next_power_of_2(E + 1)
     sub = sub or max(16, min(128, 8192 // e_pow2))
+    if triton.cdiv(S, sub) <= single_max_chunks:
+        plan_single_kernel[(1,)](flat, offsets, src, inv, S, E, SUB=sub, E_POW2=e_pow2)
+        return offsets, src, inv
     per_block = sub * triton.cdiv(triton.cdiv(S, sub), max_blocks)   # <= max_blocks blocks
     n_blocks = triton.cdiv(S, per_block)
     counts = torch.empty(n_blocks, e_pow2, dtype=torch.int32, device=dev)

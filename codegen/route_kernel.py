@@ -13,17 +13,22 @@ from .jit_helpers import _sigmoid
 
 
 @triton.jit
-def _argmax_rounds(score, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+def _argmax_rounds(score, value, avail, cols, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
                    BLOCK_T: tl.constexpr):
-    """k rounds of (max, lowest index among equals) -> ids (BT, K_POW2) int32."""
+    """k rounds of (max, lowest index among equals) -> ids (BT, K_POW2) int32 and `value` at each
+    pick (BT, K_POW2) fp32, read in the same round (a separate gather would be two more
+    reductions per slot on a launch whose latency is the decode step's)."""
     kcol = tl.arange(0, K_POW2)
     ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
+    picked = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
     for j in range(K):
         best = tl.max(tl.where(avail, score, float("-inf")), axis=1)
         pick = tl.min(tl.where(avail & (score == best[:, None]), cols[None, :], E_POW2), axis=1)
+        v = tl.sum(tl.where(cols[None, :] == pick[:, None], value, 0.0), axis=1)
         ids = tl.where(kcol[None, :] == j, pick[:, None], ids)
+        picked = tl.where(kcol[None, :] == j, v[:, None], picked)
         avail = avail & (cols[None, :] != pick[:, None])
-    return ids
+    return ids, picked
 
 
 @triton.jit
@@ -65,9 +70,8 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
         if N_GROUP > 1:
             avail = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2,
                                      BLOCK_T, E_POW2)
-    ids = _argmax_rounds(choice, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
+    ids, w = _argmax_rounds(choice, prob, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
     kmask = tl.arange(0, K_POW2)[None, :] < K
-    w = _gather(prob, cols, ids, BLOCK_T, K_POW2)
     if SCORING == 1:
         z = tl.where(kmask, tl.exp(w - tl.max(tl.where(kmask, w, float("-inf")), axis=1)[:, None]), 0.0)
         w = z / tl.sum(z, axis=1)[:, None]
@@ -125,11 +129,14 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     e_pow2 = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // e_pow2))
+    # few tokens (decode): a tile of just those rows and fewer warps, whose reductions then stay
+    # within a warp; the launch's latency is what a decode step pays (12 us at T=1, E=128 before)
+    block_t = max(1, min(64, 4096 // e_pow2, triton.next_power_of_2(T)))
+    warps = max(1, min(4, block_t * e_pow2 // 256))
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     route_kernel[(triton.cdiv(T, block_t),)](
         logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
         topk_group, K=k, SCORING=_SCORING[scoring], HAS_BIAS=bias is not None, RENORM=renormalize,
         N_GROUP=groups, GROUP_TOP2=E // groups >= 2, BLOCK_T=block_t, E_POW2=e_pow2,
-        K_POW2=triton.next_power_of_2(k), num_warps=4)
+        K_POW2=triton.next_power_of_2(k), num_warps=warps)
     return w, ids

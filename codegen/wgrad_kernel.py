@@ -5,7 +5,11 @@ or the token src[s] // k when B is x (GATHER: the gather is in the operand load)
 second A sharing the B loads (du and dg against x: dW_up and dW_gate in one pass over x).
 Experts with no rows get zeros. Bias gradients db[e, m] = sum_s A[s, m], from the n = 0 tiles.
 Outputs are written through their strides, so a gradient lands straight in its view of a fused
-weight's gradient buffer (HF's gate_up halves, GPT-OSS's transposed interleaved rows).
+weight's gradient buffer (HF's gate_up halves, GPT-OSS's transposed interleaved rows). Where m
+is the faster dimension in memory (GPT-OSS's (E, H, 2F) gate_up and (E, F, H) down, seen as
+(E, F, H) and (E, H, F)), the tile is stored transposed (TRANS_OUT): threads then walk memory
+along m instead of writing one element per cache line, which cost 75% of a GPT-OSS train step
+on an H100 (9.4 ms per wgrad launch at 4096 tokens).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
 import triton
@@ -19,7 +23,7 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
                  E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
                  s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
                  GATHER: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr, BIAS2: tl.constexpr,
-                 IEEE: tl.constexpr,
+                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -59,15 +63,23 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
     omask = mmask[:, None] & nmask[None, :]
     out = e64 * s_o_e + ms64[:, None] * s_o_m + ns64[None, :] * s_o_n
-    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    _store(out_ptr + out, acc, omask, TRANS_OUT)
     if DUAL:
         out = e64 * s_o2_e + ms64[:, None] * s_o2_m + ns64[None, :] * s_o2_n
-        tl.store(out2_ptr + out, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
+        _store(out2_ptr + out, acc2, omask, TRANS_OUT)
     if pid_n == 0:
         if BIAS:
             tl.store(db_ptr + e64 * s_db_e + ms64 * s_db_m, db.to(db_ptr.dtype.element_ty), mask=mmask)
         if BIAS2:
             tl.store(db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, db2.to(db2_ptr.dtype.element_ty), mask=mmask)
+
+
+@triton.jit
+def _store(ptrs, acc, mask, TRANS_OUT: tl.constexpr):
+    if TRANS_OUT:    # (BN, BM): m last, so consecutive threads take consecutive m
+        tl.store(tl.trans(ptrs), tl.trans(acc).to(ptrs.dtype.element_ty), mask=tl.trans(mask))
+    else:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None):
@@ -78,6 +90,7 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     d1 = db if db is not None else out[:, :, 0]
     d2 = db2 if db2 is not None else d1
     grid = (E * triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
+    trans = abs(out.stride(1)) < abs(out.stride(2))     # out2, where given, is the twin view of one base
     wgrad_kernel[grid](
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
         out, o2, d1, d2, E, M, N, k,
@@ -85,5 +98,5 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
         *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
         GATHER=src is not None, DUAL=a2 is not None, BIAS=db is not None,
         BIAS2=a2 is not None and db2 is not None,
-        IEEE=ieee(a), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        IEEE=ieee(a), TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

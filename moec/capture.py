@@ -32,7 +32,7 @@ import torch.fx.experimental._config as fx_config
 
 from moec.passes.graph import TRACED_AS_MARKER
 
-from .config import Config
+from .config import env_value
 from .errors import MoecError
 from .log import log
 from .peft_lora import param_lora_traced
@@ -42,15 +42,31 @@ from .peft_lora import param_lora_traced
 def tracing_context():
     """What moec sets while Dynamo traces for it (the backend's `backend_ctx_ctor`; explain too).
     Options are per compile, but this is entered before moec sees any: its switches live in the
-    environment (MOEC_CAPTURE_DYNAMIC=0, MOEC_HF_EAGER_EXPERTS_AS=)."""
-    config = Config.from_options()
+    environment (MOEC_CAPTURE_DYNAMIC=0, MOEC_HF_EAGER_EXPERTS_AS=).
+    Dynamo enters it around every call of the compiled function, cache hits included, so it is
+    kept cheap: a decode step under CUDA graphs is otherwise a few tens of microseconds of host
+    time, and ConfigModule.patch plus a whole Config cost ~70 us here (2-core CI machine)."""
     with contextlib.ExitStack() as stack:
-        if config.capture_dynamic:
+        if env_value("capture_dynamic"):
             stack.enter_context(dynamic_capture())
-        stack.enter_context(hf_experts_as(config.hf_eager_experts_as))
+        stack.enter_context(hf_experts_as(env_value("hf_eager_experts_as")))
         stack.enter_context(param_lora_traced())
         stack.enter_context(checkpoint_side_effects())
         yield
+
+
+@contextlib.contextmanager
+def _set(module, **values):
+    """module.<name> = value for the block, restored after: ConfigModule.patch without its cost
+    (it validates and builds a decorator object on every entry)."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, v in values.items():
+        setattr(module, name, v)
+    try:
+        yield
+    finally:
+        for name, v in saved.items():
+            setattr(module, name, v)
 
 
 def checkpoint_side_effects():
@@ -65,7 +81,7 @@ def checkpoint_side_effects():
     does nothing, so the results are the same."""
     if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return _set(torch._dynamo.config, skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 @contextlib.contextmanager
@@ -76,8 +92,8 @@ def dynamic_capture():
     # which AOT autograd can trace only in a shape environment Dynamo made with it on. The cost:
     # user code that branches on `.item()` fails in Dynamo instead of graph-breaking (a known
     # limitation; MOEC_CAPTURE_DYNAMIC=0 turns both off).
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
-            fx_config.patch(backed_size_oblivious=_SIZE_OBLIVIOUS_LOWERS):
+    with _set(torch._dynamo.config, capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
+            _set(fx_config, backed_size_oblivious=_SIZE_OBLIVIOUS_LOWERS):
         yield
 
 

@@ -106,6 +106,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ENV_ALIASES = {"dump_dir": "MOEC_DUMP"}   # the short spellings users type
 
 
+def env_value(name: str):
+    """One option as the environment sets it (its default where unset), without building a
+    Config: for code that runs on every call of a compiled function."""
+    raw = os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
+    return _FIELDS[name].default if raw is None else _coerce(name, raw)
+
+
 def _from_env() -> dict:
     out = {}
     for name in _FIELDS:

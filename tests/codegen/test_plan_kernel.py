@@ -15,14 +15,17 @@ def _check(ids, E, **kw):
 
 
 @pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 4, 1), (37, 8, 2), (13, 6, 6), (50, 5, 3), (9, 64, 8)])
-def test_matches_stable_sort(T, E, k):
-    _check(torch.randint(0, E, (T, k), device=DEVICE), E)
+@pytest.mark.parametrize("chunks", [None, 0])   # the launch's choice (one program at these sizes), two launches
+def test_matches_stable_sort(T, E, k, chunks):
+    kw = {} if chunks is None else {"single_max_chunks": chunks}
+    _check(torch.randint(0, E, (T, k), device=DEVICE), E, **kw)
 
 
 def test_dropped_ids_and_empty_experts():
     ids = torch.randint(-2, 3, (40, 2), device=DEVICE)       # experts 3..6 empty, negatives dropped
     ids[0, 0] = 7
     _check(ids, 7)
+    _check(ids, 7, single_max_chunks=0)
 
 
 def test_every_copy_on_one_expert_int32():
