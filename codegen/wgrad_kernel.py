@@ -37,8 +37,6 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
     mmask, nmask = ms < M, ns < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    db2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
@@ -52,13 +50,9 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         amask = mmask[:, None] & smask[None, :]
         a = tl.load(a_ptr + s64[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
         acc = mma(a, b, acc, IEEE)
-        if BIAS:
-            db += tl.sum(a.to(tl.float32), axis=1)
         if DUAL:
             a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=amask, other=0.0)
             acc2 = mma(a, b, acc2, IEEE)
-            if BIAS2:
-                db2 += tl.sum(a.to(tl.float32), axis=1)
     e64 = e.to(tl.int64)
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
     omask = mmask[:, None] & nmask[None, :]
@@ -68,10 +62,25 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         out = e64 * s_o2_e + ms64[:, None] * s_o2_m + ns64[None, :] * s_o2_n
         _store(out2_ptr + out, acc2, omask, TRANS_OUT)
     if pid_n == 0:
+        # bias sums in a loop of their own: a reduction of A inside the GEMM loop needs the A tiles
+        # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
+        # 4x slower than the same layer's FLOPs predict, 75% of it in this kernel)
         if BIAS:
-            tl.store(db_ptr + e64 * s_db_e + ms64 * s_db_m, db.to(db_ptr.dtype.element_ty), mask=mmask)
+            _row_sums(a_ptr, s_a, lo, hi, ms, mmask, db_ptr + e64 * s_db_e + ms64 * s_db_m, BLOCK_M, BLOCK_K)
         if BIAS2:
-            tl.store(db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, db2.to(db2_ptr.dtype.element_ty), mask=mmask)
+            _row_sums(a2_ptr, s_a2, lo, hi, ms, mmask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m] = sum of a[s, m] over rows lo..hi."""
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_K):
+        s = s0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + s.to(tl.int64)[None, :] * s_a + ms[:, None], mask=mmask[:, None] & (s < hi)[None, :],
+                    other=0.0)
+        total += tl.sum(a.to(tl.float32), axis=1)
+    tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mmask)
 
 
 @triton.jit
