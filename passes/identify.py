@@ -207,8 +207,11 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
         raise Unproven(f"expert weights of unknown layout: {shapes}")
     logit_values = _randn((tokens, num_experts), gen, logits) * 2
     x_shape = _hint_shape(x)
-    # float64 makes the proof sharp; torch._grouped_mm has no float64 kernel.
-    dtypes = (value(x).dtype,) if names & {"_grouped_mm", "grouped_mm"} else (torch.float64, value(x).dtype)
+    # float64 makes the proof sharp; torch._grouped_mm has no float64 kernel, and a float64 copy
+    # of a large layer's experts is a compile-time peak users pay in memory (4.8 GB for a
+    # Qwen3-30B-A3B layer, 11 GB for Mixtral-8x7B's): those prove in the model's dtype.
+    wide = sum(real[w].numel() for w in weights) * 8 > PROOF_FLOAT64_BYTES
+    dtypes = (value(x).dtype,) if wide or names & {"_grouped_mm", "grouped_mm"} else (torch.float64, value(x).dtype)
     for dtype in dtypes:
         x_values = _randn(x_shape, gen, x).to(dtype)
         factors = _lora_values(lora, gen, dtype)
@@ -221,18 +224,20 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
                 continue
             raise Unproven(f"running the layer on random tokens failed: {e}") from None
         env = {**dict(zip(inputs, args)), **factors}
-        x2d = env[x].double().reshape(tokens, hidden)
+        x2d = env[x].to(dtype).reshape(tokens, hidden)
         # a bf16 model rounds inside the layer even when the proof feeds it float64
         tol = max(_TOLERANCE[dtype], _TOLERANCE[_coarsest(nodes)])
         best = float("inf")
         for router in routers:
             w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
+            w = w if dtype is torch.float64 else w.float()      # as moec.route gives it for the model
             used, ids = _touched(ids, num_experts)
             offsets, src, inv = torch.ops.moec.plan(ids, used.numel())
             for experts in map(lambda c: _with_lora(c, lora), candidates):
-                y = torch.ops.moec.experts(x2d, src, offsets, router.top_k, *_weight_args(experts, env, used),
-                                           experts.activation, experts.alpha, experts.limit)
-                out = torch.ops.moec.combine(y, inv, w)
+                y = torch.ops.moec.experts(x2d, src, offsets, router.top_k,
+                                           *_weight_args(experts, env, used, dtype), experts.activation,
+                                           experts.alpha, experts.limit)
+                out = torch.ops.moec.combine(y, inv, w).double()
                 err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                 best = min(best, err)
                 if err <= tol:
@@ -263,13 +268,13 @@ def route_with_capacity(router, logits, bias, num_experts):
     return w, ids
 
 
+PROOF_FLOAT64_BYTES = 1 << 30    # experts larger than this in float64 prove in the model's dtype
 _TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _touched(ids, num_experts):
     """(experts the proof tokens reach, ids renumbered into that list; -1 stays dropped). The proof
-    then copies only those experts to float64: a Qwen3-30B-A3B layer's 128 experts are 4.8 GB in
-    float64, the few dozen a proof reaches a fraction of it."""
+    then copies only those experts (to float64 where it proves in float64)."""
     used = torch.unique(ids[ids >= 0])
     if used.numel() == 0:            # every copy dropped: one expert keeps the shapes valid
         used = torch.zeros(1, dtype=ids.dtype, device=ids.device)
@@ -278,12 +283,15 @@ def _touched(ids, num_experts):
     return used, torch.where(ids >= 0, table[ids.clamp_min(0)], -1)
 
 
-def _weight_args(experts, env, used):
-    """(bases as float64 tensors, layout): the arguments the rewrite will emit, on example values,
-    restricted to the experts in `used` (dim 0 of every base is the expert)."""
+def _weight_args(experts, env, used, dtype):
+    """(bases in `dtype`, layout): the arguments the rewrite will emit, on example values,
+    restricted to the experts in `used` (dim 0 of every base is the expert; all of them in
+    order: the bases themselves, no copy)."""
     bases, layout = layouts.pack((experts.up, experts.gate, experts.down, experts.up_bias,
                                   experts.gate_bias, experts.down_bias), experts.lora)
-    return [env[node][used].double() for node in bases], layout
+    first = env[bases[0]]
+    every = used.numel() == first.shape[0] and bool((used == torch.arange(used.numel(), device=used.device)).all())
+    return [(env[node] if every else env[node][used]).to(dtype) for node in bases], layout
 
 
 def _with_lora(experts, lora):

@@ -59,3 +59,25 @@ def test_look_alikes_untouched(make):
     out = torch.compile(module, backend="moec", options={"dense_backend": "eager"})(torch.randn(10, 32, dtype=torch.float64))
     assert out is not None
     assert counters["moec"]["regions_fused"] == 0
+
+
+def test_large_experts_prove_in_the_model_dtype(monkeypatch, caplog):
+    """Experts whose float64 copy would pass the budget (4.8 GB for a Qwen3-30B-A3B layer) are
+    proved in the model's dtype, with no float64 copy; below it, in float64."""
+    from moec.passes import identify
+    torch.manual_seed(0)
+    module = MaskLoopMoE()
+
+    def proof():
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="moec"):
+            out = torch.compile(module, backend="moec", options={"dense_backend": "eager"})(torch.randn(10, 32))
+        assert out.shape == (10, 32)
+        return [r.getMessage() for r in caplog.records if "fused (" in r.getMessage()]
+    sharp = proof()
+    monkeypatch.setattr(identify, "PROOF_FLOAT64_BYTES", 0)
+    cheap = proof()
+    assert len(sharp) == len(cheap) == 1, (sharp, cheap)
+    assert "random tokens in float64" in sharp[0], sharp
+    assert "random tokens in float32" in cheap[0], cheap
