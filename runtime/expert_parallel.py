@@ -105,6 +105,11 @@ def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, 
     send, recv = splits[:ep], splits[ep:]
     kept, R = sum(send), sum(recv)
     empty = isinstance(S, int) and S == 0       # slicing it would mint a size nothing uses
+    if not empty:
+        # Stated, so the slice's size is `kept` itself: unproven, tracing mints a fresh unbacked size
+        # for it, which Inductor's re-propagation (it knows 0 <= kept <= S by then) cannot rebind
+        torch._check(kept >= 0)
+        torch._check(kept <= S)
     rows = x[(src if empty else src[:kept]) // k]                                  # (kept, H)
     local_ids = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep),
                                         recv_counts.reshape(-1), output_size=R)    # (R,)

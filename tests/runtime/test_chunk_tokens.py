@@ -132,17 +132,16 @@ def test_aot_forward_starts_early_and_waits_late(pool2, tmp_path):
             assert _collectives((folder / "aot_forward.py").read_text()) == "SSWSSWSWWSWW"
 
 
-def inductor_forward_order(rank, ws):
-    """Inductor's generated forward for capacity-mode pieces (dropless EP does not compile with
-    Inductor on CPU: its unbacked split sizes), with the dispatch/combine starts and waits in order;
-    outputs and grads match the single-process block."""
+def inductor_forward_order(rank, ws, capacity_factor):
+    """Inductor's generated forward for token chunks (dropless) or capacity-mode pieces, with the
+    dispatch/combine starts and waits in order; outputs and grads match the single-process block."""
     import torch._functorch.config as functorch_config
     from hf_models import moe_block
     from torch._inductor.utils import run_and_get_code
     ref, ep, mesh, sharded = _start(rank, ws, lambda: moe_block("qwen3_moe"))
     with torch._inductor.config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         compiled = torch.compile(ep, backend="moec", options={"ep_group": mesh, "ep_chunks": 2,
-                                                              "ep_capacity_factor": 8.0})   # drops none
+                                                              "ep_capacity_factor": capacity_factor})
         x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(rank))
         probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
         _, (forward, _) = run_and_get_code(
@@ -150,9 +149,10 @@ def inductor_forward_order(rank, ws):
     return _collectives(forward[forward.index("def call("):])
 
 
-def test_inductor_keeps_starts_early_and_waits_late(pool2):
+@pytest.mark.parametrize("capacity_factor", [0.0, 8.0], ids=["dropless", "capacity"])   # 8: drops none
+def test_inductor_keeps_starts_early_and_waits_late(pool2, capacity_factor):
     # both pieces' dispatches; per piece: its wait, its combine started; then the combines' waits
-    assert pool2.run(inductor_forward_order, timeout=300) == ["SSWSWSWW"] * 2
+    assert pool2.run(inductor_forward_order, capacity_factor, timeout=300) == ["SSWSWSWW"] * 2
 
 
 def test_whole_tiny_model_chunked_as_one_graph(pool2):

@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
@@ -107,7 +108,7 @@ def test_aot_eager_step_with_and_without_the_schedule_match_single_process(pool2
     pool2.run(aot_eager_step_with_and_without_schedule, timeout=240)
 
 
-def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws):
+def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws, capacity_factor):
     import torch._functorch.config as functorch_config
     from hf_models import moe_block
     from torch._inductor.utils import run_and_get_code
@@ -122,9 +123,8 @@ def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws):
     # a cache hit would skip the post-grad passes, and the pass's report with them
     no_cache = (torch._inductor.config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False))
     with tempfile.TemporaryDirectory() as tmp, no_cache[0], no_cache[1]:
-        # capacity routing: Inductor cannot yet compile the dropless all-to-all's unbacked splits on CPU
-        compiled = torch.compile(model, backend="moec", options={"ep_group": mesh, "ep_capacity_factor": 2.0,
-                                                                 "cache_dir": tmp})
+        compiled = torch.compile(model, backend="moec", options={"ep_group": mesh, "cache_dir": tmp,
+                                                                 "ep_capacity_factor": capacity_factor})
         got, codes = run_and_get_code(_step, compiled, model, x)
     _matches_reference(got, expected, rank)
     assert counters["moec"]["wgrad_ops_moved"] > 0, dict(counters["moec"])
@@ -140,5 +140,6 @@ def inductor_step_runs_weight_gradients_under_the_all_to_alls(rank, ws):
         pos("_c10d_functional.wait_tensor.default(", start), "\n".join(calls)
 
 
-def test_inductor_step_runs_weight_gradients_under_the_all_to_alls(pool2):
-    pool2.run(inductor_step_runs_weight_gradients_under_the_all_to_alls, timeout=300)
+@pytest.mark.parametrize("capacity_factor", [0.0, 2.0], ids=["dropless", "capacity"])
+def test_inductor_step_runs_weight_gradients_under_the_all_to_alls(pool2, capacity_factor):
+    pool2.run(inductor_step_runs_weight_gradients_under_the_all_to_alls, capacity_factor, timeout=300)
