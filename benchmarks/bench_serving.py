@@ -64,9 +64,29 @@ def _ms(fn, reps):
     return start.elapsed_time(end) / reps
 
 
+def decoder(model, forward, batch, max_len, cudagraphs):
+    """(step, cache): a prompt of PROMPT tokens per sequence prefilled uncompiled into a static KV
+    cache; each step() then decodes one greedy token per sequence with `forward`."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    prompt = torch.randint(100, 30000, (batch, PROMPT), device="cuda")
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(PROMPT, device="cuda"), logits_to_keep=1)
+    state = {"tok": out.logits[:, -1:].argmax(-1), "pos": PROMPT}
+
+    def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        pos = torch.tensor([state["pos"]], device="cuda")
+        o = forward(input_ids=state["tok"], past_key_values=cache, use_cache=True, cache_position=pos,
+                    position_ids=pos.expand(batch, 1), logits_to_keep=1)
+        state["tok"] = o.logits[:, -1:].argmax(-1)
+        state["pos"] += 1
+    return step, cache
+
+
 def run_cell(name, variant):
     from torch._dynamo.utils import counters
-    from transformers import StaticCache
     model = build(name, "eager" if variant == "hf_eager" else os.environ.get("BENCH_EXPERTS_IMPL", "grouped_mm"))
     forward = model.forward
     if variant != "hf_eager":
@@ -88,25 +108,12 @@ def run_cell(name, variant):
                 prefill()
             result["prefill_ms"][T] = _ms(prefill, 5)
         for B in DECODE_BATCH:
-            cache = StaticCache(config=model.config, max_cache_len=PROMPT + WARMUP + STEPS + 8)
-            prompt = torch.randint(100, 30000, (B, PROMPT), device="cuda")
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                        cache_position=torch.arange(PROMPT, device="cuda"), logits_to_keep=1)
-            state = {"tok": out.logits[:, -1:].argmax(-1), "pos": PROMPT}
-
-            def step():
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                pos = torch.tensor([state["pos"]], device="cuda")
-                o = forward(input_ids=state["tok"], past_key_values=cache, use_cache=True, cache_position=pos,
-                            position_ids=pos.expand(B, 1), logits_to_keep=1)
-                state["tok"] = o.logits[:, -1:].argmax(-1)
-                state["pos"] += 1
+            step, cache = decoder(model, forward, B, PROMPT + WARMUP + STEPS + 8, cudagraphs)
             for _ in range(WARMUP):
                 step()
             ms = _ms(step, STEPS)
             result["decode"][B] = {"ms_per_step": ms, "tokens_per_s": B * 1e3 / ms}
-            del cache
+            del step, cache
     result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     result["moec"] = dict(counters["moec"])
     result["recompiles"] = dict(counters["stats"])

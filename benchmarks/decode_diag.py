@@ -14,30 +14,16 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_serving import PROMPT, _ms, build  # noqa: E402
+from bench_serving import PROMPT, _ms, build, decoder  # noqa: E402
 
 
 def main(name, variant, batch):
-    from transformers import StaticCache
     model = build(name, "grouped_mm")
     cg = variant.endswith("_cg")
     forward = torch.compile(model.forward, backend="moec" if variant.startswith("moec") else "inductor",
                             mode="reduce-overhead" if cg else None)
     with torch.inference_mode():
-        cache = StaticCache(config=model.config, max_cache_len=PROMPT + 64)
-        prompt = torch.randint(100, 30000, (batch, PROMPT), device="cuda")
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                    cache_position=torch.arange(PROMPT, device="cuda"), logits_to_keep=1)
-        state = {"tok": out.logits[:, -1:].argmax(-1), "pos": PROMPT}
-
-        def step():
-            if cg:
-                torch.compiler.cudagraph_mark_step_begin()
-            pos = torch.tensor([state["pos"]], device="cuda")
-            o = forward(input_ids=state["tok"], past_key_values=cache, use_cache=True, cache_position=pos,
-                        position_ids=pos.expand(batch, 1), logits_to_keep=1)
-            state["tok"] = o.logits[:, -1:].argmax(-1)
-            state["pos"] += 1
+        step, _cache = decoder(model, forward, batch, PROMPT + 64, cg)
         for _ in range(6):
             step()
         ms = _ms(step, 10)
