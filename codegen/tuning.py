@@ -3,13 +3,15 @@
 Key: (kernel, E, k, H, F, dtype, device name, token bucket), the bucket being T rounded up to a
 power of two, so a new token count never triggers a new tuning run or a recompile (the block
 sizes are constexprs; the counts per expert stay on the device). Lookup order: pinned (tests) ->
-tuned this process, loaded from a JSON cache, or shipped in codegen/tuned/ (written by
-benchmarks/tune_kernels.py) -> the heuristic table below.
+tuned this process, loaded from a JSON cache, or shipped in codegen/tuned/ for this GPU (written
+by benchmarks/tune_kernels.py) -> shipped for another GPU of the same architecture (the H200
+reads the H100's table: both sm90) -> the heuristic table below.
 """
 import contextlib
 import functools
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,9 +41,15 @@ def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def key(kernel, E, k, H, F, dtype, device, tokens):
-    name = _device_name(device)
-    return f"{kernel}|E{E}|k{k}|H{H}|F{F}|{str(dtype)[6:]}|{name}|T{bucket(tokens)}"
+@functools.lru_cache(maxsize=None)
+def _arch(device) -> str:
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    return f"sm{major}{minor}"
+
+
+def key(kernel, E, k, H, F, dtype, device, tokens, gpu=None):
+    """`gpu`: the device's name by default; an architecture ("sm90") for the shipped fallback."""
+    return f"{kernel}|E{E}|k{k}|H{H}|F{F}|{str(dtype)[6:]}|{gpu or _device_name(device)}|T{bucket(tokens)}"
 
 
 def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
@@ -51,6 +59,8 @@ def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
     if device.type == "cuda" and not _shipped_loaded:
         _load_shipped()
     found = _tuned.get(key(kernel, E, k, H, F, dtype, device, tokens))
+    if found is None:   # a table shipped for another GPU of this architecture (H200: the H100's)
+        found = _by_arch.get(key(kernel, E, k, H, F, dtype, device, tokens, gpu=_arch(device)))
     if found is not None:
         return found
     if device.type != "cuda":   # the interpreter: few, small programs keep tests fast
@@ -102,19 +112,32 @@ def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20):
     return best, best_ms
 
 
-_SHIPPED = os.path.join(os.path.dirname(__file__), "tuned")      # tuned_<gpu>.json, committed
+_SHIPPED = os.path.join(os.path.dirname(__file__), "tuned")      # tuned_<gpu>_<arch>.json, committed
 _shipped_loaded = False
+_by_arch: dict = {}     # shipped entries keyed by architecture instead of GPU name
 
 
 def _load_shipped():
-    """Merge the committed tables once; entries tuned in this process take precedence."""
+    """Merge the committed tables once; entries tuned in this process take precedence. Each
+    table also serves, by the architecture in its file name, GPUs it was not tuned on: tiles
+    suit a kind of SM more than one card's bandwidth, and beat the heuristic table."""
     global _shipped_loaded
     _shipped_loaded = True
     own = dict(_tuned)
     for name in sorted(os.listdir(_SHIPPED)) if os.path.isdir(_SHIPPED) else []:
         if name.endswith(".json"):
+            before = dict(_tuned)
             load(os.path.join(_SHIPPED, name))
+            arch = re.search(r"_(sm\d+)\.json$", name)
+            if arch:
+                _by_arch.update({_with_gpu(k, arch.group(1)): v for k, v in _tuned.items() if before.get(k) is not v})
     _tuned.update(own)
+
+
+def _with_gpu(k, gpu):
+    parts = k.split("|")
+    parts[-2] = gpu
+    return "|".join(parts)
 
 
 def save(path):

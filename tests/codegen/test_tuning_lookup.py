@@ -1,0 +1,52 @@
+"""Where launch settings come from: the GPU's own shipped table first, then a table shipped for
+another GPU of its architecture, then the heuristic table. No GPU needed: the device's name and
+architecture are stand-ins."""
+import json
+
+import pytest
+import torch
+
+from moec.codegen import tuning
+from moec.codegen.tuning import Tile
+
+LAYER = (64, 8, 2048, 1024, torch.bfloat16)
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A shipped table tuned on "GPU A" (sm90) and a fresh lookup state."""
+    tuned = Tile(64, 128, 32, 8, 3)
+    key = tuning.key("gate_up", *LAYER, torch.device("cpu"), 4096, gpu="GPU A")
+    (tmp_path / "tuned_a_sm90.json").write_text(json.dumps({key: vars(tuned)}))
+    monkeypatch.setattr(tuning, "_SHIPPED", str(tmp_path))
+    monkeypatch.setattr(tuning, "_shipped_loaded", False)
+    monkeypatch.setattr(tuning, "_tuned", {})
+    monkeypatch.setattr(tuning, "_by_arch", {})
+    return tuned
+
+
+def _tile_on(monkeypatch, name, arch, tokens=4096):
+    monkeypatch.setattr(tuning, "_device_name", lambda device: name)
+    monkeypatch.setattr(tuning, "_arch", lambda device: arch)
+    return tuning.tile("gate_up", *LAYER, torch.device("cuda"), tokens)
+
+
+def test_the_gpu_it_was_tuned_on_reads_it(shipped, monkeypatch):
+    assert _tile_on(monkeypatch, "GPU A", "sm90") == shipped
+
+
+def test_another_gpu_of_the_architecture_reads_it(shipped, monkeypatch):
+    assert _tile_on(monkeypatch, "GPU B", "sm90") == shipped
+
+
+def test_other_architectures_and_buckets_fall_to_the_heuristic(shipped, monkeypatch):
+    heuristic = tuning._default("gate_up", 4096 * 8 / 64, torch.bfloat16)
+    assert _tile_on(monkeypatch, "GPU C", "sm100") == heuristic != shipped
+    assert _tile_on(monkeypatch, "GPU B", "sm90", tokens=64) == tuning._default("gate_up", 64 * 8 / 64, torch.bfloat16)
+
+
+def test_a_table_tuned_here_wins(shipped, monkeypatch):
+    own = Tile(128, 128, 64, 8, 4)
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU B")
+    tuning._tuned[tuning.key("gate_up", *LAYER, torch.device("cuda"), 4096)] = own
+    assert _tile_on(monkeypatch, "GPU B", "sm90") == own
