@@ -55,12 +55,9 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
             acc2 = mma(a, b, acc2, IEEE)
     e64 = e.to(tl.int64)
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
-    omask = mmask[:, None] & nmask[None, :]
-    out = e64 * s_o_e + ms64[:, None] * s_o_m + ns64[None, :] * s_o_n
-    _store(out_ptr + out, acc, omask, TRANS_OUT)
+    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, nmask, acc, TRANS_OUT)
     if DUAL:
-        out = e64 * s_o2_e + ms64[:, None] * s_o2_m + ns64[None, :] * s_o2_n
-        _store(out2_ptr + out, acc2, omask, TRANS_OUT)
+        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, nmask, acc2, TRANS_OUT)
     if pid_n == 0:
         # bias sums in a loop of their own: a reduction of A inside the GEMM loop needs the A tiles
         # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
@@ -84,11 +81,14 @@ def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _store(ptrs, acc, mask, TRANS_OUT: tl.constexpr):
-    if TRANS_OUT:    # (BN, BM): m last, so consecutive threads take consecutive m
-        tl.store(tl.trans(ptrs), tl.trans(acc).to(ptrs.dtype.element_ty), mask=tl.trans(mask))
+def _store(base, s_m, s_n, ms64, ns64, mmask, nmask, acc, TRANS_OUT: tl.constexpr):
+    """base[m * s_m + n * s_n] = acc[m, n]."""
+    if TRANS_OUT:    # a (BN, BM) tile, m last, so consecutive threads take consecutive m
+        ptrs = base + ns64[:, None] * s_n + ms64[None, :] * s_m
+        tl.store(ptrs, tl.trans(acc).to(base.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
     else:
-        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+        ptrs = base + ms64[:, None] * s_m + ns64[None, :] * s_n
+        tl.store(ptrs, acc.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None):
