@@ -1,10 +1,14 @@
 """Tune the grouped-GEMM launch settings per (layer, token bucket) on this GPU and show where
-the layer's time goes. Writes the tuned table as JSON (load it with codegen.tuning.load).
+the layer's time goes. Writes the tuned table as JSON into moec's cache (<cache_dir>/tuning, by
+default ~/.cache/moec/tuning; MOEC_CACHE_DIR), where every later compile on this machine reads it
+(codegen.tuning.load_dir), or into --out. A layer of your own: --shape E,k,H,F.
 
-Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 --out DIR
+Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 [--out DIR]
 """
 import argparse
+import json
 import os
+import re
 import sys
 
 import torch
@@ -19,7 +23,8 @@ from moec.codegen.gate_up_kernel import launch_gate_up  # noqa: E402
 from moec.codegen.jit_helpers import ACTIVATION_CODE  # noqa: E402
 from moec.codegen.tuning import Tile  # noqa: E402
 from moec.codegen.wgrad_kernel import launch_wgrad  # noqa: E402
-from layers import ALPHA, LIMIT, SHAPES, make_params, split  # noqa: E402
+from layers import ALPHA, LIMIT, SHAPES, Shape, make_params, split  # noqa: E402
+from moec.config import Config, cache_root  # noqa: E402
 
 T_ = Tile
 CANDIDATES = {
@@ -70,11 +75,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="olmoe,qwen3")
     ap.add_argument("--tokens", default="256,4096,16384")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shape", action="append", default=[], help="E,k,H,F of a SwiGLU layer of your own")
+    ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    for key in args.shapes.split(","):
-        s = SHAPES[key]
+    out = args.out or os.path.join(cache_root(Config.from_options()), "tuning")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"tuned_{re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name(dev)).lower()}.json")
+    mine = set(json.load(open(path))) if os.path.exists(path) else set()   # add to what earlier runs tuned here
+    tuning.load(path)
+    own = [Shape(f"E{e}k{k}H{h}F{f}", *map(int, (e, k, h, f))) for e, k, h, f in (x.split(",") for x in args.shape)]
+    for s in [SHAPES[key] for key in args.shapes.split(",") if key] + own:
         p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
         layer = (s.E, s.k, s.H, s.F)
         for T in [int(t) for t in args.tokens.split(",")]:
@@ -89,6 +100,7 @@ def main():
                     # the current choice competes too, so tuning never records a slower tile
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
                                                 [default] + [c for c in CANDIDATES[kind] if c != default])
+                    mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
                 else:
                     line.append(f"{name} {ms_default:.3f}")
@@ -96,7 +108,8 @@ def main():
                 total_best += min(ms_best, ms_default)
             print(f"{s.name} T={T}: sum default {total_default:.3f} ms, tuned {total_best:.3f} ms | " + "; ".join(line),
                   flush=True)
-            tuning.save(os.path.join(args.out, "tuned.json"))
+            tuning.save(path, keys=mine)
+    print(f"tuned launch settings saved to {path}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Key: (kernel, E, k, H, F, dtype, device name, token bucket), the bucket being T rounded up to a
 power of two, so a new token count never triggers a new tuning run or a recompile (the block
 sizes are constexprs; the counts per expert stay on the device). Lookup order: pinned (tests) ->
-tuned this process, loaded from a JSON cache, or shipped in codegen/tuned/ for this GPU (written
-by benchmarks/tune_kernels.py) -> shipped for another GPU of the same architecture (the H200
+tuned this process, loaded from the user's cache (<cache_dir>/tuning, read when moec compiles),
+or shipped in codegen/tuned/ for this GPU (both written by benchmarks/tune_kernels.py) -> shipped for another GPU of the same architecture (the H200
 reads the H100's table: both sm90) -> the heuristic table below.
 """
 import contextlib
@@ -140,9 +140,28 @@ def _with_gpu(k, gpu):
     return "|".join(parts)
 
 
-def save(path):
+_dirs_loaded: set = set()
+
+
+def load_dir(folder):
+    """Merge every JSON table in `folder`, once per process: where moec keeps the tables a user's
+    tuning runs wrote (benchmarks/tune_kernels.py saves to <cache_dir>/tuning), read at compile
+    time, so tuning persists across processes and never runs at run time. They override the
+    shipped tables (loaded before them or after, own entries win there)."""
+    folder = os.path.abspath(folder)
+    if folder in _dirs_loaded:
+        return
+    _dirs_loaded.add(folder)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            load(os.path.join(folder, name))
+
+
+def save(path, keys=None):
+    """Write the table (only `keys`, if given: a user's file should not freeze copies of shipped
+    entries that a later moec improves)."""
     with open(path, "w") as f:
-        json.dump({k: asdict(v) for k, v in _tuned.items()}, f, indent=1)
+        json.dump({k: asdict(v) for k, v in _tuned.items() if keys is None or k in keys}, f, indent=1)
 
 
 def load(path):

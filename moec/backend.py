@@ -7,13 +7,14 @@ rewrite them into `torch.ops.moec.*`) and hands the result to the dense backend 
 default), which compiles everything else as it would without moec.
 """
 import logging
+import os
 
 import torch
 from torch._dynamo.utils import counters
 
 from . import session
 from .capture import forward_backend_ctx, tracing_context
-from .config import Config
+from .config import Config, cache_root
 from .dense import compile_dense
 from .dump import Dumper, trace_artifact
 from .errors import MoecError
@@ -34,6 +35,8 @@ class MoecBackend:
         config = Config.from_options(options)
         counters["moec"]["graphs"] += 1
         import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
+        from moec.codegen import tuning
+        tuning.load_dir(os.path.join(cache_root(config), "tuning"))   # the user's tuned launch settings
         dumper = Dumper(config.dump_dir) if config.dump_dir else None
         gm, reports, pass_log = run_pipeline(gm, example_inputs, config, dumper)
         session.record(gm, reports)

@@ -40,6 +40,7 @@ from moec.passes.node_costs import NodeCosts, val
 from moec.runtime import resolve_ep_group
 from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, calibration_key
 
+from .config import cache_root
 from .dump import trace_artifact
 from .log import log
 
@@ -117,7 +118,7 @@ class BackwardHook:
         return tuple(sorted((p.name, p.read_text()) for p in root.glob("*.json"))) if root.is_dir() else ()
 
     def _root(self) -> Path:
-        return Path(self.config.cache_dir or Path.home() / ".cache" / "moec").expanduser() / "calibration"
+        return Path(cache_root(self.config)) / "calibration"
 
     def _calibration(self, device, group):
         path = self._root() / f"{calibration_key(device, group)}.json"

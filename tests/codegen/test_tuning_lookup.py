@@ -50,3 +50,31 @@ def test_a_table_tuned_here_wins(shipped, monkeypatch):
     monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU B")
     tuning._tuned[tuning.key("gate_up", *LAYER, torch.device("cuda"), 4096)] = own
     assert _tile_on(monkeypatch, "GPU B", "sm90") == own
+
+
+def test_user_tables_in_the_cache_win_and_are_read_once(shipped, tmp_path, monkeypatch):
+    mine = Tile(16, 64, 128, 4, 3)
+    folder = tmp_path / "tuning"
+    folder.mkdir()
+    monkeypatch.setattr(tuning, "_dirs_loaded", set())
+    key = tuning.key("gate_up", *LAYER, torch.device("cpu"), 4096, gpu="GPU A")
+    (folder / "tuned_gpu_a.json").write_text(json.dumps({key: vars(mine)}))
+    tuning.load_dir(str(folder))
+    assert _tile_on(monkeypatch, "GPU A", "sm90") == mine != shipped
+    (folder / "tuned_gpu_a.json").write_text(json.dumps({key: vars(shipped)}))
+    tuning.load_dir(str(folder))            # once per process: compiles do not re-read it
+    assert _tile_on(monkeypatch, "GPU A", "sm90") == mine
+
+
+def test_compiling_reads_the_cache_dir(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from moe_idioms import MaskLoopMoE
+    seen = []
+    monkeypatch.setattr(tuning, "load_dir", seen.append)
+    torch._dynamo.reset()
+    module = MaskLoopMoE()
+    torch.compile(module, backend="moec", options={"dense_backend": "eager", "cache_dir": str(tmp_path)})(
+        torch.randn(6, 32))
+    assert seen and all(s == str(tmp_path / "tuning") for s in seen), seen
