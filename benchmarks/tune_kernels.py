@@ -73,7 +73,7 @@ def kernels_for(s, p, T):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="olmoe,qwen3")
+    ap.add_argument("--shapes", help="layers of benchmarks/layers.py (default olmoe,qwen3 without --shape)")
     ap.add_argument("--tokens", default="256,4096,16384")
     ap.add_argument("--shape", action="append", default=[], help="E,k,H,F of a SwiGLU layer of your own")
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
@@ -85,7 +85,8 @@ def main():
     mine = set(json.load(open(path))) if os.path.exists(path) else set()   # add to what earlier runs tuned here
     tuning.load(path)
     own = [Shape(f"E{e}k{k}H{h}F{f}", *map(int, (e, k, h, f))) for e, k, h, f in (x.split(",") for x in args.shape)]
-    for s in [SHAPES[key] for key in args.shapes.split(",") if key] + own:
+    named = args.shapes if args.shapes is not None else ("" if own else "olmoe,qwen3")
+    for s in [SHAPES[key] for key in named.split(",") if key] + own:
         p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
         layer = (s.E, s.k, s.H, s.F)
         for T in [int(t) for t in args.tokens.split(",")]:
