@@ -62,8 +62,13 @@ def build(shape, tiny, device, dtype):
         config = getattr(tf, cfg_name)(**{"vocab_size": VOCAB, "num_hidden_layers": LAYERS,
                                           "max_position_embeddings": 8192, **kw})
         config._experts_implementation = "grouped_mm"
-        with torch.device(device):
-            model = getattr(tf, cls_name)(config)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)    # built in bf16: DeepSeek-V3's layer is 46 GB in float32
+        try:
+            with torch.device(device):
+                model = getattr(tf, cls_name)(config)
+        finally:
+            torch.set_default_dtype(before)
     model.config.use_cache = False
     return model.to(device=device, dtype=dtype).train()
 
