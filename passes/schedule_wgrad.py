@@ -57,6 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from moec.runtime.schedule_search import format_time
+
 from .graph import op_name
 from .node_costs import ALL_TO_ALL, WAIT, is_collective, nbytes, size, tensors, val
 
@@ -116,8 +118,8 @@ class ScheduleWGradReport:
         hidden = sum(w.hidden_after_s - w.hidden_before_s for w in self.windows)
         filled = sum(1 for w in self.windows if w.moves)
         return (f"{PASS}: {self.moved} weight-gradient ops moved under {filled} of {len(self.windows)} all-to-alls, "
-                f"{_ms(hidden)} more communication hidden (predicted step {_ms(self.step_before_s)} -> "
-                f"{_ms(self.step_after_s)}), peak memory {self.peak_before} -> {self.peak_after} B "
+                f"{format_time(hidden)} more communication hidden (predicted step {format_time(self.step_before_s)} -> "
+                f"{format_time(self.step_after_s)}), peak memory {self.peak_before} -> {self.peak_after} B "
                 f"(bound +{self.memory_bound:.0f} B)")
 
     def text(self) -> str:
@@ -125,11 +127,11 @@ class ScheduleWGradReport:
         if self.cost_source:
             lines.append(f"cost model: {self.cost_source}")
         for w in self.windows:
-            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {_ms(w.comm_s)}, {_ms(w.busy_s)} of compute "
+            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {format_time(w.comm_s)}, {format_time(w.busy_s)} of compute "
                          f"already "
-                         f"under it; hidden {_ms(w.hidden_before_s)} -> {_ms(w.hidden_after_s)}")
+                         f"under it; hidden {format_time(w.hidden_before_s)} -> {format_time(w.hidden_after_s)}")
             for m in w.moves:
-                lines.append(f"  moved {m.direction} ({_ms(m.time_s)}): " +
+                lines.append(f"  moved {m.direction} ({format_time(m.time_s)}): " +
                              ", ".join(f"{n} ({op})" for n, op in zip(m.nodes, m.ops)))
             if not w.moves:
                 lines.append("  nothing moved")
@@ -190,7 +192,7 @@ def _fill(order, windows, candidates, wgrad, busy, costs, memory, limit, fixed) 
                 elif t <= slack + _EPS:
                     fits.append((t, c, nodes))
                 else:
-                    why_not[c].setdefault("time", f"{_ms(t)} does not fit the {_ms(slack)} left under {start.name}")
+                    why_not[c].setdefault("time", f"{format_time(t)} does not fit the {format_time(slack)} left under {start.name}")
             placed = None
             for t, c, nodes in sorted(fits, key=lambda f: (-f[0], pos[f[1]])):
                 trial = _moved(order, nodes, wait)
@@ -412,6 +414,6 @@ def _names(nodes) -> tuple:
     return tuple(n.name for n in nodes)
 
 
-def _ms(s: float) -> str:
+def format_time(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-4 or s == 0 else f"{s * 1e6:.3g} us"
 

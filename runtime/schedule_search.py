@@ -354,16 +354,17 @@ def _schedule(costs, a2a, comm, k, pre_range, post_range, events, placed, unplac
                     tuple(events), tried, placed, tuple(w.name for w in unplaced), costs, a2a, wgrads)
 
 
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s >= 1e-4 else f"{s * 1e6:.3g} us"
+def format_time(s: float) -> str:
+    """Seconds as "1.23 ms", or "45.6 us" under 0.1 ms (0 is "0 ms")."""
+    return f"{s * 1e3:.3g} ms" if s >= 1e-4 or s == 0 else f"{s * 1e6:.3g} us"
 
 
 def _explain(s: Schedule) -> str:
     names = s.chunked_ops()
     what = f"chunking {'+'.join(names)} with the experts" if names else "chunking the experts only"
     gain = 1 - s.step_s / s.unchunked_s if s.unchunked_s else 0.0
-    lines = [f"k={s.k}: {what}: {_ms(s.step_s)} predicted vs {_ms(s.unchunked_s)} unchunked ({gain:.0%} less)"
-             if s.k > 1 else f"k=1: no chunking pays off: {_ms(s.step_s)} predicted (the serial sum)"]
+    lines = [f"k={s.k}: {what}: {format_time(s.step_s)} predicted vs {format_time(s.unchunked_s)} unchunked ({gain:.0%} less)"
+             if s.k > 1 else f"k=1: no chunking pays off: {format_time(s.step_s)} predicted (the serial sum)"]
     behind = {}
     for e in s.events:
         if e.stream == "compute":
@@ -372,29 +373,29 @@ def _explain(s: Schedule) -> str:
                 behind[e.label] = behind.get(e.label, 0.0) + ov
     hidden = s.comm_s - s.exposed_comm_s
     top = sorted(behind.items(), key=lambda kv: -kv[1])
-    shown = [f"{lbl} {_ms(t)}" for lbl, t in top[:4]] + ([f"{len(top) - 4} more"] if len(top) > 4 else [])
-    lines.append(f"all-to-all {_ms(s.comm_s)} per layer in {2 * s.k} pieces: {_ms(hidden)} hidden behind "
-                 f"{' + '.join(shown) or 'no compute'}, {_ms(s.exposed_comm_s)} exposed")
+    shown = [f"{lbl} {format_time(t)}" for lbl, t in top[:4]] + ([f"{len(top) - 4} more"] if len(top) > 4 else [])
+    lines.append(f"all-to-all {format_time(s.comm_s)} per layer in {2 * s.k} pieces: {format_time(hidden)} hidden behind "
+                 f"{' + '.join(shown) or 'no compute'}, {format_time(s.exposed_comm_s)} exposed")
     chosen = dict(s.tried).get(s.k)
     for k, d in s.tried:
         if k == s.k:
             continue
         if "pruned_below" in d:
-            why = (f"the all-to-all alone takes {_ms(d['comm_s'])}, latency paid {2 * k} times"
-                   if d["pruned_below"] > d["compute_s"] else f"compute alone takes {_ms(d['compute_s'])}")
+            why = (f"the all-to-all alone takes {format_time(d['comm_s'])}, latency paid {2 * k} times"
+                   if d["pruned_below"] > d["compute_s"] else f"compute alone takes {format_time(d['compute_s'])}")
             lines.append(f"k={k}: cannot beat it: {why}")
             continue
         why = ""
         if chosen:
             deltas = {"more all-to-all exposed": d["exposed_s"] - chosen["exposed_s"],
-                      f"latency paid {2 * k} times (all-to-all {_ms(d['comm_s'])})": d["comm_s"] - chosen["comm_s"],
+                      f"latency paid {2 * k} times (all-to-all {format_time(d['comm_s'])})": d["comm_s"] - chosen["comm_s"],
                       "per-chunk overheads": d["compute_s"] - chosen["compute_s"]}
             reason, delta = max(deltas.items(), key=lambda kv: kv[1])
             why = f": {reason}" if delta > _EPS else ""
-        lines.append(f"k={k}: {_ms(d['step_s'])} (+{_ms(d['step_s'] - s.step_s)}){why}")
+        lines.append(f"k={k}: {format_time(d['step_s'])} (+{format_time(d['step_s'] - s.step_s)}){why}")
     if s.wgrads:
         for p in s.placed:
-            lines.append(f"weight gradient {p.name} runs under {p.under} ({_ms(p.end - p.start)})")
+            lines.append(f"weight gradient {p.name} runs under {p.under} ({format_time(p.end - p.start)})")
         if s.unplaced:
             lines.append(f"weight gradients left where they are (no room or over the memory budget): "
                          f"{', '.join(s.unplaced)}")
