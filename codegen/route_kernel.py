@@ -130,7 +130,8 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
         logits = logits.contiguous()
     e_pow2 = triton.next_power_of_2(E)
     # few tokens (decode): a tile of just those rows and fewer warps, whose reductions then stay
-    # within a warp; the launch's latency is what a decode step pays (12 us at T=1, E=128 before)
+    # within a warp; the launch's latency is what a decode step pays (12 us at T=1, E=128 before).
+    # The tile is a power-of-two bucket of T: at most 7 compiled variants, each built once
     block_t = max(1, min(64, 4096 // e_pow2, triton.next_power_of_2(T)))
     warps = max(1, min(4, block_t * e_pow2 // 256))
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
