@@ -115,9 +115,9 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
 def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
     """Steps 1-3 of `experts_backward` alone: -> [dx (T, H), h, du, dg (S, F) grouped; dg (0,)
     without a gate]. With `experts_wgrad` on the same h, du, dg it gives what `experts_backward`
-    gives, so the weight gradients can run later (under an all-to-all). No LoRA layouts."""
+    gives, so the weight gradients can run later (under an all-to-all). No LoRA layouts (the op
+    refuses them)."""
     _check(x)
-    _no_lora(layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     S, (E, F, H) = src.shape[0], w_up.shape
     h, du = x.new_empty(S, F), x.new_empty(S, F)
@@ -137,7 +137,6 @@ def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=
     """Step 4 of `experts_backward` alone, from `experts_backward_rows`' h, du, dg: one gradient
     per base of `weights` (None where needs[i] is False)."""
     _check(x)
-    _no_lora(layout)
     grads, slots, out = _grad_buffers(weights, layout, needs)
     if src.shape[0] == 0:
         for t in out.values():
@@ -147,12 +146,6 @@ def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=
     t_wg, t_wg2 = _tiles(x, src, w_up, k, "wgrad", "wgrad_dual")
     _base_wgrads(grad_y, x, src, offsets, k, h, du, dg if dg.numel() else None, out.get, t_wg, t_wg2)
     return _finish(grads, slots, out)
-
-
-def _no_lora(layout):
-    if any(role.startswith("lora_") for role in layouts.parse(layout)):
-        raise MoecKernelError(f"moec.experts_backward_rows / experts_wgrad: layout {layout!r} has LoRA "
-                              f"factors; use moec.experts_backward, which computes them")
 
 
 def _grad_buffers(weights, layout, needs, skip=()):
