@@ -106,22 +106,21 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _ENV_ALIASES = {"dump_dir": "MOEC_DUMP"}   # the short spellings users type
 
 
-def cache_root(config: "Config") -> str:
-    """The folder moec keeps per-machine measurements in: Config.cache_dir, else ~/.cache/moec."""
-    return os.path.expanduser(config.cache_dir or os.path.join("~", ".cache", "moec"))
-
-
 def env_value(name: str):
     """One option as the environment sets it (its default where unset), without building a
     Config: for code that runs on every call of a compiled function."""
-    raw = os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
+    raw = _env_raw(name)
     return _FIELDS[name].default if raw is None else _coerce(name, raw)
+
+
+def _env_raw(name: str):
+    return os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
 
 
 def _from_env() -> dict:
     out = {}
     for name in _FIELDS:
-        raw = os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
+        raw = _env_raw(name)
         if raw is not None:
             out[name] = raw
     return out
