@@ -24,7 +24,8 @@ from moec.codegen.jit_helpers import ACTIVATION_CODE  # noqa: E402
 from moec.codegen.tuning import Tile  # noqa: E402
 from moec.codegen.wgrad_kernel import launch_wgrad  # noqa: E402
 from layers import ALPHA, LIMIT, SHAPES, Shape, make_params, split  # noqa: E402
-from moec.config import Config, cache_root  # noqa: E402
+from moec.config import Config  # noqa: E402
+from moec.runtime.cost_model import cache_root  # noqa: E402
 
 T_ = Tile
 CANDIDATES = {
@@ -79,7 +80,7 @@ def main():
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    out = args.out or os.path.join(cache_root(Config.from_options()), "tuning")
+    out = args.out or str(cache_root(Config.from_options().cache_dir) / "tuning")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"tuned_{re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name(dev)).lower()}.json")
     mine = set(json.load(open(path))) if os.path.exists(path) else set()   # add to what earlier runs tuned here

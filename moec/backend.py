@@ -7,14 +7,13 @@ rewrite them into `torch.ops.moec.*`) and hands the result to the dense backend 
 default), which compiles everything else as it would without moec.
 """
 import logging
-import os
 
 import torch
 from torch._dynamo.utils import counters
 
 from . import session
 from .capture import forward_backend_ctx, tracing_context
-from .config import Config, cache_root
+from .config import Config
 from .dense import compile_dense
 from .dump import Dumper, trace_artifact
 from .errors import MoecError
@@ -36,7 +35,8 @@ class MoecBackend:
         counters["moec"]["graphs"] += 1
         import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
         from moec.codegen import tuning
-        tuning.load_dir(os.path.join(cache_root(config), "tuning"))   # the user's tuned launch settings
+        from moec.runtime.cost_model import cache_root
+        tuning.load_dir(str(cache_root(config.cache_dir) / "tuning"))   # the user's tuned launch settings
         dumper = Dumper(config.dump_dir) if config.dump_dir else None
         gm, reports, pass_log = run_pipeline(gm, example_inputs, config, dumper)
         session.record(gm, reports)

@@ -38,9 +38,8 @@ from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wr
 from moec.passes import node_costs, schedule_wgrad as wgrad_pass, split_experts_backward as split_pass
 from moec.passes.node_costs import NodeCosts, val
 from moec.runtime import resolve_ep_group
-from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, calibration_key
+from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel, cache_root, calibration_path
 
-from .config import cache_root
 from .dump import trace_artifact
 from .log import log
 
@@ -118,10 +117,10 @@ class BackwardHook:
         return tuple(sorted((p.name, p.read_text()) for p in root.glob("*.json"))) if root.is_dir() else ()
 
     def _root(self) -> Path:
-        return Path(cache_root(self.config)) / "calibration"
+        return cache_root(self.config.cache_dir) / "calibration"
 
     def _calibration(self, device, group):
-        path = self._root() / f"{calibration_key(device, group)}.json"
+        path = calibration_path(device, group, self.config.cache_dir)
         return (Calibration.load(path), path) if path.exists() else None
 
     def inductor_pass(self, flags, before=None):

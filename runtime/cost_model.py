@@ -304,10 +304,15 @@ def calibration_key(device, group=None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-ws{world}-{backend}")
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The folder moec keeps per-machine measurements in (calibration/, tuning/): cache_dir
+    (moec's Config.cache_dir, MOEC_CACHE_DIR), else ~/.cache/moec."""
+    return Path(cache_dir or Path.home() / ".cache" / "moec").expanduser()
+
+
 def calibration_path(device, group=None, cache_dir: str | None = None) -> Path:
     """Where `load_or_calibrate` caches the calibration for (device, world size, backend)."""
-    return Path(cache_dir or Path.home() / ".cache" / "moec").expanduser() / "calibration" / \
-        f"{calibration_key(device, group)}.json"
+    return cache_root(cache_dir) / "calibration" / f"{calibration_key(device, group)}.json"
 
 
 def cached_calibration(device, group=None, cache_dir: str | None = None) -> Calibration | None:
