@@ -4,8 +4,9 @@ Key: (kernel, E, k, H, F, dtype, device name, token bucket), the bucket being T 
 power of two, so a new token count never triggers a new tuning run or a recompile (the block
 sizes are constexprs; the counts per expert stay on the device). Lookup order: pinned (tests) ->
 tuned this process, loaded from the user's cache (<cache_dir>/tuning, read when moec compiles),
-or shipped in codegen/tuned/ for this GPU (both written by benchmarks/tune_kernels.py) -> shipped for another GPU of the same architecture (the H200
-reads the H100's table: both sm90) -> the heuristic table below.
+or shipped in codegen/tuned/ for this GPU (both written by benchmarks/tune_kernels.py) ->
+shipped for another GPU of the same architecture (the H200 reads the H100's table: both sm90) ->
+the heuristic table below.
 """
 import contextlib
 import functools
@@ -124,14 +125,19 @@ def _load_shipped():
     global _shipped_loaded
     _shipped_loaded = True
     own = dict(_tuned)
-    for name in sorted(os.listdir(_SHIPPED)) if os.path.isdir(_SHIPPED) else []:
-        if name.endswith(".json"):
-            before = dict(_tuned)
-            load(os.path.join(_SHIPPED, name))
-            arch = re.search(r"_(sm\d+)\.json$", name)
-            if arch:
-                _by_arch.update({_with_gpu(k, arch.group(1)): v for k, v in _tuned.items() if before.get(k) is not v})
+    for path in _tables(_SHIPPED):
+        table = _read(path)
+        _tuned.update(table)
+        arch = re.search(r"_(sm\d+)\.json$", path)
+        if arch:
+            _by_arch.update({_with_gpu(k, arch.group(1)): v for k, v in table.items()})
     _tuned.update(own)
+
+
+def _tables(folder) -> list:
+    """The JSON tables in `folder`, in name order (none if it does not exist)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, name) for name in names if name.endswith(".json")]
 
 
 def _with_gpu(k, gpu):
@@ -152,9 +158,8 @@ def load_dir(folder):
     if folder in _dirs_loaded:
         return
     _dirs_loaded.add(folder)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
-            load(os.path.join(folder, name))
+    for path in _tables(folder):
+        load(path)
 
 
 def save(path, keys=None):
@@ -167,5 +172,9 @@ def save(path, keys=None):
 def load(path):
     """Merge a cache written by `save` (missing file: nothing to do)."""
     if os.path.exists(path):
-        with open(path) as f:
-            _tuned.update({k: Tile(**v) for k, v in json.load(f).items()})
+        _tuned.update(_read(path))
+
+
+def _read(path) -> dict:
+    with open(path) as f:
+        return {k: Tile(**v) for k, v in json.load(f).items()}
