@@ -127,8 +127,8 @@ class ScheduleWGradReport:
         if self.cost_source:
             lines.append(f"cost model: {self.cost_source}")
         for w in self.windows:
-            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {format_time(w.comm_s)}, {format_time(w.busy_s)} of compute "
-                         f"already "
+            lines.append(f"\n{w.collective} .. {w.wait}: all-to-all {format_time(w.comm_s)}, "
+                         f"{format_time(w.busy_s)} of compute already "
                          f"under it; hidden {format_time(w.hidden_before_s)} -> {format_time(w.hidden_after_s)}")
             for m in w.moves:
                 lines.append(f"  moved {m.direction} ({format_time(m.time_s)}): " +
@@ -192,7 +192,8 @@ def _fill(order, windows, candidates, wgrad, busy, costs, memory, limit, fixed) 
                 elif t <= slack + _EPS:
                     fits.append((t, c, nodes))
                 else:
-                    why_not[c].setdefault("time", f"{format_time(t)} does not fit the {format_time(slack)} left under {start.name}")
+                    why_not[c].setdefault("time", f"{format_time(t)} does not fit the {format_time(slack)} left "
+                                                  f"under {start.name}")
             placed = None
             for t, c, nodes in sorted(fits, key=lambda f: (-f[0], pos[f[1]])):
                 trial = _moved(order, nodes, wait)

@@ -363,8 +363,9 @@ def _explain(s: Schedule) -> str:
     names = s.chunked_ops()
     what = f"chunking {'+'.join(names)} with the experts" if names else "chunking the experts only"
     gain = 1 - s.step_s / s.unchunked_s if s.unchunked_s else 0.0
-    lines = [f"k={s.k}: {what}: {format_time(s.step_s)} predicted vs {format_time(s.unchunked_s)} unchunked ({gain:.0%} less)"
-             if s.k > 1 else f"k=1: no chunking pays off: {format_time(s.step_s)} predicted (the serial sum)"]
+    headline = f"k={s.k}: {what}: {format_time(s.step_s)} predicted vs {format_time(s.unchunked_s)} unchunked " \
+        f"({gain:.0%} less)"
+    lines = [headline if s.k > 1 else f"k=1: no chunking pays off: {format_time(s.step_s)} predicted (the serial sum)"]
     behind = {}
     for e in s.events:
         if e.stream == "compute":
@@ -374,8 +375,8 @@ def _explain(s: Schedule) -> str:
     hidden = s.comm_s - s.exposed_comm_s
     top = sorted(behind.items(), key=lambda kv: -kv[1])
     shown = [f"{lbl} {format_time(t)}" for lbl, t in top[:4]] + ([f"{len(top) - 4} more"] if len(top) > 4 else [])
-    lines.append(f"all-to-all {format_time(s.comm_s)} per layer in {2 * s.k} pieces: {format_time(hidden)} hidden behind "
-                 f"{' + '.join(shown) or 'no compute'}, {format_time(s.exposed_comm_s)} exposed")
+    lines.append(f"all-to-all {format_time(s.comm_s)} per layer in {2 * s.k} pieces: {format_time(hidden)} hidden "
+                 f"behind {' + '.join(shown) or 'no compute'}, {format_time(s.exposed_comm_s)} exposed")
     chosen = dict(s.tried).get(s.k)
     for k, d in s.tried:
         if k == s.k:
@@ -388,7 +389,8 @@ def _explain(s: Schedule) -> str:
         why = ""
         if chosen:
             deltas = {"more all-to-all exposed": d["exposed_s"] - chosen["exposed_s"],
-                      f"latency paid {2 * k} times (all-to-all {format_time(d['comm_s'])})": d["comm_s"] - chosen["comm_s"],
+                      f"latency paid {2 * k} times (all-to-all {format_time(d['comm_s'])})":
+                          d["comm_s"] - chosen["comm_s"],
                       "per-chunk overheads": d["compute_s"] - chosen["compute_s"]}
             reason, delta = max(deltas.items(), key=lambda kv: kv[1])
             why = f": {reason}" if delta > _EPS else ""
