@@ -1,5 +1,6 @@
 """One MoE layer (router + top-k + experts + combine, bf16): moec ops vs HF-style eager loop,
-HF-style torch._grouped_mm (eager and under default torch.compile), and the roofline floor.
+HF-style torch._grouped_mm (eager and under default torch.compile), SonicMoE where it is installed
+and can run the layer (sonic_peer.py), and the roofline floor.
 
 Prints a markdown table, writes JSON (+ .md, + .png when matplotlib is there) to --out.
 ms = median of triton.testing.do_bench; train = forward + backward (grads of x and all weights).
@@ -20,9 +21,10 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
-from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer  # noqa: E402
+from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
+from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
 
-METHODS = ("moec", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled")
+METHODS = ("moec", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
 GRAPH_METHODS = ("moec", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): it cannot be captured
 
 
@@ -64,7 +66,8 @@ def bench_graph(fn, x):
 
 
 def bench(fn, params, x, train):
-    leaves = [x] + [t for t in params.values() if t.requires_grad]
+    # a peer holding its own copies of the weights (sonic_peer) names them in fn.leaves
+    leaves = [x] + getattr(fn, "leaves", [t for t in params.values() if t.requires_grad])
     if train:
         probe = torch.randn(x.shape, device=x.device, dtype=x.dtype)
 
@@ -84,7 +87,7 @@ def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9}
+            "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)
     rows = []
     for key in args.shapes.split(","):
@@ -92,8 +95,17 @@ def run(args):
         params = make_params(s, "cuda")
         torch._dynamo.reset()
         compiled = torch.compile(lambda x: hf_grouped_layer(s, params, x))
-        fns = {"moec": lambda x: moec_layer(s, params, x), "hf_loop": lambda x: hf_loop_layer(s, params, x),
+        fns = {"moec": lambda x: moec_layer(s, params, x), "moec_unfused": lambda x: moec_unfused_layer(s, params, x),
+               "hf_loop": lambda x: hf_loop_layer(s, params, x),
                "hf_grouped_mm": lambda x: hf_grouped_layer(s, params, x), "hf_grouped_mm_compiled": compiled}
+        fns = {name: fn for name, fn in fns.items() if name not in args.skip.split(",")}
+        sonic_error = None
+        try:
+            if "sonicmoe" in args.skip.split(","):
+                raise RuntimeError("skipped (--skip)")
+            fns["sonicmoe"] = sonic_layer(s, params)
+        except Exception as e:  # Unsupported or failing to build: the column says why, the run goes on
+            sonic_error = _why(e)
         for T in [int(t) for t in args.tokens.split(",")]:
             if key == "deepseek" and T > args.deepseek_max_tokens:
                 continue
@@ -102,11 +114,21 @@ def run(args):
                 _, ids = moec_layer.__globals__["reference"].route(x @ params["router"].t(), params.get("score_bias"),
                                                                    s.k, s.scoring, s.renormalize, 1.0, s.n_group, s.topk_group)
                 ref = hf_loop_layer(s, params, x).float()
-                err = ((moec_layer(s, params, x).float() - ref).norm() / ref.norm()).item()
+                rel_err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
+                err = rel_err(moec_layer(s, params, x))
+                sonic_acc = {}
+                if "sonicmoe" in fns:
+                    try:
+                        sonic_acc["sonicmoe_rel_err"] = rel_err(fns["sonicmoe"](x))
+                    except Exception as e:
+                        sonic_acc = {"sonicmoe_rel_err": None, "sonicmoe_rel_err_error": _why(e)}
             for train in (False, True):
                 fl, flops = floor_ms(s, T, ids, peak, bw, train)
                 row = {"shape": s.name, "E": s.E, "k": s.k, "H": s.H, "F": s.F, "tokens": T,
-                       "mode": "train" if train else "fwd", "floor_ms": fl, "flops": flops, "moec_rel_err": err}
+                       "mode": "train" if train else "fwd", "floor_ms": fl, "flops": flops, "moec_rel_err": err,
+                       **sonic_acc}
+                if sonic_error:
+                    row.update(sonicmoe=None, sonicmoe_error=sonic_error)
                 for name, fn in fns.items():
                     if name == "hf_loop" and T * s.k > args.loop_max_copies and train:
                         continue
@@ -115,7 +137,7 @@ def run(args):
                         row[name] = bench(fn, params, x, train)
                     except Exception as e:  # record and go on: one failing peer must not end the run
                         row[name] = None
-                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        row[name + "_error"] = _why(e)
                     row[name + "_wall_s"] = round(time.time() - t0, 1)
                 if args.graphs and not train:
                     for name in GRAPH_METHODS:
@@ -123,7 +145,7 @@ def run(args):
                             row[name + "_graph"] = bench_graph(fns[name], x)
                         except Exception as e:
                             row[name + "_graph"] = None
-                            row[name + "_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                            row[name + "_graph_error"] = _why(e)
                 rows.append(row)
                 print(_line(row), flush=True)
                 _save(args.out, info, rows)
@@ -133,22 +155,31 @@ def run(args):
     return info, rows
 
 
+def _why(e):
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def _line(r):
     names = list(METHODS) + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
     parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in names]
+    if r.get("sonicmoe_rel_err") is not None:
+        parts.append(f"sonicmoe_err={r['sonicmoe_rel_err']:.1e}")
     return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
 
 
 def table(rows):
     fmt = lambda v: "—" if v is None else f"{v:.3f}"
-    out = ["| layer | tokens | mode | floor ms | moec ms | HF loop ms | HF grouped_mm ms | HF grouped_mm + compile ms | "
-           "moec speedup vs compiled | moec % of floor |", "|" + "---|" * 10]
+    speedup = lambda peer, m: f"{peer / m:.2f}x" if peer and m else "—"
+    out = ["| layer | tokens | mode | floor ms | moec ms | moec unfused ms | HF loop ms | HF grouped_mm ms | "
+           "HF grouped_mm + compile ms | SonicMoE ms | moec speedup vs compiled | moec speedup vs SonicMoE | "
+           "moec % of floor |", "|" + "---|" * 13]
     for r in rows:
-        c, m = r.get("hf_grouped_mm_compiled"), r.get("moec")
-        sp = f"{c / m:.2f}x" if c and m else "—"
+        c, m, so = r.get("hf_grouped_mm_compiled"), r.get("moec"), r.get("sonicmoe")
         pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
-        out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('hf_loop'))} "
-                   f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {sp} | {pf} |")
+        out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('moec_unfused'))} "
+                   f"| {fmt(r.get('hf_loop'))} "
+                   f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {fmt(so)} | {speedup(c, m)} | {speedup(so, m)} "
+                   f"| {pf} |")
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
         out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",
@@ -157,9 +188,8 @@ def table(rows):
         pct = lambda r, v: f"{100 * r['floor_ms'] / v:.0f}%" if v else "—"
         for r in graphed:
             c, m = r.get("hf_grouped_mm_compiled_graph"), r.get("moec_graph")
-            sp = f"{c / m:.2f}x" if c and m else "—"
-            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(c)} | {sp} | "
-                       f"{pct(r, m)} | {pct(r, c)} |")
+            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(c)} | "
+                       f"{speedup(c, m)} | {pct(r, m)} | {pct(r, c)} |")
     return "\n".join(out)
 
 
@@ -174,6 +204,7 @@ def main():
     p.add_argument("--shapes", default="olmoe,qwen3,mixtral,gptoss,deepseek")
     p.add_argument("--tokens", default="16,256,4096,16384")
     p.add_argument("--deepseek-max-tokens", type=int, default=4096)
+    p.add_argument("--skip", default="", help="methods to leave out, e.g. hf_loop,hf_grouped_mm,moec_unfused")
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--graphs", action="store_true", help="also time forward replays of CUDA graphs")
@@ -181,7 +212,8 @@ def main():
     info, rows = run(args)
     _save(args.out, info, rows)
     with open(os.path.join(args.out, "bench_layer.md"), "w") as f:
-        f.write(f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}\n"
+        f.write(f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; "
+                f"sonic-moe {info['sonic_moe']}; {info['date']}\n"
                 f"measured bf16 matmul {info['matmul_bf16_tflops']:.0f} TFLOP/s, copy {info['copy_gbps']:.0f} GB/s\n\n")
         f.write(table(rows) + "\n")
     try:

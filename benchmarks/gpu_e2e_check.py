@@ -6,7 +6,8 @@ with backend="moec" (Inductor around moec's Triton kernels), in bf16, against ea
   * decode steps under mode="reduce-overhead" (CUDA graphs) equal eager
 
 Writes benchmarks/results/gpu_e2e_<gpu>.json (or $OUT) with device, versions and date.
-Run from outside the checkout (or with `python -P`) after `pip install -e .`, so the installed
+Run: python gpu_e2e_check.py [train,decode_cudagraphs,decode_default_mode] (default: all three),
+from outside the checkout (or with `python -P`) after `pip install -e .`, so the installed
 package, not the checkout's moec/ folder, is imported.
 """
 import datetime
@@ -86,8 +87,10 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "transformers": transformers.__version__, "date": datetime.date.today().isoformat(), "archs": {}}
     # all training checks first: a CUDA fault in one decode check poisons the context for the rest
-    for name, fn in (("train", check_train), ("decode_cudagraphs", check_decode),
-                     ("decode_default_mode", lambda a: check_decode(a, mode="default"))):
+    checks = (("train", check_train), ("decode_cudagraphs", check_decode),
+              ("decode_default_mode", lambda a: check_decode(a, mode="default")))
+    wanted = sys.argv[1].split(",") if len(sys.argv) > 1 else [name for name, _ in checks]   # e.g. "train"
+    for name, fn in [(name, fn) for name, fn in checks if name in wanted]:
         for arch in ARCHS:
             torch._dynamo.reset()
             try:

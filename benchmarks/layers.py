@@ -86,11 +86,26 @@ def _shared(s, p, x):
     return (torch.nn.functional.silu(g) * u) @ p["shared_down"].t()
 
 
-def moec_layer(s, p, x):
-    logits = x @ p["router"].t()
-    w, ids = torch.ops.moec.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+def _moec_routing(s, p, x):
+    w, ids = torch.ops.moec.route(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
                                   s.n_group, s.topk_group)
-    offsets, src, inv = torch.ops.moec.plan(ids, s.E)
+    return (w, *torch.ops.moec.plan(ids, s.E))
+
+
+def moec_layer(s, p, x):
+    w, offsets, src, inv = _moec_routing(s, p, x)
+    bases, layout = moec_weights(s, p)
+    # what moec's fuse_combine pass emits: pre-activations kept only when a backward will run
+    save = torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in bases))
+    out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, ALPHA,
+                                            LIMIT, save)
+    return out + _shared(s, p, x)
+
+
+def moec_unfused_layer(s, p, x):
+    """moec's ops before `fuse_combine` (and where it does not apply: expert parallelism, LoRA):
+    experts and combine apart, the backward recomputing the pre-activations."""
+    w, offsets, src, inv = _moec_routing(s, p, x)
     bases, layout = moec_weights(s, p)
     y = torch.ops.moec.experts(x, src, offsets, s.k, bases, layout, s.activation, ALPHA, LIMIT)
     return torch.ops.moec.combine(y, inv, w) + _shared(s, p, x)

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401
 from moec.codegen import tuning  # noqa: E402
 from moec.codegen.combine_kernel import combine_launch  # noqa: E402
+from moec.codegen.dh_kernel import launch_dh  # noqa: E402
 from moec.codegen.down_kernel import launch_down  # noqa: E402
 from moec.codegen.gate_up_kernel import launch_gate_up  # noqa: E402
 from moec.codegen.jit_helpers import ACTIVATION_CODE  # noqa: E402
@@ -37,6 +38,8 @@ CANDIDATES = {
              T_(128, 128, 64, 8, 4)],
     "down_dx": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 128, 32, 8, 4),
                 T_(64, 64, 64, 4, 4), T_(16, 64, 64, 4, 3), T_(32, 128, 64, 4, 3)],
+    "dh": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 8, 3), T_(64, 64, 64, 4, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 64, 64, 8, 4),
+           T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 64, 128, 4, 3), T_(128, 128, 64, 8, 4)],
     "gate_up_bwd": [T_(64, 64, 64, 4, 2), T_(64, 64, 32, 4, 3), T_(128, 64, 64, 8, 2), T_(64, 128, 32, 8, 3),
                     T_(32, 64, 64, 4, 3), T_(16, 64, 64, 4, 2), T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 2)],
     "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),
@@ -55,6 +58,7 @@ def kernels_for(s, p, T):
     S, act = T * s.k, ACTIVATION_CODE[s.activation]
     new = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
     h, dg, du, gy, rows = new(S, s.F), new(S, s.F), new(S, s.F), new(S, s.H), new(S, s.H)
+    pre, go = new(S, 2 * s.F), new(T, s.H)
     dw_gu = [torch.empty(s.E, s.F, s.H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     dw_d = torch.empty(s.E, s.H, s.F, device="cuda", dtype=torch.bfloat16)
     d = p["down"].detach()
@@ -66,9 +70,10 @@ def kernels_for(s, p, T):
         "combine": lambda t: combine_launch(rows, inv, w, torch.empty_like(x), s.k),
         "gate_up_bwd": lambda t: launch_gate_up(x, src, offsets, s.k, w_up, w_gate, b_up, b_gate, act, ALPHA, LIMIT,
                                                 t, h, grad_y=gy, w_down=d, dg=dg, du=du),
+        "dh": lambda t: launch_dh(go, src, offsets, s.k, d, p.get("b_down"), pre, w, act, ALPHA, LIMIT, t, h, dg, du),
         "down_dx": lambda t: launch_down(du, w_up, rows, offsets, t, a2=dg, b2=w_gate),
         "wgrad_dual": lambda t: launch_wgrad(du, x, offsets, dw_gu[0], t, src=src, k=s.k, a2=dg, out2=dw_gu[1]),
-        "wgrad": lambda t: launch_wgrad(gy, h, offsets, dw_d, t),
+        "wgrad": lambda t: launch_wgrad(go, h, offsets, dw_d, t, k=s.k, gather_a=(src, w)),
     }
 
 

@@ -4,6 +4,9 @@ Forward, per grouped row s of expert e (token t = src[s] // k):
     g = x[t] W_gate[e]^T + b_gate[e];  u = x[t] W_up[e]^T + b_up[e];  h[s] = act(g, u)
 Backward (BACKWARD): also dh = grad_y[s] W_down[e] (K = H as well) and stores h, dg, du for the
 input- and weight-gradient GEMMs, so the pre-activations never round-trip through memory.
+STORE_PRE (forward for training): also stores the pre-activations u | g as pre (S, 2F) (u only
+without a gate), so the backward of `moec.experts_combine` (dh_kernel.py) reads them instead
+of recomputing two of its GEMMs.
 LoRA (LORA_U/G/D): g, u and dh each may get a low-rank term t[s] L[e] with t (S, r) precomputed
 (s x A^T for u and g, s grad_y B_down for dh) and L (E, r, F) a factor's view: r more columns of K.
 The token gather is in the A-operand load: no (S, H) permuted copy of x exists.
@@ -19,14 +22,14 @@ from .jit_helpers import (GROUP_M, activate, activate_backward, expert_tile, gro
 
 @triton.jit
 def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, gy_ptr, wd_ptr,
-                   h_ptr, dg_ptr, du_ptr, tu_ptr, lu_ptr, tg_ptr, lg_ptr, td_ptr, ld_ptr,
+                   h_ptr, dg_ptr, du_ptr, pre_ptr, tu_ptr, lu_ptr, tg_ptr, lg_ptr, td_ptr, ld_ptr,
                    S, E, H, F, k_top, alpha, limit, M_TILES,
                    s_xt, s_xh, s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h,
-                   s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_wd_e, s_wd_h, s_wd_f,
+                   s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_pre, s_wd_e, s_wd_h, s_wd_f,
                    s_tu, s_lu_e, s_lu_k, s_lu_n, R_U, s_tg, s_lg_e, s_lg_k, s_lg_n, R_G,
                    s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
-                   HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+                   HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
                    LORA_U: tl.constexpr, LORA_G: tl.constexpr, LORA_D: tl.constexpr,
                    E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -78,6 +81,11 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
         acc_g += tl.load(bg_ptr + e64 * s_bg_e + cols * s_bg_f, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = rows[:, None].to(tl.int64) * F + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
+    if STORE_PRE:
+        pre = pre_ptr + rows[:, None].to(tl.int64) * s_pre + cols[None, :]
+        tl.store(pre, acc_u.to(pre_ptr.dtype.element_ty), mask=omask)
+        if GATED:
+            tl.store(pre + F, acc_g.to(pre_ptr.dtype.element_ty), mask=omask)
     h = activate(acc_g, acc_u, alpha, limit, ACT, GATED)
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=omask)
     if BACKWARD:
@@ -88,9 +96,11 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
 
 
 def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alpha, limit, tile,
-                   h, grad_y=None, w_down=None, dg=None, du=None, lora_u=None, lora_g=None, lora_d=None):
-    """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too. lora_u/g/d: (t (S, r),
-    L (E, r, F)) adding t L[e] to u, g or dh."""
+                   h, grad_y=None, w_down=None, dg=None, du=None, lora_u=None, lora_g=None, lora_d=None,
+                   pre=None):
+    """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too; given pre (S, 2F, or F
+    without a gate, contiguous), the pre-activations u | g. lora_u/g/d: (t (S, r), L (E, r, F))
+    adding t L[e] to u, g or dh."""
     S, (E, F, H) = src.shape[0], w_up.shape
     backward = grad_y is not None
     gated = w_gate is not None
@@ -102,14 +112,15 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     grid = (m_tiles * triton.cdiv(F, tile.block_n),)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
+        pre if pre is not None else h,
         *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h),
         S, E, H, F, k, alpha, limit, m_tiles,
         x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
         *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
-        gy.stride(0), *(w_down.stride() if backward else (0, 0, 0)),
+        gy.stride(0), pre.stride(0) if pre is not None else 0, *(w_down.stride() if backward else (0, 0, 0)),
         *lowrank_args(lora_u), *lowrank_args(lora_g), *lowrank_args(lora_d),
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-        BACKWARD=backward, IEEE=ieee(x), LORA_U=lora_u is not None, LORA_G=lora_g is not None,
+        BACKWARD=backward, STORE_PRE=pre is not None, IEEE=ieee(x), LORA_U=lora_u is not None, LORA_G=lora_g is not None,
         LORA_D=lora_d is not None, E_POW2=triton.next_power_of_2(E + 1), GROUP_M=GROUP_M,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -295,3 +295,33 @@ def combine_backward(grad_out_TH, y_SH, inv_S, weights_Tk):
     grad_weights = (rows * g).sum(-1).to(weights_Tk.dtype)                           # (T, k)
     grad_rows = (g * _acc(weights_Tk).unsqueeze(-1)).view(T * k, y_SH.shape[1]).to(y_SH.dtype)
     return torch.empty_like(y_SH).index_copy_(0, inv_S, grad_rows), grad_weights
+
+
+def experts_combine(x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation, alpha, limit, save):
+    """combine(experts(...)) -> (out (T, H), pre): pre (S, 2F) = u | g per grouped row (u alone
+    without a gate; zero past offsets[E]) when `save`, else (0,)."""
+    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
+    out = combine(y, inv_S, weights_Tk)
+    if not save:
+        return out, x_TH.new_empty(0)
+    w_up, w_gate, _, b_up, b_gate, _ = layouts.views(bases, layout)
+    l_up, l_gate, _ = layouts.lora(bases, layout)
+    parts = [(w_up, b_up, l_up)] + ([] if w_gate is None else [(w_gate, b_gate, l_gate)])
+    F = w_up.shape[1]
+    pre = x_TH.new_zeros(src_S.shape[0], F * len(parts))
+    bounds = offsets.tolist()
+    for e in range(w_up.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        rows = x_TH[src_S[lo:hi] // k]
+        for j, (w, b, lora) in enumerate(parts):
+            pre[lo:hi, j * F:(j + 1) * F] = _project(rows, e, w, b, lora)
+    return out, pre
+
+
+def experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation,
+                             alpha, limit, needs=None):
+    """[dx, d weights_Tk, one gradient per base] of `experts_combine`'s out (recomputes y)."""
+    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
+    grad_y, grad_w = combine_backward(grad_out_TH, y, inv_S, weights_Tk)
+    dx, *grads = experts_backward(grad_y, x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, needs)
+    return [dx, grad_w] + grads

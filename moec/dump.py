@@ -151,7 +151,7 @@ class Dumper:
             f.write("\n".join(lines) + "\n")
 
 
-_TILED_KERNELS = ("gate_up", "down", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
+_TILED_KERNELS = ("gate_up", "down", "dh", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
 
 
 def region_rows(detect_report, rewrite_report) -> list:

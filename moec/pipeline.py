@@ -13,6 +13,7 @@ from moec.passes.chunk_tokens import chunk_tokens
 from moec.passes.detect import detect
 from moec.passes.expert_parallel import expert_parallel
 from moec.passes.expert_stats import expert_stats
+from moec.passes.fuse_combine import fuse_combine
 from moec.passes.rewrite import rewrite
 
 from .dump import trace_artifact
@@ -25,6 +26,7 @@ PIPELINE = (
     ("expert_stats", expert_stats),        # with expert_stats: per-layer expert load counted on the device
     ("expert_parallel", expert_parallel),  # with ep_group: moec.experts -> all-to-all + local experts
     ("chunk_tokens", chunk_tokens),        # with ep_group: each layer pipelined over token chunks
+    ("fuse_combine", fuse_combine),        # layers left on one device: experts + combine as one op
 )
 
 

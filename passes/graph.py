@@ -205,3 +205,37 @@ def gathered_dtensor(node) -> fx.Node | None:
         return None
     source = node.args[0]
     return source if isinstance(source, fx.Node) and source.op == "placeholder" else None
+
+
+class Emitter:
+    """Creates nodes with the example values and provenance later passes and dumps rely on."""
+
+    def __init__(self, graph, anchor, fake_mode, pass_name):
+        self.graph, self.fake_mode, self.pass_name = graph, fake_mode, pass_name
+        self.meta = {k: anchor.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
+                     if k in anchor.meta}
+
+    def _node(self, kind, target, args):
+        node = self.graph.create_node(kind, target, args)
+        node.meta.update(self.meta)
+        node.meta["moec_pass"] = self.pass_name
+        if self.fake_mode is not None:
+            fake_args = fx.node.map_arg(args, value)    # into lists too (moec.experts' bases)
+            # Dynamo's own fake mode, not the backend's copy of it in the TracingContext: the
+            # graph's example values all belong to Dynamo's.
+            with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)), self.fake_mode:
+                if kind == "call_method":
+                    example = getattr(fake_args[0], target)(*fake_args[1:])
+                else:
+                    example = target(*fake_args)
+            node.meta["example_value"] = example
+        return node
+
+    def op(self, target, *args):
+        return self._node("call_function", target, args)
+
+    def method(self, name, *args):
+        return self._node("call_method", name, args)
+
+    def item(self, node, i):
+        return self._node("call_function", operator.getitem, (node, i))

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from moec.codegen import layout as layouts
 
-from .graph import value
+from .graph import Emitter, value
 
 PASS = "rewrite"
 
@@ -49,7 +49,7 @@ def rewrite(gm: fx.GraphModule, ctx) -> tuple:
 
 
 def _rewrite_region(graph, region, fake_mode):
-    emit = _Emitter(graph, region.output, fake_mode)
+    emit = Emitter(graph, region.output, fake_mode, PASS)
     r, ex = region.router, region.experts
     with graph.inserting_before(region.output):
         x = region.x
@@ -99,37 +99,3 @@ def _apply_capacity(emit, router, weights, ids, num_experts):
         eps = torch.finfo(value(weights).dtype).eps
         weights = emit.op(operator.truediv, weights, emit.method("clamp_min", total, eps))
     return weights, ids
-
-
-class _Emitter:
-    """Creates nodes with the example values and provenance later passes and dumps rely on."""
-
-    def __init__(self, graph, anchor, fake_mode):
-        self.graph, self.fake_mode = graph, fake_mode
-        self.meta = {k: anchor.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
-                     if k in anchor.meta}
-
-    def _node(self, kind, target, args):
-        node = self.graph.create_node(kind, target, args)
-        node.meta.update(self.meta)
-        node.meta["moec_pass"] = PASS
-        if self.fake_mode is not None:
-            fake_args = fx.node.map_arg(args, value)    # into lists too (moec.experts' bases)
-            # Dynamo's own fake mode, not the backend's copy of it in the TracingContext: the
-            # graph's example values all belong to Dynamo's.
-            with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)), self.fake_mode:
-                if kind == "call_method":
-                    example = getattr(fake_args[0], target)(*fake_args[1:])
-                else:
-                    example = target(*fake_args)
-            node.meta["example_value"] = example
-        return node
-
-    def op(self, target, *args):
-        return self._node("call_function", target, args)
-
-    def method(self, name, *args):
-        return self._node("call_method", name, args)
-
-    def item(self, node, i):
-        return self._node("call_function", operator.getitem, (node, i))

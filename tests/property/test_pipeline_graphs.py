@@ -20,7 +20,7 @@ from programs import build, make_input
 from strategies import look_alike_specs, program_specs
 from test_moe_programs import _broken, spec
 
-_MOEC_OPS = ("route", "plan", "experts", "combine")
+_MOEC_OPS = ("route", "plan", "experts_combine")     # experts + combine: fused by fuse_combine (no EP here)
 
 
 def _capture(model, x):
@@ -74,6 +74,7 @@ def check_pipeline(gm, inputs, max_rewrites):
     n = len(regions) if max_rewrites < 0 else min(max_rewrites, len(regions))
     assert len(rewrite.rewritten) == n and len(rewrite.rewritten) + len(rewrite.skipped) == len(regions)
     assert [_count(gm, op) for op in _MOEC_OPS] == [n] * len(_MOEC_OPS), gm.code
+    assert _count(gm, "experts") == _count(gm, "combine") == 0, gm.code
     live = set(gm.graph.nodes)
     for r in regions[:n]:
         gone = [x for x in r.nodes if x not in r.kept]

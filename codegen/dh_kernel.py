@@ -1,0 +1,115 @@
+"""Backward of the down projection and the activation, with the combine's backward folded in.
+
+For grouped row s of expert e (copy c = src[s], token t = c // k, routing weight w = w[c]),
+from the forward's saved pre-activations u | g (gate_up_kernel STORE_PRE):
+    d  = grad_out[t] W_down[e]                 (the gather is in the A load: grad_y never exists)
+    h  = act(g, u)
+    dw[s, n-tile] = sum over the tile's columns of d * h  (+ grad_out[t] . b_down[e] on tile 0)
+    dh = w * d;  dg, du = d(act)(g, u, dh);  stores h * w, dg, du
+so the router weight's gradient <grad_out[t], y[s]> = <d, h> + <grad_out[t], b_down[e]> needs no
+saved y (S, H), and dW_down = grad_out[t]^T (w h) reads grad_out by token too. One accumulator
+instead of the recompute twin's three (u, g, d: two of its three GEMMs were the forward again).
+Copies past offsets[E] (dropped by capacity) have y = 0: their dw partials are written as 0.
+Bytes: S*H gathered grad_out (re-read per n-tile) + touched W_down + S*2F read + 3*S*F written.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .jit_helpers import GROUP_M, activate, activate_backward, expert_tile, grouped_order, ieee, max_tiles, mma
+
+
+@triton.jit
+def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_ptr,
+              S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
+              ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr,
+              E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    n_n = tl.cdiv(F, BLOCK_N)
+    tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
+    e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
+    if e < 0:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    dw_out = dw_ptr + rows64 * n_n + pid_n
+    if e == E:      # dropped copies: y = 0, so their weights' gradients are 0
+        tl.store(dw_out, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=rmask)
+    else:
+        _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e.to(tl.int64),
+                     rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
+                     s_pre, ACT, GATED, HAS_BD, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e64, rows, rmask,
+                 pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
+                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows64 = rows.to(tl.int64)
+    copy = tl.load(src_ptr + rows, mask=rmask, other=0)
+    tok = (copy // k_top).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        a = tl.load(go_ptr + tok[:, None] * s_go + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(a, b, acc, IEEE)
+    omask = rmask[:, None] & cmask[None, :]
+    pre = pre_ptr + rows64[:, None] * s_pre + cols[None, :]
+    u = tl.load(pre, mask=omask, other=0.0).to(tl.float32)
+    g = u
+    if GATED:
+        g = tl.load(pre + F, mask=omask, other=0.0).to(tl.float32)
+    h = tl.where(omask, activate(g, u, alpha, limit, ACT, GATED), 0.0)
+    dw = tl.sum(acc * h, axis=1)
+    if HAS_BD:
+        if pid_n == 0:
+            dw += _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr + e64 * s_bd_e, s_bd_h, H, BLOCK_M, BLOCK_K)
+    tl.store(dw_out, dw, mask=rmask)
+    w = tl.load(w_ptr + copy, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    dg, du = activate_backward(g, u, acc * w, alpha, limit, ACT, GATED)
+    out = rows64[:, None] * F + cols[None, :]
+    tl.store(hw_ptr + out, (h * w).to(hw_ptr.dtype.element_ty), mask=omask)
+    tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=omask)
+    if GATED:
+        tl.store(dg_ptr + out, dg.to(dg_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr, s_bd_h, H, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_out[tok] . b_down[e] per row, in a loop of its own (see wgrad_kernel's _row_sums: a
+    reduction inside the GEMM loop costs the GEMM its pipelining)."""
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        a = tl.load(go_ptr + tok[:, None] * s_go + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(bd_ptr + kk * s_bd_h, mask=kmask, other=0.0)
+        total += tl.sum(a.to(tl.float32) * b.to(tl.float32)[None, :], axis=1)
+    return total
+
+
+def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code, alpha, limit, tile, hw, dg, du):
+    """Fill hw = w h, dg, du (S, F) grouped and return dw (S,) float32 per grouped row (the routing
+    weight's gradient, 0 for dropped copies). grad_out (T, H); w_down (E, H, F) any strides;
+    pre (S, 2F or F) contiguous; weights (T, k) routing weights; dg None without a gate."""
+    S, (E, H, F) = src.shape[0], w_down.shape
+    n_n = triton.cdiv(F, tile.block_n)
+    dw = grad_out.new_empty(S, n_n, dtype=torch.float32)
+    if S == 0:
+        return dw.sum(1)
+    m_tiles = max_tiles(S, E + 1, tile.block_m)
+    dh_kernel[(m_tiles * n_n,)](
+        grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre, weights.contiguous(), hw,
+        dg if dg is not None else du, du, dw, S, E, H, F, k, alpha, limit, m_tiles, grad_out.stride(0),
+        *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
+        ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out), E_POW2=triton.next_power_of_2(E + 1),
+        GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return dw.sum(1)

@@ -1,0 +1,86 @@
+"""Wrappers behind `moec.experts_combine` / `moec.experts_combine_backward` on the Triton path:
+the experts and the combine as one autograd op, so that training saves the pre-activations
+(S, 2F) instead of recomputing them and never keeps y (S, H) for the router's gradient.
+
+Forward: gate/up (+act, storing pre = u | g when saving), down -> y (S, H), combine -> out (T, H).
+Backward (SonicMoE's order; see dh_kernel.py):
+    1. dh kernel: d = grad_out[t] W_down[e] gathered by token; from pre: h, dg, du, w h and the
+       routing weights' gradient <d, h> (+ bias term)                             (S, F), (S,)
+    2. rows = du W_up + dg W_gate (grouped); dx[t] = sum of its k rows           (S, H) -> (T, H)
+    3. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_out gathered
+       by token against w h, b_down from w-weighted grad_out rows.
+Never syncs with the host (experts_launch.py's rules). No LoRA layouts (the op refuses them).
+"""
+import torch
+
+from . import layout as layouts
+from .combine_kernel import combine_launch
+from .dh_kernel import launch_dh
+from .down_kernel import launch_down
+from .experts_launch import _check, _finish, _grad_buffers, _sum_rows, _tiles, _wgrad
+from .gate_up_kernel import launch_gate_up
+from .jit_helpers import ACTIVATION_CODE
+from .wgrad_kernel import launch_wgrad
+
+
+def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save):
+    """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
+    _check(x)
+    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    S, (E, F, H) = src.shape[0], w_up.shape
+    T = route_w.shape[0]
+    pre = x.new_empty(S, F * (2 if w_gate is not None else 1)) if save else x.new_empty(0)
+    out = x.new_empty(T, H)
+    if S == 0:
+        return out, pre
+    t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
+    h, y = x.new_empty(S, F), x.new_empty(S, H)
+    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation], alpha, limit,
+                   t_up, h, pre=pre if save else None)
+    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down)
+    return combine_launch(y, inv, route_w, out, k), pre
+
+
+def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha,
+                             limit, needs=None):
+    """[dx (T, H), d route_w (T, k), one gradient per base of `weights`] (None where needs[i] is
+    False). pre: the forward's saved pre-activations, or (0,) to recompute them here."""
+    _check(x)
+    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    S, (E, F, H) = src.shape[0], w_up.shape
+    grads, slots, out = _grad_buffers(weights, layout, needs)
+    if S == 0:
+        for t in out.values():
+            t.zero_()
+        return [torch.zeros_like(x, memory_format=torch.contiguous_format),
+                torch.zeros_like(route_w, memory_format=torch.contiguous_format)] + _finish(grads, slots, out)
+    if pre.numel() == 0:    # called without saved pre-activations (save=False under autograd)
+        _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
+                                         limit, True)
+    t_dh, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "dh", "down_dx", "wgrad", "wgrad_dual")
+    gated = w_gate is not None
+    hw, du = x.new_empty(S, F), x.new_empty(S, F)
+    dg = x.new_empty(S, F) if gated else None
+    go = grad_out.contiguous()
+    dw_rows = launch_dh(go, src, offsets, k, w_down, b_down, pre, route_w, ACTIVATION_CODE[activation], alpha,
+                        limit, t_dh, hw, dg, du)
+    d_route_w = torch.empty(S, dtype=torch.float32, device=x.device).index_copy_(0, src, dw_rows)
+    rows = x.new_empty(S, H)
+    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate)
+    dx = _sum_rows(rows, src, k, x)
+    o = out.get
+    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
+           db2=o("b_gate"))
+    _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)
+    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + _finish(grads, slots, out)
+
+
+def _down_wgrad(go, hw, src, offsets, k, route_w, dw, db, tile):
+    """dW_down[e] = sum over e's rows of grad_out[t]^T (w h) (E, H, F); b_down's gradient from the
+    w-weighted grad_out rows. db alone (a bias training beside a frozen W_down) takes the same
+    kernel into a scratch buffer: rare, and one code path."""
+    if dw is None and db is None:
+        return
+    if dw is None:
+        dw = hw.new_empty(offsets.shape[0] - 1, go.shape[1], hw.shape[1])
+    launch_wgrad(go, hw, offsets, dw, tile, k=k, db=db, gather_a=(src, route_w))

@@ -1,0 +1,101 @@
+"""`torch.ops.moec.experts_combine`: `combine(experts(...))` as one op (passes/fuse_combine.py emits
+it where the experts' output feeds only the combine: every graph without expert parallelism).
+
+Why one op: autograd then saves what the fused backward needs (x, the pre-activations u | g, the
+routing), not y (S, H), which combine's own backward keeps for the routing weights' gradient, and
+the backward reads the pre-activations instead of recomputing two GEMMs (experts_combine_launch.py).
+With save=False (inference graphs) nothing is kept and pre is an empty (0,) tensor.
+"""
+import torch
+from torch import Tensor
+
+from . import kernels, reference
+from . import layout as layouts
+from .errors import MoecKernelError
+from .ops import _check_experts, _check_float, _same_device
+
+
+@torch.library.custom_op("moec::experts_combine", mutates_args=())
+def experts_combine(x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor, route_w: Tensor, k: int,
+                    bases: list[Tensor], layout: str, activation: str, alpha: float, limit: float,
+                    save: bool) -> tuple[Tensor, Tensor]:
+    """x (T, H), grouped copies src / inv (S = T*k,) by offsets (E+1,), routing weights route_w
+    (T, k) -> (out (T, H) = sum_j route_w[t, j] experts(x)[inv[t*k + j]], pre): pre (S, 2F) holds
+    the pre-activations u | g (S, F without a gate) when `save`, else it is empty (0,)."""
+    _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
+    if kernels.use_triton(x):
+        from .experts_combine_launch import experts_combine_forward
+        return experts_combine_forward(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit,
+                                       save)
+    return reference.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit,
+                                     save)
+
+
+@experts_combine.register_fake
+def _(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit, save):
+    _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
+    return x.new_empty(route_w.shape[0], x.shape[1]), _pre_like(x, src, bases, layout, save)
+
+
+@torch.library.custom_op("moec::experts_combine_backward", mutates_args=())
+def experts_combine_backward(grad_out: Tensor, x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor,
+                             route_w: Tensor, pre: Tensor, k: int, bases: list[Tensor], layout: str,
+                             activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:
+    """[dx (T, H), d route_w (T, k), one gradient per base of `bases`] (an empty (0,) tensor for a
+    base with needs[i] False). pre: `experts_combine`'s saved pre-activations, or (0,)."""
+    if kernels.use_triton(x):
+        from .experts_combine_launch import experts_combine_backward as launch
+        grads = launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit,
+                       needs)
+    else:
+        grads = reference.experts_combine_backward(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
+                                                   activation, alpha, limit, needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@experts_combine_backward.register_fake
+def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, needs):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(route_w, memory_format=torch.contiguous_format)] + \
+        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(bases, needs)]
+
+
+def _setup(ctx, inputs, output):
+    x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit, _save = inputs
+    ctx.save_for_backward(x, src, offsets, inv, route_w, output[1], *bases)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (k, layout, activation, alpha, limit)
+    ctx.needs = [w.requires_grad for w in bases]
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    x, src, offsets, inv, route_w, pre, *bases = ctx.saved_tensors
+    k, layout, activation, alpha, limit = ctx.args
+    g = torch.ops.moec.experts_combine_backward(grad_out.contiguous(), x, src, offsets, inv, route_w, pre, k, bases,
+                                                layout, activation, alpha, limit, ctx.needs)
+    grads = [t if need else None for t, need in zip(g[2:], ctx.needs)]
+    return g[0], None, None, None, g[1], None, grads, None, None, None, None, None
+
+
+experts_combine.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
+    _check_experts(x, src, offsets, bases, layout, activation)
+    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+        raise MoecKernelError(f"moec.experts_combine: layout {layout!r} has LoRA factors; use moec.experts and "
+                              f"moec.combine")
+    _check_float("experts_combine", "route_w", route_w, dims=2)
+    _same_device("experts_combine", x, inv=inv, route_w=route_w)
+    T, S = x.shape[0], src.shape[0]
+    if tuple(route_w.shape) != (T, k) or inv.dim() != 1 or inv.shape[0] != S or T * k != S:
+        raise MoecKernelError(f"moec.experts_combine: x {tuple(x.shape)}, src {tuple(src.shape)}, inv "
+                              f"{tuple(inv.shape)} and route_w {tuple(route_w.shape)} disagree: need x (T, H), "
+                              f"src and inv (T*k,), route_w (T, k) with k={k}")
+
+
+def _pre_like(x, src, bases, layout, save):
+    if not save:
+        return x.new_empty(0)
+    w_up, w_gate = layouts.views(bases, layout)[:2]
+    return x.new_empty(src.shape[0], w_up.shape[1] * (1 if w_gate is None else 2))

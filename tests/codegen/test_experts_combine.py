@@ -1,0 +1,94 @@
+"""experts_combine / its backward through the Triton path (pre-activations saved by the gate/up
+kernel, the dh kernel with the routing weights' gradient, gathered dW_down) against float64
+references, values and every gradient, on NaN-padded strided weights."""
+import pytest
+import torch
+
+from moec.codegen import reference, tuning
+from moec.codegen.tuning import Tile
+
+from kernel_helpers import DEVICE, TOL, padded, rel_err
+from test_experts_launch import SMALL, _layer, _routing
+
+KERNELS = ("gate_up", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
+
+
+def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved", how="uniform", tile=SMALL,
+         save=True, frozen=()):
+    x = padded((T, H), dtype).requires_grad_()
+    offsets, src, inv = _routing(T, E, k, how)
+    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
+    bases, layout = _layer(E, H, F, dtype, gated, bias, layout)
+    for i, w in enumerate(bases):
+        w.requires_grad_(i not in frozen)
+    args = (act, 1.702, 7.0)
+    leaves = [x, route_w] + [w for w in bases if w.requires_grad]
+    with tuning.pin(**({} if tile is None else {name: tile for name in KERNELS})):
+        out, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *args, save)
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, gout) if out.numel() else [torch.zeros_like(t) for t in leaves]
+    d = lambda t: t.detach().cpu().double()
+    ref_b = [d(w) for w in bases]
+    routing = (src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k)
+    out_ref, pre_ref = reference.experts_combine(d(x), *routing, ref_b, layout, *args, save)
+    g_ref = reference.experts_combine_backward(d(gout), d(x), *routing, ref_b, layout, *args)
+    g_ref = g_ref[:2] + [g for i, g in enumerate(g_ref[2:]) if i not in frozen]
+    tol = TOL[dtype]
+    assert out.shape == out_ref.shape and out.dtype == dtype and pre.shape == pre_ref.shape
+    if out.numel():
+        assert rel_err(out.cpu(), out_ref) < tol
+    if save and T:      # rows past offsets[E] (dropped copies) are never written nor read
+        kept = int(offsets[-1])
+        assert rel_err(pre[:kept].cpu(), pre_ref[:kept]) < tol
+    for got, want in zip(grads, g_ref, strict=True):
+        assert got.shape == want.shape
+        assert (want.abs().max() == 0 and got.abs().max() == 0) if want.numel() and not want.any() else \
+            want.numel() == 0 or rel_err(got.cpu(), want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act,gated,bias", [("silu", True, False), ("gelu", True, True), ("relu", False, True),
+                                            ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
+def test_activations(act, gated, bias, dtype):
+    _run(11, 4, 2, 40, 24, dtype, act, gated, bias)
+
+
+@pytest.mark.parametrize("T,E,k,how", [(0, 4, 2, "uniform"), (1, 4, 1, "uniform"), (23, 3, 3, "uniform"),
+                                       (17, 4, 2, "one_expert"), (21, 6, 2, "sparse"), (19, 5, 1, "uniform")])
+def test_routings(T, E, k, how):
+    _run(T, E, k, 24, 40, torch.float32, "silu", bias=how == "sparse", how=how)
+
+
+def test_transposed_weights_wide_tiles():
+    _run(13, 4, 2, 48, 40, torch.bfloat16, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
+
+
+def test_without_saved_preactivations():
+    """save=False under autograd: the backward recomputes the pre-activations itself."""
+    _run(9, 4, 2, 24, 16, torch.float32, "silu", bias=True, save=False)
+
+
+@pytest.mark.parametrize("frozen", [(0,), (1, 3)])
+def test_frozen_bases(frozen):
+    """A base without requires_grad gets no gradient; a bias of a frozen weight still trains."""
+    _run(12, 4, 2, 24, 16, torch.float32, "silu", bias=True, layout="transposed", frozen=frozen)
+
+
+def test_refuses_mismatched_routing():
+    x = torch.randn(4, 8, device=DEVICE)
+    offsets, src, inv = _routing(4, 2, 2, "uniform")
+    bases, layout = _layer(2, 8, 4, torch.float32, True, False, "transposed")
+    with pytest.raises(Exception, match="route_w"):
+        torch.ops.moec.experts_combine(x, src, offsets, inv, torch.rand(4, 1, device=DEVICE), 2, bases, layout,
+                                       "silu", 0.0, 0.0, True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths are for the GPU run")
+@pytest.mark.parametrize("E,k,H,F,T", [(64, 8, 2048, 1024, 512), (128, 8, 2048, 768, 300), (8, 2, 4096, 14336, 100)])
+def test_real_shapes_default_tiles(E, k, H, F, T):
+    _run(T, E, k, H, F, torch.bfloat16, "silu", tile=None)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real widths are for the GPU run")
+def test_gpt_oss_real_shape():
+    _run(256, 32, 4, 2880, 2880, torch.bfloat16, "swiglu_oai", bias=True, tile=None)
