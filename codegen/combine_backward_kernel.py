@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .jit_helpers import cdiv, next_pow2
+
 
 @triton.jit
 def combine_backward_kernel(go_ptr, y_ptr, inv_ptr, w_ptr, gy_ptr, gw_ptr, T, H, K, s_go, s_y, s_gy,
@@ -36,9 +38,9 @@ def combine_backward_launch(grad_out, y, inv, weights):
     grad_y, grad_w = torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(weights, memory_format=torch.contiguous_format)
     if T == 0:
         return grad_y, grad_w
-    block_h = min(triton.next_power_of_2(max(H, 1)), 256 if y.is_cuda else 64)
+    block_h = min(next_pow2(max(H, 1)), 256 if y.is_cuda else 64)
     block_t = max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
-    grid = (triton.cdiv(T, block_t), k)
+    grid = (cdiv(T, block_t), k)
     combine_backward_kernel[grid](grad_out, y, inv.contiguous(), weights.contiguous(), grad_y, grad_w, T, H, k, grad_out.stride(0),
                                   y.stride(0), grad_y.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
                                   num_warps=4)

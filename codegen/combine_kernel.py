@@ -7,6 +7,8 @@ Bytes: T*k*H read + T*H written (+ T*k weights and slots).
 import triton
 import triton.language as tl
 
+from .jit_helpers import cdiv, next_pow2
+
 
 @triton.jit
 def combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, T, H, s_y, s_out,
@@ -31,9 +33,9 @@ def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None):
     T, H = out.shape
     if T == 0 or H == 0:
         return out
-    block_h = block_h or min(triton.next_power_of_2(H), 256 if y.is_cuda else 64)
+    block_h = block_h or min(next_pow2(H), 256 if y.is_cuda else 64)
     block_t = block_t or max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+    grid = (cdiv(T, block_t), cdiv(H, block_h))
     w = weights.contiguous() if weights is not None else y      # y: unused placeholder
     combine_kernel[grid](y, inv.contiguous(), w, out, T, H, y.stride(0),
                          out.stride(0), K=k, HAS_W=weights is not None, BLOCK_T=block_t,

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_helpers import GROUP_M, activate, activate_backward, expert_tile, grouped_order, ieee, max_tiles, mma
+from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, max_tiles, mma,
+                          next_pow2)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     weight's gradient, 0 for dropped copies). grad_out (T, H); w_down (E, H, F) any strides;
     pre (S, 2F or F) contiguous; weights (T, k) routing weights; dg None without a gate."""
     S, (E, H, F) = src.shape[0], w_down.shape
-    n_n = triton.cdiv(F, tile.block_n)
+    n_n = cdiv(F, tile.block_n)
     dw = grad_out.new_empty(S, n_n, dtype=torch.float32)
     if S == 0:
         return dw.sum(1)
@@ -109,7 +110,8 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre, weights.contiguous(), hw,
         dg if dg is not None else du, du, dw, S, E, H, F, k, alpha, limit, m_tiles, grad_out.stride(0),
         *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
-        ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out), E_POW2=triton.next_power_of_2(E + 1),
+        ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
+        E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return dw.sum(1)

@@ -12,8 +12,8 @@ Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 import triton
 import triton.language as tl
 
-from .jit_helpers import (GROUP_M, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs, max_tiles,
-                          mma)
+from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
+                          max_tiles, mma, next_pow2)
 
 
 @triton.jit
@@ -73,11 +73,11 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     if S == 0:
         return
     m_tiles = max_tiles(S, E + 1, tile.block_m)
-    grid = (m_tiles * triton.cdiv(N, tile.block_n),)
+    grid = (m_tiles * cdiv(N, tile.block_n),)
     down_kernel[grid](
         a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K, m_tiles,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
         *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None, IEEE=ieee(c),
-        E_POW2=triton.next_power_of_2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

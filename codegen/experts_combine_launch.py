@@ -27,7 +27,7 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
-    S, (E, F, H) = src.shape[0], w_up.shape
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     T = route_w.shape[0]
     pre = x.new_empty(S, F * (2 if w_gate is not None else 1)) if save else x.new_empty(0)
     out = x.new_empty(T, H)
@@ -47,7 +47,7 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     False). pre: the forward's saved pre-activations, or (0,) to recompute them here."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
-    S, (E, F, H) = src.shape[0], w_up.shape
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     grads, slots, out = _grad_buffers(weights, layout, needs)
     if S == 0:
         for t in out.values():

@@ -212,7 +212,9 @@ def _out_term(t, factors):
 def _wgrad(a, b, offsets, out, tile, tile_dual=None, src=None, k=1, a2=None, out2=None, db=None, db2=None):
     """launch_wgrad for the wanted gradients only (None: a frozen base, or no such role); both
     pairs (a, out, db), (a2, out2, db2) in one pass over b when both are wanted."""
-    pairs = [(t, w, d) for t, w, d in ((a, out, db), (a2, out2, db2)) if t is not None and (w, d) != (None, None)]
+    # `is None`, not `(w, d) != (None, None)`: that compares tensors with None (~90 us a call)
+    pairs = [(t, w, d) for t, w, d in ((a, out, db), (a2, out2, db2))
+             if t is not None and not (w is None and d is None)]
     for t, w, d in pairs:
         if w is None:    # a bias that trains beside a frozen weight: its per-expert row sums
             d.copy_(_segment_sum(t, offsets, d.shape[0]))

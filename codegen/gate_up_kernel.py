@@ -16,8 +16,8 @@ Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' we
 import triton
 import triton.language as tl
 
-from .jit_helpers import (GROUP_M, activate, activate_backward, expert_tile, grouped_order, ieee, lowrank,
-                          lowrank_args, lowrank_ptrs, max_tiles, mma)
+from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2)
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     if S == 0:
         return
     m_tiles = max_tiles(S, E, tile.block_m)
-    grid = (m_tiles * triton.cdiv(F, tile.block_n),)
+    grid = (m_tiles * cdiv(F, tile.block_n),)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
         pre if pre is not None else h,
@@ -120,8 +120,9 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
         gy.stride(0), pre.stride(0) if pre is not None else 0, *(w_down.stride() if backward else (0, 0, 0)),
         *lowrank_args(lora_u), *lowrank_args(lora_g), *lowrank_args(lora_d),
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-        BACKWARD=backward, STORE_PRE=pre is not None, IEEE=ieee(x), LORA_U=lora_u is not None, LORA_G=lora_g is not None,
-        LORA_D=lora_d is not None, E_POW2=triton.next_power_of_2(E + 1), GROUP_M=GROUP_M,
+        BACKWARD=backward, STORE_PRE=pre is not None, IEEE=ieee(x), LORA_U=lora_u is not None,
+        LORA_G=lora_g is not None,
+        LORA_D=lora_d is not None, E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
 

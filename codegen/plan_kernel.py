@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .jit_helpers import cdiv, next_pow2
+
 
 @triton.jit
 def _expert_key(ids_ptr, c, cmask, E):
@@ -94,13 +96,13 @@ def plan_launch(ids, num_experts, sub=None, max_blocks=128, single_max_chunks=4)
     src, inv = torch.empty(S, dtype=torch.int64, device=dev), torch.empty(S, dtype=torch.int64, device=dev)
     if S == 0:
         return offsets, src, inv
-    e_pow2 = triton.next_power_of_2(E + 1)
+    e_pow2 = next_pow2(E + 1)
     sub = sub or max(16, min(128, 8192 // e_pow2))
-    if triton.cdiv(S, sub) <= single_max_chunks:
+    if cdiv(S, sub) <= single_max_chunks:
         plan_single_kernel[(1,)](flat, offsets, src, inv, S, E, SUB=sub, E_POW2=e_pow2)
         return offsets, src, inv
-    per_block = sub * triton.cdiv(triton.cdiv(S, sub), max_blocks)   # <= max_blocks blocks
-    n_blocks = triton.cdiv(S, per_block)
+    per_block = sub * cdiv(cdiv(S, sub), max_blocks)   # <= max_blocks blocks
+    n_blocks = cdiv(S, per_block)
     counts = torch.empty(n_blocks, e_pow2, dtype=torch.int32, device=dev)
     rank = torch.empty(S, dtype=torch.int32, device=dev)
     plan_count_kernel[(n_blocks,)](flat, counts, rank, S, E, per_block, SUB=sub, E_POW2=e_pow2)

@@ -9,7 +9,7 @@ distinct scores. Bytes: T*E read, T*k*(4+8) written.
 import triton
 import triton.language as tl
 
-from .jit_helpers import _sigmoid
+from .jit_helpers import _sigmoid, cdiv, next_pow2
 
 
 @triton.jit
@@ -128,16 +128,16 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
         return w, ids
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    e_pow2 = triton.next_power_of_2(E)
+    e_pow2 = next_pow2(E)
     # few tokens (decode): a tile of just those rows and fewer warps, whose reductions then stay
     # within a warp; the launch's latency is what a decode step pays (12 us at T=1, E=128 before).
     # The tile is a power-of-two bucket of T: at most 7 compiled variants, each built once
-    block_t = max(1, min(64, 4096 // e_pow2, triton.next_power_of_2(T)))
+    block_t = max(1, min(64, 4096 // e_pow2, next_pow2(T)))
     warps = max(1, min(4, block_t * e_pow2 // 256))
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
-    route_kernel[(triton.cdiv(T, block_t),)](
+    route_kernel[(cdiv(T, block_t),)](
         logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
         topk_group, K=k, SCORING=_SCORING[scoring], HAS_BIAS=bias is not None, RENORM=renormalize,
         N_GROUP=groups, GROUP_TOP2=E // groups >= 2, BLOCK_T=block_t, E_POW2=e_pow2,
-        K_POW2=triton.next_power_of_2(k), num_warps=warps)
+        K_POW2=next_pow2(k), num_warps=warps)
     return w, ids
