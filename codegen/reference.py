@@ -136,13 +136,14 @@ def _act_and_derivative(v, activation):
     return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
 
 
-def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
+def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit, pre=None):
     """Expert MLPs over grouped token copies -> y (S, H); rows past offsets[E] are zero.
 
     `layout` (codegen/layout.py) reads w_up, w_gate: (E, F, H); w_down: (E, H, F), the biases and
     any LoRA factors out of the base tensors `weights`; per projection p,
     p(v) = v W_p^T + b_p + s_p (v A_p^T) B_p^T, and y_e = down(act(gate(x), up(x))).
-    Loops over experts on the host: a reference, not a kernel.
+    Loops over experts on the host: a reference, not a kernel. `pre` (S, 2F or F), where given,
+    gets the pre-activations u | g of each grouped row.
     """
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     l_up, l_gate, l_down = layouts.lora(weights, layout)
@@ -157,21 +158,24 @@ def experts(x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit):
         u = _project(rows, e, w_up, b_up, l_up)
         g = None if w_gate is None else _project(rows, e, w_gate, b_gate, l_gate)
         y[lo:hi] = _project(activate(g, u, activation, alpha, limit), e, w_down, b_down, l_down)
+        if pre is not None:
+            pre[lo:hi] = u if g is None else torch.cat([u, g], dim=1)
     return y
 
 
 def experts_backward(grad_y_SH, x_TH, src_S, offsets, k, weights, layout, activation, alpha, limit,
-                     needs=None):
+                     needs=None, keep=None):
     """[dx, one gradient per base of `weights`]: each role's gradient added into its view of its
     base's (zeroed) gradient, as autograd through the views would. needs[i] False: base i gets
-    None, and no role reading it has its gradient computed (frozen base weights under LoRA)."""
+    None, and no role reading it has its gradient computed (frozen base weights under LoRA).
+    keep: as `_backward`'s."""
     parsed = layouts.parse(layout)
     needs = [True] * len(weights) if needs is None else list(needs)
     grads = [torch.zeros_like(w) if need else None for w, need in zip(weights, needs)]
     slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items() if needs[v.index]}
     per_role = {role: torch.zeros_like(slot) for role, slot in slots.items()}
     dx = _backward(grad_y_SH, x_TH, src_S, offsets, k, layouts.views(weights, layout),
-                   layouts.lora(weights, layout), per_role, activation, alpha, limit)
+                   layouts.lora(weights, layout), per_role, activation, alpha, limit, keep)
     for role, g in per_role.items():
         slots[role].add_(g)
     return [dx] + grads
@@ -216,7 +220,7 @@ def experts_wgrad(grad_y_SH, x_TH, src_S, offsets, k, h_SF, du_SF, dg_SF, weight
 
 def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation, alpha, limit, keep=None):
     """dx of `experts`; fills grads[role][e] for each role present in `grads` (zeros elsewhere),
-    and keep["h" / "du" / "dg"][rows of e] where `keep` is given."""
+    and keep[name][rows of e] for each name of "h", "du", "dg", "y" (the experts' output) in `keep`."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     l_up, l_gate, l_down = lora
     dx = torch.zeros_like(x_TH)
@@ -236,10 +240,9 @@ def _backward(grad_y_SH, x_TH, src_S, offsets, k, roles, lora, grads, activation
         if g is not None:
             drows = drows + _project_backward(dg, rows, e, "gate", w_gate, l_gate, grads)
         dx.index_add_(0, token, drows)
-        if keep is not None:
-            keep["h"][lo:hi], keep["du"][lo:hi] = h, du
-            if g is not None:
-                keep["dg"][lo:hi] = dg
+        for name, v in (("h", h), ("du", du), ("dg", dg), ("y", None)):
+            if name in (keep or {}) and (v is not None or name == "y"):
+                keep[name][lo:hi] = v if name != "y" else _project(h, e, w_down, b_down, l_down)
     return dx
 
 
@@ -300,28 +303,18 @@ def combine_backward(grad_out_TH, y_SH, inv_S, weights_Tk):
 def experts_combine(x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation, alpha, limit, save):
     """combine(experts(...)) -> (out (T, H), pre): pre (S, 2F) = u | g per grouped row (u alone
     without a gate; zero past offsets[E]) when `save`, else (0,)."""
-    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
-    out = combine(y, inv_S, weights_Tk)
-    if not save:
-        return out, x_TH.new_empty(0)
-    w_up, w_gate, _, b_up, b_gate, _ = layouts.views(bases, layout)
-    l_up, l_gate, _ = layouts.lora(bases, layout)
-    parts = [(w_up, b_up, l_up)] + ([] if w_gate is None else [(w_gate, b_gate, l_gate)])
-    F = w_up.shape[1]
-    pre = x_TH.new_zeros(src_S.shape[0], F * len(parts))
-    bounds = offsets.tolist()
-    for e in range(w_up.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        rows = x_TH[src_S[lo:hi] // k]
-        for j, (w, b, lora) in enumerate(parts):
-            pre[lo:hi, j * F:(j + 1) * F] = _project(rows, e, w, b, lora)
-    return out, pre
+    w_up, w_gate = layouts.views(bases, layout)[:2]
+    pre = x_TH.new_zeros(src_S.shape[0], w_up.shape[1] * (1 if w_gate is None else 2)) if save else None
+    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, pre)
+    return combine(y, inv_S, weights_Tk), pre if save else x_TH.new_empty(0)
 
 
 def experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation,
                              alpha, limit, needs=None):
-    """[dx, d weights_Tk, one gradient per base] of `experts_combine`'s out (recomputes y)."""
-    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
-    grad_y, grad_w = combine_backward(grad_out_TH, y, inv_S, weights_Tk)
-    dx, *grads = experts_backward(grad_y, x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, needs)
-    return [dx, grad_w] + grads
+    """[dx, d weights_Tk, one gradient per base] of `experts_combine`'s out; y, which the routing
+    weights' gradient reads, is recomputed in the same loop over experts as the rest."""
+    y = torch.zeros(src_S.shape[0], grad_out_TH.shape[1], dtype=x_TH.dtype, device=x_TH.device)
+    grad_y, _ = combine_backward(grad_out_TH, y, inv_S, weights_Tk)     # d y needs the weights only
+    dx, *grads = experts_backward(grad_y, x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, needs,
+                                  keep={"y": y})
+    return [dx, combine_backward(grad_out_TH, y, inv_S, weights_Tk)[1]] + grads
