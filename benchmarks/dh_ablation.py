@@ -48,7 +48,8 @@ def main():
     S = T * k
     go, wd, pre = new(T, H), new(E, H, F) * 0.02, new(S, 2 * F)
     hw, dg, du = new(S, F), new(S, F), new(S, F)
-    tiles = [Tile(64, 64, 64, 4, 4), Tile(128, 64, 64, 8, 3), Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 3)]
+    tiles = [Tile(64, 64, 64, 4, 4), Tile(128, 64, 64, 8, 3), Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 3),
+             Tile(64, 64, 64, 4, 4, 2), Tile(64, 128, 64, 4, 3, 2), Tile(128, 128, 64, 8, 3, 2)]
     flops = 2 * S * H * F
     for name, edits in VARIANTS.items():
         mod = load(name, edits)

@@ -23,7 +23,7 @@ from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_til
 @triton.jit
 def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_ptr,
               S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
-              ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr,
+              ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
               E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(F, BLOCK_N)
@@ -40,13 +40,13 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
     else:
         _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e.to(tl.int64),
                      rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
-                     s_pre, ACT, GATED, HAS_BD, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                     s_pre, ACT, GATED, HAS_BD, IEEE, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e64, rows, rmask,
                  pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
-                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr,
+                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows64 = rows.to(tl.int64)
     copy = tl.load(src_ptr + rows, mask=rmask, other=0)
@@ -61,25 +61,42 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
         b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = mma(a, b, acc, IEEE)
-    omask = rmask[:, None] & cmask[None, :]
+    w = tl.load(w_ptr + copy, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if SPLIT:       # the epilogue in two column halves: half as many of its tiles live at once
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        dw = _epilogue(halves[0], first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre,
+                       ACT, GATED)
+        dw += _epilogue(halves[1], first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
+                        limit, s_pre, ACT, GATED)
+    else:
+        dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, ACT,
+                       GATED)
+    if HAS_BD:
+        if pid_n == 0:
+            dw += _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr + e64 * s_bd_e, s_bd_h, H, BLOCK_M, BLOCK_K)
+    tl.store(dw_out, dw, mask=rmask)
+
+
+@triton.jit
+def _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre,
+              ACT: tl.constexpr, GATED: tl.constexpr):
+    """Stores w h, dg, du for `cols` of the tile's rows; returns the rows' partial <acc, h>."""
+    omask = rmask[:, None] & (cols < F)[None, :]
     pre = pre_ptr + rows64[:, None] * s_pre + cols[None, :]
     u = tl.load(pre, mask=omask, other=0.0).to(tl.float32)
     g = u
     if GATED:
         g = tl.load(pre + F, mask=omask, other=0.0).to(tl.float32)
     h = tl.where(omask, activate(g, u, alpha, limit, ACT, GATED), 0.0)
-    dw = tl.sum(acc * h, axis=1)
-    if HAS_BD:
-        if pid_n == 0:
-            dw += _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr + e64 * s_bd_e, s_bd_h, H, BLOCK_M, BLOCK_K)
-    tl.store(dw_out, dw, mask=rmask)
-    w = tl.load(w_ptr + copy, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    dg, du = activate_backward(g, u, acc * w, alpha, limit, ACT, GATED)
     out = rows64[:, None] * F + cols[None, :]
     tl.store(hw_ptr + out, (h * w).to(hw_ptr.dtype.element_ty), mask=omask)
+    dw = tl.sum(acc * h, axis=1)
+    dg, du = activate_backward(g, u, acc * w, alpha, limit, ACT, GATED)
     tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=omask)
     if GATED:
         tl.store(dg_ptr + out, dg.to(dg_ptr.dtype.element_ty), mask=omask)
+    return dw
 
 
 @triton.jit
@@ -111,6 +128,7 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         dg if dg is not None else du, du, dw, S, E, H, F, k, alpha, limit, m_tiles, grad_out.stride(0),
         *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
+        SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32,
         E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -26,6 +26,7 @@ class Tile:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
 
 
 _pinned: dict = {}

@@ -63,6 +63,12 @@ def test_transposed_weights_wide_tiles():
     _run(13, 4, 2, 48, 40, torch.bfloat16, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
 
 
+@pytest.mark.parametrize("gated,bias", [(True, True), (False, False)])
+def test_epilogue_in_column_halves(gated, bias):
+    """dh's epilogue split over two column halves (Tile.epilogue_split) computes the same."""
+    _run(13, 4, 2, 40, 40, torch.float32, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 2))
+
+
 def test_without_saved_preactivations():
     """save=False under autograd: the backward recomputes the pre-activations itself."""
     _run(9, 4, 2, 24, 16, torch.float32, "silu", bias=True, save=False)

@@ -56,21 +56,22 @@ def trains_like_single_process(rank, ws, arch, compile_how, steer):
         with torch.profiler.profile() as prof:
             loss = run(mine, labels=mine).loss
         loss.backward()
-        fused_calls = sum(e.count for e in prof.key_averages() if e.key == "moec::experts")
+        # one fused op per layer: experts_combine (no expert parallelism here, so fuse_combine applies)
+        fused_calls = sum(e.count for e in prof.key_averages() if e.key == "moec::experts_combine")
         if step:    # step 0 also traces and proves the layers, calling the op on fake and test inputs
-            assert fused_calls == ref.config.num_hidden_layers, f"step {step}: {fused_calls} moec::experts calls"
+            assert fused_calls == ref.config.num_hidden_layers, f"step {step}: {fused_calls} moec::experts_combine calls"
         for o in (opt_ref, opt):
             o.step()
             o.zero_grad()
         got = loss.detach().clone()
         dist.all_reduce(got)
         assert_close(got / ws, expected.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"loss at step {step}: {m}")
-    # HF casts to float32 in its norms and routers, and Adam turns that rounding into ~1e-6 steps
-    # where a gradient is near zero; atol is a thousandth of one step (lr): a lost or doubled
-    # gradient would be off by a whole one.
+    # HF casts to float32 in its norms and routers, and Adam turns that rounding into steps of up to
+    # ~2e-5 (transformers 5.25, one router element) where a gradient is near zero; atol is a
+    # hundredth of one step (lr): a lost or doubled gradient would be off by a whole one.
     for (name, p), (name_sharded, q) in zip(ref.named_parameters(), model.named_parameters()):
         assert name == name_sharded
-        assert_close(q.full_tensor(), p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} after {STEPS} steps: {m}")
+        assert_close(q.full_tensor(), p.detach(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} after {STEPS} steps: {m}")
     if steer:
         _check_starved(chosen, ws)
     # Dynamo lifts parameters into graph inputs, so blocks of one class share one compiled graph;
