@@ -59,7 +59,8 @@ def trains_like_single_process(rank, ws, arch, compile_how, steer):
         # one fused op per layer: experts_combine (no expert parallelism here, so fuse_combine applies)
         fused_calls = sum(e.count for e in prof.key_averages() if e.key == "moec::experts_combine")
         if step:    # step 0 also traces and proves the layers, calling the op on fake and test inputs
-            assert fused_calls == ref.config.num_hidden_layers, f"step {step}: {fused_calls} moec::experts_combine calls"
+            assert fused_calls == ref.config.num_hidden_layers, \
+                f"step {step}: {fused_calls} moec::experts_combine calls"
         for o in (opt_ref, opt):
             o.step()
             o.zero_grad()
@@ -71,7 +72,8 @@ def trains_like_single_process(rank, ws, arch, compile_how, steer):
     # hundredth of one step (lr): a lost or doubled gradient would be off by a whole one.
     for (name, p), (name_sharded, q) in zip(ref.named_parameters(), model.named_parameters()):
         assert name == name_sharded
-        assert_close(q.full_tensor(), p.detach(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} after {STEPS} steps: {m}")
+        assert_close(q.full_tensor(), p.detach(), rtol=1e-4, atol=1e-4,
+                     msg=lambda m: f"{name} after {STEPS} steps: {m}")
     if steer:
         _check_starved(chosen, ws)
     # Dynamo lifts parameters into graph inputs, so blocks of one class share one compiled graph;
