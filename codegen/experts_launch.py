@@ -39,7 +39,7 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
-    S, (E, F, H) = src.shape[0], w_up.shape
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     y = x.new_empty(S, H)
     if S == 0:
         return y
@@ -70,7 +70,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     roles = layouts.views(weights, layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     lu, lg, ld = layouts.lora(weights, layout)
-    S, (E, F, H) = src.shape[0], w_up.shape
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     gated = w_gate is not None
     shared = _shared_a(layout)
     # a shared A's gradient is one product (q_up + q_gate)^T x, written by lora_a_up alone
@@ -119,7 +119,7 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
     refuses them)."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
-    S, (E, F, H) = src.shape[0], w_up.shape
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if w_gate is not None else x.new_empty(0)
     if S == 0:
