@@ -9,6 +9,7 @@ import torch
 from . import layout as layouts
 from . import tuning
 from .combine_kernel import combine_launch
+from .dh_kernel import launch_dh
 from .down_kernel import launch_down
 from .errors import MoecKernelError
 from .gate_up_kernel import launch_gate_up
@@ -32,8 +33,9 @@ def _check(x):
         raise MoecKernelError("moec.experts (triton): x rows must be contiguous (x.stride(1) == 1)")
 
 
-def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit):
-    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down.
+def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None):
+    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down. Given pre
+    (S, 2F or F), the gate/up launch also stores the pre-activations u | g there.
     LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
     K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed."""
     _check(x)
@@ -47,17 +49,18 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
     h = x.new_empty(S, F)
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg))
+                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre)
     t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
     launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld))
     return y
 
 
-def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None):
+def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None, pre=None):
     """[dx, one gradient per base of `weights`], each base's gradient one buffer; None for a base
     with needs[i] False (a frozen weight), whose roles' GEMMs are skipped.
 
     1. gate/up again with dh = grad_y W_down and d(act) fused -> h, dg, du   (S, F)
+       (given the forward's pre-activations pre, no LoRA: dh alone, dh_kernel.py's grouped mode)
     2. rows = du W_up + dg W_gate (grouped, dropped rows zero)             (S, H)
     3. dx[t] = sum of its k rows (deterministic gather-sum, no atomics)    (T, H)
     4. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_y against h,
@@ -85,10 +88,14 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     q_d = None if ld is None else _lora_rows(grad_y, ld[1], ld[2], offsets, t_down)
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if gated else None
-    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du,
-                   lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg),
-                   lora_d=None if ld is None else (q_d, ld[0]))
+    if _usable(pre, lu, lg, ld):
+        launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit,
+                  _tiles(x, src, w_up, k, "dh")[0], h, dg, du)
+    else:
+        launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                       alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du,
+                       lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg),
+                       lora_d=None if ld is None else (q_d, ld[0]))
     q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down,
                                              *((dg, lg[1]) if shared else ()))
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
@@ -112,7 +119,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     return [dx] + _finish(grads, slots, out)
 
 
-def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None):
     """Steps 1-3 of `experts_backward` alone: -> [dx (T, H), h, du, dg (S, F) grouped; dg (0,)
     without a gate]. With `experts_wgrad` on the same h, du, dg it gives what `experts_backward`
     gives, so the weight gradients can run later (under an all-to-all). No LoRA layouts (the op
@@ -124,10 +131,14 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
     dg = x.new_empty(S, F) if w_gate is not None else x.new_empty(0)
     if S == 0:
         return [torch.zeros_like(x, memory_format=torch.contiguous_format), h, du, dg]
-    t_up, t_down = _tiles(x, src, w_up, k, "gate_up_bwd", "down_dx")
+    t_up, t_dh, t_down = _tiles(x, src, w_up, k, "gate_up_bwd", "dh", "down_dx")
     gate = dg if w_gate is not None else None
-    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=gate, du=du)
+    if _usable(pre, None, None, None):
+        launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit, t_dh,
+                  h, gate, du)
+    else:
+        launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                       alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=gate, du=du)
     rows = x.new_empty(S, H)
     launch_down(du, w_up, rows, offsets, t_down, a2=gate, b2=w_gate)
     return [_sum_rows(rows, src, k, x), h, du, dg]
@@ -146,6 +157,12 @@ def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=
     t_wg, t_wg2 = _tiles(x, src, w_up, k, "wgrad", "wgrad_dual")
     _base_wgrads(grad_y, x, src, offsets, k, h, du, dg if dg.numel() else None, out.get, t_wg, t_wg2)
     return _finish(grads, slots, out)
+
+
+def _usable(pre, *lora) -> bool:
+    """Whether the backward can read the forward's pre-activations instead of recomputing them:
+    given (not None, not the empty stand-in) and no LoRA factor, whose terms dh_kernel lacks."""
+    return pre is not None and pre.numel() > 0 and all(f is None for f in lora)
 
 
 def _grad_buffers(weights, layout, needs, skip=()):

@@ -143,13 +143,15 @@ def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
 
 @torch.library.custom_op("moec::experts_backward", mutates_args=())
 def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
-                     layout: str, activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:
+                     layout: str, activation: str, alpha: float, limit: float, needs: list[bool],
+                     pre: Optional[Tensor] = None) -> list[Tensor]:
     """[dx, one gradient per base in `weights`]: each base's gradient is one buffer (strides of
     the base), every role's share written into its view of it. A base with needs[i] False (a
-    frozen weight) gets an empty (0,) tensor and no work."""
+    frozen weight) gets an empty (0,) tensor and no work. pre: `experts_save`'s pre-activations,
+    read instead of recomputing them (the references recompute)."""
     if kernels.use_triton(x):
         from .experts_launch import experts_backward as launch
-        grads = launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs)
+        grads = launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, pre)
     else:
         grads = reference.experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha,
                                            limit, needs)
@@ -157,26 +159,27 @@ def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k:
 
 
 @experts_backward.register_fake
-def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs):
+def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, pre=None):
     return [torch.empty_like(x, memory_format=torch.contiguous_format)] + \
         [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
 
 
 @torch.library.custom_op("moec::experts_backward_rows", mutates_args=())
 def experts_backward_rows(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
-                          layout: str, activation: str, alpha: float, limit: float) -> list[Tensor]:
+                          layout: str, activation: str, alpha: float, limit: float,
+                          pre: Optional[Tensor] = None) -> list[Tensor]:
     """`experts_backward` without its weight gradients: [dx (T, H), h, du, dg (S, F) grouped; dg
     (0,) without a gate], what `experts_wgrad` needs for them. Split so that a backward pass can
     send dx (an all-to-all) while the weight gradients compute. No LoRA layouts."""
     _check_split(layout, "experts_backward_rows")
     if kernels.use_triton(x):
         from .experts_launch import experts_backward_rows as launch
-        return launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+        return launch(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, pre)
     return reference.experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
 
 
 @experts_backward_rows.register_fake
-def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit):
+def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None):
     _check_split(layout, "experts_backward_rows")
     S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
     gated = "w_gate" in layouts.parse(layout)
@@ -229,6 +232,57 @@ def _experts_bwd(ctx, grad_y):
 
 
 experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
+
+
+@torch.library.custom_op("moec::experts_save", mutates_args=())
+def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
+                 activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor]:
+    """`experts` for training where its combine is not beside it (expert parallelism): -> (y, pre),
+    pre (S, 2F, or F without a gate) the pre-activations u | g, which autograd keeps so that the
+    backward does not recompute them. No LoRA layouts."""
+    _check_save(x, src, offsets, weights, layout, activation)
+    S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
+    width = F * (2 if "w_gate" in layouts.parse(layout) else 1)
+    if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
+        from .experts_launch import experts_forward
+        pre = x.new_empty(S, width)
+        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre), pre
+    pre = x.new_zeros(S, width)
+    return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit, pre), pre
+
+
+@experts_save.register_fake
+def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
+    _check_save(x, src, offsets, weights, layout, activation)
+    S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
+    return x.new_empty(S, x.shape[1]), x.new_empty(S, F * (2 if "w_gate" in layouts.parse(layout) else 1))
+
+
+def _save_setup(ctx, inputs, output):
+    x, src, offsets, k, weights, layout, activation, alpha, limit = inputs
+    ctx.save_for_backward(x, src, offsets, output[1], *weights)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (k, layout, activation, alpha, limit)
+    ctx.needs = [w.requires_grad for w in weights]
+
+
+def _save_bwd(ctx, grad_y, _grad_pre):
+    x, src, offsets, pre, *weights = ctx.saved_tensors
+    k, layout, activation, alpha, limit = ctx.args
+    g = torch.ops.moec.experts_backward(grad_y.contiguous(), x, src, offsets, k, weights, layout, activation, alpha,
+                                        limit, ctx.needs, pre)
+    grads = [t if need else None for t, need in zip(g[1:], ctx.needs)]
+    return g[0], None, None, None, grads, None, None, None, None
+
+
+experts_save.register_autograd(_save_bwd, setup_context=_save_setup)
+
+
+def _check_save(x, src, offsets, weights, layout, activation):
+    _check_experts(x, src, offsets, weights, layout, activation)
+    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+        raise MoecKernelError(f"moec.experts_save: layout {layout!r} has LoRA factors, which the backward from "
+                              f"saved pre-activations does not handle; use moec.experts")
 
 
 def _check_experts(x, src, offsets, weights, layout, activation):

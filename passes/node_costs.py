@@ -162,10 +162,13 @@ def _experts_flops(node):
 
 
 def _experts_backward_flops(node):
-    # recompute up/gate, dh = dy W_down, rows = du W_up (+ dg W_gate), every weight's gradient
+    # recompute up/gate (not when given experts_save's pre-activations, args[11]), dh = dy W_down,
+    # rows = du W_up (+ dg W_gate), every weight's gradient
     S, H, F, p = _experts_dims(node)
-    return 2.0 * S * H * F * (2 * (p - 1) + 1 + p)
+    recompute = 0 if len(node.args) > 11 and node.args[11] is not None else p - 1
+    return 2.0 * S * H * F * (recompute + (p - 1) + 1 + p)
 
 
 _EXPERTS_BWD = torch.ops.moec.experts_backward.default
-_MOEC_FLOPS = {torch.ops.moec.experts.default: _experts_flops, _EXPERTS_BWD: _experts_backward_flops}
+_MOEC_FLOPS = {torch.ops.moec.experts.default: _experts_flops, torch.ops.moec.experts_save.default: _experts_flops,
+               _EXPERTS_BWD: _experts_backward_flops}

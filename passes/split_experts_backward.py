@@ -2,13 +2,14 @@
 input-gradient half and its weight-gradient half where an all-to-all sends the input gradient.
 
 Expects: an AOT autograd backward graph (fake values in node.meta["val"]) holding
-`experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs)`
-nodes read through getitem (what ep_experts' local experts trace to).
+`experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs[, pre])`
+nodes read through getitem (what ep_experts' local experts trace to; pre: the pre-activations
+`experts_save` kept in training, which the rows half then reads instead of recomputing).
 Guarantees: each such node whose dx reaches an `_c10d_functional.all_to_all_single` (the
 dispatch's backward), whose layout has no LoRA factors and which computes some weight gradient,
 becomes, in the same place,
 
-    dx, h, du, dg = experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit)
+    dx, h, du, dg = experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit[, pre])
     grads         = experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs)
 
 with every reader of the old outputs reading the same values from these (the two ops compute
@@ -66,7 +67,7 @@ def split_experts_backward(gm: fx.GraphModule) -> tuple:
 
 
 def _why_not(node) -> str:
-    grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs = node.args
+    grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, *_pre = node.args
     if any(role.startswith("lora_") for role in layouts.parse(layout)):
         return "LoRA factors"
     if not any(needs):
@@ -93,13 +94,14 @@ def _reaches_all_to_all(node, limit: int = 64) -> bool:
 
 
 def _split(graph, node):
-    grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs = node.args
+    grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, *pre = node.args
     fake_mode = detect_fake_mode([val(a) for a in (grad_y, x)])
     args = fx.node.map_aggregate(node.args, val)
-    with graph.inserting_before(node):
-        rows = graph.call_function(_ROWS, (grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit))
+    with graph.inserting_before(node):     # pre: experts_save's pre-activations, read by the rows half
+        rows = graph.call_function(_ROWS, (grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit,
+                                           *pre))
         with fake_mode:
-            rows.meta["val"] = _ROWS(*args[:10])
+            rows.meta["val"] = _ROWS(*args[:10], *args[11:])
         dx, h, du, dg = (_getitem(graph, rows, i) for i in range(4))
         wgrad = graph.call_function(_WGRAD, (grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs))
         with fake_mode:

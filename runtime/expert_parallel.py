@@ -166,7 +166,17 @@ def _local_experts(rows, local_ids, El, experts):
     """Runs this rank's experts on received rows in arrival order: moec.plan regroups them by
     local expert, moec.experts with k=1 reads rows[src], and inv puts results back in arrival order."""
     l_offsets, l_src, l_inv = torch.ops.moec.plan(local_ids[:, None], El)
-    return torch.ops.moec.experts(rows, l_src, l_offsets, 1, *experts)[l_inv]
+    return _experts(rows, l_src, l_offsets, experts)[l_inv]
+
+
+def _experts(x, src, offsets, experts):
+    """moec.experts with k=1; in training moec.experts_save, whose backward reads the forward's
+    pre-activations instead of recomputing two of its GEMMs (not for LoRA layouts)."""
+    weights, layout = experts[0], experts[1]
+    training = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if training and not any(role.startswith("lora_") for role in layouts.parse(layout)):
+        return torch.ops.moec.experts_save(x, src, offsets, 1, *experts)[0]
+    return torch.ops.moec.experts(x, src, offsets, 1, *experts)
 
 
 def _capacity_experts(got, d, experts):
@@ -176,7 +186,7 @@ def _capacity_experts(got, d, experts):
     grouped = got.view(ep, El, C, H).transpose(0, 1).reshape(El * ep * C, H)
     n = ep * C
     l_offsets = torch.arange(El + 1, device=got.device) * n
-    y = torch.ops.moec.experts(grouped, torch.arange(El * n, device=got.device), l_offsets, 1, *experts)
+    y = _experts(grouped, torch.arange(El * n, device=got.device), l_offsets, experts)
     return y.view(El, ep, C, H).transpose(0, 1).reshape(ep * El * C, H)
 
 

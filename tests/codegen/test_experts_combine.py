@@ -14,10 +14,10 @@ KERNELS = ("gate_up", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
 
 
 def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved", how="uniform", tile=SMALL,
-         save=True, frozen=()):
+         save=True, frozen=(), w_dtype=torch.float32):
     x = padded((T, H), dtype).requires_grad_()
     offsets, src, inv = _routing(T, E, k, how)
-    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
+    route_w = torch.rand(T, k, device=DEVICE).to(w_dtype).requires_grad_()
     bases, layout = _layer(E, H, F, dtype, gated, bias, layout)
     for i, w in enumerate(bases):
         w.requires_grad_(i not in frozen)
@@ -67,6 +67,11 @@ def test_transposed_weights_wide_tiles():
 def test_epilogue_in_column_halves(gated, bias):
     """dh's epilogue split over two column halves (Tile.epilogue_split) computes the same."""
     _run(13, 4, 2, 40, 40, torch.float32, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 2))
+
+
+def test_half_precision_routing_weights():
+    """Routing weights in the model's dtype (user code that never upcasts them); fp16 experts."""
+    _run(10, 4, 2, 24, 16, torch.float16, "silu", bias=True, w_dtype=torch.float16)
 
 
 def test_without_saved_preactivations():

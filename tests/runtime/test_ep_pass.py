@@ -158,9 +158,10 @@ def causal_lm_per_block_matches_single_process(rank, ws):
     for (name, p), q in zip(ref.named_parameters(), ep.parameters()):
         want = summed(p.grad) if name in sharded else p.grad
         assert_close(q.grad.full_tensor() if name in sharded else q.grad, want, msg=name)
-    # one backward graph for both layers: its experts' backward split once (schedule_wgrad)
-    assert dict(counters["moec"]) == {"graphs": 1, "regions_fused": 1, "experts_backward_split": 1}, \
-        dict(counters["moec"])
+    # one backward graph for both layers: its experts' backward split once (schedule_wgrad; how many
+    # weight-gradient ops it then moves is the schedule's business, counted as wgrad_ops_moved)
+    seen = {key: n for key, n in counters["moec"].items() if key != "wgrad_ops_moved"}
+    assert seen == {"graphs": 1, "regions_fused": 1, "experts_backward_split": 1}, dict(counters["moec"])
 
 
 def test_causal_lm_compiled_per_block_with_dtensor_experts(pool2):

@@ -74,12 +74,14 @@ def aot_eager_step_with_and_without_schedule(rank, ws):
             if name != "off":
                 moved[name] = _moved_in_dump(tmp, name)
         assert not list(Path(f"{tmp}/off").glob("*/wgrad_schedule*"))
-    # within the default bound (no extra memory) the expert weights' gradient tails move under the
-    # dispatch's backward all-to-all; their GEMMs (experts_wgrad) hold h, du, dg past its start,
-    # which needs memory: with 64 MiB allowed they move too
+    # within the default bound (no extra memory) the expert weights' gradients move under the
+    # dispatch's backward all-to-all, their GEMMs (experts_wgrad) too: they hold h, du, dg past its
+    # start, which by the pass's accounting no longer raises the backward's peak since the local
+    # experts keep their pre-activations (experts_save) and the rows half frees them (before, it
+    # took the 64 MiB bound). The bound itself: tests/passes/test_schedule_wgrad.py
     ops = lambda name: {n.rstrip("_0123456789") for _, _, nodes in moved[name] for n in nodes}
-    assert "slice_backward" in ops("on") and "experts_wgrad_default" not in ops("on"), moved["on"]
-    assert "experts_wgrad_default" in ops("on, 64 MiB"), moved["on, 64 MiB"]
+    for name in ("on", "on, 64 MiB"):
+        assert {"slice_backward", "experts_wgrad_default"} <= ops(name), moved[name]
     # same kernels in another order: bit for bit the same step
     for name in ("on", "on, 64 MiB"):
         for a, b in zip(results[name][:2], results["off"][:2]):
