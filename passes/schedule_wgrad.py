@@ -413,8 +413,3 @@ def _timeline(order, costs, windows, moved) -> _Timeline:
 
 def _names(nodes) -> tuple:
     return tuple(n.name for n in nodes)
-
-
-def format_time(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s >= 1e-4 or s == 0 else f"{s * 1e6:.3g} us"
-
