@@ -17,28 +17,16 @@ from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .down_kernel import launch_down
-from .experts_launch import _check, _finish, _grad_buffers, _sum_rows, _tiles, _wgrad
-from .gate_up_kernel import launch_gate_up
+from .experts_launch import _check, _finish, _grad_buffers, _sum_rows, _tiles, _wgrad, experts_forward
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
 
 
 def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save):
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
-    _check(x)
-    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
-    S, (F, H) = src.shape[0], w_up.shape[1:]
-    T = route_w.shape[0]
-    pre = x.new_empty(S, F * (2 if w_gate is not None else 1)) if save else x.new_empty(0)
-    out = x.new_empty(T, H)
-    if S == 0:
-        return out, pre
-    t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
-    h, y = x.new_empty(S, F), x.new_empty(S, H)
-    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation], alpha, limit,
-                   t_up, h, pre=pre if save else None)
-    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down)
-    return combine_launch(y, inv, route_w, out, k), pre
+    pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout)) if save else x.new_empty(0)
+    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None)
+    return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k), pre
 
 
 def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha,

@@ -34,7 +34,8 @@ def experts_combine(x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor, route_
 @experts_combine.register_fake
 def _(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit, save):
     _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
-    return x.new_empty(route_w.shape[0], x.shape[1]), _pre_like(x, src, bases, layout, save)
+    pre = x.new_empty(src.shape[0], layouts.preactivation_width(bases, layout)) if save else x.new_empty(0)
+    return x.new_empty(route_w.shape[0], x.shape[1]), pre
 
 
 @torch.library.custom_op("moec::experts_combine_backward", mutates_args=())
@@ -82,7 +83,7 @@ experts_combine.register_autograd(_backward, setup_context=_setup)
 
 def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
     _check_experts(x, src, offsets, bases, layout, activation)
-    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+    if layouts.has_lora(layout):
         raise MoecKernelError(f"moec.experts_combine: layout {layout!r} has LoRA factors; use moec.experts and "
                               f"moec.combine")
     _check_float("experts_combine", "route_w", route_w, dims=2)
@@ -92,10 +93,3 @@ def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
         raise MoecKernelError(f"moec.experts_combine: x {tuple(x.shape)}, src {tuple(src.shape)}, inv "
                               f"{tuple(inv.shape)} and route_w {tuple(route_w.shape)} disagree: need x (T, H), "
                               f"src and inv (T*k,), route_w (T, k) with k={k}")
-
-
-def _pre_like(x, src, bases, layout, save):
-    if not save:
-        return x.new_empty(0)
-    w_up, w_gate = layouts.views(bases, layout)[:2]
-    return x.new_empty(src.shape[0], w_up.shape[1] * (1 if w_gate is None else 2))

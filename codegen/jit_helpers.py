@@ -9,19 +9,20 @@ from a cumulative sum over at most E+1 counts, so the grid can be sized from a h
 import triton
 import triton.language as tl
 
+from .tuning import bucket
+
 
 GROUP_M = 8     # m tiles per n tile in `grouped_order`
 
 
 # Host-side twins of triton.cdiv / triton.next_power_of_2, which are constexpr functions in Triton
 # >= 3.4 and cost ~4 us a call on the host: a layer's training step made ~28 such calls, 7% of its
-# host time at decode sizes.
+# host time at decode sizes. The power of two is tuning's token bucket (the same rounding).
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+next_pow2 = bucket
 
 
 def max_tiles(S: int, segments: int, block_m: int) -> int:

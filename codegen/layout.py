@@ -137,6 +137,17 @@ def views(weights, layout: str) -> list:
     return [view(weights[parsed[r].index], parsed[r]) if r in parsed else None for r in ROLES]
 
 
+def has_lora(layout: str) -> bool:
+    """Whether any projection reads LoRA factors."""
+    return any(role in LORA_ROLES for role in parse(layout))
+
+
+def preactivation_width(weights, layout: str) -> int:
+    """Columns of the saved pre-activations u | g: 2F, or F without a gate."""
+    w_up, w_gate = views(weights, layout)[:2]
+    return w_up.shape[1] * (1 if w_gate is None else 2)
+
+
 def lora(weights, layout: str) -> list:
     """Per projection of PROJECTIONS: (A (E, r, K), B (E, N, r), scale) as views of `weights`, or None."""
     parsed, scales = parse(layout), lora_scales(layout)

@@ -209,7 +209,7 @@ def _(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs):
 
 
 def _check_split(layout, op):
-    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+    if layouts.has_lora(layout):
         raise MoecKernelError(f"moec.{op}: layout {layout!r} has LoRA factors, whose gradients need more than "
                               f"h, du, dg; use moec.experts_backward")
 
@@ -241,8 +241,7 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
     pre (S, 2F, or F without a gate) the pre-activations u | g, which autograd keeps so that the
     backward does not recompute them. No LoRA layouts."""
     _check_save(x, src, offsets, weights, layout, activation)
-    S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
-    width = F * (2 if "w_gate" in layouts.parse(layout) else 1)
+    S, width = src.shape[0], layouts.preactivation_width(weights, layout)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
         from .experts_launch import experts_forward
         pre = x.new_empty(S, width)
@@ -254,8 +253,8 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
 @experts_save.register_fake
 def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
     _check_save(x, src, offsets, weights, layout, activation)
-    S, F = src.shape[0], layouts.views(weights, layout)[0].shape[1]
-    return x.new_empty(S, x.shape[1]), x.new_empty(S, F * (2 if "w_gate" in layouts.parse(layout) else 1))
+    S = src.shape[0]
+    return x.new_empty(S, x.shape[1]), x.new_empty(S, layouts.preactivation_width(weights, layout))
 
 
 def _save_setup(ctx, inputs, output):
@@ -280,7 +279,7 @@ experts_save.register_autograd(_save_bwd, setup_context=_save_setup)
 
 def _check_save(x, src, offsets, weights, layout, activation):
     _check_experts(x, src, offsets, weights, layout, activation)
-    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+    if layouts.has_lora(layout):
         raise MoecKernelError(f"moec.experts_save: layout {layout!r} has LoRA factors, which the backward from "
                               f"saved pre-activations does not handle; use moec.experts")
 

@@ -303,8 +303,7 @@ def combine_backward(grad_out_TH, y_SH, inv_S, weights_Tk):
 def experts_combine(x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation, alpha, limit, save):
     """combine(experts(...)) -> (out (T, H), pre): pre (S, 2F) = u | g per grouped row (u alone
     without a gate; zero past offsets[E]) when `save`, else (0,)."""
-    w_up, w_gate = layouts.views(bases, layout)[:2]
-    pre = x_TH.new_zeros(src_S.shape[0], w_up.shape[1] * (1 if w_gate is None else 2)) if save else None
+    pre = x_TH.new_zeros(src_S.shape[0], layouts.preactivation_width(bases, layout)) if save else None
     y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, pre)
     return combine(y, inv_S, weights_Tk), pre if save else x_TH.new_empty(0)
 

@@ -60,7 +60,7 @@ def fuse_combine(gm: fx.GraphModule, ctx) -> tuple:
 
 
 def _why_not(node) -> str:
-    if any(role.startswith("lora_") for role in layouts.parse(node.args[5])):
+    if layouts.has_lora(node.args[5]):
         return "LoRA factors (their gradients need the unfused backward)"
     users = list(node.users)
     if len(users) != 1 or users[0].target is not _COMBINE or users[0].args[0] is not node:

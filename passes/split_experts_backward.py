@@ -68,7 +68,7 @@ def split_experts_backward(gm: fx.GraphModule) -> tuple:
 
 def _why_not(node) -> str:
     grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, *_pre = node.args
-    if any(role.startswith("lora_") for role in layouts.parse(layout)):
+    if layouts.has_lora(layout):
         return "LoRA factors"
     if not any(needs):
         return "no weight gradient to compute"

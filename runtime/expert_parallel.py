@@ -174,7 +174,7 @@ def _experts(x, src, offsets, experts):
     pre-activations instead of recomputing two of its GEMMs (not for LoRA layouts)."""
     weights, layout = experts[0], experts[1]
     training = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    if training and not any(role.startswith("lora_") for role in layouts.parse(layout)):
+    if training and not layouts.has_lora(layout):
         return torch.ops.moec.experts_save(x, src, offsets, 1, *experts)[0]
     return torch.ops.moec.experts(x, src, offsets, 1, *experts)
 
