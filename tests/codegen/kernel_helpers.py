@@ -19,3 +19,12 @@ def padded(shape, dtype, pad=3, scale=1.0):
     view = big[tuple(slice(0, s) for s in shape)]
     view.copy_((torch.randn(shape, device=DEVICE) * scale).to(dtype))
     return view
+
+
+def assert_grads_close(grads, want, tol):
+    """Each gradient has its reference's shape and is within tol of it; an all-zero reference
+    (an expert that got no tokens) must be matched by exact zeros."""
+    assert len(grads) == len(want)
+    for g, w in zip(grads, want):
+        assert g.shape == w.shape
+        assert w.numel() == 0 or (w.abs().max() == 0 and g.abs().max() == 0) or rel_err(g.cpu(), w) < tol
