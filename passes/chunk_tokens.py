@@ -29,14 +29,17 @@ Must not change: nodes outside the chunked ranges, other than their order (nodes
 layer move after it) and reading concatenated values.
 """
 import dataclasses
+import logging
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from moec.codegen.errors import MoecError
 from moec.runtime import load_or_calibrate
 from moec.runtime.cost_model import cached_calibration
 from moec.runtime.expert_parallel import (ep_collect, ep_combine, ep_dispatch, ep_experts, ep_local_experts,
@@ -46,6 +49,8 @@ from moec.runtime.mesh import resolve_ep_group
 from . import token_locality as tl
 from .chunk_costs import agree, forced, layer_costs
 from .graph import DepGraph, module_path, value
+
+log = logging.getLogger("moec")
 
 PASS = "chunk_tokens"
 _META = ("nn_module_stack", "stack_trace", "source_fn_stack")
@@ -135,8 +140,16 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
     pg = dist.distributed_c10d._resolve_process_group(group.name)
     device = value(eps[0].args[0]).device
     # a forced k needs no agreement: read a cached calibration only, for the report (no collective)
-    calibration = cached_calibration(device, pg, cfg.cache_dir or None) if cfg.ep_chunks else \
-        load_or_calibrate(device, pg, cache_dir=cfg.cache_dir or None)
+    try:
+        calibration = cached_calibration(device, pg, cfg.cache_dir or None) if cfg.ep_chunks else \
+            load_or_calibrate(device, pg, cache_dir=cfg.cache_dir or None)
+    except MoecError as e:
+        # Every rank measured the same (slowest-rank) times, so every rank lands here together and
+        # the layers stay whole everywhere: a correct, unchunked step, said in the log and the dump.
+        why = f"no chunking: the cost model could not be calibrated ({e})"
+        log.warning("chunk_tokens: %s", why)
+        counters["moec"]["chunk_calibration_failed"] += 1
+        return gm, ChunkTokensReport((), tuple((_site(n), why) for n in eps))
     layers, skipped = [], []
     for ep in eps:
         site = _site(ep)

@@ -17,6 +17,7 @@ MAX), and `load_or_calibrate` hands every rank rank 0's numbers.
 """
 import datetime
 import json
+import logging
 import math
 import re
 import time
@@ -249,7 +250,7 @@ def calibrate(device, group=None, timer=None, dtype: torch.dtype | None = None) 
                        datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-def _calibrate_all_to_all(group, device, dtype, sizes, timer, slowest) -> AllToAllModel:
+def _calibrate_all_to_all(group, device, dtype, sizes, timer, slowest, retries: int = 1) -> AllToAllModel:
     world = dist.get_world_size(group)
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise MoecError("all-to-all calibration over an NCCL group needs a CUDA device; pass device='cuda'")
@@ -260,7 +261,15 @@ def _calibrate_all_to_all(group, device, dtype, sizes, timer, slowest) -> AllToA
     dist.barrier(group)
     times = _fastest(timer, slowest, "all_to_all", off,
                      [lambda x=x, y=y: dist.all_to_all_single(y, x, group=group) for x, y in bufs])
-    latency, per_byte = fit_latency_rate(off, times, "all-to-all")
+    try:
+        latency, per_byte = fit_latency_rate(off, times, "all-to-all")
+    except MoecError:
+        if retries == 0:
+            raise
+        # The link's latency (and its noise) hid the bandwidth term at these sizes: a loaded host
+        # or a slow transport. Measure 8x larger; every rank sees the same (slowest) times, so
+        # every rank retries together.
+        return _calibrate_all_to_all(group, device, dtype, [8 * n for n in sizes], timer, slowest, retries - 1)
     return AllToAllModel(latency, 1.0 / per_byte, world_size=world)
 
 
@@ -329,7 +338,7 @@ def load_or_calibrate(device, group=None, cache_dir: str | None = None, timer=No
     decides and every rank gets rank 0's numbers (every rank must call this)."""
     path = calibration_path(device, group, cache_dir)
     rank0 = group is None or dist.get_rank(group) == 0
-    cached = Calibration.load(path) if rank0 and path.exists() and not refresh else None
+    cached = _readable(path) if rank0 and path.exists() and not refresh else None
     measure = cached is None if group is None else _broadcast(group, device, cached is None)
     result = calibrate(device, group, timer, dtype) if measure else cached
     if group is not None:
@@ -340,6 +349,16 @@ def load_or_calibrate(device, group=None, cache_dir: str | None = None, timer=No
         tmp.write_text(result.to_json())
         tmp.replace(path)                                        # atomic: another process may read it
     return result
+
+
+def _readable(path) -> Calibration | None:
+    """The cached calibration, or None (measure again) where the file cannot be read: raising here
+    would leave the other ranks waiting in the broadcast for rank 0's decision."""
+    try:
+        return Calibration.load(path)
+    except MoecError as e:
+        logging.getLogger("moec").warning("%s; measuring again", e)
+        return None
 
 
 def _broadcast(group, device, obj):

@@ -314,3 +314,54 @@ def random_chunks_match(rank, ws, k, tokens):
 def test_random_chunk_counts(pool2, k, t0, t1):
     results = pool2.run(random_chunks_match, k, [(1, t0), (1, t1)], timeout=240)
     assert {l[0] for per_rank in results for g in per_rank for l in g} == {k}
+
+
+def calibrating_with(rank, ws, cache_dir, a2a_grows):
+    """Calibration with faked timings (so a loaded CI host cannot change the answer): compute on a
+    clean line; the all-to-all's time on a line (a2a_grows) or flat at every size, as on a host
+    whose load hides the link's bandwidth term. -> (k, why) per layer left whole, the a2a sizes
+    measured, and how often chunk_tokens gave up on calibrating."""
+    from unittest import mock
+
+    from torch._dynamo.utils import counters
+
+    from moec.runtime import cost_model
+    measured = []
+
+    def fake(timer, slowest, what, amounts, fns, passes=3):
+        if what == "all_to_all":
+            measured.append(list(amounts))
+            return [1e-4 + a * 1e-9 if a2a_grows else 1e-3 for a in amounts]
+        return [1e-6 + a * 1e-10 for a in amounts]
+
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
+    counters.clear()
+    ep.model.layers[0].compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
+                                                        "cache_dir": cache_dir})
+    ids = torch.randint(3, 96, (2, 4 + rank), generator=torch.Generator().manual_seed(rank))
+    with mock.patch.object(cost_model, "_fastest", fake):
+        _compare(ref, ep, sharded, lambda m: _loss(m, ids))
+    [report] = _reports()
+    return [l.k for l in report.layers], [why for _, why in report.skipped], measured, \
+        counters["moec"]["chunk_calibration_failed"]
+
+
+def test_calibration_that_cannot_see_the_link_keeps_layers_whole(pool2, tmp_path):
+    """Flat all-to-all times: measured again at 8x the sizes, then every rank keeps the layer whole
+    (a correct step, no error) and says why; nothing is cached, so the next compile tries again."""
+    for ks, whys, measured, failed in pool2.run(calibrating_with, str(tmp_path / "cache"), False, timeout=240):
+        assert ks == [] and failed == 1, (ks, failed)
+        assert len(whys) == 1 and "could not be calibrated" in whys[0] and "all-to-all" in whys[0], whys
+        assert len(measured) == 2 and measured[1] == [8 * a for a in measured[0]], measured
+    assert not list((tmp_path / "cache").glob("calibration/*.json"))
+
+
+def test_unreadable_cached_calibration_is_measured_again(pool2, tmp_path):
+    """Rank 0's cache file is garbage: it measures again (every rank with it, no hang) and rewrites it."""
+    path = tmp_path / "cache" / "calibration" / "cpu-ws2-gloo.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    for ks, whys, measured, failed in pool2.run(calibrating_with, str(tmp_path / "cache"), True, timeout=240):
+        assert failed == 0 and len(measured) == 1, (failed, measured)
+    a2a = Calibration.load(path).all_to_all
+    assert a2a.latency_s == pytest.approx(1e-4, rel=1e-6), a2a

@@ -132,7 +132,9 @@ def test_cache_round_trip(tmp_path):
     assert timer.calls == 2 * measured
     path.write_text("{not json")
     with pytest.raises(MoecError, match="delete the file"):
-        load_or_calibrate("cpu", cache_dir=str(tmp_path))
+        Calibration.load(path)
+    load_or_calibrate("cpu", cache_dir=str(tmp_path), timer=timer)   # unreadable: measured again, rewritten
+    assert timer.calls == 3 * measured and Calibration.load(path).compute == first.compute
     a2a = AllToAllModel(1e-5, 2e9, world_size=4)
     with_a2a = Calibration("k", first.compute, a2a, "now")
     assert Calibration.from_json(with_a2a.to_json()) == with_a2a
