@@ -7,11 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fixed_calibration import write_calibration
+
+from moec.runtime.cost_model import AllToAllModel
+
 ROOT = Path(__file__).parents[2]
 
 
 def test_bench_ep_runs_on_gloo(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))   # not measured here
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "MOEC_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "benchmarks" / "bench_ep.py"), "--cpu", "--tiny", "--shapes", "mixtral", "--tokens", "16",
            "--variants", "single,ep,ep_lancet", "--dense-backend", "aot_eager", "--steps", "1", "--warmup", "0",

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing import assert_close
 
+from fixed_calibration import write_calibration
 from moe_ops import summed
 from moec.runtime import shard_experts
-from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel
+from moec.runtime.cost_model import AllToAllModel, Calibration
 
 sys.path.insert(0, str(Path(__file__).parents[1]))        # tests/: the shared MoE idioms
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
@@ -256,13 +257,6 @@ def test_four_ranks_capacity(pool4):
         assert set(layers) == {(2, "capacity", (), ())}, layers
 
 
-def _write_calibration(cache_dir, ws, a2a):
-    key = f"cpu-ws{ws}-gloo"            # calibration_key of a CPU device and a gloo group of ws ranks
-    path = Path(cache_dir) / "calibration" / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(Calibration(key, ComputeModel(1e9, 1e10, 1e-6), a2a).to_json())
-
-
 def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None):
     """ep_chunks=0: rank 0's cached calibration (a slow link) makes chunking pay; every rank takes the
     same k though their token counts differ; the dump explains and draws it."""
@@ -278,7 +272,7 @@ def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None):
 
 
 def test_cost_model_choice(pool2, tmp_path):
-    _write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))   # compute ~ transfer
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))   # compute ~ transfer
     results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"), timeout=240)
     (k0, why0, ok0, text0), (k1, why1, ok1, _) = results
     assert k0 == k1 > 1 and why0 == why1 == "cost model" and ok0 and ok1, results
@@ -291,7 +285,7 @@ def test_cost_model_choice(pool2, tmp_path):
 
 def test_cost_model_choice_in_capacity_mode(pool2, tmp_path):
     """Capacity 8 drops nothing here, so the single-process model is still the reference."""
-    _write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))
     results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"),
                         {"ep_capacity_factor": 8.0}, timeout=240)
     assert results[0][0] == results[1][0] > 1 and all(r[2] for r in results), results
@@ -299,7 +293,7 @@ def test_cost_model_choice_in_capacity_mode(pool2, tmp_path):
 
 
 def test_cost_model_keeps_a_layer_whole_when_chunking_does_not_pay(pool2, tmp_path):
-    _write_calibration(tmp_path / "cache", 2, AllToAllModel(5e-3, 1e12, world_size=2))   # latency-bound link
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(5e-3, 1e12, world_size=2))   # latency-bound link
     results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"), timeout=240)
     assert [r[:3] for r in results] == [(1, "cost model", True)] * 2, results
     assert "no chunking pays off" in results[0][3], results[0][3]
