@@ -87,11 +87,14 @@ def forced(mine, a2a, k: int, n_pre: int, n_post: int):
                                                                   "cached for this group")
 
 
-def agree(mine, a2a, group):
+def agree(mine, a2a, group, k_max: int = K_MAX):
     """(k, pre_range, post_range, schedule or None, why), the same k on every rank of `group`.
-    `mine` is this rank's LayerCosts or a string saying why it cannot chunk the layer."""
+    `mine` is this rank's LayerCosts or a string saying why it cannot chunk the layer; k_max the
+    most chunks it can cut (its units: the sequences where it chunks whole sequences)."""
     everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, _plain(mine), group=group)
+    dist.all_gather_object(everyone, (_plain(mine), k_max), group=group)
+    k_max = min(m for _, m in everyone)
+    everyone = [c for c, _ in everyone]
     blocked = [(r, why) for r, why in enumerate(everyone) if isinstance(why, str)]
     if blocked:
         r, why = blocked[0]
@@ -101,13 +104,24 @@ def agree(mine, a2a, group):
         return 1, None, None, None, "no all-to-all model (a group of one rank)"
     same = all(_names(c) == _names(everyone[0]) for c in everyone)
     shared = _slowest([_unplain(c, costs) for c in everyone]) if same else _unplain(everyone[0], costs)
-    chosen = search(shared, a2a, K_MAX)
+    chosen = search(shared, a2a, k_max)
     if chosen.k > 1 and chosen.step_s > (1 - MIN_GAIN) * chosen.unchunked_s:
         return 1, None, None, chosen.unchunked(), f"cost model: k={chosen.k} would save under {MIN_GAIN:.0%}"
     if same:
         return chosen.k, chosen.pre_range, chosen.post_range, chosen, "cost model"
     pre, post, sched = _best_ranges(costs, a2a, chosen.k)
     return chosen.k, pre, post, sched, "cost model (k from rank 0's costs: the ranks found different ops)"
+
+
+def agree_sequences(token_saved: float, sequence_saved, group) -> bool:
+    """Whether every rank cuts a layer in whole sequences rather than tokens: every rank can
+    (sequence_saved, the predicted time it saves then, is not None) and together they save more,
+    by more than MIN_GAIN (a near tie keeps tokens: finer chunks, fewer ops changed)."""
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (token_saved, sequence_saved), group=group)
+    if any(s is None for _, s in everyone):
+        return False
+    return sum(s for _, s in everyone) > (1 + MIN_GAIN) * sum(t for t, _ in everyone)
 
 
 def _best_ranges(costs, a2a, k):

@@ -40,14 +40,14 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.codegen.errors import MoecError
-from moec.runtime import load_or_calibrate
+from moec.runtime import load_or_calibrate, search
 from moec.runtime.cost_model import cached_calibration
 from moec.runtime.expert_parallel import (ep_collect, ep_combine, ep_dispatch, ep_experts, ep_local_experts,
                                           ep_wait)
 from moec.runtime.mesh import resolve_ep_group
 
 from . import token_locality as tl
-from .chunk_costs import agree, forced, layer_costs
+from .chunk_costs import K_MAX, agree, agree_sequences, forced, layer_costs
 from .graph import DepGraph, module_path, value
 
 log = logging.getLogger("moec")
@@ -67,10 +67,11 @@ class LayerChunking:
     stops: tuple         # (node, why) where the token-local ranges end
     why: str             # how k was chosen
     schedule: object = None   # moec.runtime.Schedule predicted for this layer (None: no a2a model)
+    units: str = "tokens"     # what the chunks are cut in: tokens, or whole sequences ("2 sequences of 4 tokens")
 
     def summary(self) -> str:
         what = "slots" if self.mode == "capacity" else \
-            f"tokens, with {len(self.pre)} ops before, {len(self.side)} beside, {len(self.post)} after"
+            f"{self.units}, with {len(self.pre)} ops before, {len(self.side)} beside, {len(self.post)} after"
         head = f"{self.site}: k={self.k} ({self.why})" + (f", {what}" if self.k > 1 else ", left whole")
         return head + (f"; {self.schedule.explain().splitlines()[0]}" if self.schedule is not None else "")
 
@@ -119,6 +120,7 @@ class _Layer:
     combine: fx.Node | None
     x: fx.Node
     T: int
+    U: int               # units the chunks are cut in: T (tokens) or the batch's sequences
     top_k: int
     num_experts: int
     ep_size: int
@@ -129,6 +131,7 @@ class _Layer:
     post: list = dataclasses.field(default_factory=list)
     rules: dict = dataclasses.field(default_factory=dict)
     stops: list = dataclasses.field(default_factory=list)
+    blocked: list = dataclasses.field(default_factory=list)   # ops next to the range that no rule made local
 
 
 def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
@@ -154,18 +157,21 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
     for ep in eps:
         site = _site(ep)
         capacity = ep.kwargs.get("capacity_factor", 0.0) > 0
-        layer = _find(gm, ep, group.size, capacity)
         a2a = calibration.all_to_all if calibration is not None else None
         if a2a is not None and not capacity:   # each chunk also exchanges counts and syncs: one more latency
             a2a = dataclasses.replace(a2a, latency_s=2 * a2a.latency_s)
-        mine = layer if isinstance(layer, str) or calibration is None else \
+        costs = lambda layer: layer if isinstance(layer, str) or calibration is None else \
             layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()},
-                        ep.kwargs.get("capacity_factor", 0.0))
+                        ep.kwargs.get("capacity_factor", 0.0))   # noqa: E731
+        layer = _find(gm, ep, group.size, capacity)
+        if not capacity:
+            layer = _cut(gm, ep, group.size, layer, cfg.ep_chunks, costs, a2a, pg)
+        mine = costs(layer)
         if cfg.ep_chunks:
             ranges = (0, 0) if isinstance(layer, str) else (len(layer.pre), len(layer.post))
             k, pre_r, post_r, sched, why = forced(mine, a2a, cfg.ep_chunks, *ranges)
         else:
-            k, pre_r, post_r, sched, why = agree(mine, a2a, pg)
+            k, pre_r, post_r, sched, why = agree(mine, a2a, pg, _k_max(layer))
         if k == 1:
             skipped.append((site, why))
             layers.append(LayerChunking(site, "capacity" if capacity else "dropless", 1, (), (), (), (), why, sched))
@@ -176,8 +182,10 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
             layer.pre, layer.post = layer.pre[pre_r[0]:pre_r[1]], layer.post[post_r[0]:post_r[1]]
             _emit_chunked(gm.graph, layer, k)
         name = lambda nodes: tuple(n.name for n in nodes)   # noqa: E731
+        units = "tokens" if layer.U is layer.T or layer.U == layer.T else \
+            f"{layer.U} sequences of {layer.T // layer.U} tokens"
         layers.append(LayerChunking(site, "capacity" if capacity else "dropless", k, name(layer.pre),
-                                    name(layer.side), name(layer.post), tuple(layer.stops), why, sched))
+                                    name(layer.side), name(layer.post), tuple(layer.stops), why, sched, units))
     gm.graph.lint()
     gm.recompile()
     return gm, ChunkTokensReport(tuple(layers), tuple(skipped))
@@ -187,14 +195,46 @@ def _site(ep) -> str:
     return module_path(ep) or ep.name
 
 
+def _cut(gm, ep, ep_size, layer, forced_k, costs, a2a, group):
+    """The layer cut in tokens, or in whole sequences where an op that mixes the tokens of a
+    sequence (attention) ends the token-local range: U = the leading (batch) size of that op's
+    values. Whole sequences are taken where they save more by the cost model, every rank
+    agreeing (a collective, every rank calls it when k is not forced); with a forced k (every
+    candidate op chunked, no collective) or no all-to-all model, where they chunk more ops."""
+    sequences = []
+    if not isinstance(layer, str) and isinstance(layer.T, int):
+        T = layer.T
+        counts = {d for n in layer.blocked for v in (n, *n.all_input_nodes) if isinstance(value(v), torch.Tensor)
+                  for d in value(v).shape[:1] if isinstance(d, int) and max(2, forced_k) <= d < T and T % d == 0}
+        sequences = [c for c in (_find(gm, ep, ep_size, False, U) for U in sorted(counts)) if not isinstance(c, str)]
+    size = lambda c: len(c.pre) + len(c.side) + len(c.post)   # noqa: E731
+    if forced_k or a2a is None:
+        best = max(sequences, key=size, default=None)
+        return best if best is not None and size(best) > size(layer) else layer
+
+    def saved(c):                                 # the candidates cover different ops: compare savings
+        chosen = search(costs(c), a2a, _k_max(c))
+        return chosen.unchunked_s - chosen.step_s
+    best = max(sequences, key=saved, default=None)
+    mine = (0.0 if isinstance(layer, str) else saved(layer), None if best is None else saved(best))
+    return best if agree_sequences(*mine, group) else layer
+
+
+def _k_max(layer) -> int:
+    """The most chunks a layer can be cut in: K_MAX, or fewer sequences."""
+    return min(K_MAX, layer.U) if not isinstance(layer, str) and isinstance(layer.U, int) else K_MAX
+
+
 # --- finding the layer and its token-local neighbourhood ----------------------------------------
 
-def _find(gm, ep, ep_size, capacity):
-    """The layer with its pre, side and post ops, or a string saying why it stays whole."""
+def _find(gm, ep, ep_size, capacity, units=None):
+    """The layer with its pre, side and post ops, its chunks cut in `units` (default: the tokens),
+    or a string saying why it stays whole."""
     x, src, offsets = ep.args[0], ep.args[1], ep.args[2]
     T = value(x).shape[0]        # symbolic under dynamic shapes: then only the experts are chunked
     weights = [w for w in ep.args[4] if isinstance(w, fx.Node)]
-    layer = _Layer(ep, None, None, None, x, T, ep.args[3], value(offsets).shape[0] - 1, ep_size, weights, [])
+    layer = _Layer(ep, None, None, None, x, T, units or T, ep.args[3], value(offsets).shape[0] - 1, ep_size,
+                   weights, [])
     if capacity:                   # the pieces are cut inside the dispatch: nothing around it changes
         return layer
     plan = offsets.args[0] if offsets.target is operator.getitem else None
@@ -230,9 +270,9 @@ def _core(layer, deps):
             if any(u not in core and u not in (layer.ep, combine) for u in n.users):
                 return f"{n.name} (the layer's plan) is also read outside it (expert_stats?)"
             continue
-        r = tl.rule(n, layer.T)
+        r = tl.rule(n, layer.U)
         checked = r is not None and (r.kind in ("getitem", "route") or isinstance(layer.T, int) and
-                                     tl.verify(n, r, layer.T))
+                                     tl.verify(n, r, layer.U))
         if not checked:
             return f"{n.name} on the routing weights is not token-local (or cannot be checked: symbolic T)"
         layer.rules[n] = r
@@ -245,7 +285,7 @@ def _grow(layer, deps):
     """The pre, side and post ranges: token-local nodes, convex around the layer (no path leaves
     the chunked nodes and comes back), each edge between two chunked nodes reading chunks as they
     are. Shape rules first, the check on random inputs last (it runs the op)."""
-    T, inside = layer.T, set(layer.core) | {layer.ep, layer.combine}
+    inside = set(layer.core) | {layer.ep, layer.combine}
     ancestors = deps.backward_slice([layer.x, layer.route.args[0]])
     mutated = {deps.root[m] for m in deps.mutations} | set(deps.mutations)
     pre = set()
@@ -256,9 +296,12 @@ def _grow(layer, deps):
             bad = [u for u in toward if u not in pre and u not in inside or not _compatible(layer, n, u)]
             why = f"read by {bad[0].name}, which is not chunked" if bad else _check_why(layer, n)
         if why:
-            _stop(layer, n, why, any(u in pre or u in inside for u in deps.users[n]))
+            _stop(layer, n, why, any(_reads_rows(layer, u, n) for u in deps.users[n] if u in pre or u in inside))
         else:
             pre.add(n)
+    # An item taken before its tuple was decided: where the tuple stays whole, so does the item
+    # (its readers in the range then cut it like any value from outside).
+    pre -= {n for n in pre if layer.rules[n].kind == "getitem" and n.args[0] not in pre | inside}
     layer.pre = deps.sorted(pre)
     chunked = pre | inside
     descendants = deps.forward_slice([layer.combine]) - {layer.combine}
@@ -287,7 +330,7 @@ def _shape_why(layer, n, mutated, deps) -> str:
         return "written in place"
     if n.target is torch.ops.moec.route.default:
         return "another MoE layer's router"       # left to that layer, whose core it is
-    r = tl.rule(n, layer.T)
+    r = tl.rule(n, layer.U)
     if r is None:
         return "not token-local by its shapes"
     layer.rules[n] = r
@@ -296,7 +339,7 @@ def _shape_why(layer, n, mutated, deps) -> str:
 
 def _check_why(layer, n) -> str:
     r = layer.rules[n]
-    if r.kind != "getitem" and not tl.verify(n, r, layer.T):
+    if r.kind != "getitem" and not tl.verify(n, r, layer.U):
         del layer.rules[n]
         return "chunked and whole differ on random inputs"
     return ""
@@ -305,8 +348,19 @@ def _check_why(layer, n) -> str:
 def _stop(layer, n, why, next_to_chunked):
     """Record where a range ends, for nodes that carry tokens next to a chunked node."""
     v = value(n)
-    if next_to_chunked and isinstance(v, torch.Tensor) and tl.token_dims(tuple(v.shape), layer.T):
+    if next_to_chunked and why in ("not token-local by its shapes", "chunked and whole differ on random inputs"):
+        layer.blocked.append(n)
+    if next_to_chunked and isinstance(v, torch.Tensor) and tl.token_dims(tuple(v.shape), layer.U):
         layer.stops.append((n.name, why))
+
+
+def _reads_rows(layer, consumer, producer) -> bool:
+    """The chunked consumer cuts the producer's value in chunks (not: reads it whole, a weight)."""
+    if consumer is layer.ep:
+        return producer is layer.x
+    rule = layer.rules.get(consumer)
+    use = rule.args.get(producer) if rule is not None else None
+    return rule is not None and (rule.kind == "getitem" or use is not None and use.rows)
 
 
 def _compatible(layer, producer, consumer) -> bool:
@@ -332,7 +386,7 @@ class _Block:
     def __init__(self, graph, layer, k, anchor):
         self.graph, self.layer, self.anchor = graph, layer, anchor
         self.k = k
-        self.sizes = tl.chunk_sizes(layer.T, k) if isinstance(layer.T, int) else [None] * k
+        self.sizes = tl.chunk_sizes(layer.U, k) if isinstance(layer.T, int) else [None] * k   # units
         self.chunks, self.flat, self.nodes = {}, {}, []
         self.old = set(graph.nodes)
 
@@ -364,8 +418,15 @@ class _Block:
             with self.graph.inserting_before(self.anchor):
                 flat = tl.flat_input(self.graph, a, use, self.layer.T, tuple(value(a).shape))
             flat = self._made(a) if flat is not a else a
-            # rows as torch.tensor_split cuts them (tl.chunk_sizes), symbolic T too
-            self.flat[key] = self.call(torch.tensor_split, (flat, self.k), like=a) if use.rows else flat
+            rows = tl.flat_rows(use.expand or tuple(value(a).shape), use.rest, self.layer.T)
+            if not use.rows:
+                self.flat[key] = flat
+            elif not isinstance(rows, int) or rows == self.layer.U:
+                # a row per unit: as torch.tensor_split cuts them (tl.chunk_sizes), symbolic T too
+                self.flat[key] = self.call(torch.tensor_split, (flat, self.k), like=a)
+            else:                             # m rows per unit
+                m = rows // self.layer.U
+                self.flat[key] = self.call(torch.split, (flat, [m * u for u in self.sizes]), like=a)
         if not use.rows:
             return self.flat[key]
         return self.call(operator.getitem, (self.flat[key], i), like=a)
@@ -449,7 +510,9 @@ def _read_outside(b, chunked, skip, k):
         if not outside or n in skip:
             continue
         whole = b.call(torch.cat, ([b.chunks[(n, i)] for i in range(k)], 0), like=n)
-        shape, flat = tuple(value(n).shape), (b.layer.T, *b.layer.rules[n].out_rest)
+        rest = tuple(b.layer.rules[n].out_rest)
+        shape = tuple(value(n).shape)
+        flat = (tl.flat_rows(shape, rest, b.layer.T), *rest)
         if len(shape) != len(flat) or not all(statically_known_true(x == y) for x, y in zip(shape, flat)):
             whole = b.call("reshape", (whole, shape), like=n, op="call_method")   # static T only
         whole.meta["example_value"] = value(n)

@@ -1,30 +1,38 @@
-"""Which FX nodes compute each token's output from that token's inputs alone, and how to run such a
-node on a chunk of the tokens. Read by the pass `chunk_tokens`.
+"""Which FX nodes compute each token's (or each sequence's) output from its inputs alone, and how to
+run such a node on a chunk of them. Read by the pass `chunk_tokens`.
 
-Legend: T tokens (rows of an MoE layer's (T, H) input), k chunks, T_i rows in chunk i.
-A value *carries tokens* when a leading run of its dims multiplies to T; its token dims are the
-fewest that do (ntok). Its *flat form* is (T, *shape[ntok:]): row-major order is unchanged, so
-row t is token t's part of the value, and chunk i is rows [o_i, o_i + T_i) of the flat form.
+Legend: T tokens (rows of an MoE layer's (T, H) input), U units the chunks are cut in: U = T (token
+mode) or U = B, the sequences of a (B, S, H) batch (batch mode: T = B * S); k chunks, U_i units in
+chunk i. A value *carries units* when a leading run of its dims multiplies to a multiple of U, m * U
+(symbolic sizes: to U itself); its unit dims are the fewest that do (ntok). Its *flat form* is
+(m * U, *shape[ntok:]): row-major order is unchanged, so unit u is rows [u m, (u + 1) m) of it, the
+u-th of U equal contiguous blocks of the value, and chunk i is the rows of its U_i units.
 
-A node is token-local when chunk i of its output is a function of chunk i of its inputs that carry
-tokens and of its other inputs whole. Rules on shapes propose it:
+A node is unit-local when chunk i of its output is a function of chunk i of its inputs that carry
+units and of its other inputs whole. Every rule below keeps the blocks (a reshape of any kind keeps
+them: it keeps the row-major order), so the claim holds whatever a block means; the MoE layer's
+input gives it its meaning, tokens or sequences. In batch mode, ops that mix the tokens of a
+sequence (attention, a sum over the sequence) are local too. Rules on shapes propose it:
     pointwise  a torch op tagged pointwise (add, mul, rsqrt, silu, where...) or a dtype/copy
                method (to, type_as, float, contiguous...); inputs broadcast
-    linear     linear(x, w, b) and matmul/mm(x, w) with w 2-D and b read whole, x's token dims
+               (and dropout that is off: p = 0 or not training)
+    linear     linear(x, w, b) and matmul/mm(x, w) with w 2-D and b read whole, x's unit dims
                not its last
+    batched    matmul/bmm of two operands with the same unit dims among their batch dims
+    attention  scaled_dot_product_attention with q, k, v (and a mask, or broadcast over them)
+               sharing their unit dims, which are batch dims
     along      reductions, scans, softmax, topk, split/chunk/cat/stack along dims that are not
-               token dims (a reduction with no dim reduces all of them: not local)
-    view       view/reshape/flatten/unflatten/squeeze/unsqueeze/expand whose token dims stay
-               leading; transpose/permute of the other dims; basic indexing of the other dims
+               unit dims (a reduction with no dim reduces all of them: not local)
+    view       view/reshape/flatten/unflatten/squeeze/unsqueeze/expand, the output carrying units;
+               transpose/permute of the other dims; basic indexing of the other dims
     route      moec.route routes each token alone
 and `verify` runs the node on random inputs, whole and in three uneven chunks, before it is
-trusted: a rule wrong for some op fails there, not in a user's model. Everything else (attention
-over a sequence, a sum over tokens, an aux loss, in-place writes, symbolic sizes) is not
-token-local. Attention could be split on the batch axis only; that is not done here.
+trusted: a rule wrong for some op fails there, not in a user's model. Everything else (a sum over
+all units, an aux loss, in-place writes, symbolic sizes in batch mode) is not local.
 
-    use = rule(node, T)          -> Rule | None, with how each input is read (`ArgUse`)
-    ok  = verify(gm, node, use, T)
-    y_i = use.emit(graph, node, {input: its chunk-i or whole node}, T_i)
+    use = rule(node, U)          -> Rule | None, with how each input is read (`ArgUse`)
+    ok  = verify(node, use, U)
+    y_i = use.emit(graph, node, {input: its chunk-i or whole node}, U_i)
 """
 import math
 import operator
@@ -53,17 +61,25 @@ _PERMUTES = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 _LINEAR = {"linear", "matmul", "mm"}
 
 
-def token_dims(shape, T) -> int | None:
-    """ntok: the fewest leading dims of `shape` whose product is T (at least one), else None.
-    Symbolic sizes count where the product is T whatever the symbols (no guard is added)."""
+def token_dims(shape, U) -> int | None:
+    """ntok: the fewest leading dims of `shape` whose product is a multiple of U (at least one),
+    else None. Symbolic sizes count where the product is U whatever the symbols (no guard)."""
     p = 1
+    static = isinstance(U, int) and all(isinstance(s, int) for s in shape)
     for i, s in enumerate(shape):
         p = p * s
-        if statically_known_true(p == T):
+        if static and p > 0 and p % U == 0 or not static and statically_known_true(p == U):
             return i + 1
-        if statically_known_true(p > T) or statically_known_true(p == 0):
+        if statically_known_true(p == 0) or not static and statically_known_true(p > U):
             return None
     return None
+
+
+def flat_rows(shape, rest, T):
+    """Rows of the flat form (*, *rest) of a value of `shape`: m U when static, else T (token
+    mode, m = 1: symbolic sizes are only chunked by tokens)."""
+    lead = tuple(shape)[:len(shape) - len(rest)]
+    return math.prod(lead) if all(isinstance(s, int) for s in lead) else T
 
 
 @dataclass(frozen=True)
@@ -79,20 +95,21 @@ class ArgUse:
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str                # pointwise, linear, along, view, permute, index, getitem, route
+    kind: str                # pointwise, linear, batched, attention, along, view, permute, index, getitem, route
     args: dict               # input node -> ArgUse
     out_rest: object         # the output's flat rest shape (a tuple per item for a tuple output)
     dims: tuple = ()         # along: the output's dims acted on, shifted into the flat form
-    ntok_in: int = 0         # token dims of the first input (along/permute/index rewrite dims by it)
+    ntok_in: int = 0         # unit dims of the first input (along/permute/index rewrite dims by it)
+    out_m: int = 1           # view: the output's rows per unit (a reshape may change it)
 
-    def emit(self, graph: fx.Graph, node: fx.Node, inputs: dict, T_i) -> fx.Node:
-        """Chunk i of `node` (T_i rows, None where not known statically) in `graph`, its inputs
+    def emit(self, graph: fx.Graph, node: fx.Node, inputs: dict, U_i) -> fx.Node:
+        """Chunk i of `node` (U_i units, None where not known statically) in `graph`, its inputs
         taken from `inputs` (node -> chunk node)."""
         arg = lambda a: fx.node.map_arg(a, lambda n: inputs[n])   # noqa: E731
         src = inputs[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
         if self.kind == "view":
             method = "expand" if op_name(node) in ("expand", "expand_as") else "reshape"
-            rows = T_i if isinstance(T_i, int) else graph.call_method("size", (src, 0))
+            rows = U_i * self.out_m if isinstance(U_i, int) else graph.call_method("size", (src, 0))
             return graph.call_method(method, (src, (rows, *self.out_rest)))
         if self.kind == "permute":
             perm = _permutation(node)
@@ -105,8 +122,8 @@ class Rule:
         return graph.create_node(node.op, node.target, tuple(args), dict(kwargs))
 
 
-def rule(node: fx.Node, T: int) -> Rule | None:
-    """The rule that makes `node` token-local for T tokens, or None (see the module docstring)."""
+def rule(node: fx.Node, U: int) -> Rule | None:
+    """The rule that makes `node` token-local for U tokens, or None (see the module docstring)."""
     if node.op not in ("call_function", "call_method") or _mutates(node):
         return None
     out = value(node)
@@ -116,39 +133,43 @@ def rule(node: fx.Node, T: int) -> Rule | None:
     name = op_name(node)
     if node.target is operator.getitem and not isinstance(value(node.args[0]), torch.Tensor):
         item = value(node)
-        ntok = token_dims(item.shape, T) if isinstance(item, torch.Tensor) else None
+        ntok = token_dims(item.shape, U) if isinstance(item, torch.Tensor) else None
         return Rule("getitem", {}, tuple(item.shape[ntok:])) if ntok else None
     if not isinstance(out, torch.Tensor):
-        return _tuple_rule(node, name, out, T)
-    ntok = token_dims(out.shape, T)
+        return _tuple_rule(node, name, out, U)
+    ntok = token_dims(out.shape, U)
     if ntok is None:
         return None
     rest = tuple(out.shape[ntok:])
     if node.target is torch.ops.moec.route.default:
         return None                                   # tuple output: handled above
-    if name in _LINEAR:
-        return _linear(node, out, ntok, rest, T)
+    if name in _LINEAR or name == "bmm":
+        return _linear(node, out, ntok, rest, U) or _batched(node, out, ntok, rest, U)
+    if name == "scaled_dot_product_attention":
+        return _attention(node, out, ntok, rest, U)
+    if name == "dropout" and _dropout_is_off(node):
+        return _pointwise(node.args[0:1], out, ntok, rest)
     if name in _ALONG and _dim_arg(node, name) is not _NOT_A_DIM:
-        return _along(node, name, ntok, rest, T)
+        return _along(node, name, ntok, rest, U)
     if name in _RESHAPES or name in ("expand", "expand_as"):
-        return _view(node, ntok, rest, T)
+        return _view(node, ntok, rest, U)
     if name in _PERMUTES:
-        return _permute(node, ntok, rest, T)
+        return _permute(node, ntok, rest, U)
     if node.target is operator.getitem:
-        return _index(node, ntok, rest, T)
+        return _index(node, ntok, rest, U)
     if _is_pointwise(node, name):
-        return _pointwise(node, out, ntok, rest)
+        return _pointwise(node.all_input_nodes, out, ntok, rest)
     return None
 
 
-def _tuple_rule(node, name, out, T):
+def _tuple_rule(node, name, out, U):
     if not isinstance(out, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in out):
         return None
     first = value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
     if not isinstance(first, torch.Tensor):
         return None
-    n_in = token_dims(first.shape, T)
-    outs = [token_dims(v.shape, T) for v in out]
+    n_in = token_dims(first.shape, U)
+    outs = [token_dims(v.shape, U) for v in out]
     if n_in is None or any(o is None for o in outs):
         return None
     rests = tuple(tuple(v.shape[o:]) for v, o in zip(out, outs))
@@ -161,32 +182,82 @@ def _tuple_rule(node, name, out, T):
             uses[bias] = ArgUse(False)
         return Rule("route", uses, rests)
     if name in _ALONG:
-        r = _along(node, name, n_in, None, T)
+        r = _along(node, name, n_in, None, U)
         return None if r is None else Rule("along", r.args, rests, r.dims, n_in)
     return None
 
 
-def _pointwise(node, out, ntok, rest):
+def _pointwise(inputs, out, ntok, rest):
     uses = {}
-    for a in node.all_input_nodes:
-        s = tuple(value(a).shape)
-        if len(s) > len(out.shape):
+    for a in inputs:
+        use = _broadcast_use(a, out, ntok, rest)
+        if use is None:
             return None
-        padded = (1,) * (len(out.shape) - len(s)) + s
-        if all(d == 1 for d in padded[:ntok]):
-            uses[a] = ArgUse(False, whole=padded[ntok:] if len(s) > len(rest) else None)
-        else:
-            uses[a] = ArgUse(True, padded[ntok:], None if padded[:ntok] == tuple(out.shape[:ntok])
-                             else tuple(out.shape[:ntok]) + padded[ntok:])
+        uses[a] = use
     return Rule("pointwise", uses, rest)
 
 
-def _linear(node, out, ntok, rest, T):
+def _broadcast_use(a, out, ntok, rest) -> ArgUse | None:
+    """How an input that broadcasts against `out` (ntok unit dims) is read: whole where it is
+    broadcast over every unit dim, else by rows (expanded over the unit dims first if it must be)."""
+    s = tuple(value(a).shape)
+    if len(s) > len(out.shape):
+        return None
+    padded = (1,) * (len(out.shape) - len(s)) + s
+    if all(d == 1 for d in padded[:ntok]):
+        return ArgUse(False, whole=padded[ntok:] if len(s) > len(rest) else None)
+    return ArgUse(True, padded[ntok:], None if padded[:ntok] == tuple(out.shape[:ntok])
+                  else tuple(out.shape[:ntok]) + padded[ntok:])
+
+
+def _batched(node, out, ntok, rest, U):
+    """matmul/bmm of two operands of one rank (3+) whose unit dims are leading batch dims of both."""
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("mat2", node.kwargs.get("other"))
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    sa, sb = tuple(value(a).shape), tuple(value(b).shape)
+    if not len(sa) == len(sb) == len(out.shape) >= 3 or ntok > len(sa) - 2:
+        return None
+    if token_dims(sa, U) != ntok or token_dims(sb, U) != ntok or not sa[:ntok] == sb[:ntok] == tuple(out.shape[:ntok]):
+        return None
+    return Rule("batched", {a: ArgUse(True, sa[ntok:]), b: ArgUse(True, sb[ntok:])}, rest)
+
+
+def _attention(node, out, ntok, rest, U):
+    """scaled_dot_product_attention(q, k, v, attn_mask, ...): q, k, v share their unit dims, which
+    are batch dims (before heads, sequence and head size); the mask is read like a pointwise input."""
+    names = ("query", "key", "value", "attn_mask")
+    q, k, v, mask = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in enumerate(names)]
+    if not all(isinstance(t, fx.Node) for t in (q, k, v)):
+        return None
+    shapes = [tuple(value(t).shape) for t in (q, k, v)]
+    if ntok > len(shapes[0]) - 2 or any(token_dims(s, U) != ntok or s[:ntok] != tuple(out.shape[:ntok])
+                                        for s in shapes):
+        return None
+    uses = {t: ArgUse(True, s[ntok:]) for t, s in zip((q, k, v), shapes)}
+    if isinstance(mask, fx.Node):
+        use = _broadcast_use(mask, out, ntok, rest)
+        if use is None or mask in uses:
+            return None
+        uses[mask] = use
+    if any(a not in uses for a in node.all_input_nodes):
+        return None                                   # a tensor we do not know how to read
+    return Rule("attention", uses, rest)
+
+
+def _dropout_is_off(node) -> bool:
+    """dropout(x, p, training) that returns x: p = 0 or training False (random otherwise)."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return len(node.all_input_nodes) == 1 and (p == 0 or training is False)
+
+
+def _linear(node, out, ntok, rest, U):
     x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
         return None
     xs, ws = tuple(value(x).shape), tuple(value(w).shape)
-    if token_dims(xs, T) != ntok or ntok >= len(xs) or len(ws) != 2 or x is w:
+    if token_dims(xs, U) != ntok or ntok >= len(xs) or len(ws) != 2 or x is w:
         return None
     uses = {x: ArgUse(True, xs[ntok:])}
     for a in node.all_input_nodes:
@@ -195,14 +266,14 @@ def _linear(node, out, ntok, rest, T):
     return Rule("linear", uses, rest)
 
 
-def _along(node, name, ntok, rest, T):
+def _along(node, name, ntok, rest, U):
     data = node.args[0]
     tensors = list(data) if name in ("cat", "concat", "stack") and isinstance(data, (tuple, list)) else [data]
     if not tensors or not all(isinstance(t, fx.Node) and isinstance(value(t), torch.Tensor) for t in tensors):
         return None
     shapes = [tuple(value(t).shape) for t in tensors]
-    n_in = token_dims(shapes[0], T)
-    if n_in is None or any(token_dims(s, T) != n_in or s[:n_in] != shapes[0][:n_in] for s in shapes):
+    n_in = token_dims(shapes[0], U)
+    if n_in is None or any(token_dims(s, U) != n_in or s[:n_in] != shapes[0][:n_in] for s in shapes):
         return None
     ndim = len(shapes[0]) + (1 if name == "stack" else 0)
     dims = _dim_arg(node, name)
@@ -217,53 +288,57 @@ def _along(node, name, ntok, rest, T):
     return Rule("along", uses, rest, tuple(dims), n_in)
 
 
-def _view(node, ntok, rest, T):
+def _view(node, ntok, rest, U):
     src = node.args[0]
     s = tuple(value(src).shape)
-    n_in = token_dims(s, T)
-    if n_in is None or math.prod(rest) != math.prod(s[n_in:]) and op_name(node) not in ("expand", "expand_as"):
+    n_in = token_dims(s, U)
+    out = tuple(value(node).shape)
+    static = isinstance(U, int) and all(isinstance(d, int) for d in (*s, *out))
+    expand = op_name(node) in ("expand", "expand_as")
+    # A reshape keeps the row-major order, so unit u stays the u-th block whatever the rows per
+    # unit become; with symbolic sizes only a reshape that keeps them (one row per token) is taken.
+    if n_in is None or not expand and not static and math.prod(rest) != math.prod(s[n_in:]):
         return None
-    if op_name(node) in ("expand", "expand_as") and (s[:n_in] != tuple(value(node).shape[:ntok]) or n_in != ntok):
-        return None                                   # broadcasting over the tokens is not a view of them
+    if expand and (s[:n_in] != out[:ntok] or n_in != ntok):
+        return None                                   # broadcasting over the units is not a view of them
     uses = {src: ArgUse(True, s[n_in:])}
     for a in node.all_input_nodes:
         uses.setdefault(a, ArgUse(False))             # view_as/expand_as: their other input gives a shape
-    return Rule("view", uses, rest)
+    return Rule("view", uses, rest, out_m=math.prod(out[:ntok]) // U if static else 1)
 
 
-def _permute(node, ntok, rest, T):
+def _permute(node, ntok, rest, U):
     src = node.args[0]
     s = tuple(value(src).shape)
-    n_in = token_dims(s, T)
+    n_in = token_dims(s, U)
     perm = _permutation(node)
     if n_in != ntok or perm is None or tuple(perm[:ntok]) != tuple(range(ntok)):
         return None
     return Rule("permute", {src: ArgUse(True, s[n_in:])}, rest, ntok_in=n_in)
 
 
-def _index(node, ntok, rest, T):
+def _index(node, ntok, rest, U):
     src = node.args[0]
     s = tuple(value(src).shape)
-    n_in = token_dims(s, T)
+    n_in = token_dims(s, U)
     if n_in is None or n_in != ntok or _flat_index(node, n_in) is None:
         return None
     return Rule("index", {src: ArgUse(True, s[n_in:])}, rest, ntok_in=n_in)
 
 
 def _flat_index(node, ntok):
-    """The index into the flat form for a basic index into the token-leading value, or None when
-    it touches a token dim."""
+    """The index into the flat form for a basic index into the unit-leading value, or None when
+    it touches a unit dim (a new axis, None, only after them)."""
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    if not all(i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool) for i in idx) or \
+    if not all(i is Ellipsis or i is None or isinstance(i, (int, slice)) and not isinstance(i, bool) for i in idx) or \
             idx.count(Ellipsis) > 1 or any(isinstance(i, slice) and any(isinstance(v, fx.Node) for v in
                                                                           (i.start, i.stop, i.step)) for i in idx):
-        return None                                   # tensor, None and symbolic indices are not handled
+        return None                                   # tensor and symbolic indices are not handled
     ndim = len(value(node.args[0]).shape)
-    if Ellipsis in idx:
-        at = idx.index(Ellipsis)
-        idx = idx[:at] + (slice(None),) * (ndim - len(idx) + 1) + idx[at + 1:]
-    idx = idx + (slice(None),) * (ndim - len(idx))
-    if any(i != slice(None) for i in idx[:ntok]):
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    at = idx.index(Ellipsis) if Ellipsis in idx else len(idx)
+    idx = idx[:at] + (slice(None),) * (ndim - consumed) + idx[at + 1:]    # Ellipsis or the trailing dims
+    if len(idx) < ntok or any(i is None or i != slice(None) for i in idx[:ntok]):
         return None
     return (slice(None),) + tuple(idx[ntok:])
 
@@ -334,14 +409,14 @@ def _is_tuple_item_source(a, node) -> bool:
 
 # --- checking a rule on random inputs ------------------------------------------------------------
 
-def chunk_sizes(T: int, k: int) -> list:
-    """Rows per chunk, as torch.tensor_split cuts T into k: the first T % k chunks one row longer."""
-    return [T // k + (1 if i < T % k else 0) for i in range(k)]
+def chunk_sizes(U: int, k: int) -> list:
+    """Units per chunk, as torch.tensor_split cuts U into k: the first U % k chunks one longer."""
+    return [U // k + (1 if i < U % k else 0) for i in range(k)]
 
 
 def flat_input(graph, a: fx.Node, use: ArgUse, T, shape: tuple) -> fx.Node:
-    """`a` (of `shape`) as the node reads it, whole: (T, *rest) for rows, else the broadcast-ready
-    value."""
+    """`a` (of `shape`) as the node reads it, whole: its flat form (m U, *rest) for rows (T rows
+    where sizes are symbolic), else the broadcast-ready value."""
     if not use.rows:
         return graph.call_method("reshape", (a, use.whole)) if use.whole is not None else a
     if use.expand is None and len(shape) == 1 + len(use.rest) and \
@@ -349,23 +424,25 @@ def flat_input(graph, a: fx.Node, use: ArgUse, T, shape: tuple) -> fx.Node:
         return a                                      # flat already (T may be symbolic)
     if use.expand is not None:
         a = graph.call_method("expand", (a, use.expand))
-    return graph.call_method("reshape", (a, (T, *use.rest)))
+    return graph.call_method("reshape", (a, (flat_rows(use.expand or shape, use.rest, T), *use.rest)))
 
 
-def verify(node: fx.Node, use: Rule, T: int, k: int = 3, seed: int = 0) -> bool:
-    """`node` run whole and in k uneven chunks by `use` agree on random inputs."""
-    k = min(k, T)
+def verify(node: fx.Node, use: Rule, U: int, k: int = 3, seed: int = 0) -> bool:
+    """`node` run whole and in k uneven chunks (of U units) by `use` agree on random inputs."""
+    k = min(k, U)
     g = fx.Graph()
     phs = {a: g.placeholder(a.name) for a in node.all_input_nodes}
     whole = g.node_copy(node, lambda a: phs[a])
-    flats = {a: flat_input(g, phs[a], use.args.get(a, ArgUse(False)), T, tuple(value(a).shape))
-             for a in node.all_input_nodes}
+    uses = {a: use.args.get(a, ArgUse(False)) for a in node.all_input_nodes}
+    flats = {a: flat_input(g, phs[a], uses[a], U, tuple(value(a).shape)) for a in node.all_input_nodes}
+    per_unit = {a: flat_rows(uses[a].expand or tuple(value(a).shape), uses[a].rest, U) // U
+                for a in flats if uses[a].rows}
     chunks, start = [], 0
-    for T_i in chunk_sizes(T, k):
-        ins = {a: g.call_method("narrow", (f, 0, start, T_i)) if use.args.get(a, ArgUse(False)).rows else f
+    for U_i in chunk_sizes(U, k):
+        ins = {a: g.call_method("narrow", (f, 0, start * per_unit[a], U_i * per_unit[a])) if uses[a].rows else f
                for a, f in flats.items()}
-        chunks.append(use.emit(g, node, ins, T_i))
-        start += T_i
+        chunks.append(use.emit(g, node, ins, U_i))
+        start += U_i
     out = value(node)
     items = range(len(out)) if isinstance(out, (tuple, list)) else [None]
     results = []

@@ -68,6 +68,50 @@ def test_token_mixing_ops_are_not_local(fn, name):
     assert not local(traced(fn, X, torch.randn(H)), name)
 
 
+def local_per_sequence(gm, name):
+    n = node(gm, name)
+    r = tl.rule(n, B)
+    return r is not None and tl.verify(n, r, B, k=B)
+
+
+MASK = torch.rand(S, S) > 0.3
+
+
+@pytest.mark.parametrize("fn, name", [
+    (lambda x, w: torch.softmax(x @ x.transpose(1, 2), -1) @ x, "matmul"),
+    (lambda x, w: torch.bmm(x, x.transpose(1, 2)), "bmm"),
+    (lambda x, w: F.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None], is_causal=True),
+     "scaled_dot_product_attention"),
+    (lambda x, w: F.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None], attn_mask=MASK),
+     "scaled_dot_product_attention"),                                   # a mask broadcast over the batch
+    (lambda x, w: F.dropout(x, 0.0, True) * 2, "dropout"),
+    (lambda x, w: x.sum(1), "sum"),
+    (lambda x, w: x.cumsum(1), "cumsum"),
+    (lambda x, w: x.softmax(1), "softmax"),
+    (lambda x, w: x[:, 1:], "getitem"),
+    (lambda x, w: x.reshape(B * S, H) * w, "mul"),                        # S rows per sequence
+    (lambda x, w: x.reshape(B * S * 2, H // 2).relu(), "relu"),          # 2 S rows per sequence
+], ids=["attention", "bmm", "sdpa-causal", "sdpa-mask", "dropout-off", "sum-sequence", "cumsum-sequence",
+        "softmax-sequence", "index-sequence", "flat-rows", "split-rows"])
+def test_sequence_local_ops(fn, name):
+    """In batch mode (units: the B sequences) ops that mix a sequence's tokens are local."""
+    assert local_per_sequence(traced(fn, X, torch.randn(H)), name)
+
+
+@pytest.mark.parametrize("fn, name", [
+    (lambda x, w: x.sum(0), "sum"),
+    (lambda x, w: x.flip(0), "flip"),
+    (lambda x, w: x.transpose(0, 1) * 2, "transpose"),
+    (lambda x, w: x[1:], "getitem"),
+    (lambda x, w: x @ x[:1].transpose(1, 2), "matmul"),                 # batch broadcast: one sequence for all
+    (lambda x, w: F.scaled_dot_product_attention(*[x.reshape(1, 1, B * S, H)] * 3), "scaled_dot_product_attention"),
+    (lambda x, w: F.dropout(x, 0.5, True), "dropout"),                  # random: never local
+], ids=["sum-batch", "flip-batch", "transpose-batch", "index-batch", "matmul-broadcast", "sdpa-all-tokens",
+        "dropout-on"])
+def test_batch_mixing_ops_are_not_local_per_sequence(fn, name):
+    assert not local_per_sequence(traced(fn, X, torch.randn(H)), name)
+
+
 def test_a_wrong_rule_fails_the_check():
     """cumsum over the tokens claimed pointwise: the random-input check refuses it."""
     gm = traced(lambda x: x.cumsum(1), X)
@@ -117,3 +161,11 @@ def test_neighbourhood_of_a_layer():
     assert "matmul_1" in stops and "cumsum" in stops, stops
     for n in (*layer.pre, *layer.side, *layer.post):
         assert tl.verify(n, layer.rules[n], T), n
+    # cut in whole sequences: the attention before and the scan after are chunked too
+    per_sequence = _find(gm, ep, 2, capacity=False, units=B)
+    assert ops(per_sequence.pre) == ["transpose", "matmul", "softmax", "matmul"] + ops(layer.pre), \
+        ops(per_sequence.pre)
+    assert ops(per_sequence.post) == ["view", "add", "add", "mul", "cumsum"], ops(per_sequence.post)
+    assert ops(per_sequence.side) == ops(layer.side) and per_sequence.U == B
+    for n in (*per_sequence.pre, *per_sequence.side, *per_sequence.post):
+        assert tl.verify(n, per_sequence.rules[n], B, k=B), n

@@ -2,7 +2,8 @@
 token-local and token-mixing ops before and after it (FX graphs with example values, no process
 group): no op that mixes tokens is ever chunked, every chunked node computes the same in other
 chunk counts than the one it was checked with, and a chain that is token-local all the way is
-chunked all the way."""
+chunked all the way. The same cut in whole sequences (units B): ops that mix only a sequence's
+tokens are chunked then, ops that mix sequences never."""
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -32,13 +33,18 @@ LOCAL = {
     "views": lambda h, p: h.view(T, H).view(B, S, 2, H // 2).transpose(2, 3).reshape(B, S, H),
     "halves": lambda h, p: _swap_halves(h),
 }
-# each mixes tokens in the node its predicate picks: that node must never be chunked
+# each mixes tokens in the node its predicate picks: that node must never be chunked by tokens;
+# the last field: whether it mixes only the tokens of one sequence (then it is chunked by sequences)
 MIXING = {
-    "cumsum": (lambda h, p: h.cumsum(1), lambda n: op_name(n) == "cumsum"),
-    "seq_mean": (lambda h, p: h + h.mean(1, keepdim=True), lambda n: op_name(n) == "mean" and n.args[1] == 1),
-    "roll": (lambda h, p: h.roll(1, 1), lambda n: op_name(n) == "roll"),
-    "attention": (lambda h, p: torch.softmax(h @ h.transpose(1, 2), -1) @ h, lambda n: op_name(n) == "matmul"),
-    "batch_flip": (lambda h, p: h.flip(0), lambda n: op_name(n) == "flip"),
+    "cumsum": (lambda h, p: h.cumsum(1), lambda n: op_name(n) == "cumsum", True),
+    "seq_mean": (lambda h, p: h + h.mean(1, keepdim=True), lambda n: op_name(n) == "mean" and n.args[1] == 1, True),
+    "roll": (lambda h, p: h.roll(1, 1), lambda n: op_name(n) == "roll", False),   # roll is not a rule's op
+    "attention": (lambda h, p: torch.softmax(h @ h.transpose(1, 2), -1) @ h, lambda n: op_name(n) == "matmul", True),
+    "sdpa": (lambda h, p: F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None], is_causal=True)[:, 0],
+             lambda n: op_name(n) == "scaled_dot_product_attention", True),
+    "batch_flip": (lambda h, p: h.flip(0), lambda n: op_name(n) == "flip", False),
+    "batch_mean": (lambda h, p: h + h.mean(0, keepdim=True), lambda n: op_name(n) == "mean" and n.args[1] == 0,
+                   False),
 }
 
 
@@ -70,21 +76,22 @@ def _layer(before, after):
 
 
 @settings(max_examples=examples(15))
-@given(before=ops, after=ops)
-def test_random_neighbourhoods(before, after):
+@given(before=ops, after=ops, units=st.sampled_from([T, B]))
+def test_random_neighbourhoods(before, after, units):
     p = lambda *s: torch.randn(*s) / s[-1] ** 0.5   # noqa: E731
     gm = traced(_layer(before, after), torch.randn(B, S, H), p(H), p(H, H), p(E, H), p(E, F_, H), p(E, H, F_))
     [ep] = [n for n in gm.graph.nodes if n.target is ep_experts]
-    layer = _find(gm, ep, 2, capacity=False)
+    layer = _find(gm, ep, 2, capacity=False, units=units)
     chunked = [*layer.pre, *layer.side, *layer.post]
-    mixes = [MIXING[name][1] for name in before + after if name in MIXING]
+    mixing = lambda name: name in MIXING and (units == T or not MIXING[name][2])   # noqa: E731
+    mixes = [MIXING[name][1] for name in before + after if mixing(name)]
     assert not [n for n in chunked if any(m(n) for m in mixes)], (before, after, [n.name for n in chunked])
     for n in (n for n in chunked if layer.rules[n].kind != "getitem"):   # items of a checked tuple op
-        for k, seed in ((2, 1), (T, 2)):
-            assert tl.verify(n, layer.rules[n], T, k=k, seed=seed), n
-    if not any(name in MIXING for name in before):   # local up to the graph inputs: all of it chunked
+        for k, seed in ((2, 1), (units, 2)):
+            assert tl.verify(n, layer.rules[n], units, k=k, seed=seed), n
+    if not any(map(mixing, before)):                 # local up to the graph inputs: all of it chunked
         assert set(layer.pre) == _ancestors(layer), (before, [n.name for n in layer.pre])
-    if not any(name in MIXING for name in after):    # local down to the output: all of it chunked
+    if not any(map(mixing, after)):                  # local down to the output: all of it chunked
         assert set(layer.post) == _descendants(layer), (after, [n.name for n in layer.post])
 
 

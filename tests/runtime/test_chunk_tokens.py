@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from fixed_calibration import write_calibration
 from moe_ops import summed
 from moec.runtime import shard_experts
-from moec.runtime.cost_model import AllToAllModel, Calibration
+from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))        # tests/: the shared MoE idioms
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
@@ -77,7 +77,7 @@ def hf_matches_single_process(rank, ws, arch, whole_model, tokens, options):
             layer.compile(backend="moec", options=opts)
     ids = torch.randint(3, 96, tokens[rank], generator=torch.Generator().manual_seed(rank))
     _compare(ref, ep, sharded, lambda m: _loss(m, ids))
-    return [[(l.k, l.pre, l.side, l.post, l.stops, l.why) for l in r.layers] for r in _reports()]
+    return [[(l.k, l.pre, l.side, l.post, l.stops, l.why, l.units) for l in r.layers] for r in _reports()]
 
 
 def _loss(model, ids):
@@ -96,14 +96,28 @@ def test_hf_decoder_layers_chunked_match_single_process(pool2, arch, k, tokens):
     results = pool2.run(hf_matches_single_process, arch, False, tokens, {"ep_chunks": k}, timeout=240)
     for per_rank in results:
         assert per_rank, "no layer compiled"
-        for k_, pre, side, post, stops, why in (l for g in per_rank for l in g):
-            assert k_ == k and why.startswith(f"ep_chunks={k}"), why
+        for k_, pre, side, post, stops, why, units in (l for g in per_rank for l in g):
+            assert k_ == k and why.startswith(f"ep_chunks={k}") and units == "tokens", (why, units)
             # the residual add, the norm and the router before; the residual add after
             assert any("router_logits" in n for n in pre) and len(pre) >= 10, pre
             assert post, post
             # attention mixes the tokens: the range stops at its output's transpose
             assert any(n.startswith("transpose") for n, _ in stops), stops
             assert (len(side) == 5) == (arch == "deepseek_v3"), side   # the shared expert, under the dispatch
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_hf_decoder_layers_chunked_by_sequences(pool2, arch):
+    """Batches of 2 and 3 sequences, k = 2: each rank cuts whole sequences, so the attention and
+    everything before it in the layer runs in the chunks too (a single-sequence batch could not)."""
+    results = pool2.run(hf_matches_single_process, arch, False, [(2, 4), (3, 3)], {"ep_chunks": 2}, timeout=240)
+    for per_rank, units in zip(results, ("2 sequences of 4 tokens", "3 sequences of 3 tokens")):
+        assert per_rank, "no layer compiled"
+        for k_, pre, side, post, stops, why, got in (l for g in per_rank for l in g):
+            assert k_ == 2 and got == units, (k_, got)
+            assert {"attn_output", "hidden_states"} <= set(pre), pre   # the attention; the first norm
+            assert any("router_logits" in n for n in pre) and post, (pre, post)
+            assert [n for n, _ in stops] == ["l_args_0_"], stops     # nothing left out but the layer's input
 
 
 def _collectives(code: str) -> str:
@@ -257,7 +271,7 @@ def test_four_ranks_capacity(pool4):
         assert set(layers) == {(2, "capacity", (), ())}, layers
 
 
-def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None):
+def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None, shapes=None):
     """ep_chunks=0: rank 0's cached calibration (a slow link) makes chunking pay; every rank takes the
     same k though their token counts differ; the dump explains and draws it."""
     ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
@@ -265,7 +279,7 @@ def cost_model_chooses(rank, ws, cache_dir, dump_dir, options=None):
     layer.compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh, "cache_dir": cache_dir,
                                            "dump_dir": f"{dump_dir}/rank{rank}", **(options or {})})
     T = (4 if options else 4 + 2 * rank)      # capacity mode needs the same T on every rank
-    ids = torch.randint(3, 96, (2, T), generator=torch.Generator().manual_seed(rank))
+    ids = torch.randint(3, 96, shapes[rank] if shapes else (2, T), generator=torch.Generator().manual_seed(rank))
     _compare(ref, ep, sharded, lambda m: _loss(m, ids))
     [layer] = [l for r in _reports() for l in r.layers]
     return layer.k, layer.why, layer.schedule is not None and layer.schedule.k == layer.k, layer.text()
@@ -281,6 +295,19 @@ def test_cost_model_choice(pool2, tmp_path):
         [folder] = (tmp_path / "dump" / f"rank{rank}").iterdir()
         assert (folder / "schedule_0.txt").read_text().startswith(f"mlp.experts: k={k0} (cost model)")
         assert (folder / "schedule_0.png").exists(), sorted(p.name for p in folder.iterdir())
+
+
+def test_cost_model_cuts_whole_sequences_when_that_hides_more(pool2, tmp_path):
+    """Batches of 8 sequences on a slow link, launches nearly free: the ops up to the attention's
+    output projection cannot hide the all-to-all, the whole layer before it can, so every rank
+    cuts whole sequences (the attention chunked too), the same k on both."""
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 1e7, world_size=2), ComputeModel(1e9, 1e10, 1e-8))
+    results = pool2.run(cost_model_chooses, str(tmp_path / "cache"), str(tmp_path / "dump"), None,
+                        [(8, 2), (8, 3)], timeout=240)
+    (k0, why0, ok0, text0), (k1, why1, ok1, text1) = results
+    assert 1 < k0 == k1 <= 8 and why0 == why1 == "cost model" and ok0 and ok1, results
+    assert "8 sequences of 2 tokens" in text0 and "8 sequences of 3 tokens" in text1, (text0, text1)
+    assert "attn_output," in text0.split("chunked before the dispatch: ")[1].splitlines()[0], text0
 
 
 def test_cost_model_choice_in_capacity_mode(pool2, tmp_path):
