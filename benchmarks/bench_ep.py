@@ -6,8 +6,11 @@ decoder layers, attention + MoE, at real widths, bf16), forward + backward, T to
     ep_tutel    capacity routing (factor 2, as Tutel runs it: a random router's copies rarely
                 overflow, but may), the slots cut in 4 pieces: the Tutel overlap of expert compute
                 with the all-to-alls only (wgrad_schedule off)
-    ep_lancet   dropless, moec's whole schedule: the cost model's k token chunks over the layer and
-                its token-local neighbours, weight gradients under the backward's all-to-alls
+    ep_lancet_tokens  moec's schedule with the chunks cut in tokens only (ep_chunk_by="tokens"): the
+                attention stays whole, outside the pipeline
+    ep_lancet   dropless, moec's whole schedule: the cost model's k chunks (tokens, or whole sequences
+                with the attention in them) over the layer and its neighbours, weight gradients
+                under the backward's all-to-alls
 
 Per variant: step time (median of CUDA-event timed steps), all-to-all kernel time and the part of it
 no compute kernel covers (exposed), from a torch.profiler trace of a few steps; for ep_lancet the
@@ -47,7 +50,7 @@ SHAPES = {   # real widths, few decoder layers, a small vocabulary: the MoE laye
         num_attention_heads=32, num_key_value_heads=8)),
 }
 TINY = {"qwen3": "qwen3_moe", "deepseek": "deepseek_v3", "mixtral": "mixtral"}
-VARIANTS = ("single", "ep", "ep_tutel", "ep_lancet")
+VARIANTS = ("single", "ep", "ep_tutel", "ep_lancet_tokens", "ep_lancet")
 LAYERS, VOCAB, SEQ = 2, 1024, 1024
 
 
@@ -82,7 +85,9 @@ def options(variant, mesh, backend):
         return {**base, "ep_chunks": 1, "wgrad_schedule": False}
     if variant == "ep_tutel":
         return {**base, "ep_capacity_factor": 2.0, "ep_chunks": 4, "wgrad_schedule": False}
-    return base   # ep_lancet: the defaults with ep_group
+    if variant == "ep_lancet_tokens":     # the schedule with chunks cut in tokens only (no attention in them)
+        return {**base, "ep_chunk_by": "tokens"}
+    return base   # ep_lancet: the defaults with ep_group (tokens or whole sequences, by the cost model)
 
 
 def _step(model, ids):
@@ -188,7 +193,7 @@ def run_cell(shape, tokens, variant, mesh, args, device, dtype, single_out):
     comm, exposed = exposed_comm(prof)
     row["a2a_ms"] = None if comm is None else comm / 3
     row["exposed_a2a_ms"] = None if exposed is None else exposed / 3
-    row["predicted_layers_ms"] = predicted_ms() if variant == "ep_lancet" else None
+    row["predicted_layers_ms"] = predicted_ms() if variant.startswith("ep_lancet") else None
     row["moec"] = {k: v for k, v in torch._dynamo.utils.counters["moec"].items()}
     del compiled, model
     return row

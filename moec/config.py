@@ -69,6 +69,12 @@ class Config:
     1: off; n: n chunks (capacity mode: n pieces of the slots). Off too with disable=("chunk_tokens",).
     MOEC_EP_CHUNKS."""
 
+    ep_chunk_by: str = "auto"
+    """With ep_group and chunking: what the chunks are cut in. "auto" (default): tokens, or whole
+    sequences where attention ends the tokens' range and the cost model predicts that sequences
+    save more (then attention and what comes before it are chunked too); "tokens"; "sequences"
+    (where the batch has at least k sequences, else tokens). MOEC_EP_CHUNK_BY."""
+
     expert_stats: bool = False
     """Count on the device, per MoE layer, the token copies routed to each expert (and, with
     capacity routing, those dropped): a few tiny device ops per layer and step, no host reads.
@@ -97,7 +103,12 @@ class Config:
                 raise MoecError(f"unknown moec option {key!r}; known options: {sorted(_FIELDS)}")
             values[key] = v
         values = {k: _coerce(k, v) for k, v in values.items()}
+        if values.get("ep_chunk_by", "auto") not in _CHUNK_BY:
+            raise MoecError(f"moec option ep_chunk_by={values['ep_chunk_by']!r}: expected one of {_CHUNK_BY}")
         return cls(**values)
+
+
+_CHUNK_BY = ("auto", "tokens", "sequences")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

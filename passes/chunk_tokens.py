@@ -164,8 +164,8 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
             layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()},
                         ep.kwargs.get("capacity_factor", 0.0))   # noqa: E731
         layer = _find(gm, ep, group.size, capacity)
-        if not capacity:
-            layer = _cut(gm, ep, group.size, layer, cfg.ep_chunks, costs, a2a, pg)
+        if not capacity and cfg.ep_chunk_by != "tokens":
+            layer = _cut(gm, ep, group.size, layer, cfg.ep_chunks, costs, a2a, pg, cfg.ep_chunk_by == "sequences")
         mine = costs(layer)
         if cfg.ep_chunks:
             ranges = (0, 0) if isinstance(layer, str) else (len(layer.pre), len(layer.post))
@@ -195,12 +195,13 @@ def _site(ep) -> str:
     return module_path(ep) or ep.name
 
 
-def _cut(gm, ep, ep_size, layer, forced_k, costs, a2a, group):
+def _cut(gm, ep, ep_size, layer, forced_k, costs, a2a, group, sequences_wanted=False):
     """The layer cut in tokens, or in whole sequences where an op that mixes the tokens of a
     sequence (attention) ends the token-local range: U = the leading (batch) size of that op's
     values. Whole sequences are taken where they save more by the cost model, every rank
     agreeing (a collective, every rank calls it when k is not forced); with a forced k (every
-    candidate op chunked, no collective) or no all-to-all model, where they chunk more ops."""
+    candidate op chunked, no collective) or no all-to-all model, where they chunk more ops;
+    with sequences_wanted (ep_chunk_by="sequences") wherever there are enough of them."""
     sequences = []
     if not isinstance(layer, str) and isinstance(layer.T, int):
         T = layer.T
@@ -208,6 +209,8 @@ def _cut(gm, ep, ep_size, layer, forced_k, costs, a2a, group):
                   for d in value(v).shape[:1] if isinstance(d, int) and max(2, forced_k) <= d < T and T % d == 0}
         sequences = [c for c in (_find(gm, ep, ep_size, False, U) for U in sorted(counts)) if not isinstance(c, str)]
     size = lambda c: len(c.pre) + len(c.side) + len(c.post)   # noqa: E731
+    if sequences_wanted:
+        return max(sequences, key=size, default=layer)
     if forced_k or a2a is None:
         best = max(sequences, key=size, default=None)
         return best if best is not None and size(best) > size(layer) else layer

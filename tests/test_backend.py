@@ -44,6 +44,14 @@ def test_unknown_option_names_the_known_ones():
         torch.compile(DenseBlock(), backend="moec", options={"dense_backnd": "eager"})(torch.randn(1, 2, 32))
 
 
+def test_bad_option_value_names_the_choices():
+    from moec.config import Config
+    from moec.errors import MoecError
+    with pytest.raises(MoecError, match="ep_chunk_by='batch'.*'tokens', 'sequences'"):
+        Config.from_options({"ep_chunk_by": "batch"})
+    assert Config.from_options({"ep_chunk_by": "sequences"}).ep_chunk_by == "sequences"
+
+
 def test_unknown_dense_backend_is_a_clear_error():
     with pytest.raises(Exception, match="dense_backend='no_such_backend' is not a torch.compile backend"):
         torch.compile(DenseBlock(), backend="moec", options={"dense_backend": "no_such_backend"})(torch.randn(1, 2, 32))

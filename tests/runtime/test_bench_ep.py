@@ -19,14 +19,14 @@ def test_bench_ep_runs_on_gloo(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "MOEC_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "benchmarks" / "bench_ep.py"), "--cpu", "--tiny", "--shapes", "mixtral", "--tokens", "16",
-           "--variants", "single,ep,ep_lancet", "--dense-backend", "aot_eager", "--steps", "1", "--warmup", "0",
+           "--variants", "single,ep,ep_lancet_tokens,ep_lancet", "--dense-backend", "aot_eager", "--steps", "1", "--warmup", "0",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "bench_ep.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["single", "ep", "ep_lancet"], rows
+    assert [r["variant"] for r in rows] == ["single", "ep", "ep_lancet_tokens", "ep_lancet"], rows
     assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
     for r in rows[1:]:
         assert r["rel_err_logits"] < 1e-5 and r["rel_err_embedding_grad"] < 1e-5, r
-    assert rows[2]["predicted_layers_ms"] is not None, rows[2]
+    assert rows[2]["predicted_layers_ms"] is not None and rows[3]["predicted_layers_ms"] is not None, rows[2:]
     assert (tmp_path / "bench_ep.md").exists()

@@ -106,14 +106,19 @@ def test_hf_decoder_layers_chunked_match_single_process(pool2, arch, k, tokens):
             assert (len(side) == 5) == (arch == "deepseek_v3"), side   # the shared expert, under the dispatch
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_hf_decoder_layers_chunked_by_sequences(pool2, arch):
+@pytest.mark.parametrize("arch, by", [("mixtral", "auto"), ("qwen3_moe", "sequences"), ("mixtral", "tokens")])
+def test_hf_decoder_layers_chunked_by_sequences(pool2, arch, by):
     """Batches of 2 and 3 sequences, k = 2: each rank cuts whole sequences, so the attention and
-    everything before it in the layer runs in the chunks too (a single-sequence batch could not)."""
-    results = pool2.run(hf_matches_single_process, arch, False, [(2, 4), (3, 3)], {"ep_chunks": 2}, timeout=240)
+    everything before it in the layer runs in the chunks too (a single-sequence batch could not);
+    unless ep_chunk_by="tokens"."""
+    results = pool2.run(hf_matches_single_process, arch, False, [(2, 4), (3, 3)],
+                        {"ep_chunks": 2, "ep_chunk_by": by}, timeout=240)
     for per_rank, units in zip(results, ("2 sequences of 4 tokens", "3 sequences of 3 tokens")):
         assert per_rank, "no layer compiled"
         for k_, pre, side, post, stops, why, got in (l for g in per_rank for l in g):
+            if by == "tokens":
+                assert k_ == 2 and got == "tokens" and "attn_output" not in pre, (got, pre)
+                continue
             assert k_ == 2 and got == units, (k_, got)
             assert {"attn_output", "hidden_states"} <= set(pre), pre   # the attention; the first norm
             assert any("router_logits" in n for n in pre) and post, (pre, post)
