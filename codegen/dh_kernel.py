@@ -11,23 +11,26 @@ saved y (S, H), and dW_down = grad_out[t]^T (w h) reads grad_out by token too. O
 instead of the recompute twin's three (u, g, d: two of its three GEMMs were the forward again).
 Copies past offsets[E] (dropped by capacity) have y = 0: their dw partials are written as 0.
 Without ROUTED (`moec.experts_backward` given the pre-activations: expert-parallel local experts,
-whose combine is elsewhere): d = grad_y[s] W_down[e] on grouped rows, w = 1, no dw.
+whose combine is elsewhere, and LoRA layers): d = grad_y[s] W_down[e] on grouped rows, w = 1, no
+dw; with a LoRA factor on the down projection (W_down + s B A) also + q[s] A[e], q = s grad_y B
+(S, r) computed before (r more K-columns).
 Bytes: S*H gathered grad_out (re-read per n-tile) + touched W_down + S*2F read + 3*S*F written.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, max_tiles, mma,
-                          next_pow2)
+from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2)
 
 
 @triton.jit
 def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_ptr,
-              S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
+              td_ptr, ld_ptr, S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
+              s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
               ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-              ROUTED: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              ROUTED: tl.constexpr, LORA_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
@@ -41,16 +44,18 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
         if ROUTED:
             tl.store(dw_out, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=rmask)
     else:
-        _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e.to(tl.int64),
-                     rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
-                     s_pre, ACT, GATED, HAS_BD, IEEE, SPLIT, ROUTED, BLOCK_M, BLOCK_N, BLOCK_K)
+        _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr, ld_ptr,
+                     e.to(tl.int64), rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f,
+                     s_bd_e, s_bd_h, s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT, GATED, HAS_BD, IEEE, SPLIT,
+                     ROUTED, LORA_D, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, e64, rows, rmask,
-                 pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
-                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-                 ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr, ld_ptr, e64,
+                 rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
+                 s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr,
+                 IEEE: tl.constexpr, SPLIT: tl.constexpr, ROUTED: tl.constexpr, LORA_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows64 = rows.to(tl.int64)
     tok = rows64                # ROUTED: the token of each copy, whose grad_out row A reads
     w = tl.full((BLOCK_M, 1), 1.0, tl.float32)
@@ -68,6 +73,9 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
         b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = mma(a, b, acc, IEEE)
+    if LORA_D:
+        acc = lowrank(acc, td_ptr, s_td, rows64, rmask, ld_ptr, e64, s_ld_e, s_ld_k, s_ld_n, cols, cmask, R_D, IEEE,
+                      BLOCK_K)
     if SPLIT:       # the epilogue in two column halves: half as many of its tiles live at once
         halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
@@ -120,14 +128,18 @@ def _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr, s_bd_h, H, BLOCK_M: tl.constexp
     return total
 
 
-def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code, alpha, limit, tile, hw, dg, du):
+def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code, alpha, limit, tile, hw, dg, du,
+              lora_d=None):
     """Fill hw = w h, dg, du (S, F) grouped and return dw (S,) float32 per grouped row (the routing
     weight's gradient, 0 for dropped copies). grad_out (T, H); w_down (E, H, F) any strides;
     pre (S, 2F or F) contiguous; weights (T, k) routing weights; dg None without a gate.
-    weights None: grad_out is grad_y (S, H) grouped, hw = h, b_down unused, returns None."""
+    weights None: grad_out is grad_y (S, H) grouped, hw = h, b_down unused, returns None; then
+    lora_d = (q (S, r), A viewed (E, r, F)) adds the down projection's LoRA term q A."""
     S, (E, H, F) = src.shape[0], w_down.shape
     n_n = cdiv(F, tile.block_n)
     routed = weights is not None
+    if routed and lora_d is not None:
+        raise ValueError("launch_dh: a LoRA term is for grouped grad_y (weights None) only")
     dw = grad_out.new_empty(S if routed else 0, n_n, dtype=torch.float32)
     if S == 0:
         return dw.sum(1) if routed else None
@@ -136,10 +148,11 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     dh_kernel[(m_tiles * n_n,)](
         grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre,
         weights.contiguous() if routed else pre, hw,
-        dg if dg is not None else du, du, dw, S, E, H, F, k, alpha, limit, m_tiles, grad_out.stride(0),
-        *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
-        ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
-        SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, E_POW2=next_pow2(E + 1),
+        dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), S, E, H, F, k, alpha, limit, m_tiles,
+        grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
+        *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
+        SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, LORA_D=lora_d is not None,
+        E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return dw.sum(1) if routed else None

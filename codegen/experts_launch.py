@@ -60,7 +60,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     with needs[i] False (a frozen weight), whose roles' GEMMs are skipped.
 
     1. gate/up again with dh = grad_y W_down and d(act) fused -> h, dg, du   (S, F)
-       (given the forward's pre-activations pre, no LoRA: dh alone, dh_kernel.py's grouped mode)
+       (given the forward's pre-activations pre: dh alone, dh_kernel.py's grouped mode)
     2. rows = du W_up + dg W_gate (grouped, dropped rows zero)             (S, H)
     3. dx[t] = sum of its k rows (deterministic gather-sum, no atomics)    (T, H)
     4. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_y against h,
@@ -88,9 +88,9 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     q_d = None if ld is None else _lora_rows(grad_y, ld[1], ld[2], offsets, t_down)
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if gated else None
-    if _usable(pre, lu, lg, ld):
+    if _usable(pre):                 # LoRA's up/gate terms are in pre; down's is q_d A_d, in dh
         launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit,
-                  _tiles(x, src, w_up, k, "dh")[0], h, dg, du)
+                  _tiles(x, src, w_up, k, "dh")[0], h, dg, du, lora_d=None if ld is None else (q_d, ld[0]))
     else:
         launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
                        alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du,
@@ -133,7 +133,7 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
         return [torch.zeros_like(x, memory_format=torch.contiguous_format), h, du, dg]
     t_up, t_dh, t_down = _tiles(x, src, w_up, k, "gate_up_bwd", "dh", "down_dx")
     gate = dg if w_gate is not None else None
-    if _usable(pre, None, None, None):
+    if _usable(pre):
         launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit, t_dh,
                   h, gate, du)
     else:
@@ -159,10 +159,10 @@ def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=
     return _finish(grads, slots, out)
 
 
-def _usable(pre, *lora) -> bool:
+def _usable(pre) -> bool:
     """Whether the backward can read the forward's pre-activations instead of recomputing them:
-    given (not None, not the empty stand-in) and no LoRA factor, whose terms dh_kernel lacks."""
-    return pre is not None and pre.numel() > 0 and all(f is None for f in lora)
+    given (not None, not the empty stand-in)."""
+    return pre is not None and pre.numel() > 0
 
 
 def _grad_buffers(weights, layout, needs, skip=()):

@@ -238,9 +238,9 @@ experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
 def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
                  activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor]:
     """`experts` for training where its combine is not beside it (expert parallelism): -> (y, pre),
-    pre (S, 2F, or F without a gate) the pre-activations u | g, which autograd keeps so that the
-    backward does not recompute them. No LoRA layouts."""
-    _check_save(x, src, offsets, weights, layout, activation)
+    pre (S, 2F, or F without a gate) the pre-activations u | g (LoRA terms included), which
+    autograd keeps so that the backward does not recompute them."""
+    _check_experts(x, src, offsets, weights, layout, activation)
     S, width = src.shape[0], layouts.preactivation_width(weights, layout)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
         from .experts_launch import experts_forward
@@ -252,7 +252,7 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
 
 @experts_save.register_fake
 def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
-    _check_save(x, src, offsets, weights, layout, activation)
+    _check_experts(x, src, offsets, weights, layout, activation)
     S = src.shape[0]
     return x.new_empty(S, x.shape[1]), x.new_empty(S, layouts.preactivation_width(weights, layout))
 
@@ -275,13 +275,6 @@ def _save_bwd(ctx, grad_y, _grad_pre):
 
 
 experts_save.register_autograd(_save_bwd, setup_context=_save_setup)
-
-
-def _check_save(x, src, offsets, weights, layout, activation):
-    _check_experts(x, src, offsets, weights, layout, activation)
-    if layouts.has_lora(layout):
-        raise MoecKernelError(f"moec.experts_save: layout {layout!r} has LoRA factors, which the backward from "
-                              f"saved pre-activations does not handle; use moec.experts")
 
 
 def _check_experts(x, src, offsets, weights, layout, activation):

@@ -171,10 +171,10 @@ def _local_experts(rows, local_ids, El, experts):
 
 def _experts(x, src, offsets, experts):
     """moec.experts with k=1; in training moec.experts_save, whose backward reads the forward's
-    pre-activations instead of recomputing two of its GEMMs (not for LoRA layouts)."""
-    weights, layout = experts[0], experts[1]
+    pre-activations instead of recomputing two of its GEMMs."""
+    weights = experts[0]
     training = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    if training and not layouts.has_lora(layout):
+    if training:
         return torch.ops.moec.experts_save(x, src, offsets, 1, *experts)[0]
     return torch.ops.moec.experts(x, src, offsets, 1, *experts)
 

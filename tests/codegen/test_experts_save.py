@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from moec.codegen import reference, tuning
-from moec.codegen.errors import MoecKernelError
 
 from kernel_helpers import DEVICE, TOL, assert_grads_close, padded, rel_err
 from test_experts_launch import SMALL, _layer, _routing
@@ -58,12 +57,3 @@ def test_split_backward_reads_preactivations():
     assert rel_err(read[0].cpu(), recomputed[0].cpu()) < 1e-5
     for a, b in zip(read[1:], recomputed[1:]):
         assert rel_err(a[:kept].cpu(), b[:kept].cpu()) < 1e-5
-
-
-def test_refuses_lora_layouts():
-    from test_lora_experts import _pack, _params, _routing as lora_routing
-    offsets, src, _ = lora_routing()
-    bases, layout = _pack("concat", _params("concat", ("gu",), False, torch.float32), merged=False)
-    x = torch.randn(13, 24, device=DEVICE)
-    with pytest.raises(MoecKernelError, match="LoRA"):
-        torch.ops.moec.experts_save(x, src, offsets, 2, bases, layout, *ARGS)

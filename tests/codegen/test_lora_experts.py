@@ -15,7 +15,7 @@ from kernel_helpers import DEVICE, TOL, padded, rel_err
 
 E, k, H, F, T, R = 4, 2, 24, 40, 13, 3
 SMALL = Tile(16, 16, 16, 4, 1)
-PINS = dict(gate_up=SMALL, gate_up_bwd=SMALL, down=SMALL, down_dx=SMALL, wgrad=SMALL, wgrad_dual=SMALL)
+PINS = dict(gate_up=SMALL, gate_up_bwd=SMALL, down=SMALL, down_dx=SMALL, wgrad=SMALL, wgrad_dual=SMALL, dh=SMALL)
 SCALES = {"gu": 2.0, "down": 0.5}
 
 
@@ -65,7 +65,7 @@ def _routing():
     return reference.plan(ids, E)
 
 
-def _check(form, lora_on, frozen, backend, dtype, bias=False):
+def _check(form, lora_on, frozen, backend, dtype, bias=False, save=False):
     act = "swiglu_oai" if form == "gpt_oss" else "silu"
     args = (act, 1.702, 7.0)
     offsets, src, _ = _routing()
@@ -85,7 +85,10 @@ def _check(form, lora_on, frozen, backend, dtype, bias=False):
     weights, layout = _pack(form, p, merged=False)
     assert "lora_a_" in layout
     with kernels.backend(backend), tuning.pin(**PINS):
-        y = torch.ops.moec.experts(x, src, offsets, k, weights, layout, *args)
+        if save:     # the pre-activations kept, LoRA terms in them; the backward's dh adds down's q A
+            y = torch.ops.moec.experts_save(x, src, offsets, k, weights, layout, *args)[0]
+        else:
+            y = torch.ops.moec.experts(x, src, offsets, k, weights, layout, *args)
         g = torch.autograd.grad(y, [x] + [p[n] for n in wanted], gy.to(dtype))
     tol = TOL.get(dtype, 1e-12)
     assert y.dtype == dtype and rel_err(y, y_ref) < tol
@@ -108,6 +111,15 @@ def test_lora_with_trainable_biases_beside_frozen_weights(backend, dtype):
     """GPT-OSS layout with biases that train while the weights they sit beside are frozen: the
     bias gradients are per-expert row sums computed without a weight-gradient GEMM."""
     _check("gpt_oss", ("gu", "down"), True, backend, dtype, bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["concat", "interleaved", "gpt_oss"])
+@pytest.mark.parametrize("lora_on", [("gu", "down"), ("down",)])
+def test_lora_backward_from_saved_preactivations(form, lora_on, dtype):
+    """moec.experts_save on LoRA layouts: the backward reads the kept u | g and adds down's LoRA
+    term in dh_kernel (grouped mode) instead of recomputing the gate/up GEMMs."""
+    _check(form, lora_on, True, "triton", dtype, bias=form == "gpt_oss", save=True)
 
 
 def test_frozen_bases_get_no_gradient_work():

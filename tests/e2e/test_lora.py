@@ -163,6 +163,25 @@ def test_hand_written_lora_experts():
 
 
 
+def test_training_lora_layer_keeps_its_preactivations():
+    """In training the LoRA layer's experts become moec.experts_save (its backward reads u | g,
+    LoRA terms in them, instead of recomputing the gate/up GEMMs); under no_grad, moec.experts,
+    keeping nothing. Values and gradients as eager PEFT-style math in float64."""
+    from moec import session
+    torch.manual_seed(0)
+    model = LoraExpertsMoE().double()
+    x = torch.randn(12, 32, dtype=torch.float64)
+    session.clear()
+    assert_compiled_matches_eager(model, x)
+    [saving] = [r.reports["fuse_combine"].saving for r in session.take() if "fuse_combine" in r.reports]
+    assert len(saving) == 1, saving
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="moec", options=OPTIONS)(x)
+    [kept] = [r.reports["fuse_combine"] for r in session.take() if "fuse_combine" in r.reports]
+    assert kept.saving == () and "LoRA" in kept.kept[0][1], kept
+
+
 class _Shapes(TorchDispatchMode):
     """Records each op's name and the shapes of its tensor outputs."""
 
