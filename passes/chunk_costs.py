@@ -51,7 +51,21 @@ def node_op(node, kind: str, compute, name: str = "") -> Op:
         flops = 2.0 * sum(t.numel() for t in out) * value(x).shape[-1]
         fixed = sum(nbytes(t) for a, t in ins.items() if a is not x)
         return compute.op(name, flops, in_bytes + out_bytes, fixed, k_max=K_MAX)
+    if kind == "batched":                              # (..., M, K) @ (..., K, N)
+        flops = 2.0 * sum(t.numel() for t in out) * value(node.args[0]).shape[-1]
+        return compute.op(name, flops, in_bytes + out_bytes, 0.0, k_max=K_MAX)
+    if kind == "attention":
+        return compute.op(name, _attention_flops(node), in_bytes + out_bytes, 0.0, k_max=K_MAX)
     return compute.op(name, float(sum(t.numel() for t in out)), in_bytes + out_bytes, 0.0, k_max=K_MAX)
+
+
+def _attention_flops(node) -> float:
+    """scaled_dot_product_attention: q k^T and p v, 2 * 2 * (..., Sq, Sk, d) multiply-adds; half of
+    the scores under a causal mask (what a flash kernel skips)."""
+    q, k = (value(a) for a in node.args[:2])
+    flops = 4.0 * q.numel() * k.shape[-2]
+    causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    return flops / 2 if causal is True else flops
 
 
 def layer_costs(layer, compute, kinds: dict, capacity_factor: float = 0.0) -> LayerCosts:
