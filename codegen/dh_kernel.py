@@ -11,9 +11,9 @@ saved y (S, H), and dW_down = grad_out[t]^T (w h) reads grad_out by token too. O
 instead of the recompute twin's three (u, g, d: two of its three GEMMs were the forward again).
 Copies past offsets[E] (dropped by capacity) have y = 0: their dw partials are written as 0.
 Without ROUTED (`moec.experts_backward` given the pre-activations: expert-parallel local experts,
-whose combine is elsewhere, and LoRA layers): d = grad_y[s] W_down[e] on grouped rows, w = 1, no
-dw; with a LoRA factor on the down projection (W_down + s B A) also + q[s] A[e], q = s grad_y B
-(S, r) computed before (r more K-columns).
+whose combine is elsewhere): d = grad_y[s] W_down[e] on grouped rows, w = 1, no dw.
+With a LoRA factor on the down projection (W_down + s B A), d also gains q[s] A[e], q = s grad_out[t] B
+(ROUTED, unweighted) or s grad_y[s] B, (S, r), computed before: r more K-columns.
 Bytes: S*H gathered grad_out (re-read per n-tile) + touched W_down + S*2F read + 3*S*F written.
 """
 import torch
@@ -133,13 +133,11 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     """Fill hw = w h, dg, du (S, F) grouped and return dw (S,) float32 per grouped row (the routing
     weight's gradient, 0 for dropped copies). grad_out (T, H); w_down (E, H, F) any strides;
     pre (S, 2F or F) contiguous; weights (T, k) routing weights; dg None without a gate.
-    weights None: grad_out is grad_y (S, H) grouped, hw = h, b_down unused, returns None; then
-    lora_d = (q (S, r), A viewed (E, r, F)) adds the down projection's LoRA term q A."""
+    weights None: grad_out is grad_y (S, H) grouped, hw = h, b_down unused, returns None.
+    lora_d = (q (S, r) per grouped row, unweighted, A viewed (E, r, F)) adds down's LoRA term q A."""
     S, (E, H, F) = src.shape[0], w_down.shape
     n_n = cdiv(F, tile.block_n)
     routed = weights is not None
-    if routed and lora_d is not None:
-        raise ValueError("launch_dh: a LoRA term is for grouped grad_y (weights None) only")
     dw = grad_out.new_empty(S if routed else 0, n_n, dtype=torch.float32)
     if S == 0:
         return dw.sum(1) if routed else None

@@ -9,7 +9,11 @@ Backward (SonicMoE's order; see dh_kernel.py):
     2. rows = du W_up + dg W_gate (grouped); dx[t] = sum of its k rows           (S, H) -> (T, H)
     3. dW_up, dW_gate (+ biases) from du, dg against gathered x; dW_down from grad_out gathered
        by token against w h, b_down from w-weighted grad_out rows.
-Never syncs with the host (experts_launch.py's rules). No LoRA layouts (the op refuses them).
+LoRA (per projection W + s B A): the gate/up terms are in pre; down's adds q A in step 1, with q = s
+grad_out[t] B (S, r) gathered by token like x (unweighted: the dh kernel weighs d by w after); the
+factors' gradients as experts_backward takes them, w folded in where grad_y would carry it:
+dA_down = q^T (w h), dB_down = grad_out[t]^T (s (w h) A^T).
+Never syncs with the host (experts_launch.py's rules).
 """
 import torch
 
@@ -17,7 +21,8 @@ from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .down_kernel import launch_down
-from .experts_launch import _check, _finish, _grad_buffers, _sum_rows, _tiles, _wgrad, experts_forward
+from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _sum_rows, _tiles, _wgrad,
+                             experts_forward)
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
 
@@ -35,8 +40,10 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     False). pre: the forward's saved pre-activations, or (0,) to recompute them here."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    lu, lg, ld = layouts.lora(weights, layout)
+    shared = _shared_a(layout)
     S, (F, H) = src.shape[0], w_up.shape[1:]
-    grads, slots, out = _grad_buffers(weights, layout, needs)
+    grads, slots, out = _grad_buffers(weights, layout, needs, skip=("lora_a_gate",) if shared else ())
     if S == 0:
         for t in out.values():
             t.zero_()
@@ -45,22 +52,48 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     if pre.numel() == 0:    # called without saved pre-activations (save=False under autograd)
         _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
                                          limit, True)
-    t_dh, t_down, t_wg, t_wg2 = _tiles(x, src, w_up, k, "dh", "down_dx", "wgrad", "wgrad_dual")
+    t_dh, t_down, t_wg, t_wg2, t_up = _tiles(x, src, w_up, k, "dh", "down_dx", "wgrad", "wgrad_dual", "gate_up")
     gated = w_gate is not None
     hw, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if gated else None
     go = grad_out.contiguous()
+    # down's LoRA: q = s grad_out[t] B, gathered by token as _lora_x gathers x (B^T read as (E, r, H))
+    q_d = None if ld is None else _lora_x(go, src, offsets, k, (ld[1].transpose(1, 2), None, ld[2]), None, False,
+                                          t_up)[0]
     dw_rows = launch_dh(go, src, offsets, k, w_down, b_down, pre, route_w, ACTIVATION_CODE[activation], alpha,
-                        limit, t_dh, hw, dg, du)
+                        limit, t_dh, hw, dg, du, lora_d=None if ld is None else (q_d, ld[0]))
     d_route_w = torch.empty(S, dtype=torch.float32, device=x.device).index_copy_(0, src, dw_rows)
+    q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down, *((dg, lg[1]) if shared else ()))
+    q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     rows = x.new_empty(S, H)
-    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate)
+    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate,
+                lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     dx = _sum_rows(rows, src, k, x)
     o = out.get
     _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
            db2=o("b_gate"))
     _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)
+    if lu is not None or lg is not None:
+        _lora_in_wgrads(x, src, offsets, k, lu, lg, shared, du, dg, q_u, q_g, o, t_up, t_wg, t_wg2)
+    if ld is not None:
+        _wgrad(q_d, hw, offsets, o("lora_a_down"), t_wg)
+        t_d = _lora_rows(hw, ld[0].transpose(1, 2), ld[2], offsets, t_down)     # s (w h) A^T
+        _down_wgrad(go, t_d, src, offsets, k, route_w, o("lora_b_down"), None, t_wg)
     return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + _finish(grads, slots, out)
+
+
+def _lora_in_wgrads(x, src, offsets, k, lu, lg, shared, du, dg, q_u, q_g, o, t_up, t_wg, t_wg2):
+    """The up/gate LoRA factors' gradients: dA = q^T x[t] (gathered), dB = d^T t with t = s x[t] A^T
+    recomputed (rank r: cheap), as experts_backward takes them."""
+    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
+    _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
+    if shared:
+        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
+        return
+    if lu is not None:
+        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg)
+    if lg is not None:
+        _wgrad(dg, t_g, offsets, o("lora_b_gate"), t_wg)
 
 
 def _down_wgrad(go, hw, src, offsets, k, route_w, dw, db, tile):

@@ -83,9 +83,6 @@ experts_combine.register_autograd(_backward, setup_context=_setup)
 
 def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
     _check_experts(x, src, offsets, bases, layout, activation)
-    if layouts.has_lora(layout):
-        raise MoecKernelError(f"moec.experts_combine: layout {layout!r} has LoRA factors; use moec.experts and "
-                              f"moec.combine")
     _check_float("experts_combine", "route_w", route_w, dims=2)
     _same_device("experts_combine", x, inv=inv, route_w=route_w)
     T, S = x.shape[0], src.shape[0]

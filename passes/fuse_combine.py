@@ -3,18 +3,16 @@
 Expects: `moec.experts` nodes made by `rewrite` (in the root graph or a higher-order op's
 subgraph, e.g. an activation-checkpointed layer), after `expert_parallel` (whose layers have no
 `moec.experts` node left: their combine waits for an all-to-all).
-Guarantees: each `moec.experts` node whose only reader is a `moec.combine` (as its y) and whose
-layout has no LoRA factors is replaced, with that combine, by
+Guarantees: each `moec.experts` node whose only reader is a `moec.combine` (as its y) is
+replaced, with that combine, by
 
     out, pre = moec.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, act, alpha, limit, save)
 
 with every reader of the combine reading `out`. save is whether the combine's output needs a
 gradient where Dynamo traced it: then autograd keeps the pre-activations (S, 2F) and x, and the
 backward recomputes no GEMM and needs no y (S, H) (codegen/experts_combine_launch.py); under
-no_grad / inference_mode nothing is kept. A LoRA layer's `moec.experts` (whose factors' gradients
-the fused backward does not compute) becomes `moec.experts_save(...)[0]` where it trains: its
-backward then reads the pre-activations too, LoRA terms in them. Others stay as they were, named
-in the report.
+no_grad / inference_mode nothing is kept. LoRA layers too (their u | g include the low-rank
+terms; the backward adds the down projection's). Others stay as they were, named in the report.
 Must not change: any other node; results (the fused op computes what the pair does).
 """
 from dataclasses import dataclass
@@ -23,7 +21,6 @@ import torch
 import torch.fx as fx
 
 import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
-from moec.codegen import layout as layouts
 
 from .graph import Emitter, value
 
@@ -36,29 +33,22 @@ _COMBINE = torch.ops.moec.combine.default
 class FuseReport:
     fused: tuple = ()       # (combine node name, save) per fused pair
     kept: tuple = ()        # (experts node name, why it stayed apart)
-    saving: tuple = ()      # experts node names made moec.experts_save (LoRA layers that train)
 
     def log_lines(self):
         lines = [f"{name}: experts + combine -> moec.experts_combine, "
                  f"{'keeping the pre-activations for the backward' if save else 'keeping nothing (no backward)'}"
                  for name, save in self.fused]
-        lines += [f"{name}: experts and combine stay apart: {why}" for name, why in self.kept]
-        return lines + [f"{name}: -> moec.experts_save, keeping the pre-activations for the backward"
-                        for name in self.saving]
+        return lines + [f"{name}: experts and combine stay apart: {why}" for name, why in self.kept]
 
 
 def fuse_combine(gm: fx.GraphModule, ctx) -> tuple:
-    fused, kept, saving = [], [], []
+    fused, kept = [], []
     for owner in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
         changed = False
         for node in [n for n in owner.graph.nodes if n.target is _EXPERTS]:
             why = _why_not(node)
             if why:
                 kept.append((node.name, why))
-                if layouts.has_lora(node.args[5]) and getattr(value(node), "requires_grad", True):
-                    _save(owner.graph, node, ctx.fake_mode)
-                    saving.append(node.name)
-                    changed = True
                 continue
             combine = next(iter(node.users))
             fused.append((combine.name, _fuse(owner.graph, node, combine, ctx.fake_mode)))
@@ -66,24 +56,14 @@ def fuse_combine(gm: fx.GraphModule, ctx) -> tuple:
         if changed:
             owner.graph.lint()
             owner.recompile()
-    return gm, FuseReport(tuple(fused), tuple(kept), tuple(saving))
+    return gm, FuseReport(tuple(fused), tuple(kept))
 
 
 def _why_not(node) -> str:
-    if layouts.has_lora(node.args[5]):
-        return "LoRA factors (their gradients need the unfused backward)"
     users = list(node.users)
     if len(users) != 1 or users[0].target is not _COMBINE or users[0].args[0] is not node:
         return "its output is read by more than moec.combine"
     return ""
-
-
-def _save(graph, experts, fake_mode):
-    emit = Emitter(graph, experts, fake_mode, PASS)
-    with graph.inserting_before(experts):
-        y = emit.item(emit.op(torch.ops.moec.experts_save.default, *experts.args), 0)
-    experts.replace_all_uses_with(y)
-    graph.erase_node(experts)
 
 
 def _fuse(graph, experts, combine, fake_mode) -> bool:

@@ -17,6 +17,9 @@ E, k, H, F, T, R = 4, 2, 24, 40, 13, 3
 SMALL = Tile(16, 16, 16, 4, 1)
 PINS = dict(gate_up=SMALL, gate_up_bwd=SMALL, down=SMALL, down_dx=SMALL, wgrad=SMALL, wgrad_dual=SMALL, dh=SMALL)
 SCALES = {"gu": 2.0, "down": 0.5}
+# bf16 gradients through LoRA pass two more roundings (t = s x A^T and q = s d B are stored in bf16)
+# than the base path's: measured 1.0-2.1% here on fresh random inputs, so 3%, not TOL's 2%
+LORA_TOL = {torch.bfloat16: 3e-2}
 
 
 def _params(form, lora_on, bias, dtype):
@@ -90,7 +93,7 @@ def _check(form, lora_on, frozen, backend, dtype, bias=False, save=False):
         else:
             y = torch.ops.moec.experts(x, src, offsets, k, weights, layout, *args)
         g = torch.autograd.grad(y, [x] + [p[n] for n in wanted], gy.to(dtype))
-    tol = TOL.get(dtype, 1e-12)
+    tol = LORA_TOL.get(dtype, TOL.get(dtype, 1e-12))
     assert y.dtype == dtype and rel_err(y, y_ref) < tol
     for name, got, want in zip(["x"] + wanted, g, g_ref):
         assert got.shape == want.shape, name
@@ -120,6 +123,39 @@ def test_lora_backward_from_saved_preactivations(form, lora_on, dtype):
     """moec.experts_save on LoRA layouts: the backward reads the kept u | g and adds down's LoRA
     term in dh_kernel (grouped mode) instead of recomputing the gate/up GEMMs."""
     _check(form, lora_on, True, "triton", dtype, bias=form == "gpt_oss", save=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["concat", "interleaved", "gpt_oss"])
+@pytest.mark.parametrize("lora_on", [("gu", "down"), ("down",), ("gu",)])
+def test_lora_experts_combine(form, lora_on, dtype):
+    """moec.experts_combine on LoRA layouts (pre-activations kept, no y): out and every gradient,
+    the routing weights' too, against combine(experts(merged weights)) in float64."""
+    act = "swiglu_oai" if form == "gpt_oss" else "silu"
+    args = (act, 1.702, 7.0)
+    offsets, src, inv = _routing()
+    p = _params(form, lora_on, form == "gpt_oss", dtype)
+    p = {n: t.requires_grad_("_L" in n or "_R" in n or n.startswith("b_")) for n, t in p.items()}
+    ref = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in p.items()}
+    x = padded((T, H), dtype).requires_grad_()
+    route_w = torch.rand(T, k, device=DEVICE, dtype=dtype).requires_grad_()
+    x_ref, w_ref = (t.detach().double().requires_grad_() for t in (x, route_w))
+    go = torch.randn(T, H, dtype=torch.float64, device=DEVICE)
+    wanted = [n for n, t in p.items() if t.requires_grad]
+
+    weights, layout = _pack(form, ref, merged=True)
+    y = torch.ops.moec.experts(x_ref, src, offsets, k, weights, layout, *args)
+    out_ref = torch.ops.moec.combine(y, inv, w_ref)
+    g_ref = torch.autograd.grad(out_ref, [x_ref, w_ref] + [ref[n] for n in wanted], go)
+
+    weights, layout = _pack(form, p, merged=False)
+    with kernels.backend("triton"), tuning.pin(**PINS):
+        out, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, route_w, k, weights, layout, *args, True)
+        g = torch.autograd.grad(out, [x, route_w] + [p[n] for n in wanted], go.to(dtype))
+    tol = LORA_TOL.get(dtype, TOL[dtype])
+    assert pre.numel() > 0 and rel_err(out, out_ref) < tol
+    for name, got, want in zip(["x", "route_w"] + wanted, g, g_ref):
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
 
 
 def test_frozen_bases_get_no_gradient_work():
