@@ -87,7 +87,7 @@ def options(variant, mesh, backend):
         return {**base, "ep_capacity_factor": 2.0, "ep_chunks": 4, "wgrad_schedule": False}
     if variant == "ep_lancet_tokens":     # the schedule with chunks cut in tokens only (no attention in them)
         return {**base, "ep_chunk_by": "tokens"}
-    return base   # ep_lancet: the defaults with ep_group (tokens or whole sequences, by the cost model)
+    return {**base, "ep_chunk_by": "auto"}   # ep_lancet: tokens or whole sequences, by the cost model
 
 
 def _step(model, ids):

@@ -473,7 +473,7 @@ def _emit_chunked(graph, layer, k):
                 b.node(n, i)
         x_i = b.input(layer.x, tl.ArgUse(True, (value(layer.x).shape[1],)), i)
         d = b.call(ep_dispatch, (x_i, b.chunks[(items[1], i)], b.chunks[(items[0], i)], top_k, *experts, group),
-                   {**ep.kwargs, "chunk": f"tokens {i + 1}/{k}", "check": i == 0}, like=ep)
+                   {**ep.kwargs, "chunk": f"tokens {i + 1}/{k}"}, like=ep)
         dispatches[i] = b.call(operator.getitem, (d, 0), like=ep)
 
     def experts_of(i):    # side ops, wait for the rows, experts, start the combine

@@ -76,7 +76,7 @@ class Dispatch(NamedTuple):
 
 def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, layout: str, activation: str,
                 alpha: float, limit: float, group_name: str, capacity_factor: float = 0.0, site: str = "",
-                pieces: int = 1, chunk: str = "", check: bool = True) -> tuple:
+                pieces: int = 1, chunk: str = "") -> tuple:
     """Send this rank's token copies (x, src, offsets as `ep_experts` takes them) to the ranks owning
     their experts and return at once, the rows still in flight: a tuple of `Dispatch`es.
 
@@ -85,19 +85,18 @@ def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, 
     instead, each chunk with its own counts). Capacity: builds the padded (E, C, H) buffer and
     starts `pieces` all-to-alls of (E, C_j, H), the slots cut into pieces along C, so the experts
     of piece j can run while piece j+1 travels. `chunk` names this call's place in a chunked layer
-    ("tokens 1/3"); ranks check that they agree on it along with the layer itself, where `check`:
-    a chunked layer checks in its first chunk only. The check is a blocking collective that the
-    dense backend does not order among the all-to-alls (Inductor keeps only the collectives'
-    order): a later chunk's check, depending on nothing the earlier chunks send, could run before
-    their all-to-alls on one rank and after them on another, and both would wait forever.
+    ("tokens 1/3"); ranks check that they agree on it along with the layer itself. The check is
+    a blocking collective that Inductor does not order among the all-to-alls (it keeps only the
+    collectives' order): where ranks' graphs differ (whole sequences, 2 per rank on one and 3 on
+    another), one rank's code can run chunk 2's check before chunk 1's count exchange and the
+    other's after it, and both wait forever; so ep_chunk_by defaults to tokens.
     """
     group = group_by_name(group_name)
     E = offsets.shape[0] - 1
     El = group.local_experts(E, site)
     w_up, w_gate, w_down, *biases = layouts.views(_localized(weights, layout, E, group, site), layout)
     desc = fingerprint(site, E, k, x, w_up, w_gate, w_down, biases, activation, alpha, limit, capacity_factor)
-    if check:
-        offsets = checked(offsets, group_name, f"{desc}{' ' + chunk if chunk else ''}")
+    offsets = checked(offsets, group_name, f"{desc}{' ' + chunk if chunk else ''}")
     if capacity_factor > 0:
         return _capacity_dispatch(x, src, offsets, k, group, El, capacity_factor, pieces)
     if pieces != 1:
