@@ -22,7 +22,7 @@ from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .down_kernel import launch_down
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _sum_rows, _tiles, _wgrad,
-                             experts_forward)
+                             experts_forward, lora_up_gate_wgrads)
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
 
@@ -73,27 +73,14 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
            db2=o("b_gate"))
     _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)
-    if lu is not None or lg is not None:
-        _lora_in_wgrads(x, src, offsets, k, lu, lg, shared, du, dg, q_u, q_g, o, t_up, t_wg, t_wg2)
+    if lu is not None or lg is not None:     # t = s x[t] A^T recomputed: rank r, cheap
+        t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
+        lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
     if ld is not None:
         _wgrad(q_d, hw, offsets, o("lora_a_down"), t_wg)
         t_d = _lora_rows(hw, ld[0].transpose(1, 2), ld[2], offsets, t_down)     # s (w h) A^T
         _down_wgrad(go, t_d, src, offsets, k, route_w, o("lora_b_down"), None, t_wg)
     return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + _finish(grads, slots, out)
-
-
-def _lora_in_wgrads(x, src, offsets, k, lu, lg, shared, du, dg, q_u, q_g, o, t_up, t_wg, t_wg2):
-    """The up/gate LoRA factors' gradients: dA = q^T x[t] (gathered), dB = d^T t with t = s x[t] A^T
-    recomputed (rank r: cheap), as experts_backward takes them."""
-    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
-    _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
-    if shared:
-        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
-        return
-    if lu is not None:
-        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg)
-    if lg is not None:
-        _wgrad(dg, t_g, offsets, o("lora_b_gate"), t_wg)
 
 
 def _down_wgrad(go, hw, src, offsets, k, route_w, dw, db, tile):

@@ -104,14 +104,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
                 lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     dx = _sum_rows(rows, src, k, x)
     _base_wgrads(grad_y, x, src, offsets, k, h, du, dg, o, t_wg, t_wg2)
-    _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
-    if shared:
-        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
-    else:
-        if lu is not None:
-            _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg)
-        if lg is not None:
-            _wgrad(dg, t_g, offsets, o("lora_b_gate"), t_wg)
+    lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
     if ld is not None:
         _wgrad(q_d, h, offsets, o("lora_a_down"), t_wg)
         t_d = _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
@@ -163,6 +156,19 @@ def _usable(pre) -> bool:
     """Whether the backward can read the forward's pre-activations instead of recomputing them:
     given (not None, not the empty stand-in)."""
     return pre is not None and pre.numel() > 0
+
+
+def lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2):
+    """The up/gate LoRA factors' gradients: dA = q^T x[src // k] (gathered), dB = d^T t with
+    t = s x[src // k] A^T (`_lora_x`; None where the projection has no LoRA)."""
+    _wgrad(q_u, x, offsets, o("lora_a_up"), t_wg, t_wg2, src=src, k=k, a2=q_g, out2=o("lora_a_gate"))
+    if shared:
+        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg, t_wg2, a2=dg, out2=o("lora_b_gate"))
+        return
+    if t_u is not None:
+        _wgrad(du, t_u, offsets, o("lora_b_up"), t_wg)
+    if t_g is not None:
+        _wgrad(dg, t_g, offsets, o("lora_b_gate"), t_wg)
 
 
 def _grad_buffers(weights, layout, needs, skip=()):
