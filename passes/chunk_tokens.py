@@ -53,6 +53,9 @@ from .graph import DepGraph, module_path, value
 log = logging.getLogger("moec")
 
 PASS = "chunk_tokens"
+# why a node no rule made local stopped a range (_stop collects those for the sequence cut)
+_NOT_LOCAL = "not token-local by its shapes"
+_CHECK_FAILED = "chunked and whole differ on random inputs"
 _META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
@@ -335,7 +338,7 @@ def _shape_why(layer, n, mutated, deps) -> str:
         return "another MoE layer's router"       # left to that layer, whose core it is
     r = tl.rule(n, layer.U)
     if r is None:
-        return "not token-local by its shapes"
+        return _NOT_LOCAL
     layer.rules[n] = r
     return ""
 
@@ -344,14 +347,14 @@ def _check_why(layer, n) -> str:
     r = layer.rules[n]
     if r.kind != "getitem" and not tl.verify(n, r, layer.U):
         del layer.rules[n]
-        return "chunked and whole differ on random inputs"
+        return _CHECK_FAILED
     return ""
 
 
 def _stop(layer, n, why, next_to_chunked):
     """Record where a range ends, for nodes that carry tokens next to a chunked node."""
     v = value(n)
-    if next_to_chunked and why in ("not token-local by its shapes", "chunked and whole differ on random inputs"):
+    if next_to_chunked and why in (_NOT_LOCAL, _CHECK_FAILED):
         layer.blocked.append(n)
     if next_to_chunked and isinstance(v, torch.Tensor) and tl.token_dims(tuple(v.shape), layer.U):
         layer.stops.append((n.name, why))
