@@ -11,6 +11,8 @@ import logging
 import torch
 from torch._dynamo.utils import counters
 
+from moec.passes.expert_parallel import layer_checks
+
 from . import session
 from .capture import forward_backend_ctx, tracing_context
 from .config import Config
@@ -42,15 +44,32 @@ class MoecBackend:
         session.record(gm, reports)
         _log_regions(reports)
         trace_artifact("moec_regions", lambda: _regions_text(reports))
+        checks = layer_checks(gm)
         if dumper is None:
-            return compile_dense(gm, example_inputs, config, mode)
+            return _checked_first(compile_dense(gm, example_inputs, config, mode), checks)
         if "detect" in reports:
             dumper.regions(reports["detect"], reports.get("rewrite"))
             dumper.kernels(reports["detect"])
         compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph,
                                  on_cudagraphs=dumper.cudagraphs, on_backward_report=dumper.backward_report)
         dumper.finish(pass_log)
+        return _checked_first(compiled, checks)
+
+
+def _checked_first(compiled, checks):
+    """`compiled`, which first has the ranks of each EP group agree on the graph's expert-parallel
+    layers (once per process and description): outside the graph, in the order the graphs run,
+    which is the same on every rank."""
+    if not checks:
         return compiled
+    from moec.runtime.consistency import agree_once
+
+    def run(*args):
+        for group, text in checks:
+            agree_once(group, text)
+        return compiled(*args)
+    run._boxed_call = getattr(compiled, "_boxed_call", False)   # Dynamo's calling convention, kept
+    return run
 
 
 def _regions_text(reports) -> str:

@@ -48,6 +48,7 @@ from moec.runtime.mesh import resolve_ep_group
 
 from . import token_locality as tl
 from .chunk_costs import K_MAX, agree, agree_sequences, forced, layer_costs
+from .expert_parallel import WHOLE_LAYER
 from .graph import DepGraph, module_path, value
 
 log = logging.getLogger("moec")
@@ -477,6 +478,7 @@ def _emit_chunked(graph, layer, k):
         x_i = b.input(layer.x, tl.ArgUse(True, (value(layer.x).shape[1],)), i)
         d = b.call(ep_dispatch, (x_i, b.chunks[(items[1], i)], b.chunks[(items[0], i)], top_k, *experts, group),
                    {**ep.kwargs, "chunk": f"tokens {i + 1}/{k}"}, like=ep)
+        d.meta[WHOLE_LAYER] = (value(ep.args[0]), value(ep.args[2]))   # chunks have no example values
         dispatches[i] = b.call(operator.getitem, (d, 0), like=ep)
 
     def experts_of(i):    # side ops, wait for the rows, experts, start the combine

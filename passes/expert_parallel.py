@@ -23,10 +23,13 @@ import torch.fx as fx
 from torch.distributed.tensor import Shard
 
 from moec.runtime import ep_experts, resolve_ep_group
+from moec.runtime.consistency import describe
+from moec.runtime.expert_parallel import ep_dispatch
 
-from .graph import gathered_dtensor
+from .graph import gathered_dtensor, value
 
 PASS = "expert_parallel"
+WHOLE_LAYER = "moec_whole_layer"    # meta of a chunk's ep_dispatch (chunk_tokens): the layer's (x, offsets) values
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,20 @@ def _shard_of(weight, group):
 def _module_path(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else node.name
+
+
+def layer_checks(gm: fx.GraphModule) -> list:
+    """[(group name, text)]: per EP group, in graph order, the description of every expert-parallel
+    layer (and chunk) in `gm`, for the ranks to agree on before the graph first runs (the check is
+    a blocking collective, kept out of the graph: see `moec.runtime.consistency`)."""
+    texts = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (ep_experts, ep_dispatch):
+            continue
+        x, _, offsets, k, weights, layout, activation, alpha, limit, group = node.args
+        kw = node.kwargs
+        x, offsets = node.meta.get(WHOLE_LAYER) or (value(x), value(offsets))
+        texts.setdefault(group, []).append(
+            describe(kw.get("site", ""), x, offsets, k, [value(w) for w in weights], layout,
+                     activation, alpha, limit, kw.get("capacity_factor", 0.0), kw.get("chunk", "")))
+    return [(group, "; ".join(t)) for group, t in texts.items()]

@@ -26,12 +26,18 @@ from torch import Tensor
 from moec.codegen.errors import MoecError
 
 
-def exchange_counts(counts_E: Tensor, group_name: str, ep: int) -> Tensor:
+def exchange_counts(counts_E: Tensor, group_name: str, ep: int, tag: int) -> tuple:
     """counts (E,) int64: copies this rank sends to each global expert ->
-    recv (ep, E/ep): recv[j, e] = copies rank j sends to this rank's local expert e."""
+    (recv (ep, E/ep): recv[j, e] = copies rank j sends to this rank's local expert e,
+     strangers (): how many ranks sent another `tag` than this rank's).
+    The tag (the same on every rank for one exchange point, see `consistency.tag`) catches ranks
+    whose collectives are out of step; it also keeps two exchanges of equal counts apart: a
+    rewrite that merges equal pure ops (AOT autograd's CSE) merged the exchanges of two empty
+    chunks on a rank that had them, one collective fewer than its peers."""
+    send = torch.cat([counts_E.view(ep, -1), counts_E.new_full((ep, 1), tag)], 1)      # (ep, El + 1)
     with _clear_errors("count exchange", group_name):
-        recv = _waited(fc.all_to_all_single(counts_E.contiguous(), None, None, group_name))
-    return recv.view(ep, -1)
+        recv = _waited(fc.all_to_all_single(send.reshape(-1), None, None, group_name)).view(ep, -1)
+    return recv[:, :-1], (recv[:, -1] != tag).sum()
 
 
 def host_splits(per_rank: Tensor) -> list:

@@ -25,13 +25,14 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor
 
 from moec.codegen import layout as layouts
 from moec.codegen.errors import MoecError
 
 from .all_to_all import all_to_all_start, exchange_counts, host_splits, wait
-from .consistency import checked, fingerprint
+from .consistency import agree_once, describe, tag
 from .mesh import group_by_name
 
 
@@ -85,18 +86,15 @@ def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, 
     instead, each chunk with its own counts). Capacity: builds the padded (E, C, H) buffer and
     starts `pieces` all-to-alls of (E, C_j, H), the slots cut into pieces along C, so the experts
     of piece j can run while piece j+1 travels. `chunk` names this call's place in a chunked layer
-    ("tokens 1/3"); ranks check that they agree on it along with the layer itself. The check is
-    a blocking collective that Inductor does not order among the all-to-alls (it keeps only the
-    collectives' order): where ranks' graphs differ (whole sequences, 2 per rank on one and 3 on
-    another), one rank's code can run chunk 2's check before chunk 1's count exchange and the
-    other's after it, and both wait forever; so ep_chunk_by defaults to tokens.
+    ("tokens 1/3"); ranks check that they agree on it along with the layer itself: here in eager,
+    before the graph's first run where compiled (see `consistency`).
     """
     group = group_by_name(group_name)
     E = offsets.shape[0] - 1
     El = group.local_experts(E, site)
-    w_up, w_gate, w_down, *biases = layouts.views(_localized(weights, layout, E, group, site), layout)
-    desc = fingerprint(site, E, k, x, w_up, w_gate, w_down, biases, activation, alpha, limit, capacity_factor)
-    offsets = checked(offsets, group_name, f"{desc}{' ' + chunk if chunk else ''}")
+    if not is_fake(offsets):
+        agree_once(group_name, describe(site, x, offsets, k, _localized(weights, layout, E, group, site), layout,
+                                        activation, alpha, limit, capacity_factor, chunk))
     if capacity_factor > 0:
         return _capacity_dispatch(x, src, offsets, k, group, El, capacity_factor, pieces)
     if pieces != 1:
@@ -104,9 +102,12 @@ def ep_dispatch(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list, 
                         f"chunk the tokens instead (one ep_dispatch per chunk)")
     ep, S = group.size, src.shape[0]
     counts_E = offsets[1:] - offsets[:-1]                                          # (E,)
-    recv_counts = exchange_counts(counts_E, group.name, ep)                        # (ep, El)
-    splits = host_splits(torch.cat([counts_E.view(ep, El).sum(1), recv_counts.sum(1)]))
-    send, recv = splits[:ep], splits[ep:]
+    recv_counts, strangers = exchange_counts(counts_E, group.name, ep, tag(site, chunk))   # (ep, El), ()
+    splits = host_splits(torch.cat([counts_E.view(ep, El).sum(1), recv_counts.sum(1), strangers[None]]))
+    send, recv = splits[:ep], splits[ep:-1]
+    torch._check(splits[-1] == 0, lambda: f"ep_dispatch{' in ' + site if site else ''}: the count exchange of "
+                 f"{chunk or 'this layer'} met another layer or chunk on {splits[-1]} rank(s): the ranks' "
+                 f"collectives are out of step (a rank skipped or merged one)")
     kept, R = sum(send), sum(recv)
     empty = isinstance(S, int) and S == 0       # slicing it would mint a size nothing uses
     if not empty:

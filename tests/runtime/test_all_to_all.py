@@ -19,8 +19,8 @@ def uneven_exchange(rank, ws):
     recv = [n(i, rank) for i in range(ws)]
     x = torch.cat([_rows(rank, j, send[j]) for j in range(ws)]).requires_grad_()
     counts = torch.tensor([c for s in send for c in (s // 2, s - s // 2)])   # 2 experts per rank
-    got_counts = exchange_counts(counts, name, ws)                       # (ws, 2)
-    assert host_splits(got_counts.sum(1)) == recv
+    got_counts, strangers = exchange_counts(counts, name, ws, 7)         # (ws, 2), ()
+    assert host_splits(got_counts.sum(1)) == recv and strangers.item() == 0
     y = all_to_all(x, recv, send, name, "dispatch")
     assert_close(y, torch.cat([_rows(i, rank, recv[i]) for i in range(ws)]))
     (y * (rank + 1)).sum().backward()                                    # grad flows back to the sender
@@ -30,6 +30,18 @@ def uneven_exchange(rank, ws):
 
 def test_uneven_and_zero_splits(pool4):
     pool4.run(uneven_exchange)
+
+
+def out_of_step(rank, ws):
+    """Ranks exchanging counts at different points of their programs (another tag) are counted."""
+    counts = torch.randint(0, 5, (2 * ws,))
+    got, strangers = exchange_counts(counts, dist.group.WORLD.group_name, ws, 100 + (rank == 2))
+    return got.shape, strangers.item()
+
+
+def test_count_exchange_counts_ranks_out_of_step(pool4):
+    results = pool4.run(out_of_step)
+    assert results == [((4, 2), 1), ((4, 2), 1), ((4, 2), 3), ((4, 2), 1)], results
 
 
 def nothing_anywhere(rank, ws):

@@ -175,6 +175,18 @@ def test_inductor_keeps_starts_early_and_waits_late(pool2, capacity_factor):
     assert pool2.run(inductor_forward_order, capacity_factor, timeout=300) == ["SSWSWSWW"] * 2
 
 
+def test_inductor_sequence_chunks_with_uneven_batches(pool2):
+    """2 and 3 sequences per rank under Inductor: each rank's generated code orders its ops its own
+    way. The layers' consistency check (a blocking collective Inductor would not order among the
+    all-to-alls) runs before the graph, not in it: with a check per chunk in the graph, rank 1 ran
+    chunk 2's before chunk 1's count exchange and both ranks hung."""
+    results = pool2.run(hf_matches_single_process, "mixtral", False, [(2, 4), (3, 3)],
+                        {"ep_chunks": 2, "ep_chunk_by": "sequences", "dense_backend": "inductor"}, timeout=400)
+    for per_rank, units in zip(results, ("2 sequences of 4 tokens", "3 sequences of 3 tokens")):
+        got = [l[6] for g in per_rank for l in g]
+        assert got and set(got) == {units}, got
+
+
 def test_whole_tiny_model_chunked_as_one_graph(pool2):
     results = pool2.run(hf_matches_single_process, "qwen3_moe", True, [(2, 3), (1, 5)], {"ep_chunks": 3},
                         timeout=240)

@@ -182,19 +182,20 @@ def test_indivisible_experts_fail_at_compile(pool2):
     pool2.run(compile_with_indivisible_experts, timeout=120)
 
 
-def compiled_different_layers(rank, ws):
+def compiled_different_layers(rank, ws, dense_backend):
     forget()    # this pool's ranks may have agreed on these layers in an earlier test
     _with_ep_pass()
     torch._dynamo.reset()
     from moe_idioms import MaskLoopMoE
     compiled = torch.compile(MaskLoopMoE(hidden=8, ffn=6, experts=4, top_k=2 - rank), backend="moec",
-                             options={"dense_backend": "aot_eager", "ep_group": "world"})
+                             options={"dense_backend": dense_backend, "ep_group": "world"})
     with pytest.raises(MoecError, match="compiled different MoE layers:\n  rank 0: .* k=2 .*\n  rank 1: .* k=1 "):
         compiled(torch.randn(5, 8))
 
 
-def test_ranks_that_compiled_different_layers_fail_at_first_step(pool2):
-    pool2.run(compiled_different_layers, timeout=120)
+@pytest.mark.parametrize("dense_backend", ["aot_eager", "inductor"])
+def test_ranks_that_compiled_different_layers_fail_at_first_step(pool2, dense_backend):
+    pool2.run(compiled_different_layers, dense_backend, timeout=240)
 
 
 def test_pass_changes_nothing_without_ep_group():
