@@ -69,13 +69,12 @@ class Config:
     1: off; n: n chunks (capacity mode: n pieces of the slots). Off too with disable=("chunk_tokens",).
     MOEC_EP_CHUNKS."""
 
-    ep_chunk_by: str = "tokens"
-    """With ep_group and chunking: what the chunks are cut in. "tokens" (default); "auto": tokens,
-    or whole sequences where attention ends the tokens' range and the cost model predicts that
-    sequences save more (then attention and what comes before it are chunked too); "sequences"
-    (where the batch has at least k sequences, else tokens). Not the default yet: under Inductor,
-    ranks whose batches differ in size can hang (see runtime/expert_parallel.ep_dispatch).
-    MOEC_EP_CHUNK_BY."""
+    ep_chunk_by: str = "auto"
+    """With ep_group and chunking: what the chunks are cut in. "auto" (default): tokens, or whole
+    sequences where attention ends the tokens' range and sequences let more ops run in the chunks
+    (forced k, or no all-to-all model) or save more time by the cost model (then attention and what
+    comes before it are chunked too); "tokens"; "sequences" (where the batch has at least k
+    sequences, else tokens). MOEC_EP_CHUNK_BY."""
 
     expert_stats: bool = False
     """Count on the device, per MoE layer, the token copies routed to each expert (and, with
