@@ -26,6 +26,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from moec.codegen.errors import MoecError
 from moec.runtime import LayerCosts, Op, predict, search
 from moec.runtime.expert_parallel import capacity
 
@@ -125,6 +126,22 @@ def agree(mine, a2a, group, k_max: int = K_MAX):
         return chosen.k, chosen.pre_range, chosen.post_range, chosen, "cost model"
     pre, post, sched = _best_ranges(costs, a2a, chosen.k)
     return chosen.k, pre, post, sched, "cost model (k from rank 0's costs: the ranks found different ops)"
+
+
+def as_agreed(mine, a2a, k: int):
+    """(k, pre_range, post_range, schedule or None, why) for the k the ranks agreed on at an earlier
+    compile of this layer (a recompile, maybe on this rank only: no collective), the ranges this
+    rank's costs do best with."""
+    why = f"cost model (k={k} agreed at the layer's first compile)"
+    if k == 1:
+        return 1, None, None, None, why
+    if isinstance(mine, str):
+        raise MoecError(f"chunk_tokens: the ranks agreed on k={k} chunks for this layer at its first compile, "
+                        f"but this recompile cannot chunk it ({mine}); the ranks' all-to-alls would not pair "
+                        f"up: set ep_chunks to a fixed k or mark the token count dynamic from the start")
+    if a2a is None:
+        return k, (0, len(mine.pre)), (0, len(mine.post)), None, why
+    return (k, *_best_ranges(mine, a2a, k), why)
 
 
 def agree_sequences(token_saved: float, sequence_saved, group) -> bool:

@@ -41,13 +41,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.codegen.errors import MoecError
 from moec.runtime import load_or_calibrate, search
+from moec.runtime.consistency import decided, decided_once
 from moec.runtime.cost_model import cached_calibration
 from moec.runtime.expert_parallel import (ep_collect, ep_combine, ep_dispatch, ep_experts, ep_local_experts,
                                           ep_wait)
 from moec.runtime.mesh import resolve_ep_group
 
 from . import token_locality as tl
-from .chunk_costs import K_MAX, agree, agree_sequences, forced, layer_costs
+from .chunk_costs import K_MAX, agree, agree_sequences, as_agreed, forced, layer_costs
 from .expert_parallel import WHOLE_LAYER
 from .graph import DepGraph, module_path, value
 
@@ -149,7 +150,8 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
     # a forced k needs no agreement: read a cached calibration only, for the report (no collective)
     try:
         calibration = cached_calibration(device, pg, cfg.cache_dir or None) if cfg.ep_chunks else \
-            load_or_calibrate(device, pg, cache_dir=cfg.cache_dir or None)
+            decided_once(("calibration", str(device), group.name, cfg.cache_dir),
+                         lambda: load_or_calibrate(device, pg, cache_dir=cfg.cache_dir or None))
     except MoecError as e:
         # Every rank measured the same (slowest-rank) times, so every rank lands here together and
         # the layers stay whole everywhere: a correct, unchunked step, said in the log and the dump.
@@ -168,14 +170,23 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
             layer_costs(layer, calibration.compute, {n: r.kind for n, r in layer.rules.items()},
                         ep.kwargs.get("capacity_factor", 0.0))   # noqa: E731
         layer = _find(gm, ep, group.size, capacity)
-        if not capacity and cfg.ep_chunk_by != "tokens":
-            layer = _cut(gm, ep, group.size, layer, cfg.ep_chunks, costs, a2a, pg, cfg.ep_chunk_by == "sequences")
+        # (k, whole sequences) the ranks agreed on at an earlier compile: a recompile takes them again
+        # with no collective (it may happen on this rank only)
+        key = ("chunk_tokens", group.name, site, cfg.ep_chunk_by, cfg.cache_dir, ep.args[3],
+               *value(ep.args[2]).shape, value(ep.args[0]).shape[1:])   # top-k, E + 1, H
+        prior = None if cfg.ep_chunks else decided(key)
+        if not capacity and cfg.ep_chunk_by != "tokens" and (prior is None or prior[1]):
+            layer = _cut(gm, ep, group.size, layer, cfg.ep_chunks or (prior[0] if prior else 0), costs, a2a, pg,
+                         cfg.ep_chunk_by == "sequences" or prior is not None)
         mine = costs(layer)
         if cfg.ep_chunks:
             ranges = (0, 0) if isinstance(layer, str) else (len(layer.pre), len(layer.post))
             k, pre_r, post_r, sched, why = forced(mine, a2a, cfg.ep_chunks, *ranges)
+        elif prior is not None:
+            k, pre_r, post_r, sched, why = as_agreed(mine, a2a, prior[0])
         else:
             k, pre_r, post_r, sched, why = agree(mine, a2a, pg, _k_max(layer))
+            decided_once(key, lambda: (k, _in_sequences(layer)))
         if k == 1:
             skipped.append((site, why))
             layers.append(LayerChunking(site, "capacity" if capacity else "dropless", 1, (), (), (), (), why, sched))
@@ -186,8 +197,7 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
             layer.pre, layer.post = layer.pre[pre_r[0]:pre_r[1]], layer.post[post_r[0]:post_r[1]]
             _emit_chunked(gm.graph, layer, k)
         name = lambda nodes: tuple(n.name for n in nodes)   # noqa: E731
-        units = "tokens" if layer.U is layer.T or layer.U == layer.T else \
-            f"{layer.U} sequences of {layer.T // layer.U} tokens"
+        units = f"{layer.U} sequences of {layer.T // layer.U} tokens" if _in_sequences(layer) else "tokens"
         layers.append(LayerChunking(site, "capacity" if capacity else "dropless", k, name(layer.pre),
                                     name(layer.side), name(layer.post), tuple(layer.stops), why, sched, units))
     gm.graph.lint()
@@ -225,6 +235,10 @@ def _cut(gm, ep, ep_size, layer, forced_k, costs, a2a, group, sequences_wanted=F
     best = max(sequences, key=saved, default=None)
     mine = (0.0 if isinstance(layer, str) else saved(layer), None if best is None else saved(best))
     return best if agree_sequences(*mine, group) else layer
+
+
+def _in_sequences(layer) -> bool:
+    return not isinstance(layer, str) and layer.U is not layer.T and layer.U != layer.T
 
 
 def _k_max(layer) -> int:

@@ -25,6 +25,8 @@ from moec.codegen.errors import MoecError
 # (group name, description) pairs every rank of the group agreed on. Deciding to check from local
 # history is sound because EP already requires every rank to meet the same layers in the same order.
 _seen: set = set()
+# decisions the ranks took together while compiling, by key (see `decided_once`)
+_decided: dict = {}
 
 
 def describe(site: str, x, offsets, k: int, weights: list, layout: str, activation: str, alpha: float,
@@ -53,9 +55,34 @@ def agree_once(group_name: str, text: str):
         _seen.add(key)
 
 
+def decided_once(key, decide):
+    """decide() (a collective: every rank of the group runs it together) the first time this
+    process meets `key`; after that the same answer, or the same MoecError, with no collective.
+    The first compile of a graph happens on every rank at the same step, a recompile (a new input
+    shape on one rank, Dynamo's automatic dynamic shapes) may happen on one rank only: a
+    collective there would wait forever for ranks that are running their graphs."""
+    if key not in _decided:
+        try:
+            _decided[key] = (decide(), None)
+        except MoecError as e:
+            _decided[key] = (None, e)
+    answer, error = _decided[key]
+    if error is not None:
+        raise error
+    return answer
+
+
+def decided(key):
+    """What `decided_once` decided for key, or None."""
+    answer, _ = _decided.get(key, (None, None))
+    return answer
+
+
 def forget():
-    """Check every layer again at its next call (for a process that changes models, e.g. tests)."""
+    """Check every layer, and take every compile-time decision, again (for a process that changes
+    models, e.g. tests)."""
     _seen.clear()
+    _decided.clear()
 
 
 def _agree(group_name: str, mine: str):

@@ -314,6 +314,31 @@ def test_cost_model_choice(pool2, tmp_path):
         assert (folder / "schedule_0.png").exists(), sorted(p.name for p in folder.iterdir())
 
 
+def recompiling_on_one_rank(rank, ws, cache_dir):
+    """ep_chunks=0: rank 0's second batch has longer sequences, so Dynamo compiles the layer again
+    there (dynamic shapes) while rank 1 runs its compiled graph."""
+    ref, ep, mesh, sharded = _start(rank, ws, lambda: _causal_lm("mixtral"))
+    ep.model.layers[0].compile(backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
+                                                        "cache_dir": cache_dir})
+    for step, S in enumerate((4, 6) if rank == 0 else (5, 5)):
+        ids = torch.randint(3, 96, (2, S), generator=torch.Generator().manual_seed(10 * rank + step))
+        _compare(ref, ep, sharded, lambda m: _loss(m, ids))
+        for p in (*ref.parameters(), *ep.parameters()):
+            p.grad = None
+    return [(l.k, l.why) for r in _reports() for l in r.layers]
+
+
+def test_recompile_on_one_rank_takes_the_agreed_k(pool2, tmp_path):
+    """The recompile takes the k the ranks agreed on at the first compile, with no collective: the
+    calibration broadcast and the agreement, run there again, waited for a rank that never came."""
+    write_calibration(tmp_path / "cache", 2, AllToAllModel(1e-6, 3e7, world_size=2))
+    recompiled, once = pool2.run(recompiling_on_one_rank, str(tmp_path / "cache"), timeout=300)
+    assert len(recompiled) == 2 and len(once) == 1, (recompiled, once)
+    (k, why), (k_again, why_again) = recompiled
+    assert k == k_again == once[0][0] > 1 and why == once[0][1] == "cost model", (recompiled, once)
+    assert why_again == f"cost model (k={k} agreed at the layer's first compile)", why_again
+
+
 def test_cost_model_cuts_whole_sequences_when_that_hides_more(pool2, tmp_path):
     """Batches of 8 sequences on a slow link, launches nearly free: the ops up to the attention's
     output projection cannot hide the all-to-all, the whole layer before it can, so every rank
