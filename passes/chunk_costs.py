@@ -139,9 +139,7 @@ def as_agreed(mine, a2a, k: int):
         raise MoecError(f"chunk_tokens: the ranks agreed on k={k} chunks for this layer at its first compile, "
                         f"but this recompile cannot chunk it ({mine}); the ranks' all-to-alls would not pair "
                         f"up: set ep_chunks to a fixed k or mark the token count dynamic from the start")
-    if a2a is None:
-        return k, (0, len(mine.pre)), (0, len(mine.post)), None, why
-    return (k, *_best_ranges(mine, a2a, k), why)
+    return (k, *_best_ranges(mine, a2a, k), why)     # k > 1: the agreement had an all-to-all model
 
 
 def agree_sequences(token_saved: float, sequence_saved, group) -> bool:

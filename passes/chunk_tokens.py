@@ -186,7 +186,7 @@ def chunk_tokens(gm: fx.GraphModule, ctx) -> tuple:
             k, pre_r, post_r, sched, why = as_agreed(mine, a2a, prior[0])
         else:
             k, pre_r, post_r, sched, why = agree(mine, a2a, pg, _k_max(layer))
-            decided_once(key, lambda: (k, _in_sequences(layer)))
+            decided_once(key, lambda: (k, _in_sequences(layer)))   # the record, for recompiles
         if k == 1:
             skipped.append((site, why))
             layers.append(LayerChunking(site, "capacity" if capacity else "dropless", 1, (), (), (), (), why, sched))

@@ -56,8 +56,9 @@ def agree_once(group_name: str, text: str):
 
 
 def decided_once(key, decide):
-    """decide() (a collective: every rank of the group runs it together) the first time this
-    process meets `key`; after that the same answer, or the same MoecError, with no collective.
+    """decide() the first time this process meets `key` (a collective every rank of the group runs
+    together, or the record of one just run); after that the same answer, or the same MoecError,
+    with no collective.
     The first compile of a graph happens on every rank at the same step, a recompile (a new input
     shape on one rank, Dynamo's automatic dynamic shapes) may happen on one rank only: a
     collective there would wait forever for ranks that are running their graphs."""
