@@ -32,10 +32,15 @@ T_ = Tile
 CANDIDATES = {
     "gate_up": [T_(64, 64, 64, 4, 3), T_(128, 64, 64, 8, 3), T_(128, 128, 64, 8, 3), T_(64, 128, 64, 4, 3),
                 T_(128, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 64, 128, 4, 3), T_(16, 128, 128, 4, 3),
-                T_(64, 64, 128, 4, 3), T_(128, 128, 64, 8, 4)],
+                T_(64, 64, 128, 4, 3), T_(128, 128, 64, 8, 4),
+                # decode: one or a few rows per expert, so narrower tiles make enough programs to
+                # stream the touched experts' weights on every SM
+                T_(16, 32, 128, 4, 3), T_(16, 32, 256, 4, 3), T_(16, 32, 128, 2, 4), T_(16, 64, 256, 4, 3),
+                T_(16, 16, 256, 2, 3)],
     "down": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 256, 64, 8, 3),
              T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 128, 64, 4, 3), T_(16, 128, 128, 4, 3),
-             T_(128, 128, 64, 8, 4)],
+             T_(128, 128, 64, 8, 4), T_(16, 32, 128, 4, 3), T_(16, 64, 256, 4, 3), T_(16, 32, 256, 4, 3),
+             T_(16, 128, 64, 4, 4)],
     "down_dx": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 128, 32, 8, 4),
                 T_(64, 64, 64, 4, 4), T_(16, 64, 64, 4, 3), T_(32, 128, 64, 4, 3)],
     "dh": [T_(128, 128, 64, 8, 3, 2), T_(64, 128, 64, 4, 3, 2), T_(128, 64, 64, 8, 3, 2), T_(64, 64, 64, 4, 4, 2),
@@ -45,9 +50,14 @@ CANDIDATES = {
     "gate_up_bwd": [T_(64, 64, 64, 4, 2), T_(64, 64, 32, 4, 3), T_(128, 64, 64, 8, 2), T_(64, 128, 32, 8, 3),
                     T_(32, 64, 64, 4, 3), T_(16, 64, 64, 4, 2), T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 2)],
     "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),
-              T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3)],
+              T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3),
+              # persistent (last field: programs per SM), the next tile's loads under this one's store
+              T_(128, 128, 64, 8, 3, 1, 1), T_(128, 128, 64, 8, 3, 1, 2), T_(128, 256, 64, 8, 3, 1, 1),
+              T_(64, 128, 64, 4, 3, 1, 2), T_(128, 128, 32, 8, 4, 1, 1)],
     "wgrad_dual": [T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(128, 64, 64, 8, 3),
-                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2)],
+                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2),
+                   T_(128, 64, 32, 8, 3, 1, 1), T_(128, 128, 64, 8, 3, 1, 1), T_(128, 64, 64, 8, 3, 1, 2),
+                   T_(64, 128, 64, 4, 3, 1, 2), T_(128, 128, 32, 8, 3, 1, 1)],
 }
 
 
@@ -85,7 +95,13 @@ def main():
     ap.add_argument("--tokens", default="256,4096,16384")
     ap.add_argument("--shape", action="append", default=[], help="E,k,H,F of a SwiGLU layer of your own")
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
+    ap.add_argument("--kernels", help="only these kernels (comma-separated names of kernels_for), e.g. gate_up,down")
+    ap.add_argument("--graphs", action="store_true",
+                    help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
     args = ap.parse_args()
+    timer = triton.testing.do_bench_cudagraph if args.graphs else triton.testing.do_bench
+    bench = (lambda fn: timer(fn, rep=20, return_mode="median")) if args.graphs else \
+        (lambda fn: timer(fn, warmup=5, rep=20, return_mode="median"))
     dev = torch.device("cuda")
     out = args.out or str(cache_root(Config.from_options().cache_dir) / "tuning")
     os.makedirs(out, exist_ok=True)
@@ -98,17 +114,18 @@ def main():
         p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
         layer = (s.E, s.k, s.H, s.F)
         for T in [int(t) for t in args.tokens.split(",")]:
-            fns = kernels_for(s, p, T)
+            fns = {n: f for n, f in kernels_for(s, p, T).items() if not args.kernels or n in args.kernels.split(",")}
             line, total_default, total_best = [], 0.0, 0.0
             for name, fn in fns.items():
                 kind = name
                 default = tuning.tile(kind, *layer, torch.bfloat16, dev, T) if kind in CANDIDATES else None
-                ms_default = triton.testing.do_bench(lambda: fn(default), warmup=5, rep=20, return_mode="median")
+                ms_default = bench(lambda: fn(default))
                 ms_best = ms_default
                 if kind in CANDIDATES:
                     # the current choice competes too, so tuning never records a slower tile
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
-                                                [default] + [c for c in CANDIDATES[kind] if c != default])
+                                                [default] + [c for c in CANDIDATES[kind] if c != default],
+                                                bench=bench)
                     mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
                 else:

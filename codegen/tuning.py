@@ -27,6 +27,7 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
+    persistent: int = 0         # wgrad only: n > 0 launches n programs per SM that walk the tiles
 
 
 _pinned: dict = {}
@@ -99,13 +100,15 @@ def pin(**tiles: Tile):
         _pinned.update(saved)
 
 
-def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20):
-    """Time `run(tile)` for each candidate Tile; keep the fastest for this key. GPU only."""
+def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench=None):
+    """Time `run(tile)` for each candidate Tile (with `bench(fn) -> ms`, default triton's
+    do_bench); keep the fastest for this key. GPU only."""
     import triton.testing
+    bench = bench or (lambda fn: triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"))
     best, best_ms = None, float("inf")
     for cand in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: run(cand), rep=rep_ms, return_mode="median")
+            ms = bench(lambda: run(cand))
         except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
             continue
         if ms < best_ms:
