@@ -20,27 +20,16 @@ import torch
 from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
-from .down_combine_kernel import launch_down_combine
 from .down_kernel import launch_down
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _sum_rows, _tiles, _wgrad,
-                             experts_forward, hidden, lora_up_gate_wgrads)
+                             experts_forward, lora_up_gate_wgrads)
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
-
-
-# at most this many tokens, inference runs down + combine as one launch (down_combine_kernel.py)
-DECODE_TOKENS = 8
 
 
 def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save):
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
     pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout)) if save else x.new_empty(0)
-    if not save and x.shape[0] <= DECODE_TOKENS and not any(layouts.lora(weights, layout)):
-        _check(x)
-        _, _, w_down, _, _, b_down = layouts.views(weights, layout)
-        h = hidden(x, src, offsets, k, weights, layout, activation, alpha, limit)
-        out = x.new_empty(route_w.shape[0], x.shape[1])
-        return launch_down_combine(h, w_down, b_down, inv, route_w, offsets, out, k), pre
     y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None)
     return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k), pre
 

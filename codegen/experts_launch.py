@@ -39,29 +39,20 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
     K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed."""
     _check(x)
-    S, H = src.shape[0], x.shape[1]
+    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    lu, lg, ld = layouts.lora(weights, layout)
+    S, (F, H) = src.shape[0], w_up.shape[1:]
     y = x.new_empty(S, H)
     if S == 0:
         return y
-    h = hidden(x, src, offsets, k, weights, layout, activation, alpha, limit, pre)
-    w_up, _, w_down, _, _, b_down = layouts.views(weights, layout)
-    ld = layouts.lora(weights, layout)[2]
-    t_down, = _tiles(x, src, w_up, k, "down")
+    t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
+    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
+    h = x.new_empty(S, F)
+    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
+                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre)
     t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
     launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld))
     return y
-
-
-def hidden(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None):
-    """-> h (S, F) = act(gate, up) of the grouped rows (+ their LoRA terms); pre as experts_forward."""
-    w_up, w_gate, _, b_up, b_gate, _ = layouts.views(weights, layout)
-    lu, lg, _ = layouts.lora(weights, layout)
-    t_up, = _tiles(x, src, w_up, k, "gate_up")
-    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
-    h = x.new_empty(src.shape[0], w_up.shape[1])
-    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre)
-    return h
 
 
 def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None, pre=None):

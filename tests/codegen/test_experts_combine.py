@@ -79,17 +79,6 @@ def test_epilogue_loads_before_the_k_loop(gated, bias, dtype):
     _run(13, 4, 2, 40, 40, dtype, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 1, 0, 1))
 
 
-@pytest.mark.parametrize("T,how,layout,dtype,w_dtype", [
-    (1, "uniform", "interleaved", torch.float32, torch.float32),
-    (5, "sparse", "transposed", torch.bfloat16, torch.float32),      # empty experts, a dropped copy
-    (8, "one_expert", "interleaved", torch.float16, torch.float16)])
-def test_decode_down_and_combine_in_one_launch(T, how, layout, dtype, w_dtype):
-    """Inference at <= DECODE_TOKENS tokens (save=False): down_combine_kernel gives the combine."""
-    from moec.codegen import experts_combine_launch
-    assert T <= experts_combine_launch.DECODE_TOKENS
-    _run(T, 6, 3, 40, 24, dtype, "swiglu_oai", bias=True, layout=layout, how=how, save=False, w_dtype=w_dtype)
-
-
 def test_half_precision_routing_weights():
     """Routing weights in the model's dtype (user code that never upcasts them); fp16 experts."""
     _run(10, 4, 2, 24, 16, torch.float16, "silu", bias=True, w_dtype=torch.float16)
