@@ -25,7 +25,7 @@ from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_la
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
 
 METHODS = ("moec", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
-GRAPH_METHODS = ("moec", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): it cannot be captured
+GRAPH_METHODS = ("moec", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
 
 
 def ceilings():

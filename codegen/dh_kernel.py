@@ -29,8 +29,8 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
               td_ptr, ld_ptr, S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
               s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
               ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-              ROUTED: tl.constexpr, LORA_D: tl.constexpr, EARLY: tl.constexpr, E_POW2: tl.constexpr,
-              GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              ROUTED: tl.constexpr, LORA_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
@@ -47,7 +47,7 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
         _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr, ld_ptr,
                      e.to(tl.int64), rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f,
                      s_bd_e, s_bd_h, s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT, GATED, HAS_BD, IEEE, SPLIT,
-                     ROUTED, LORA_D, EARLY, BLOCK_M, BLOCK_N, BLOCK_K)
+                     ROUTED, LORA_D, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
                  rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
                  s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr,
                  IEEE: tl.constexpr, SPLIT: tl.constexpr, ROUTED: tl.constexpr, LORA_D: tl.constexpr,
-                 EARLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows64 = rows.to(tl.int64)
     tok = rows64                # ROUTED: the token of each copy, whose grad_out row A reads
     w = tl.full((BLOCK_M, 1), 1.0, tl.float32)
@@ -67,7 +67,10 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
     cmask = cols < F
     u0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=pre_ptr.dtype.element_ty)
     g0 = u0
-    if EARLY:       # the epilogue's loads in flight under the K loop instead of after it
+    if not SPLIT:
+        # the epilogue's loads issued here are in flight under the K loop; issued after it,
+        # their latency was the kernel's: 0.486 -> 0.301 ms at Qwen3 widths and 4096 tokens
+        # on an H200 (benchmarks/results/bwd_ablation_h200.log)
         pre0 = pre_ptr + rows64[:, None] * s_pre + cols[None, :]
         u0 = tl.load(pre0, mask=rmask[:, None] & cmask[None, :], other=0.0)
         g0 = u0
@@ -91,12 +94,9 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
                        ACT, GATED)
         dw += _epilogue(halves[1], first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
                         limit, s_pre, ACT, GATED)
-    elif EARLY:
+    else:
         dw = _epilogue_of(acc, u0.to(tl.float32), g0.to(tl.float32), cols, rows64, rmask, w, hw_ptr, dg_ptr, du_ptr,
                           F, alpha, limit, ACT, GATED)
-    else:
-        dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, ACT,
-                       GATED)
     if ROUTED:
         if HAS_BD:
             if pid_n == 0:
@@ -169,7 +169,7 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), S, E, H, F, k, alpha, limit, m_tiles,
         grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
-        SPLIT=split, ROUTED=routed, LORA_D=lora_d is not None, EARLY=bool(tile.early_loads) and not split,
+        SPLIT=split, ROUTED=routed, LORA_D=lora_d is not None,
         E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

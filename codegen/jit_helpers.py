@@ -6,9 +6,6 @@ into ceil(rows / BLOCK_M) tiles, numbered in segment order; a program finds its 
 from a cumulative sum over at most E+1 counts, so the grid can be sized from a host-known bound
 (`max_tiles`) while the counts stay on the device (no sync, no recompile).
 """
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
@@ -26,12 +23,6 @@ def cdiv(a: int, b: int) -> int:
 
 
 next_pow2 = bucket
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device) -> int:
-    """Streaming multiprocessors of `device` (persistent grids); 4 for the CPU interpreter."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def max_tiles(S: int, segments: int, block_m: int) -> int:

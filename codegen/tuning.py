@@ -27,8 +27,6 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
-    persistent: int = 0         # wgrad only: n > 0 launches n programs per SM that walk the tiles
-    early_loads: int = 0        # dh only: 1 issues the epilogue's pre-activation loads before the K loop
 
 
 _pinned: dict = {}

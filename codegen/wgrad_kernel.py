@@ -17,40 +17,18 @@ Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 import triton
 import triton.language as tl
 
-from .jit_helpers import cdiv, ieee, mma, sm_count
+from .jit_helpers import cdiv, ieee, mma
 
 
 @triton.jit
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr,
                  E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
-                 s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m, n_progs,
+                 s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
                  GATHER: tl.constexpr, GATHER_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
-                 BIAS2: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, PERSISTENT: tl.constexpr,
+                 BIAS2: tl.constexpr,
+                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    if PERSISTENT:
-        # a few programs per SM walk the tiles; the tile loop is flattened into the K loop, so
-        # the next tile's loads are in flight during this tile's store. Each expert's K (its
-        # rows, ~256 for Qwen3 at 4096 tokens) is a handful of steps, so one program per tile
-        # spent much of its life filling and draining its pipeline.
-        n_tiles = E * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        for t in tl.range(tl.program_id(0), n_tiles, n_progs, flatten=True):
-            _tile(t, a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr, M, N,
-                  k_top, s_a, s_a2, s_b_row, s_b_col, s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m,
-                  s_db2_e, s_db2_m, GATHER, GATHER_A, DUAL, BIAS, BIAS2, IEEE, TRANS_OUT, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        _tile(tl.program_id(0), a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr,
-              w_ptr, M, N, k_top, s_a, s_a2, s_b_row, s_b_col, s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e,
-              s_db_m, s_db2_e, s_db2_m, GATHER, GATHER_A, DUAL, BIAS, BIAS2, IEEE, TRANS_OUT, BLOCK_M, BLOCK_N,
-              BLOCK_K)
-
-
-@triton.jit
-def _tile(pid, a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr, M, N, k_top,
-          s_a, s_a2, s_b_row, s_b_col, s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
-          GATHER: tl.constexpr, GATHER_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
-          BIAS2: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (expert, m, n) output tile."""
+    pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     e = pid // (n_m * n_n)
     pid_m = (pid // n_n) % n_m
@@ -135,18 +113,17 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     o2 = out2 if out2 is not None else out
     d1 = db if db is not None else out[:, :, 0]
     d2 = db2 if db2 is not None else d1
-    n_tiles = E * cdiv(M, tile.block_m) * cdiv(N, tile.block_n)
-    n_progs = min(n_tiles, tile.persistent * sm_count(out.device)) if tile.persistent else n_tiles
+    grid = (E * cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
     trans = abs(out.stride(1)) < abs(out.stride(2))     # out2, where given, is the twin view of one base
     if gather_a is not None:
         src, w = gather_a[0], gather_a[1].contiguous()
-    wgrad_kernel[(n_progs,)](
+    wgrad_kernel[grid](
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
         out, o2, d1, d2, w if gather_a is not None else a, E, M, N, k,
         a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
-        *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(), n_progs,
+        *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
         GATHER=src is not None and gather_a is None, GATHER_A=gather_a is not None, DUAL=a2 is not None,
         BIAS=db is not None,
         BIAS2=a2 is not None and db2 is not None,
-        IEEE=ieee(a), TRANS_OUT=trans, PERSISTENT=n_progs < n_tiles, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        IEEE=ieee(a), TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -66,19 +66,6 @@ def test_epilogue_in_column_halves(gated, bias):
     _run(13, 4, 2, 40, 40, torch.float32, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 2))
 
 
-@pytest.mark.parametrize("layout,how", [("interleaved", "sparse"), ("transposed", "uniform")])
-def test_persistent_weight_gradients(layout, how):
-    """Tile.persistent: 4 programs (the interpreter's SM count) walk all the weight-gradient
-    tiles, empty experts and both store orders included."""
-    _run(15, 5, 2, 24, 40, torch.float32, "silu", bias=True, layout=layout, how=how, tile=Tile(16, 16, 16, 4, 1, 1, 1))
-
-
-@pytest.mark.parametrize("gated,bias,dtype", [(True, True, torch.float32), (False, False, torch.bfloat16)])
-def test_epilogue_loads_before_the_k_loop(gated, bias, dtype):
-    """dh with Tile.early_loads: the pre-activations read before the K loop give the same."""
-    _run(13, 4, 2, 40, 40, dtype, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 1, 0, 1))
-
-
 def test_half_precision_routing_weights():
     """Routing weights in the model's dtype (user code that never upcasts them); fp16 experts."""
     _run(10, 4, 2, 24, 16, torch.float16, "silu", bias=True, w_dtype=torch.float16)

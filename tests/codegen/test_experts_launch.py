@@ -83,12 +83,6 @@ def test_transposed_weights_and_wide_tiles(dtype):
     _run(13, 4, 2, 48, 40, dtype, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
 
 
-@pytest.mark.parametrize("how", ["sparse", "uniform"])
-def test_persistent_weight_gradients(how):
-    """Tile.persistent: 4 programs walk every (expert, m, n) weight-gradient tile."""
-    _run(17, 5, 2, 24, 40, torch.bfloat16, "gelu", bias=True, how=how, tile=Tile(16, 16, 16, 4, 1, 1, 1))
-
-
 def test_float16():
     _run(9, 4, 2, 32, 16, torch.float16, "gelu_tanh")
 
