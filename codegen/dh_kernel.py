@@ -70,7 +70,7 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
     if not SPLIT:
         # the epilogue's loads issued here are in flight under the K loop; issued after it,
         # their latency was the kernel's: 0.486 -> 0.301 ms at Qwen3 widths and 4096 tokens
-        # on an H200 (benchmarks/results/bwd_ablation_h200.log)
+        # on an H200 (benchmarks/results/bwd_ablation_early_loads_h200.log)
         pre0 = pre_ptr + rows64[:, None] * s_pre + cols[None, :]
         u0 = tl.load(pre0, mask=rmask[:, None] & cmask[None, :], other=0.0)
         g0 = u0
