@@ -75,7 +75,8 @@ def run(shape):
     outu = new(E, F, H)
     xg = x[src // k]
     tiles = [tuned_tile("wgrad", E, k, H, F, torch.bfloat16, x.device, T), Tile(128, 128, 64, 8, 3),
-             Tile(128, 128, 32, 8, 4), Tile(128, 256, 64, 8, 3)]
+             Tile(128, 128, 32, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 128, 128, 8, 2), Tile(128, 256, 128, 8, 2),
+             Tile(256, 128, 64, 8, 3)]
     for name, edits in WGRAD_VARIANTS.items():
         mod = load_variant(name, edits)
         for t in tiles:
