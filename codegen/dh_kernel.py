@@ -65,17 +65,6 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
         w = tl.load(w_ptr + copy, mask=rmask, other=0.0).to(tl.float32)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
-    u0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=pre_ptr.dtype.element_ty)
-    g0 = u0
-    if not SPLIT:
-        # the epilogue's loads issued here are in flight under the K loop; issued after it,
-        # their latency was the kernel's: 0.486 -> 0.301 ms at Qwen3 widths and 4096 tokens
-        # on an H200 (benchmarks/results/bwd_ablation_early_loads_h200.log)
-        pre0 = pre_ptr + rows64[:, None] * s_pre + cols[None, :]
-        u0 = tl.load(pre0, mask=rmask[:, None] & cmask[None, :], other=0.0)
-        g0 = u0
-        if GATED:
-            g0 = tl.load(pre0 + F, mask=rmask[:, None] & cmask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -95,8 +84,8 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
         dw += _epilogue(halves[1], first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
                         limit, s_pre, ACT, GATED)
     else:
-        dw = _epilogue_of(acc, u0.to(tl.float32), g0.to(tl.float32), cols, rows64, rmask, w, hw_ptr, dg_ptr, du_ptr,
-                          F, alpha, limit, ACT, GATED)
+        dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, ACT,
+                       GATED)
     if ROUTED:
         if HAS_BD:
             if pid_n == 0:
@@ -114,14 +103,6 @@ def _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, a
     g = u
     if GATED:
         g = tl.load(pre + F, mask=omask, other=0.0).to(tl.float32)
-    return _epilogue_of(acc, u, g, cols, rows64, rmask, w, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, ACT, GATED)
-
-
-@triton.jit
-def _epilogue_of(acc, u, g, cols, rows64, rmask, w, hw_ptr, dg_ptr, du_ptr, F, alpha, limit,
-                 ACT: tl.constexpr, GATED: tl.constexpr):
-    """_epilogue given the tile's pre-activations u, g (float32)."""
-    omask = rmask[:, None] & (cols < F)[None, :]
     h = tl.where(omask, activate(g, u, alpha, limit, ACT, GATED), 0.0)
     out = rows64[:, None] * F + cols[None, :]
     tl.store(hw_ptr + out, (h * w).to(hw_ptr.dtype.element_ty), mask=omask)
@@ -162,14 +143,13 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         return dw.sum(1) if routed else None
     b_down = b_down if routed else None
     m_tiles = max_tiles(S, E + 1, tile.block_m)
-    split = tile.epilogue_split == 2 and tile.block_n >= 32
     dh_kernel[(m_tiles * n_n,)](
         grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre,
         weights.contiguous() if routed else pre, hw,
         dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), S, E, H, F, k, alpha, limit, m_tiles,
         grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
-        SPLIT=split, ROUTED=routed, LORA_D=lora_d is not None,
+        SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, LORA_D=lora_d is not None,
         E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

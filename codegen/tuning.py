@@ -79,7 +79,7 @@ def _default(kernel, rows_per_expert, dtype):
         "gate_up": (Tile(16, 64, 128, 4, 3), Tile(128, 64, 64, 8, 3)),     # two accumulators
         "gate_up_bwd": (Tile(16, 64, 64, 4, 2), Tile(64, 64, 64, 4, 2)),   # three accumulators
         "down": (Tile(16, 64, 128, 4, 3), Tile(128, 128, 64, 8, 3)),
-        "dh": (Tile(16, 64, 128, 4, 3), Tile(128, 128, 64, 8, 4)),         # one accumulator, 5-tile epilogue
+        "dh": (Tile(16, 64, 128, 4, 3), Tile(64, 128, 64, 4, 3, 2)),       # one accumulator, 5-tile epilogue
         "down_dx": (Tile(16, 64, 64, 4, 3), Tile(128, 128, 64, 8, 3)),     # two A/B pairs
         "wgrad": (Tile(64, 64, 32, 4, 2), Tile(128, 128, 32, 8, 3)),
         "wgrad_dual": (Tile(64, 64, 32, 4, 2), Tile(128, 64, 32, 8, 3)),

@@ -1,7 +1,9 @@
 """Grouped weight gradients over ragged segments: dW[e] = A_e^T B_e, and bias grads from A.
 
-out[e, m, n] = sum over grouped rows s of expert e of A[s, m] * B[row(s), n], where row(s) is s,
-or the token src[s] // k when B is x (GATHER: the gather is in the operand load). GATHER_A reads
+out[e, m, n] = sum over grouped rows s of expert e of A[s, m] * B[s, n]. Where B is x by token
+(src[s] // k), `launch_wgrad` gathers its rows into a copy first: read through the index inside the
+K loop they cost the GEMM half its speed (Qwen3 widths, 4096 tokens, H200: 0.77 ms against 0.37 ms
+on pre-gathered rows; the copy is ~0.06 ms; benchmarks/results/bwd_ablation_h200.log). GATHER_A reads
 A's rows by token instead (dW_down from grad_out and w h in `moec.experts_combine`'s backward;
 its bias sums then weigh each row by its routing weight w[src[s]]). DUAL adds a
 second A sharing the B loads (du and dg against x: dW_up and dW_gate in one pass over x).
@@ -14,6 +16,7 @@ along m instead of writing one element per cache line, which cost 75% of a GPT-O
 on an H100 (9.4 ms per wgrad launch at 4096 tokens).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -24,7 +27,7 @@ from .jit_helpers import cdiv, ieee, mma
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr,
                  E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
                  s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
-                 GATHER: tl.constexpr, GATHER_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
+                 GATHER_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
                  BIAS2: tl.constexpr,
                  IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -44,12 +47,10 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
         s64 = s.to(tl.int64)
-        brow, arow = s64, s64
-        if GATHER:
-            brow = (tl.load(src_ptr + s, mask=smask, other=0) // k_top).to(tl.int64)
+        arow = s64
         if GATHER_A:
             arow = (tl.load(src_ptr + s, mask=smask, other=0) // k_top).to(tl.int64)
-        b = tl.load(b_ptr + brow[:, None] * s_b_row + ns[None, :] * s_b_col,
+        b = tl.load(b_ptr + s64[:, None] * s_b_row + ns[None, :] * s_b_col,
                     mask=smask[:, None] & nmask[None, :], other=0.0)
         amask = mmask[:, None] & smask[None, :]
         a = tl.load(a_ptr + arow[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
@@ -117,12 +118,15 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     trans = abs(out.stride(1)) < abs(out.stride(2))     # out2, where given, is the twin view of one base
     if gather_a is not None:
         src, w = gather_a[0], gather_a[1].contiguous()
+    elif src is not None:
+        b = b.index_select(0, torch.div(src, k, rounding_mode="floor"))
+        src = None
     wgrad_kernel[grid](
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
         out, o2, d1, d2, w if gather_a is not None else a, E, M, N, k,
         a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
         *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
-        GATHER=src is not None and gather_a is None, GATHER_A=gather_a is not None, DUAL=a2 is not None,
+        GATHER_A=gather_a is not None, DUAL=a2 is not None,
         BIAS=db is not None,
         BIAS2=a2 is not None and db2 is not None,
         IEEE=ieee(a), TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
