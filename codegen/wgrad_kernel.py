@@ -1,11 +1,11 @@
 """Grouped weight gradients over ragged segments: dW[e] = A_e^T B_e, and bias grads from A.
 
 out[e, m, n] = sum over grouped rows s of expert e of A[s, m] * B[s, n]. Where B is x by token
-(src[s] // k), `launch_wgrad` gathers its rows into a copy first: read through the index inside the
-K loop they cost the GEMM half its speed (Qwen3 widths, 4096 tokens, H200: 0.77 ms against 0.37 ms
-on pre-gathered rows; the copy is ~0.06 ms; benchmarks/results/bwd_ablation_h200.log). GATHER_A reads
-A's rows by token instead (dW_down from grad_out and w h in `moec.experts_combine`'s backward;
-its bias sums then weigh each row by its routing weight w[src[s]]). DUAL adds a
+(src[s] // k), or A is grad_out by token (dW_down in `moec.experts_combine`'s backward), `launch_wgrad`
+gathers their rows into a copy first: read through the index inside the K loop they cost the GEMM
+half its speed (Qwen3 widths, 4096 tokens, H200: 0.77 ms against 0.37 ms on pre-gathered rows; the
+copy is ~0.06 ms; benchmarks/results/bwd_ablation_h200.log). WEIGH_A: the bias sums weigh row s by
+its routing weight w[src[s]] (grad_out's rows stand for w-weighted y's). DUAL adds a
 second A sharing the B loads (du and dg against x: dW_up and dW_gate in one pass over x).
 Experts with no rows get zeros. Bias gradients db[e, m] = sum_s A[s, m], from the n = 0 tiles.
 Outputs are written through their strides, so a gradient lands straight in its view of a fused
@@ -25,9 +25,9 @@ from .jit_helpers import cdiv, ieee, mma
 
 @triton.jit
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr,
-                 E, M, N, k_top, s_a, s_a2, s_b_row, s_b_col,
+                 E, M, N, s_a, s_a2, s_b_row, s_b_col,
                  s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
-                 GATHER_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
+                 WEIGH_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
                  BIAS2: tl.constexpr,
                  IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -47,13 +47,10 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
         s64 = s.to(tl.int64)
-        arow = s64
-        if GATHER_A:
-            arow = (tl.load(src_ptr + s, mask=smask, other=0) // k_top).to(tl.int64)
         b = tl.load(b_ptr + s64[:, None] * s_b_row + ns[None, :] * s_b_col,
                     mask=smask[:, None] & nmask[None, :], other=0.0)
         amask = mmask[:, None] & smask[None, :]
-        a = tl.load(a_ptr + arow[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
+        a = tl.load(a_ptr + s64[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
         acc = mma(a, b, acc, IEEE)
         if DUAL:
             a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=amask, other=0.0)
@@ -68,29 +65,25 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
         # 4x slower than the same layer's FLOPs predict, 75% of it in this kernel)
         if BIAS:
-            _row_sums(a_ptr, s_a, lo, hi, ms, mmask, db_ptr + e64 * s_db_e + ms64 * s_db_m, src_ptr, w_ptr, k_top,
-                      GATHER_A, BLOCK_M, BLOCK_K)
+            _row_sums(a_ptr, s_a, lo, hi, ms, mmask, db_ptr + e64 * s_db_e + ms64 * s_db_m, src_ptr, w_ptr,
+                      WEIGH_A, BLOCK_M, BLOCK_K)
         if BIAS2:
             _row_sums(a2_ptr, s_a2, lo, hi, ms, mmask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, src_ptr, w_ptr,
-                      k_top, False, BLOCK_M, BLOCK_K)
+                      False, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
-def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, src_ptr, w_ptr, k_top, GATHER_A: tl.constexpr,
+def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, src_ptr, w_ptr, WEIGH_A: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m] = sum of a[s, m] over rows lo..hi (GATHER_A: of w[src[s]] a[src[s] // k, m])."""
+    """out[m] = sum of a[s, m] over rows lo..hi (WEIGH_A: of w[src[s]] a[s, m])."""
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
-        arow = s.to(tl.int64)
-        if GATHER_A:
-            copy = tl.load(src_ptr + s, mask=smask, other=0)
-            arow = (copy // k_top).to(tl.int64)
-        a = tl.load(a_ptr + arow[None, :] * s_a + ms[:, None], mask=mmask[:, None] & smask[None, :],
+        a = tl.load(a_ptr + s.to(tl.int64)[None, :] * s_a + ms[:, None], mask=mmask[:, None] & smask[None, :],
                     other=0.0).to(tl.float32)
-        if GATHER_A:
-            a *= tl.load(w_ptr + copy, mask=smask, other=0.0).to(tl.float32)[None, :]
+        if WEIGH_A:
+            a *= tl.load(w_ptr + tl.load(src_ptr + s, mask=smask, other=0), mask=smask, other=0.0).to(tl.float32)[None, :]
         total += tl.sum(a, axis=1)
     tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mmask)
 
@@ -108,8 +101,9 @@ def _store(base, s_m, s_n, ms64, ns64, mmask, nmask, acc, TRANS_OUT: tl.constexp
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None, gather_a=None):
     """out (E, M, N), any strides = per-expert a (S, M)^T @ b rows; optional dual a2/out2, biases
-    db/db2 (E, M); outputs may be views into larger gradient buffers. src gathers b's rows by
-    token; gather_a = (src, routing weights (T, k)) gathers a's instead, its bias sums weighted."""
+    db/db2 (E, M); outputs may be views into larger gradient buffers. src: b's rows are tokens,
+    gathered (into a copy) by src // k; gather_a = (src, routing weights (T, k)) gathers a's
+    instead, its bias sums weighted by w[src[s]]."""
     E, M, N = out.shape
     o2 = out2 if out2 is not None else out
     d1 = db if db is not None else out[:, :, 0]
@@ -118,15 +112,16 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     trans = abs(out.stride(1)) < abs(out.stride(2))     # out2, where given, is the twin view of one base
     if gather_a is not None:
         src, w = gather_a[0], gather_a[1].contiguous()
+        a = a.index_select(0, torch.div(src, k, rounding_mode="floor"))
     elif src is not None:
         b = b.index_select(0, torch.div(src, k, rounding_mode="floor"))
         src = None
     wgrad_kernel[grid](
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
-        out, o2, d1, d2, w if gather_a is not None else a, E, M, N, k,
+        out, o2, d1, d2, w if gather_a is not None else a, E, M, N,
         a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
         *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
-        GATHER_A=gather_a is not None, DUAL=a2 is not None,
+        WEIGH_A=gather_a is not None, DUAL=a2 is not None,
         BIAS=db is not None,
         BIAS2=a2 is not None and db2 is not None,
         IEEE=ieee(a), TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
