@@ -94,9 +94,12 @@ def main():
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
     args = ap.parse_args()
-    timer = triton.testing.do_bench_cudagraph if args.graphs else triton.testing.do_bench
-    bench = (lambda fn: timer(fn, rep=20, return_mode="median")) if args.graphs else \
-        (lambda fn: timer(fn, warmup=5, rep=20, return_mode="median"))
+
+    def bench(fn):
+        if args.graphs:
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
     dev = torch.device("cuda")
     out = args.out or str(cache_root(Config.from_options().cache_dir) / "tuning")
     os.makedirs(out, exist_ok=True)

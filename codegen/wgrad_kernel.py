@@ -83,7 +83,8 @@ def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, src_ptr, w_ptr, WEIGH_A: 
         a = tl.load(a_ptr + s.to(tl.int64)[None, :] * s_a + ms[:, None], mask=mmask[:, None] & smask[None, :],
                     other=0.0).to(tl.float32)
         if WEIGH_A:
-            a *= tl.load(w_ptr + tl.load(src_ptr + s, mask=smask, other=0), mask=smask, other=0.0).to(tl.float32)[None, :]
+            copy = tl.load(src_ptr + s, mask=smask, other=0)
+            a *= tl.load(w_ptr + copy, mask=smask, other=0.0).to(tl.float32)[None, :]
         total += tl.sum(a, axis=1)
     tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mmask)
 
