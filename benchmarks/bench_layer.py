@@ -4,6 +4,7 @@ and can run the layer (sonic_peer.py), and the roofline floor.
 
 Prints a markdown table, writes JSON (+ .md, + .png when matplotlib is there) to --out.
 ms = median of triton.testing.do_bench; train = forward + backward (grads of x and all weights).
+Peak MiB = what one step allocates above the weights and x (torch.cuda.max_memory_allocated).
 Floor = max(FLOPs / measured bf16 matmul peak, bytes / measured copy bandwidth), bytes counting
 only the experts the routing actually touched. Run: python benchmarks/bench_layer.py --out DIR
 """
@@ -80,7 +81,19 @@ def bench(fn, params, x, train):
                 fn(x)
     step()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+    ms = triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+    return ms, peak_mib(step)
+
+
+def peak_mib(step):
+    """Memory one step allocates above what is held before it (weights, x): saved activations,
+    the backward's temporaries and the gradients, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - held) / 2 ** 20
 
 
 def run(args):
@@ -134,7 +147,7 @@ def run(args):
                         continue
                     t0 = time.time()
                     try:
-                        row[name] = bench(fn, params, x, train)
+                        row[name], row[name + "_peak_mib"] = bench(fn, params, x, train)
                     except Exception as e:  # record and go on: one failing peer must not end the run
                         row[name] = None
                         row[name + "_error"] = _why(e)
@@ -162,6 +175,9 @@ def _why(e):
 def _line(r):
     names = list(METHODS) + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
     parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in names]
+    for m in ("moec", "hf_grouped_mm_compiled"):
+        if r.get(m + "_peak_mib") is not None:
+            parts.append(f"{m}_peak={r[m + '_peak_mib']:.0f}MiB")
     if r.get("sonicmoe_rel_err") is not None:
         parts.append(f"sonicmoe_err={r['sonicmoe_rel_err']:.1e}")
     return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
@@ -172,14 +188,15 @@ def table(rows):
     speedup = lambda peer, m: f"{peer / m:.2f}x" if peer and m else "—"
     out = ["| layer | tokens | mode | floor ms | moec ms | moec unfused ms | HF loop ms | HF grouped_mm ms | "
            "HF grouped_mm + compile ms | SonicMoE ms | moec speedup vs compiled | moec speedup vs SonicMoE | "
-           "moec % of floor |", "|" + "---|" * 13]
+           "moec % of floor | peak MiB moec / HF compiled |", "|" + "---|" * 14]
     for r in rows:
         c, m, so = r.get("hf_grouped_mm_compiled"), r.get("moec"), r.get("sonicmoe")
         pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
+        mem = lambda name: "—" if r.get(name + "_peak_mib") is None else f"{r[name + '_peak_mib']:.0f}"
         out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('moec_unfused'))} "
                    f"| {fmt(r.get('hf_loop'))} "
                    f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {fmt(so)} | {speedup(c, m)} | {speedup(so, m)} "
-                   f"| {pf} |")
+                   f"| {pf} | {mem('moec')} / {mem('hf_grouped_mm_compiled')} |")
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
         out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",

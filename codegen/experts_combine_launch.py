@@ -20,9 +20,8 @@ import torch
 from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
-from .down_kernel import launch_down
-from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _sum_rows, _tiles, _wgrad,
-                             experts_forward, lora_up_gate_wgrads)
+from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
+                             experts_forward, input_grad, lora_up_gate_wgrads)
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
 
@@ -42,7 +41,7 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     shared = _shared_a(layout)
-    S, (F, H) = src.shape[0], w_up.shape[1:]
+    S, F = src.shape[0], w_up.shape[1]
     grads, slots, out = _grad_buffers(weights, layout, needs, skip=("lora_a_gate",) if shared else ())
     if S == 0:
         for t in out.values():
@@ -65,10 +64,8 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     d_route_w = torch.empty(S, dtype=torch.float32, device=x.device).index_copy_(0, src, dw_rows)
     q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down, *((dg, lg[1]) if shared else ()))
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
-    rows = x.new_empty(S, H)
-    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate,
-                lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
-    dx = _sum_rows(rows, src, k, x)
+    dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
+                    lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     o = out.get
     _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
            db2=o("b_gate"))

@@ -73,7 +73,7 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     roles = layouts.views(weights, layout)
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     lu, lg, ld = layouts.lora(weights, layout)
-    S, (F, H) = src.shape[0], w_up.shape[1:]
+    S, F = src.shape[0], w_up.shape[1]
     gated = w_gate is not None
     shared = _shared_a(layout)
     # a shared A's gradient is one product (q_up + q_gate)^T x, written by lora_a_up alone
@@ -99,10 +99,8 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down,
                                              *((dg, lg[1]) if shared else ()))
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
-    rows = x.new_empty(S, H)
-    launch_down(du, w_up, rows, offsets, t_down, a2=dg, b2=w_gate,
-                lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
-    dx = _sum_rows(rows, src, k, x)
+    dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x,
+                    lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     _base_wgrads(grad_y, x, src, offsets, k, h, du, dg, o, t_wg, t_wg2)
     lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
     if ld is not None:
@@ -119,7 +117,7 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
     refuses them)."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
-    S, (F, H) = src.shape[0], w_up.shape[1:]
+    S, F = src.shape[0], w_up.shape[1]
     h, du = x.new_empty(S, F), x.new_empty(S, F)
     dg = x.new_empty(S, F) if w_gate is not None else x.new_empty(0)
     if S == 0:
@@ -132,9 +130,7 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
     else:
         launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
                        alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=gate, du=du)
-    rows = x.new_empty(S, H)
-    launch_down(du, w_up, rows, offsets, t_down, a2=gate, b2=w_gate)
-    return [_sum_rows(rows, src, k, x), h, du, dg]
+    return [input_grad(du, gate, w_up, w_gate, offsets, t_down, src, k, x), h, du, dg]
 
 
 def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=None):
@@ -265,11 +261,22 @@ def _finish(grads, slots, out):
     return grads
 
 
-def _sum_rows(rows_SH, src_S, k, x_TH):
-    """dx[t] = sum_j rows[inv[t*k + j]]; falls back to index_add when copies are not T*k."""
+def input_grad(du, dg, w_up, w_gate, offsets, tile, src, k, x, lr1=None, lr2=None, inv=None):
+    """dx (T, H): rows = du W_up + dg W_gate (+ LoRA terms) grouped (S, H), then each token's k rows
+    summed. The rows are freed on return, before the weight gradients gather their own (S, H)
+    copies: a caller holding them would add S x H to the backward's peak."""
+    rows = x.new_empty(src.shape[0], x.shape[1])
+    launch_down(du, w_up, rows, offsets, tile, a2=dg, b2=w_gate, lr1=lr1, lr2=lr2)
+    return _sum_rows(rows, src, k, x, inv)
+
+
+def _sum_rows(rows_SH, src_S, k, x_TH, inv=None):
+    """dx[t] = sum_j rows[inv[t*k + j]] (inv: the plan's, or rebuilt from src); falls back to
+    index_add when copies are not T*k."""
     T = x_TH.shape[0]
     if src_S.shape[0] != T * k:
         dx = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         return dx.index_add_(0, src_S // k, rows_SH.float()).to(x_TH.dtype)
-    inv = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(src_S.shape[0], device=src_S.device))
+    if inv is None:
+        inv = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(src_S.shape[0], device=src_S.device))
     return combine_launch(rows_SH, inv, None, torch.empty_like(x_TH, memory_format=torch.contiguous_format), k)

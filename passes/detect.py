@@ -193,7 +193,7 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
     """First node of `computed` that every later use of `computed` depends on, shaped (T, H),
     that reads the expert weights if the graph has any: with E == H or G == H a routing tensor
     (dense one-hot weights (T, E), DeepSeek's group mask (T, G)) is (T, H)-shaped too."""
-    stacks = {i for i, t in real.items() if t.dim() == 3 and t.shape[0] == num_experts}
+    stacks = _expert_weight_candidates(real, num_experts)
     router_side = dg.backward_slice([logits]) if stacks else None
     remaining = {n: len(dg.users[n] & computed) for n in computed}
     live = set()
@@ -210,6 +210,18 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
                 (router_side is None or stacks & dg.backward_slice([n], stop=router_side)):
             return n
     return None
+
+
+def _expert_weight_candidates(real, num_experts) -> set:
+    """Graph inputs that may be the experts' weights: (E, ...) stacks, or else E matrices of one
+    shape (per-expert modules: reported as a miss later, but their output must be found first,
+    or a grouped router's masked scores (T, E) pass for it when E == H and the layer goes
+    unreported)."""
+    stacks = {i for i, t in real.items() if t.dim() == 3 and t.shape[0] == num_experts}
+    if stacks:
+        return stacks
+    shapes = [tuple(t.shape) for t in real.values() if t.dim() == 2]
+    return {i for i, t in real.items() if t.dim() == 2 and shapes.count(tuple(t.shape)) >= num_experts}
 
 
 def _is_token_shaped(node, tokens, hidden):

@@ -143,6 +143,9 @@ def check_compiled(p, model, fused):
                 dtype="float32", tokens=3))
 # per-expert nn.Linear modules were neither fused nor reported (now: a reported limitation).
 @example(p=spec(dict(dispatch="module_list")))
+# a grouped router's masked scores (T, E) were taken for per-expert modules' output when E == H:
+# the layer went unreported (found by the heavy profile)
+@example(p=spec(dict(router="grouped", G=2, topk_group=1, dispatch="module_list", H=4)))
 # Found the sigmoid_renorm_eps bug (fixed: the rewrite renormalises with the user's epsilon):
 # layer 2's scores underflow on 3x inputs.
 @example(p=spec(dict(router="sigmoid_bias", scale=2.5, score_fp32=False, E=5, k=1, H=4, F=6,
