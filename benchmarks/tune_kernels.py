@@ -6,6 +6,7 @@ default ~/.cache/moec/tuning; MOEC_CACHE_DIR), where every later compile on this
 Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 [--out DIR]
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -54,6 +55,17 @@ CANDIDATES = {
     "wgrad_dual": [T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(128, 64, 64, 8, 3),
                    T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2)],
 }
+# kernels whose weight tiles can come through TMA descriptors (Tile.tma; sm90+)
+READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd")
+
+
+def candidates(kind, default, tma):
+    """The kernel's candidates, the current choice first (so tuning never records a slower tile),
+    each also with TMA weight tiles where the kernel has them and `tma` is on."""
+    base = [default] + [c for c in CANDIDATES[kind] if c != default]
+    if not tma or kind not in READS_WEIGHTS:
+        return base
+    return base + [twin for twin in (dataclasses.replace(c, tma=True) for c in base) if twin not in base]
 
 
 def kernels_for(s, p, T):
@@ -91,6 +103,7 @@ def main():
     ap.add_argument("--shape", action="append", default=[], help="E,k,H,F of a SwiGLU layer of your own")
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     ap.add_argument("--kernels", help="only these kernels (comma-separated names of kernels_for), e.g. gate_up,down")
+    ap.add_argument("--no-tma", action="store_true", help="leave out the TMA twin of each candidate (Tile.tma)")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
     args = ap.parse_args()
@@ -120,10 +133,8 @@ def main():
                 ms_default = bench(lambda: fn(default))
                 ms_best = ms_default
                 if kind in CANDIDATES:
-                    # the current choice competes too, so tuning never records a slower tile
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
-                                                [default] + [c for c in CANDIDATES[kind] if c != default],
-                                                bench=bench)
+                                                candidates(kind, default, not args.no_tma), bench=bench)
                     mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
                 else:

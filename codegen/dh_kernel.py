@@ -21,16 +21,16 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
-                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2)
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
 
 @triton.jit
 def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_ptr,
-              td_ptr, ld_ptr, S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
+              td_ptr, ld_ptr, wd_desc, S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
               s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
               ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-              ROUTED: tl.constexpr, LORA_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              ROUTED: tl.constexpr, LORA_D: tl.constexpr, TMA: tl.constexpr, K_LAST: tl.constexpr,
+              E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
@@ -44,19 +44,20 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
         if ROUTED:
             tl.store(dw_out, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=rmask)
     else:
-        _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr, ld_ptr,
-                     e.to(tl.int64), rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f,
+        _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr,
+                     ld_ptr, e, rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f,
                      s_bd_e, s_bd_h, s_pre, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT, GATED, HAS_BD, IEEE, SPLIT,
-                     ROUTED, LORA_D, BLOCK_M, BLOCK_N, BLOCK_K)
+                     ROUTED, LORA_D, TMA, K_LAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr, ld_ptr, e64,
-                 rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
+def _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr,
+                 ld_ptr, e, rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
                  s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr,
                  IEEE: tl.constexpr, SPLIT: tl.constexpr, ROUTED: tl.constexpr, LORA_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 TMA: tl.constexpr, K_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows64 = rows.to(tl.int64)
+    e64 = e.to(tl.int64)
     tok = rows64                # ROUTED: the token of each copy, whose grad_out row A reads
     w = tl.full((BLOCK_M, 1), 1.0, tl.float32)
     if ROUTED:
@@ -70,8 +71,8 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < H
         a = tl.load(go_ptr + tok[:, None] * s_go + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        b = weight_tile(wd_ptr, wd_desc, e, e64, k0, pid_n * BLOCK_N, kk, cols, kmask, cmask, s_wd_e, s_wd_h, s_wd_f,
+                        TMA, K_LAST, BLOCK_K, BLOCK_N)
         acc = mma(a, b, acc, IEEE)
     if LORA_D:
         acc = lowrank(acc, td_ptr, s_td, rows64, rmask, ld_ptr, e64, s_ld_e, s_ld_k, s_ld_n, cols, cmask, R_D, IEEE,
@@ -143,13 +144,15 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         return dw.sum(1) if routed else None
     b_down = b_down if routed else None
     m_tiles = max_tiles(S, E + 1, tile.block_m)
+    desc, k_last = weight_desc(w_down, tile)       # read as (E, K = H, N = F)
     dh_kernel[(m_tiles * n_n,)](
         grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre,
         weights.contiguous() if routed else pre, hw,
-        dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), S, E, H, F, k, alpha, limit, m_tiles,
+        dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), desc, S, E, H, F, k, alpha, limit, m_tiles,
         grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
         SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, LORA_D=lora_d is not None,
+        TMA=desc is not None, K_LAST=k_last,
         E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

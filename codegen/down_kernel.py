@@ -13,14 +13,15 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          max_tiles, mma, next_pow2)
+                          max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
 
 @triton.jit
 def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1_ptr, l1_ptr, t2_ptr, l2_ptr,
-                S, E, N, K, M_TILES, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
+                b1_desc, b2_desc, S, E, N, K, M_TILES, s_a1, s_b1_e, s_b1_k, s_b1_n, s_a2, s_b2_e, s_b2_k, s_b2_n,
                 s_bias_e, s_bias_n, s_c, s_t1, s_l1_e, s_l1_k, s_l1_n, R1, s_t2, s_l2_e, s_l2_k, s_l2_n, R2,
                 HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, LR1: tl.constexpr, LR2: tl.constexpr,
+                TMA1: tl.constexpr, K_LAST1: tl.constexpr, TMA2: tl.constexpr, K_LAST2: tl.constexpr,
                 IEEE: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(N, BLOCK_N)
@@ -40,15 +41,15 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             amask = rmask[:, None] & kmask[None, :]
-            bmask = kmask[:, None] & cmask[None, :]
+            n0 = pid_n * BLOCK_N
             a = tl.load(a1_ptr + rows64[:, None] * s_a1 + kk[None, :], mask=amask, other=0.0)
-            b = tl.load(b1_ptr + e64 * s_b1_e + kk[:, None] * s_b1_k + cols[None, :] * s_b1_n,
-                        mask=bmask, other=0.0)
+            b = weight_tile(b1_ptr, b1_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b1_e, s_b1_k, s_b1_n,
+                            TMA1, K_LAST1, BLOCK_K, BLOCK_N)
             acc = mma(a, b, acc, IEEE)
             if HAS_A2:
                 a = tl.load(a2_ptr + rows64[:, None] * s_a2 + kk[None, :], mask=amask, other=0.0)
-                b = tl.load(b2_ptr + e64 * s_b2_e + kk[:, None] * s_b2_k + cols[None, :] * s_b2_n,
-                            mask=bmask, other=0.0)
+                b = weight_tile(b2_ptr, b2_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b2_e, s_b2_k, s_b2_n,
+                                TMA2, K_LAST2, BLOCK_K, BLOCK_N)
                 acc = mma(a, b, acc, IEEE)
         if LR1:
             acc = lowrank(acc, t1_ptr, s_t1, rows64, rmask, l1_ptr, e64, s_l1_e, s_l1_k, s_l1_n, cols, cmask,
@@ -74,10 +75,13 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
         return
     m_tiles = max_tiles(S, E + 1, tile.block_m)
     grid = (m_tiles * cdiv(N, tile.block_n),)
+    d1, k_last1 = weight_desc(b1, tile)
+    d2, k_last2 = weight_desc(b2, tile) if a2 is not None else (None, False)
     down_kernel[grid](
-        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), S, E, N, K, m_tiles,
+        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), d1, d2, S, E, N, K, m_tiles,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
         *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),
-        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None, IEEE=ieee(c),
+        HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None,
+        TMA1=d1 is not None, K_LAST1=k_last1, TMA2=d2 is not None, K_LAST2=k_last2, IEEE=ieee(c),
         E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

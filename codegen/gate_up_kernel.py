@@ -17,13 +17,13 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
-                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2)
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
 
 @triton.jit
 def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, gy_ptr, wd_ptr,
                    h_ptr, dg_ptr, du_ptr, pre_ptr, tu_ptr, lu_ptr, tg_ptr, lg_ptr, td_ptr, ld_ptr,
-                   S, E, H, F, k_top, alpha, limit, M_TILES,
+                   wu_desc, wg_desc, wd_desc, S, E, H, F, k_top, alpha, limit, M_TILES,
                    s_xt, s_xh, s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h,
                    s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_gy, s_pre, s_wd_e, s_wd_h, s_wd_f,
                    s_tu, s_lu_e, s_lu_k, s_lu_n, R_U, s_tg, s_lg_e, s_lg_k, s_lg_n, R_G,
@@ -31,7 +31,8 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,
                    HAS_BG: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
                    LORA_U: tl.constexpr, LORA_G: tl.constexpr, LORA_D: tl.constexpr,
-                   E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TMA_U: tl.constexpr, K_LAST_U: tl.constexpr, TMA_G: tl.constexpr, K_LAST_G: tl.constexpr,
+                   TMA_D: tl.constexpr, K_LAST_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
@@ -51,19 +52,19 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < H
         amask = rmask[:, None] & kmask[None, :]
-        bmask = kmask[:, None] & cmask[None, :]
+        n0 = pid_n * BLOCK_N
         a = tl.load(x_ptr + tok[:, None] * s_xt + kk[None, :] * s_xh, mask=amask, other=0.0)
-        b = tl.load(wu_ptr + e64 * s_wu_e + kk[:, None] * s_wu_h + cols[None, :] * s_wu_f,
-                    mask=bmask, other=0.0)
+        b = weight_tile(wu_ptr, wu_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_wu_e, s_wu_h, s_wu_f, TMA_U,
+                        K_LAST_U, BLOCK_K, BLOCK_N)
         acc_u = mma(a, b, acc_u, IEEE)
         if GATED:
-            b = tl.load(wg_ptr + e64 * s_wg_e + kk[:, None] * s_wg_h + cols[None, :] * s_wg_f,
-                        mask=bmask, other=0.0)
+            b = weight_tile(wg_ptr, wg_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_wg_e, s_wg_h, s_wg_f, TMA_G,
+                            K_LAST_G, BLOCK_K, BLOCK_N)
             acc_g = mma(a, b, acc_g, IEEE)
         if BACKWARD:
             a = tl.load(gy_ptr + rows[:, None].to(tl.int64) * s_gy + kk[None, :], mask=amask, other=0.0)
-            b = tl.load(wd_ptr + e64 * s_wd_e + kk[:, None] * s_wd_h + cols[None, :] * s_wd_f,
-                        mask=bmask, other=0.0)
+            b = weight_tile(wd_ptr, wd_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_wd_e, s_wd_h, s_wd_f, TMA_D,
+                            K_LAST_D, BLOCK_K, BLOCK_N)
             acc_d = mma(a, b, acc_d, IEEE)
     rows64 = rows.to(tl.int64)
     if LORA_U:
@@ -110,10 +111,14 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
         return
     m_tiles = max_tiles(S, E, tile.block_m)
     grid = (m_tiles * cdiv(F, tile.block_n),)
+    # the kernel reads each weight as (E, K = H, N = F)
+    d_u, kl_u = weight_desc(w_up.transpose(1, 2), tile)
+    d_g, kl_g = weight_desc(w_gate.transpose(1, 2), tile) if gated else (None, False)
+    d_d, kl_d = weight_desc(w_down, tile) if backward else (None, False)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
         pre if pre is not None else h,
-        *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h),
+        *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h), d_u, d_g, d_d,
         S, E, H, F, k, alpha, limit, m_tiles,
         x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
         *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
@@ -122,7 +127,8 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
         BACKWARD=backward, STORE_PRE=pre is not None, IEEE=ieee(x), LORA_U=lora_u is not None,
         LORA_G=lora_g is not None,
-        LORA_D=lora_d is not None, E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M,
+        LORA_D=lora_d is not None, TMA_U=d_u is not None, K_LAST_U=kl_u, TMA_G=d_g is not None, K_LAST_G=kl_g,
+        TMA_D=d_d is not None, K_LAST_D=kl_d, E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
 

@@ -6,6 +6,7 @@ into ceil(rows / BLOCK_M) tiles, numbered in segment order; a program finds its 
 from a cumulative sum over at most E+1 counts, so the grid can be sized from a host-known bound
 (`max_tiles`) while the counts stay on the device (no sync, no recompile).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -174,6 +175,43 @@ def lowrank_args(lora):
         return 0, 0, 0, 0, 0
     t, factor = lora
     return (t.stride(0), *factor.stride(), factor.shape[1])
+
+
+@triton.jit
+def weight_tile(ptr, desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_e, s_k, s_n, TMA: tl.constexpr,
+                K_LAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Expert e's (BLOCK_K, BLOCK_N) tile at (k0, n0) of a weight read as (E, K, N): through the
+    TMA descriptor `weight_desc` made (rows and columns past the view's own K, N read as zeros,
+    so an expert's tile never spills into the next one's) or through pointers and masks."""
+    if TMA:
+        if K_LAST:
+            b = tl.trans(tl.reshape(desc.load([e, n0, k0]), (BLOCK_N, BLOCK_K)))
+        else:
+            b = tl.reshape(desc.load([e, k0, n0]), (BLOCK_K, BLOCK_N))
+    else:
+        b = tl.load(ptr + e64 * s_e + kk[:, None] * s_k + cols[None, :] * s_n,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+    return b
+
+
+def weight_desc(w, tile):
+    """(descriptor, K_LAST) for `weight_tile` to read w, a weight viewed (E, K, N) (any strides),
+    through TMA; (None, False) where the tile does not ask for it or TMA cannot read this view
+    (neither K nor N of unit stride, misaligned, or a GPU older than sm90)."""
+    if not getattr(tile, "tma", False) or (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9):
+        return None, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    (E, K, N), (s_e, s_k, s_n) = w.shape, w.stride()
+    if s_n == 1:
+        shape, strides, block, k_last = [E, K, N], [s_e, s_k, 1], [1, tile.block_k, tile.block_n], False
+    elif s_k == 1:
+        shape, strides, block, k_last = [E, N, K], [s_e, s_n, 1], [1, tile.block_n, tile.block_k], True
+    else:
+        return None, False
+    size = w.element_size()
+    if min(shape) < 1 or w.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
+        return None, False
+    return TensorDescriptor(w, shape, strides, block), k_last
 
 
 @triton.jit

@@ -14,11 +14,11 @@ KERNELS = ("gate_up", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
 
 
 def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved", how="uniform", tile=SMALL,
-         save=True, frozen=(), w_dtype=torch.float32):
+         save=True, frozen=(), w_dtype=torch.float32, pad=3):
     x = padded((T, H), dtype).requires_grad_()
     offsets, src, inv = _routing(T, E, k, how)
     route_w = torch.rand(T, k, device=DEVICE).to(w_dtype).requires_grad_()
-    bases, layout = _layer(E, H, F, dtype, gated, bias, layout)
+    bases, layout = _layer(E, H, F, dtype, gated, bias, layout, pad)
     for i, w in enumerate(bases):
         w.requires_grad_(i not in frozen)
     args = (act, 1.702, 7.0)

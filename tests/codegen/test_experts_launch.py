@@ -13,16 +13,17 @@ from kernel_helpers import DEVICE, TOL, assert_grads_close, padded, rel_err
 SMALL = Tile(16, 16, 16, 4, 1)   # many partial tiles at tiny widths
 
 
-def _layer(E, H, F, dtype, gated, bias, layout):
-    """(bases, layout) as the rewrite hands them over: fused / transposed parameters and their views."""
+def _layer(E, H, F, dtype, gated, bias, layout, pad=3):
+    """(bases, layout) as the rewrite hands them over: fused / transposed parameters and their views
+    (pad: the NaN margin of each base; 8 keeps rows 16-byte aligned, as TMA needs)."""
     if layout == "interleaved":          # fused gate_up (E, 2F, H), gate = rows 0::2, up = 1::2
-        fused = padded((E, 2 * F, H), dtype, scale=H ** -0.5)
+        fused = padded((E, 2 * F, H), dtype, pad, scale=H ** -0.5)
         up, gate = (fused, False, (1, 2, None)), (fused, False, (0, 2, None))
     else:                                # stored (E, H, F) and transposed
-        up = (padded((E, H, F), dtype, scale=H ** -0.5), True, None)
-        gate = (padded((E, H, F), dtype, scale=H ** -0.5), True, None)
-    down = (padded((E, F, H), dtype, scale=F ** -0.5), True, None)          # read as (E, H, F)
-    b = (lambda *s: (padded(s, dtype, scale=0.5), False, None)) if bias else (lambda *s: None)
+        up = (padded((E, H, F), dtype, pad, scale=H ** -0.5), True, None)
+        gate = (padded((E, H, F), dtype, pad, scale=H ** -0.5), True, None)
+    down = (padded((E, F, H), dtype, pad, scale=F ** -0.5), True, None)          # read as (E, H, F)
+    b = (lambda *s: (padded(s, dtype, pad, scale=0.5), False, None)) if bias else (lambda *s: None)
     return layouts.pack([up, gate if gated else None, down, b(E, F), b(E, F) if gated else None, b(E, H)])
 
 
@@ -39,10 +40,10 @@ def _routing(T, E, k, how):
 
 
 def _run(T, E, k, H, F, dtype, act, gated=True, bias=False, layout="interleaved", how="uniform",
-         tile=SMALL):
+         tile=SMALL, pad=3):
     x = padded((T, H), dtype).requires_grad_()
     offsets, src, inv = _routing(T, E, k, how)
-    weights, layout = _layer(E, H, F, dtype, gated, bias, layout)
+    weights, layout = _layer(E, H, F, dtype, gated, bias, layout, pad)
     for w in weights:
         w.requires_grad_()
     args = (act, 1.702, 7.0)
