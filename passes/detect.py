@@ -193,8 +193,10 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
     """First node of `computed` that every later use of `computed` depends on, shaped (T, H),
     that reads the expert weights if the graph has any: with E == H or G == H a routing tensor
     (dense one-hot weights (T, E), DeepSeek's group mask (T, G)) is (T, H)-shaped too."""
-    stacks = _expert_weight_candidates(real, num_experts)
-    router_side = dg.backward_slice([logits]) if stacks else None
+    router_side = dg.backward_slice([logits])
+    # the tokens' own ancestors are no expert weights: a batched input (B, S, H) with B == E is 3D
+    stacks = _expert_weight_candidates(real, num_experts) - router_side
+    router_side = router_side if stacks else None
     remaining = {n: len(dg.users[n] & computed) for n in computed}
     live = set()
     for n in dg.sorted(computed):

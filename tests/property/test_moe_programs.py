@@ -146,6 +146,9 @@ def check_compiled(p, model, fused):
 # a grouped router's masked scores (T, E) were taken for per-expert modules' output when E == H:
 # the layer went unreported (found by the heavy profile)
 @example(p=spec(dict(router="grouped", G=2, topk_group=1, dispatch="module_list", H=4)))
+# a batched input (B, T/B, H) with B == E was taken for a stack of expert weights, so no output
+# of per-expert modules qualified: unreported (heavy profile)
+@example(p=spec(dict(E=2, k=1, dispatch="module_list"), tokens=4, batched=True))
 # Found the sigmoid_renorm_eps bug (fixed: the rewrite renormalises with the user's epsilon):
 # layer 2's scores underflow on 3x inputs.
 @example(p=spec(dict(router="sigmoid_bias", scale=2.5, score_fp32=False, E=5, k=1, H=4, F=6,
