@@ -13,7 +13,7 @@ import torch
 
 import moec.codegen  # noqa: F401  (registers torch.ops.moec.*)
 from moec.codegen import (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, kernels,
-                          plan_kernel, route_backward_kernel, route_kernel, wgrad_kernel)
+                          plan_kernel, route_backward_kernel, route_kernel, route_plan_kernel, wgrad_kernel)
 from moec.codegen import layout as layouts
 
 
@@ -24,7 +24,7 @@ class _NoLaunch:
 
 def _silence_kernels():
     for mod in (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, plan_kernel,
-                route_backward_kernel, route_kernel, wgrad_kernel):
+                route_backward_kernel, route_kernel, route_plan_kernel, wgrad_kernel):
         for name in dir(mod):
             if name.endswith("_kernel") and hasattr(getattr(mod, name), "run"):
                 setattr(mod, name, _NoLaunch())
@@ -47,8 +47,7 @@ def main():
     _silence_kernels()
 
     def step():
-        torch.ops.moec.route(logits, None, k, "softmax", True, 1.0, 1, 1)
-        torch.ops.moec.plan(ids, E)
+        torch.ops.moec.route_plan(logits, None, k, "softmax", True, 1.0, 1, 1, E)    # as fuse_routing emits it
         w = w0.clone().requires_grad_()
         out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, k, bases, lay, "silu", 0.0, 0.0, True)
         torch.autograd.grad(out.sum(), [x, w, gu, down])

@@ -87,13 +87,16 @@ def _shared(s, p, x):
 
 
 def _moec_routing(s, p, x):
+    """route then plan, as the rewrite emits them (before fuse_routing)."""
     w, ids = torch.ops.moec.route(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
                                   s.n_group, s.topk_group)
     return (w, *torch.ops.moec.plan(ids, s.E))
 
 
 def moec_layer(s, p, x):
-    w, offsets, src, inv = _moec_routing(s, p, x)
+    # what moec's passes emit for a layer on one device: route_plan (fuse_routing), experts_combine
+    w, _, offsets, src, inv = torch.ops.moec.route_plan(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring,
+                                                        s.renormalize, 1.0, s.n_group, s.topk_group, s.E)
     bases, layout = moec_weights(s, p)
     # what moec's fuse_combine pass emits: pre-activations kept only when a backward will run
     save = torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in bases))
@@ -103,8 +106,8 @@ def moec_layer(s, p, x):
 
 
 def moec_unfused_layer(s, p, x):
-    """moec's ops before `fuse_combine` (and where it does not apply: expert parallelism, LoRA):
-    experts and combine apart, the backward recomputing the pre-activations."""
+    """moec's ops before `fuse_combine` and `fuse_routing` (experts and combine apart where those
+    do not apply: expert parallelism, LoRA): the backward recomputing the pre-activations."""
     w, offsets, src, inv = _moec_routing(s, p, x)
     bases, layout = moec_weights(s, p)
     y = torch.ops.moec.experts(x, src, offsets, s.k, bases, layout, s.activation, ALPHA, LIMIT)

@@ -57,19 +57,22 @@ def _(grad_weights, logits, ids, scoring, renormalize, scale):
     return torch.empty_like(logits)
 
 
-def _route_setup(ctx, inputs, output):
-    logits, _bias, _k, scoring, renormalize, scale, _g, _tg = inputs
+def route_setup(ctx, inputs, output):
+    """Autograd of route and route_plan: (logits, bias, k, scoring, renormalize, scale, ...) in,
+    (weights, ids, ...) out; only the weights carry a gradient, into the logits."""
+    logits, _bias, _k, scoring, renormalize, scale = inputs[:6]
     ctx.save_for_backward(logits, output[1])
     ctx.args = (scoring, renormalize, scale)
+    ctx.n_inputs = len(inputs)
 
 
-def _route_bwd(ctx, grad_weights, _grad_ids):
+def route_bwd(ctx, grad_weights, *_grad_rest):
     logits, ids = ctx.saved_tensors
     grad = torch.ops.moec.route_backward(grad_weights.contiguous(), logits, ids, *ctx.args)
-    return grad, None, None, None, None, None, None, None
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
-route.register_autograd(_route_bwd, setup_context=_route_setup)
+route.register_autograd(route_bwd, setup_context=route_setup)
 
 
 def _check_route(logits, bias, k, scoring, n_group, topk_group):

@@ -20,7 +20,8 @@ from programs import build, make_input
 from strategies import look_alike_specs, program_specs
 from test_moe_programs import _broken, spec
 
-_MOEC_OPS = ("route", "plan", "experts_combine")     # experts + combine: fused by fuse_combine (no EP here)
+# experts + combine fused by fuse_combine (no EP here), route + plan by fuse_routing
+_MOEC_OPS = ("route_plan", "experts_combine")
 
 
 def _capture(model, x):
@@ -74,7 +75,7 @@ def check_pipeline(gm, inputs, max_rewrites):
     n = len(regions) if max_rewrites < 0 else min(max_rewrites, len(regions))
     assert len(rewrite.rewritten) == n and len(rewrite.rewritten) + len(rewrite.skipped) == len(regions)
     assert [_count(gm, op) for op in _MOEC_OPS] == [n] * len(_MOEC_OPS), gm.code
-    assert _count(gm, "experts") == _count(gm, "combine") == 0, gm.code
+    assert _count(gm, "experts") == _count(gm, "combine") == _count(gm, "route") == _count(gm, "plan") == 0, gm.code
     live = set(gm.graph.nodes)
     for r in regions[:n]:
         gone = [x for x in r.nodes if x not in r.kept]

@@ -1,0 +1,50 @@
+"""`moec.route_plan` through the Triton path: one launch (route, barrier, plan) at decode sizes,
+route + plan launches above them; the same weights, ids, offsets, src, inv as the references
+route then plan, and the weights' gradient into the logits."""
+import pytest
+import torch
+
+from moec.codegen import reference
+from moec.codegen.route_plan_kernel import MAX_COPIES, MAX_TOKENS
+
+from kernel_helpers import DEVICE, rel_err
+
+CASES = [  # T, E, k, scoring, n_group, topk_group, bias
+    (0, 8, 2, "softmax", 1, 1, False),
+    (1, 128, 8, "softmax", 1, 1, False),                  # Qwen3's decode step
+    (3, 6, 6, "softmax", 1, 1, False),                    # k = E, E not a power of two
+    (5, 8, 3, "softmax_after_topk", 1, 1, False),
+    (7, 16, 4, "sigmoid", 4, 2, True),                    # DeepSeek-V3 grouped top-k
+    (MAX_TOKENS, 8, 2, "softmax", 1, 1, False),           # the largest single launch
+    (MAX_TOKENS + 1, 8, 2, "softmax", 1, 1, False),       # two ops' launches
+    (MAX_COPIES // 8 + 3, 64, 8, "sigmoid", 1, 1, True),  # too many copies for one program
+]
+
+
+@pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias", CASES)
+def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group, with_bias):
+    # distinct scores (a permutation scaled): ties would let equal-scored experts swap
+    logits = torch.stack([torch.randperm(E) for _ in range(T)]).float().to(DEVICE) if T else torch.zeros(0, E)
+    logits = (logits * 0.03 + torch.rand(T, E).to(DEVICE) * 0.001).requires_grad_()
+    bias = torch.rand(E, device=DEVICE) * 0.01 if with_bias else None
+    w, ids, offsets, src, inv = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.5, n_group, topk_group,
+                                                          E)
+    d = lambda t: None if t is None else t.detach().cpu().double()
+    w_ref, ids_ref = reference.route(d(logits), d(bias), k, scoring, True, 1.5, n_group, topk_group)
+    assert torch.equal(ids.cpu(), ids_ref)
+    for got, want in zip((offsets, src, inv), reference.plan(ids_ref, E)):
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+    if T == 0:
+        return
+    assert rel_err(w.cpu(), w_ref) < 1e-6
+    grad_w = torch.randn(T, k, device=DEVICE)
+    (got,) = torch.autograd.grad(w, logits, grad_w)
+    want = reference.route_weights_backward(grad_w.cpu().double(), d(logits), ids_ref, scoring, True, 1.5)
+    assert rel_err(got.cpu(), want) < 1e-5
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        out = torch.ops.moec.route_plan(torch.empty(5, 8), None, 2, "softmax", True, 1.0, 1, 1, 8)
+    assert [tuple(t.shape) for t in out] == [(5, 2), (5, 2), (9,), (10,), (10,)]
