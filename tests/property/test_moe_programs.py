@@ -105,15 +105,23 @@ def check_explained(p, model):
     return report
 
 
+def _tolerance(p, model):
+    """The model dtype's, but float32's where a float64 model scores its router in float32: eager's
+    routing weights, and the router's gradient through them, then carry float32 rounding (k = 1
+    with renormalisation: eager's gradient is ~1e-6 of noise where moec's is the exact 0)."""
+    dtype = next(model.parameters()).dtype
+    return TOL[torch.float32] if dtype == torch.float64 and p.moe.score_fp32 else TOL[dtype]
+
+
 def check_compiled(p, model, fused):
     """Compiled == eager on fresh inputs (values, input and parameter gradients); then new
     routing on the same shape (no recompile) and permuted tokens (permuted output)."""
     fresh()
-    compiled = check_compiled_matches_eager(model, make_input(p, 2))
+    tol = _tolerance(p, model)
+    compiled = check_compiled_matches_eager(model, make_input(p, 2), tol=tol)
     if fused is not None:
         assert counters["moec"]["regions_fused"] == fused
     graphs = counters["moec"]["graphs"]
-    tol = TOL[next(model.parameters()).dtype]
     # Other tokens, so other experts; requires_grad and grad mode as in the first call, since
     # Dynamo guards on both and a recompile from them would be the test's own doing.
     x = make_input(p, 3, scale=3.0).requires_grad_()
@@ -141,6 +149,10 @@ def check_compiled(p, model, fused):
 # taken for the routing weights -> "router matches none".
 @example(p=spec(dict(renorm=False, score_fp32=False, E=2, k=1, H=4, F=2, dispatch="sort_gather"),
                 dtype="float32", tokens=3))
+# float64 model, float32 router scores, k = 1 renormalised: eager's router gradient is float32 noise
+# (~1e-6), moec's the exact 0: compared at float32's tolerance (heavy profile)
+@example(p=spec(dict(renorm=True, scale=2.5, score_fp32=True, E=7, k=1, H=6, F=2, act="relu", layout="transposed",
+                     shared="plain"), tokens=3, norm=True, seed=7))
 # per-expert nn.Linear modules were neither fused nor reported (now: a reported limitation).
 @example(p=spec(dict(dispatch="module_list")))
 # a grouped router's masked scores (T, E) were taken for per-expert modules' output when E == H:
