@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from moec.passes.expert_parallel import layer_checks
 
 from . import session
+from .buckets import bucket_plan, bucketed
 from .capture import forward_backend_ctx, tracing_context
 from .config import Config
 from .dense import compile_dense
@@ -45,15 +46,16 @@ class MoecBackend:
         _log_regions(reports)
         trace_artifact("moec_regions", lambda: _regions_text(reports))
         checks = layer_checks(gm)
+        plan = bucket_plan(gm, example_inputs, reports.get("token_buckets"), config, mode, dumper)
         if dumper is None:
-            return _checked_first(compile_dense(gm, example_inputs, config, mode), checks)
+            return _checked_first(bucketed(compile_dense(gm, example_inputs, config, mode), plan), checks)
         if "detect" in reports:
             dumper.regions(reports["detect"], reports.get("rewrite"))
             dumper.kernels(reports["detect"])
         compiled = compile_dense(gm, example_inputs, config, mode, on_aot_graph=dumper.aot_graph,
                                  on_cudagraphs=dumper.cudagraphs, on_backward_report=dumper.backward_report)
         dumper.finish(pass_log)
-        return _checked_first(compiled, checks)
+        return _checked_first(bucketed(compiled, plan), checks)
 
 
 def _checked_first(compiled, checks):

@@ -96,6 +96,12 @@ class Config:
     """How far (MiB) moving weight gradients may raise the backward's predicted peak memory;
     0: not at all. MOEC_WGRAD_MEMORY_BOUND_MB."""
 
+    token_buckets: str = "auto"
+    """Run a dynamic graph on its token count padded to the next power of two, so that CUDA graphs
+    are captured per bucket, not per count (passes/token_buckets.py proves where that is sound,
+    else says why not): "auto" with CUDA graphs (mode="reduce-overhead", dense_backend
+    "cudagraphs"), "always", "off". MOEC_TOKEN_BUCKETS."""
+
     @classmethod
     def from_options(cls, options: dict | None = None) -> "Config":
         values = _from_env()
@@ -104,12 +110,15 @@ class Config:
                 raise MoecError(f"unknown moec option {key!r}; known options: {sorted(_FIELDS)}")
             values[key] = v
         values = {k: _coerce(k, v) for k, v in values.items()}
+        if values.get("token_buckets", "auto") not in _BUCKETS:
+            raise MoecError(f"moec option token_buckets={values['token_buckets']!r}: expected one of {_BUCKETS}")
         if values.get("ep_chunk_by", "auto") not in _CHUNK_BY:
             raise MoecError(f"moec option ep_chunk_by={values['ep_chunk_by']!r}: expected one of {_CHUNK_BY}")
         return cls(**values)
 
 
 _CHUNK_BY = ("auto", "tokens", "sequences")
+_BUCKETS = ("auto", "always", "off")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -14,7 +14,8 @@ them: it keeps the row-major order), so the claim holds whatever a block means; 
 input gives it its meaning, tokens or sequences. In batch mode, ops that mix the tokens of a
 sequence (attention, a sum over the sequence) are local too. Rules on shapes propose it:
     pointwise  a torch op tagged pointwise (add, mul, rsqrt, silu, where...) or a dtype/copy
-               method (to, type_as, float, contiguous...); inputs broadcast
+               method (to, type_as, float, contiguous...); inputs broadcast; layer_norm and rms_norm
+               over dims that are not unit dims
                (and dropout that is off: p = 0 or not training)
     linear     linear(x, w, b) and matmul/mm(x, w) with w 2-D and b read whole, x's unit dims
                not its last
@@ -147,6 +148,8 @@ def rule(node: fx.Node, U: int) -> Rule | None:
         return _linear(node, out, ntok, rest, U) or _batched(node, out, ntok, rest, U)
     if name == "scaled_dot_product_attention":
         return _attention(node, out, ntok, rest, U)
+    if name in ("layer_norm", "rms_norm") and _normalizes_rest(node, ntok, out):
+        return _pointwise(node.all_input_nodes, out, ntok, rest)
     if name == "dropout" and _dropout_is_off(node):
         return _pointwise(node.args[0:1], out, ntok, rest)
     if name in _ALONG and _dim_arg(node, name) is not _NOT_A_DIM:
@@ -243,6 +246,13 @@ def _attention(node, out, ntok, rest, U):
     if any(a not in uses for a in node.all_input_nodes):
         return None                                   # a tensor we do not know how to read
     return Rule("attention", uses, rest)
+
+
+def _normalizes_rest(node, ntok, out) -> bool:
+    """layer_norm / rms_norm over trailing dims that are not unit dims (weight and bias broadcast)."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else shape
+    return isinstance(shape, (tuple, list)) and len(shape) <= len(out.shape) - ntok
 
 
 def _dropout_is_off(node) -> bool:

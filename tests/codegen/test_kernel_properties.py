@@ -23,6 +23,10 @@ _SETTINGS = dict(max_examples=600 if _HEAVY else 30, derandomize=not _HEAVY, dea
                  suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 _TILES = [Tile(16, 16, 16, 4, 1), Tile(32, 16, 32, 4, 1), Tile(16, 32, 16, 4, 2), Tile(32, 32, 16, 4, 1, 2),
           Tile(16, 16, 32, 4, 1, tma=True), Tile(32, 32, 16, 4, 2, 2, tma=True)]
+# bf16: at one token, the routing weights' gradient is k dot products of bf16-rounded rows, whose
+# norm over k entries reached 3.3% relative error in 80 seeds of the heavy profile's case; a wrong
+# kernel is off by O(1)
+_TOL = {torch.bfloat16: 6e-2}
 _ACTS = [("silu", True, False), ("silu", True, True), ("gelu", True, True), ("gelu_tanh", False, False),
          ("relu", False, True), ("swiglu_oai", True, True)]
 
@@ -49,7 +53,8 @@ def cases(draw):
 @given(c=cases())
 def test_expert_kernels_match_float64(c):
     common = dict(gated=c["gated"], bias=c["bias"], layout=c["layout"], how=c["how"], tile=c["tile"],
-                  pad=8 if c["tile"].tma else 3)      # 8: rows TMA can read; 3: misaligned, pointer loads
+                  pad=8 if c["tile"].tma else 3,      # 8: rows TMA can read; 3: misaligned, pointer loads
+                  tol=_TOL.get(c["dtype"]))
     args = (c["T"], c["E"], c["k"], c["H"], c["F"], c["dtype"], c["act"])
     if c["fused"]:
         test_experts_combine._run(*args, save=c["save"], frozen=c["frozen"], **common)
