@@ -36,10 +36,14 @@ def cases(draw):
     E = draw(st.integers(1, 9))
     how = draw(st.sampled_from(["uniform", "one_expert", "sparse"] if E >= 2 else ["uniform", "one_expert"]))
     k = draw(st.integers(1, min(E, 4) if how == "uniform" else 4))
-    T = draw(st.one_of(st.sampled_from([0, 1, 15, 16, 17, 32, 33]), st.integers(2, 40)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    # bf16's routing-weight gradient is T*k dot products of rounded rows: with a few of them, the
+    # norm of the error is one or two cancelling sums (a 1-entry case failed at 6e-2); fp32 covers T*k < 8
+    least = 1 if dtype == torch.float32 else -(-8 // k)
+    T = draw(st.one_of(st.sampled_from([t for t in (0, 1, 15, 16, 17, 32, 33) if t == 0 or t >= least]),
+                       st.integers(max(2, least), 40)))
     act, gated, bias = draw(st.sampled_from(_ACTS))
     tile = draw(st.sampled_from(_TILES))
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     # bf16 stores the activations' gradients rounded; a gradient of one entry (a bias of width 1) is then
     # one rounded sum that can cancel to any relative error: widths from 8 there, from 1 in fp32
     low = 8 if dtype == torch.bfloat16 else 1
