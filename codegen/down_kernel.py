@@ -37,11 +37,11 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if e < E:
         e64 = e.to(tl.int64)
+        n0 = pid_n * BLOCK_N
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             amask = rmask[:, None] & kmask[None, :]
-            n0 = pid_n * BLOCK_N
             a = tl.load(a1_ptr + rows64[:, None] * s_a1 + kk[None, :], mask=amask, other=0.0)
             b = weight_tile(b1_ptr, b1_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b1_e, s_b1_k, s_b1_n,
                             TMA1, K_LAST1, BLOCK_K, BLOCK_N)

@@ -48,11 +48,11 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n0 = pid_n * BLOCK_N
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < H
         amask = rmask[:, None] & kmask[None, :]
-        n0 = pid_n * BLOCK_N
         a = tl.load(x_ptr + tok[:, None] * s_xt + kk[None, :] * s_xh, mask=amask, other=0.0)
         b = weight_tile(wu_ptr, wu_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_wu_e, s_wu_h, s_wu_f, TMA_U,
                         K_LAST_U, BLOCK_K, BLOCK_N)
@@ -112,8 +112,8 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     m_tiles = max_tiles(S, E, tile.block_m)
     grid = (m_tiles * cdiv(F, tile.block_n),)
     # the kernel reads each weight as (E, K = H, N = F)
-    d_u, kl_u = weight_desc(w_up.transpose(1, 2), tile)
-    d_g, kl_g = weight_desc(w_gate.transpose(1, 2), tile) if gated else (None, False)
+    d_u, kl_u = weight_desc(w_up, tile, transpose=True)
+    d_g, kl_g = weight_desc(w_gate, tile, transpose=True) if gated else (None, False)
     d_d, kl_d = weight_desc(w_down, tile) if backward else (None, False)
     gate_up_kernel[grid](
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,

@@ -194,13 +194,15 @@ def weight_tile(ptr, desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_e, s_k, s_n
     return b
 
 
-def weight_desc(w, tile):
-    """(descriptor, K_LAST) for `weight_tile` to read w, a weight viewed (E, K, N) (any strides),
-    through TMA; (None, False) where the tile does not ask for it or TMA cannot read this view
-    (neither K nor N of unit stride, misaligned, or a GPU older than sm90)."""
-    if not getattr(tile, "tma", False) or (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9):
+def weight_desc(w, tile, transpose=False):
+    """(descriptor, K_LAST) for `weight_tile` to read w, a weight viewed (E, K, N) (any strides;
+    transpose: w is (E, N, K)), through TMA; (None, False) where the tile does not ask for it or
+    TMA cannot read this view (neither K nor N of unit stride, misaligned, or a GPU older than
+    sm90). Asked on every launch: without `tile.tma` it returns before touching w."""
+    if not tile.tma or (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9):
         return None, False
     from triton.tools.tensor_descriptor import TensorDescriptor
+    w = w.transpose(1, 2) if transpose else w
     (E, K, N), (s_e, s_k, s_n) = w.shape, w.stride()
     if s_n == 1:
         shape, strides, block, k_last = [E, K, N], [s_e, s_k, 1], [1, tile.block_k, tile.block_n], False

@@ -42,11 +42,13 @@ class MoecBackend:
         tuning.load_dir(str(cache_root(config.cache_dir) / "tuning"))   # the user's tuned launch settings
         dumper = Dumper(config.dump_dir) if config.dump_dir else None
         gm, reports, pass_log = run_pipeline(gm, example_inputs, config, dumper)
+        plan, buckets = bucket_plan(gm, example_inputs, config, mode, dumper)
+        if buckets is not None:
+            reports["token_buckets"] = buckets
         session.record(gm, reports)
         _log_regions(reports)
         trace_artifact("moec_regions", lambda: _regions_text(reports))
         checks = layer_checks(gm)
-        plan = bucket_plan(gm, example_inputs, reports.get("token_buckets"), config, mode, dumper)
         if dumper is None:
             return _checked_first(bucketed(compile_dense(gm, example_inputs, config, mode), plan), checks)
         if "detect" in reports:

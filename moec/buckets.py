@@ -3,10 +3,10 @@ where that is sound and plans it): pad the token-carrying inputs with zero rows 
 power of two, raise the size inputs to it, cut the outputs back. CUDA graphs are then captured
 once per bucket: a serving loop whose token count changes within a bucket replays.
 """
-
 from torch._dynamo.utils import counters
 
-from moec.passes.token_buckets import bucket, check, cut, pad
+from moec.codegen.tuning import bucket
+from moec.passes.token_buckets import BucketReport, analyse, check, cut, pad
 
 from .log import log
 
@@ -23,21 +23,29 @@ def wants_buckets(config, mode) -> bool:
     return bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
-def bucket_plan(gm, example_inputs, report, config, mode, dumper=None):
-    """The pass's plan where buckets are wanted and the graph passes `check`, else None; the log,
-    counters["moec"]["token_buckets"] and the dump's cudagraphs.txt say which and why."""
-    if report is None or report.static or not wants_buckets(config, mode):
-        return None
-    why = report.why if report.plan is None else check(gm, example_inputs, report.plan)
-    text = f"token counts not bucketed: {why}" if why else \
+def bucket_plan(gm, example_inputs, config, mode, dumper=None):
+    """(plan, report): the analysis' plan where buckets are wanted and the graph passes `check`,
+    else None; the report (None where buckets are not wanted) says why not. The log,
+    counters["moec"]["token_buckets"] and the dump's cudagraphs.txt say which graphs are bucketed."""
+    if not wants_buckets(config, mode):
+        return None, None
+    if config.expert_stats:
+        report = BucketReport(None, "expert_stats would count the pad tokens")
+    else:
+        report = analyse(gm)
+        if report.static:
+            return None, report
+        if report.plan is not None:
+            why = check(gm, example_inputs, report.plan)
+            report = BucketReport(None, why) if why else report
+    text = f"token counts not bucketed: {report.why}" if report.plan is None else \
         f"token counts bucketed (run padded to the next power of two): {report.log_lines()[0]}"
     log.info("%s", text)
     if dumper is not None:
         dumper.cudagraphs("token buckets", text)
-    if why:
-        return None
-    counters["moec"]["token_buckets"] += 1
-    return report.plan
+    if report.plan is not None:
+        counters["moec"]["token_buckets"] += 1
+    return report.plan, report
 
 
 def bucketed(compiled, plan):

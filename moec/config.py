@@ -110,15 +110,13 @@ class Config:
                 raise MoecError(f"unknown moec option {key!r}; known options: {sorted(_FIELDS)}")
             values[key] = v
         values = {k: _coerce(k, v) for k, v in values.items()}
-        if values.get("token_buckets", "auto") not in _BUCKETS:
-            raise MoecError(f"moec option token_buckets={values['token_buckets']!r}: expected one of {_BUCKETS}")
-        if values.get("ep_chunk_by", "auto") not in _CHUNK_BY:
-            raise MoecError(f"moec option ep_chunk_by={values['ep_chunk_by']!r}: expected one of {_CHUNK_BY}")
+        for name, choices in _CHOICES.items():
+            if values.get(name, _FIELDS[name].default) not in choices:
+                raise MoecError(f"moec option {name}={values[name]!r}: expected one of {choices}")
         return cls(**values)
 
 
-_CHUNK_BY = ("auto", "tokens", "sequences")
-_BUCKETS = ("auto", "always", "off")
+_CHOICES = {"ep_chunk_by": ("auto", "tokens", "sequences"), "token_buckets": ("auto", "always", "off")}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

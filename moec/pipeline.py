@@ -16,7 +16,6 @@ from moec.passes.expert_stats import expert_stats
 from moec.passes.fuse_combine import fuse_combine
 from moec.passes.fuse_routing import fuse_routing
 from moec.passes.rewrite import rewrite
-from moec.passes.token_buckets import token_buckets
 
 from .dump import trace_artifact
 from .errors import MoecError
@@ -30,7 +29,6 @@ PIPELINE = (
     ("chunk_tokens", chunk_tokens),        # with ep_group: each layer pipelined over token chunks
     ("fuse_combine", fuse_combine),        # layers left on one device: experts + combine as one op
     ("fuse_routing", fuse_routing),        # route + plan as one op (one launch at decode sizes)
-    ("token_buckets", token_buckets),      # may the token count be padded to a bucket? (graph unchanged)
 )
 
 

@@ -1,4 +1,5 @@
-"""Pass `token_buckets`: may this graph run its token count padded up to a bucket? (graph unchanged)
+"""Analysis `token_buckets`: may this graph run its token count padded up to a bucket? (graph unchanged;
+moec/buckets.py asks only where buckets are wanted, so other compiles pay nothing for it)
 
 Why: CUDA graphs (mode="reduce-overhead") are captured per input shape, so a serving loop whose
 token count T changes every step would capture a graph per count. Run on T padded to a bucket
@@ -28,10 +29,11 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._python_dispatch import _disable_current_modes
 
+from moec.codegen.tuning import bucket
+
 from . import token_locality as tl
 from .graph import DepGraph, op_name, value
 
-PASS = "token_buckets"
 _OPS = torch.ops.moec
 _LAYER_OPS = {_OPS.route.default, _OPS.plan.default, _OPS.route_plan.default, _OPS.experts.default,
               _OPS.combine.default, _OPS.experts_combine.default, _OPS.experts_save.default}
@@ -64,17 +66,9 @@ class BucketReport:
                 f"outputs {[i for i, _ in self.plan.cuts]} cut back"]
 
 
-def token_buckets(gm: fx.GraphModule, ctx) -> tuple:
-    if ctx.config.token_buckets == "off":
-        return gm, BucketReport(None, "token_buckets='off'")
-    if ctx.config.expert_stats:
-        return gm, BucketReport(None, "expert_stats would count the pad tokens")
+def analyse(gm: fx.GraphModule) -> BucketReport:
     plan, why = _plan(gm)
-    return gm, BucketReport(plan, why, why in (_NO_LAYER, _STATIC))
-
-
-def bucket(T: int) -> int:
-    return 1 << max(0, T - 1).bit_length()
+    return BucketReport(plan, why, why in (_NO_LAYER, _STATIC))
 
 
 def _plan(gm):

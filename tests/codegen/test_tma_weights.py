@@ -24,8 +24,8 @@ def used(monkeypatch):
     seen = collections.Counter()
     real = jit_helpers.weight_desc
     for mod in (gate_up_kernel, down_kernel, dh_kernel):
-        def spy(w, tile, mod=mod):
-            desc, k_last = real(w, tile)
+        def spy(w, tile, transpose=False, mod=mod):
+            desc, k_last = real(w, tile, transpose)
             seen[(mod.__name__.rsplit(".", 1)[1], desc is not None, k_last)] += 1
             return desc, k_last
         monkeypatch.setattr(mod, "weight_desc", spy)
