@@ -123,15 +123,20 @@ class Rule:
         return graph.create_node(node.op, node.target, tuple(args), dict(kwargs))
 
 
-def rule(node: fx.Node, U: int) -> Rule | None:
-    """The rule that makes `node` token-local for U tokens, or None (see the module docstring)."""
+def rule(node: fx.Node, U: int, symbolic_views: bool = False) -> Rule | None:
+    """The rule that makes `node` token-local for U tokens, or None (see the module docstring).
+    symbolic_views: take a reshape whose target sizes are graph values (token counts): sound for
+    a caller that resizes every size with the tokens (token buckets), not for one that cuts the
+    tokens into chunks and would have to rewrite those sizes per chunk."""
     if node.op not in ("call_function", "call_method") or _mutates(node):
         return None
     out = value(node)
     inputs = node.all_input_nodes
-    if any(not isinstance(value(a), torch.Tensor) and not _is_tuple_item_source(a, node) for a in inputs):
-        return None                                   # symbolic sizes and the like
     name = op_name(node)
+    sizes_ok = symbolic_views and name in _RESHAPES
+    if any(not isinstance(value(a), torch.Tensor) and not _is_tuple_item_source(a, node)
+           and not (sizes_ok and isinstance(value(a), torch.SymInt)) for a in inputs):
+        return None                                   # symbolic sizes and the like
     if node.target is operator.getitem and not isinstance(value(node.args[0]), torch.Tensor):
         item = value(node)
         ntok = token_dims(item.shape, U) if isinstance(item, torch.Tensor) else None

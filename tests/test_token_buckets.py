@@ -31,11 +31,24 @@ class _Block(nn.Module):
         return y
 
 
+class _SeqBlock(nn.Module):
+    """Hugging Face's block shape: (batch, seq, hidden) flattened for the MoE, reshaped back to the
+    input's batch size (a symbolic size in the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.moe = nn.LayerNorm(32), MaskLoopMoE()
+
+    def forward(self, x):
+        b, s, h = x.shape
+        return x + self.moe(self.norm(x).view(-1, h)).reshape(b, s, h)
+
+
 def _recording_backend(seen):
     def backend(gm, example_inputs):
         def run(*args):
             seen.append(tuple(a.shape[0] for a in args if isinstance(a, torch.Tensor) and not a.requires_grad
-                              and a.dim() == 2 and a.shape[1] == 32))     # activations, not weights
+                              and a.dim() >= 2 and a.shape[-1] == 32))    # activations, not weights
             return gm(*args)
         return run
     return backend
@@ -59,6 +72,21 @@ def test_counts_within_a_bucket_reuse_one_padded_shape():
     assert counters["moec"]["graphs"] == 2            # then one dynamic graph for every count
     assert counters["moec"]["token_buckets"] == 1
     # the dynamic graph ran its dense partitions on 8 rows for 5 to 8 tokens
+    assert {rows for call in seen[static_calls:] for rows in call} == {8}, seen
+
+
+def test_reshape_to_the_batch_size_is_bucketed():
+    torch.manual_seed(0)
+    seen, model = [], _SeqBlock()
+    compiled = torch.compile(model, backend="moec", options={"dense_backend": _recording_backend(seen),
+                                                             "token_buckets": "always"})
+    static_calls = 0
+    with torch.no_grad():
+        for T in (3, 5, 7):
+            x = torch.randn(T, 1, 32)
+            torch.testing.assert_close(compiled(x), model(x), rtol=2e-4, atol=2e-5)
+            static_calls = static_calls or len(seen)      # the first call compiles for T = 3 alone
+    assert counters["moec"]["token_buckets"] == 1
     assert {rows for call in seen[static_calls:] for rows in call} == {8}, seen
 
 
