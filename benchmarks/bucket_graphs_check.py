@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 from torch._inductor import cudagraph_trees
 
 import moec  # noqa: F401  (registers the backend)
+from moec import session
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
 from hf_models import ARCHS, moe_block  # noqa: E402
@@ -53,7 +54,9 @@ def serve(arch, impl, counts, buckets, device, mode, rec):
     block = block.to(torch.bfloat16)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(block, backend="moec", mode=mode, options={"token_buckets": buckets})
+    session.take()
+    os.environ["MOEC_TOKEN_BUCKETS"] = buckets        # torch.compile takes mode or options, not both
+    compiled = torch.compile(block, backend="moec", mode=mode)
     before, worst, times = rec["n"], 0.0, {}
     with torch.no_grad():
         for T in counts:
@@ -65,7 +68,8 @@ def serve(arch, impl, counts, buckets, device, mode, rec):
             worst = max(worst, err)
             if device == "cuda":
                 times[T] = triton.testing.do_bench(lambda: compiled(x), warmup=5, rep=30, return_mode="median")
-    return {"recordings": rec["n"] - before, "bucketed_graphs": counters["moec"]["token_buckets"],
+    whys = [r.reports["token_buckets"].why for r in session.take() if "token_buckets" in r.reports]
+    return {"why_not": [w for w in whys if w], "recordings": rec["n"] - before, "bucketed_graphs": counters["moec"]["token_buckets"],
             "graphs": counters["moec"]["graphs"], "max_rel_err": worst, "ms": times}
 
 
@@ -89,11 +93,25 @@ def main():
             result["runs"][f"{arch}/{buckets}"] = r
             print(f"{arch} token_buckets={buckets}: {r['recordings']} CUDA graph recordings over {len(counts)} "
                   f"counts, {r['bucketed_graphs']}/{r['graphs']} graphs bucketed, max rel err "
-                  f"{r['max_rel_err']:.2e}, ms per call " + ", ".join(f"T={t}: {m:.3f}" for t, m in r["ms"].items()),
+                  f"{r['max_rel_err']:.2e}, not bucketed: {r['why_not']}, ms per call " + ", ".join(f"T={t}: {m:.3f}" for t, m in r["ms"].items()),
                   flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(result))
+
+
+def markdown(result) -> str:
+    lines = [f"device: {result['device']}; torch {result['torch']}; triton {result['triton']}; {result['date']}", "",
+             "| block | token_buckets | CUDA graph recordings | graphs bucketed | max rel. err vs float64 | "
+             "not bucketed because |", "|---|---|---|---|---|---|"]
+    for name, r in result["runs"].items():
+        arch, buckets = name.split("/")
+        lines.append(f"| {arch} | {buckets} | {r['recordings']} over {len(result['counts'])} counts | "
+                     f"{r['bucketed_graphs']} of {r['graphs']} | {r['max_rel_err']:.1e} | "
+                     f"{'; '.join(r.get('why_not', [])) or '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -255,7 +255,13 @@ def _assertion_tails(dg, nodes):
     assertions or nowhere, so they go with the region."""
     tails = set()
     for n in sorted(dg.forward_slice(nodes) - nodes, key=dg.order.__getitem__, reverse=True):
-        if n.op != "call_function" or n in dg.mutations:
+        if n in dg.mutations:
+            # an in-place write into a buffer the layer made, read by nobody after it (Hugging Face's
+            # grouped_mm clamps its sorted ids in place on CUDA): dead with the layer
+            if not dg.users[n] and dg.root[n].op == "call_function" and dg.root[n] in dg.forward_slice(nodes):
+                tails.add(n)
+            continue
+        if n.op not in ("call_function", "call_method"):
             continue
         users = dg.users[n]
         # dead ends too: higher-order op bodies keep unused getitems (`topk(...)[0]`) Dynamo made

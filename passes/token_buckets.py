@@ -150,10 +150,19 @@ def check(gm, example_inputs, plan) -> str:
             return f"the graph does not run on padded inputs ({type(e).__name__}: {str(e)[:80]})"
         got = cut(got, plan, T)
     for a, b in zip(want, got):
-        if isinstance(a, torch.Tensor) and not (a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-5,
-                                                                                      equal_nan=True)):
+        if isinstance(a, torch.Tensor) and not (a.shape == b.shape and _same_rows(a, b)):
             return "run on padded inputs, the real rows changed: some op mixes tokens"
     return ""
+
+
+def _same_rows(a, b) -> bool:
+    if not a.is_floating_point() or a.dtype.itemsize >= 4:
+        return torch.allclose(a, b, rtol=1e-3, atol=1e-5, equal_nan=True)
+    # Kernels pick their tiles by token count: the padded run may sum in another order, and a bf16
+    # result rounds a few ulps apart. Pad rows that reach real rows move them by far more.
+    eps = 4 * torch.finfo(a.dtype).eps
+    scale = a.float().abs().amax().item() if a.numel() else 0.0
+    return torch.allclose(a.float(), b.float(), rtol=eps, atol=eps * scale, equal_nan=True)
 
 
 def pad(args, plan, T, B, fill=None):

@@ -14,9 +14,9 @@ class SortedGroupedMoE(nn.Module):
     weights through torch._grouped_mm, scatter_add combine, optional shared expert. bf16, as
     torch._grouped_mm requires on the CPU."""
 
-    def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, score="softmax", shared=False):
+    def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, score="softmax", shared=False, clamp_ids=False):
         super().__init__()
-        self.k, self.E, self.score = top_k, experts, score
+        self.k, self.E, self.score, self.clamp_ids = top_k, experts, score, clamp_ids
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.w1 = nn.Parameter(torch.randn(experts, ffn, hidden) / hidden ** 0.5)
         self.w3 = nn.Parameter(torch.randn(experts, ffn, hidden) / hidden ** 0.5)
@@ -32,6 +32,8 @@ class SortedGroupedMoE(nn.Module):
         top_scores, selected = torch.topk(scores, k=self.k, dim=1)    # (T, k)
         order = torch.argsort(selected.view(-1), stable=True)         # grouped slot -> copy
         counts = torch.histc(selected.view(-1).float(), bins=self.E, min=0, max=self.E - 1)
+        if self.clamp_ids:   # Hugging Face's grouped_mm on CUDA: sorted ids clamped in place, never read after
+            selected.view(-1)[order].clamp_(max=self.E - 1)
         offsets = torch.cumsum(counts, 0).to(torch.int32)             # (E,) ends of expert slices
         token_idx = order // self.k
         routed = x[token_idx]                                         # (T*k, H) grouped

@@ -24,7 +24,7 @@ CASES = [  # T, E, k, scoring, n_group, topk_group, bias
 @pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias", CASES)
 def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group, with_bias):
     # distinct scores (a permutation scaled): ties would let equal-scored experts swap
-    logits = torch.stack([torch.randperm(E) for _ in range(T)]).float().to(DEVICE) if T else torch.zeros(0, E)
+    logits = (torch.stack([torch.randperm(E) for _ in range(T)]).float() if T else torch.zeros(0, E)).to(DEVICE)
     logits = (logits * 0.03 + torch.rand(T, E).to(DEVICE) * 0.001).requires_grad_()
     bias = torch.rand(E, device=DEVICE) * 0.01 if with_bias else None
     w, ids, offsets, src, inv = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.5, n_group, topk_group,

@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 import moec
 from compare import check_compiled_matches_eager
+from moec.passes.graph import op_name
 from moe_idioms import Attention, CapacityTop2MoE, MaskLoopMoE, SortedGroupedMoE, TopKSampler
 
 FUSED = {
@@ -28,6 +29,20 @@ def test_idiom_fused_and_exact(name):
     counters.clear()
     check_compiled_matches_eager(module, torch.randn(shape, dtype=dtype))
     assert counters["moec"]["regions_fused"] == 1
+
+
+def test_dead_in_place_write_goes_with_the_region():
+    """A write into a buffer the layer made that nothing reads after is removed with the layer:
+    left behind, it kept the router's top-k and sort alive and made the graph look token-mixing
+    to the bucket analysis."""
+    torch.manual_seed(0)
+    module, graphs = SortedGroupedMoE(clamp_ids=True), []
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    out = torch.compile(module, backend="moec", options={"dense_backend": lambda gm, _: graphs.append(gm) or gm})(x)
+    left = [n.format_node() for gm in graphs for n in gm.graph.nodes
+            if op_name(n) in ("topk", "argsort", "clamp_", "histc")]
+    assert graphs and not left, left
+    torch.testing.assert_close(out, module(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0], ids=["drops_many", "drops_some", "drops_none"])
