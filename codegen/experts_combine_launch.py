@@ -42,8 +42,9 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     lu, lg, ld = layouts.lora(weights, layout)
     shared = _shared_a(layout)
     S, F = src.shape[0], w_up.shape[1]
-    grads, slots, out = _grad_buffers(weights, layout, needs, skip=("lora_a_gate",) if shared else ())
+    skip = ("lora_a_gate",) if shared else ()
     if S == 0:
+        grads, slots, out = _grad_buffers(weights, layout, needs, skip)
         for t in out.values():
             t.zero_()
         return [torch.zeros_like(x, memory_format=torch.contiguous_format),
@@ -66,18 +67,41 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
                     lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
+    # The weight gradients are made phase by phase, each just before its kernels, and the down
+    # projection's first: its buffers and w h are then not alive beside dW_up | dW_gate and the
+    # copy of x that their kernel gathers (the backward's peak).
+    down_first, rest = _phases(weights, layout, needs)
+    grads, slots, out = _grad_buffers(weights, layout, down_first, skip)
     o = out.get
-    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
-           db2=o("b_gate"))
     _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)
-    if lu is not None or lg is not None:     # t = s x[t] A^T recomputed: rank r, cheap
-        t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
-        lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
     if ld is not None:
         _wgrad(q_d, hw, offsets, o("lora_a_down"), t_wg)
         t_d = _lora_rows(hw, ld[0].transpose(1, 2), ld[2], offsets, t_down)     # s (w h) A^T
         _down_wgrad(go, t_d, src, offsets, k, route_w, o("lora_b_down"), None, t_wg)
-    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + _finish(grads, slots, out)
+        del t_d
+    del hw
+    grads2, slots2, out2 = _grad_buffers(weights, layout, rest, skip)
+    o = out2.get
+    _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
+           db2=o("b_gate"))
+    if lu is not None or lg is not None:     # t = s x[t] A^T recomputed: rank r, cheap
+        t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
+        lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
+    grads = [a if a is not None else b for a, b in zip(_finish(grads, slots, out), _finish(grads2, slots2, out2))]
+    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + grads
+
+
+_DOWN_ROLES = ("w_down", "b_down", "lora_a_down", "lora_b_down")
+
+
+def _phases(weights, layout, needs):
+    """(needs of the bases only the down projection's roles read, needs of the others): a base
+    that both sides read (not a layout moec's rewrite makes) goes wholly in the second."""
+    needs = [True] * len(weights) if needs is None else list(needs)
+    parsed = layouts.parse(layout)
+    down = {v.index for r, v in parsed.items() if r in _DOWN_ROLES} - \
+        {v.index for r, v in parsed.items() if r not in _DOWN_ROLES}
+    return [n and i in down for i, n in enumerate(needs)], [n and i not in down for i, n in enumerate(needs)]
 
 
 def _down_wgrad(go, hw, src, offsets, k, route_w, dw, db, tile):
