@@ -69,8 +69,9 @@ def serve(arch, impl, counts, buckets, device, mode, rec):
             if device == "cuda":
                 times[T] = triton.testing.do_bench(lambda: compiled(x), warmup=5, rep=30, return_mode="median")
     whys = [r.reports["token_buckets"].why for r in session.take() if "token_buckets" in r.reports]
-    return {"why_not": [w for w in whys if w], "recordings": rec["n"] - before, "bucketed_graphs": counters["moec"]["token_buckets"],
-            "graphs": counters["moec"]["graphs"], "max_rel_err": worst, "ms": times}
+    return {"why_not": [w for w in whys if w], "recordings": rec["n"] - before,
+            "bucketed_graphs": counters["moec"]["token_buckets"], "graphs": counters["moec"]["graphs"],
+            "max_rel_err": worst, "ms": times}
 
 
 def main():
@@ -93,8 +94,8 @@ def main():
             result["runs"][f"{arch}/{buckets}"] = r
             print(f"{arch} token_buckets={buckets}: {r['recordings']} CUDA graph recordings over {len(counts)} "
                   f"counts, {r['bucketed_graphs']}/{r['graphs']} graphs bucketed, max rel err "
-                  f"{r['max_rel_err']:.2e}, not bucketed: {r['why_not']}, ms per call " + ", ".join(f"T={t}: {m:.3f}" for t, m in r["ms"].items()),
-                  flush=True)
+                  f"{r['max_rel_err']:.2e}, not bucketed: {r['why_not']}, ms per call "
+                  + ", ".join(f"T={t}: {m:.3f}" for t, m in r["ms"].items()), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

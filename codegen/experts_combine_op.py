@@ -12,7 +12,7 @@ from torch import Tensor
 from . import kernels, reference
 from . import layout as layouts
 from .errors import MoecKernelError
-from .ops import _check_experts, _check_float, _same_device
+from .ops import _check_experts, _check_float, _same_device, saved_preactivations
 
 
 @torch.library.custom_op("moec::experts_combine", mutates_args=())
@@ -64,11 +64,7 @@ def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation
 def _setup(ctx, inputs, output):
     x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit, _save = inputs
     ctx.save_for_backward(x, src, offsets, inv, route_w, output[1], *bases)
-    ctx.mark_non_differentiable(output[1])
-    # pre never has a gradient: autograd would otherwise hand the backward a zeros_like(pre)
-    # (S x 2F: 96 MiB and a memset per layer at Qwen3 widths, 4096 tokens), alive through the
-    # backward's peak. The other output always has one when the backward runs.
-    ctx.set_materialize_grads(False)
+    saved_preactivations(ctx, output[1])
     ctx.args = (k, layout, activation, alpha, limit)
     ctx.needs = [w.requires_grad for w in bases]
 

@@ -260,14 +260,20 @@ def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
     return x.new_empty(S, x.shape[1]), x.new_empty(S, layouts.preactivation_width(weights, layout))
 
 
+def saved_preactivations(ctx, pre):
+    """For the ops that return the pre-activations beside their result (experts_save,
+    experts_combine): pre never has a gradient. Without set_materialize_grads(False) autograd
+    would hand the backward a zeros_like(pre) (S x 2F: 96 MiB and a memset per layer at Qwen3
+    widths, 4096 tokens), alive through the backward's peak; the other output always has a
+    gradient when the backward runs."""
+    ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)
+
+
 def _save_setup(ctx, inputs, output):
     x, src, offsets, k, weights, layout, activation, alpha, limit = inputs
     ctx.save_for_backward(x, src, offsets, output[1], *weights)
-    ctx.mark_non_differentiable(output[1])
-    # pre never has a gradient: autograd would otherwise hand the backward a zeros_like(pre)
-    # (S x 2F: 96 MiB and a memset per layer at Qwen3 widths, 4096 tokens), alive through the
-    # backward's peak. The other output always has one when the backward runs.
-    ctx.set_materialize_grads(False)
+    saved_preactivations(ctx, output[1])
     ctx.args = (k, layout, activation, alpha, limit)
     ctx.needs = [w.requires_grad for w in weights]
 

@@ -254,11 +254,12 @@ def _assertion_tails(dg, nodes):
     comparison -> `_assert_scalar`), and unused values: they read region nodes and lead only to
     assertions or nowhere, so they go with the region."""
     tails = set()
-    for n in sorted(dg.forward_slice(nodes) - nodes, key=dg.order.__getitem__, reverse=True):
+    reached = dg.forward_slice(nodes)
+    for n in sorted(reached - nodes, key=dg.order.__getitem__, reverse=True):
         if n in dg.mutations:
             # an in-place write into a buffer the layer made, read by nobody after it (Hugging Face's
             # grouped_mm clamps its sorted ids in place on CUDA): dead with the layer
-            if not dg.users[n] and dg.root[n].op == "call_function" and dg.root[n] in dg.forward_slice(nodes):
+            if not dg.users[n] and dg.root[n].op == "call_function" and dg.root[n] in reached:
                 tails.add(n)
             continue
         if n.op not in ("call_function", "call_method"):
