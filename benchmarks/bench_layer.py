@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
+from moec.codegen import streams  # noqa: E402
 
 METHODS = ("moec", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
 GRAPH_METHODS = ("moec", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
@@ -99,7 +100,8 @@ def peak_mib(step):
 def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "python": platform.python_version(), "wgrad_stream": streams.wgrad_stream_enabled(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)
     rows = []
@@ -225,7 +227,9 @@ def main():
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--graphs", action="store_true", help="also time forward replays of CUDA graphs")
+    p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
     args = p.parse_args()
+    streams.set_wgrad_stream(args.wgrad_stream)
     info, rows = run(args)
     _save(args.out, info, rows)
     with open(os.path.join(args.out, "bench_layer.md"), "w") as f:

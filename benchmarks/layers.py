@@ -79,11 +79,13 @@ def _route(s, p, x):
                            s.topk_group)
 
 
-def _shared(s, p, x):
+def _plus_shared(s, p, x, out):
+    """out + the shared expert's output; out itself without one (an `out + 0` would be a kernel of
+    its own in eager mode, 2-3 us of a decode step, that a compiled model never runs)."""
     if not s.shared_F:
-        return 0
+        return out
     g, u = (x @ p["shared_gate_up"].t()).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(g) * u) @ p["shared_down"].t()
+    return out + (torch.nn.functional.silu(g) * u) @ p["shared_down"].t()
 
 
 def _moec_routing(s, p, x):
@@ -102,7 +104,7 @@ def moec_layer(s, p, x):
     save = torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in bases))
     out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, ALPHA,
                                             LIMIT, save)
-    return out + _shared(s, p, x)
+    return _plus_shared(s, p, x, out)
 
 
 def moec_unfused_layer(s, p, x):
@@ -111,7 +113,7 @@ def moec_unfused_layer(s, p, x):
     w, offsets, src, inv = _moec_routing(s, p, x)
     bases, layout = moec_weights(s, p)
     y = torch.ops.moec.experts(x, src, offsets, s.k, bases, layout, s.activation, ALPHA, LIMIT)
-    return torch.ops.moec.combine(y, inv, w) + _shared(s, p, x)
+    return _plus_shared(s, p, x, torch.ops.moec.combine(y, inv, w))
 
 
 def hf_loop_layer(s, p, x):
@@ -128,7 +130,7 @@ def hf_loop_layer(s, p, x):
         y = reference.activate(g, u, s.activation, ALPHA, LIMIT) @ p["down"][e].t()
         y = y + (0 if "b_down" not in p else p["b_down"][e])
         out.index_add_(0, tok, (y * w[tok, slot, None]).float())
-    return out.to(x.dtype) + _shared(s, p, x)
+    return _plus_shared(s, p, x, out.to(x.dtype))
 
 
 def hf_grouped_layer(s, p, x):
@@ -152,4 +154,4 @@ def hf_grouped_layer(s, p, x):
         y = y + p["b_down"][e_of_row]
     y = y * w.reshape(-1)[order, None].to(y.dtype)
     out = torch.zeros(T, s.H, dtype=torch.float32, device=x.device).index_add_(0, tok, y.float())
-    return out.to(x.dtype) + _shared(s, p, x)
+    return _plus_shared(s, p, x, out.to(x.dtype))

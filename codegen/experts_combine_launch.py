@@ -18,6 +18,7 @@ Never syncs with the host (experts_launch.py's rules).
 import torch
 
 from . import layout as layouts
+from . import streams
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
@@ -67,9 +68,22 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
                     lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
-    # The weight gradients are made phase by phase, each just before its kernels, and the down
-    # projection's first: its buffers and w h are then not alive beside dW_up | dW_gate and the
-    # copy of x that their kernel gathers (the backward's peak).
+    hw_box = [hw]       # handed over, so that _weight_grads frees w h once dW_down has read it
+    with streams.beside(x.device, (go, hw, du, dg, x, src, offsets, route_w, q_d, q_u, q_g) + tuple(weights)) as made:
+        del hw
+        grads = _weight_grads(go, x, hw_box, du, dg, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg,
+                              ld, q_d, q_u, q_g, shared, t_down, t_wg, t_wg2, t_up)
+        made += grads
+    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + grads
+
+
+def _weight_grads(go, x, hw_box, du, dg, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d,
+                  q_u, q_g, shared, t_down, t_wg, t_wg2, t_up):
+    """One gradient per base of `weights` (None where not needed); hw_box: [w h], emptied here.
+    The weight gradients are made phase by phase, each just before its kernels, and the down
+    projection's first: its buffers and w h are then not alive beside dW_up | dW_gate and the
+    copy of x that their kernel gathers (the backward's peak)."""
+    hw = hw_box.pop()
     down_first, rest = _phases(weights, layout, needs)
     grads, slots, out = _grad_buffers(weights, layout, down_first, skip)
     o = out.get
@@ -87,8 +101,7 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     if lu is not None or lg is not None:     # t = s x[t] A^T recomputed: rank r, cheap
         t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, shared, t_up)
         lora_up_gate_wgrads(x, src, offsets, k, t_u, t_g, shared, du, dg, q_u, q_g, o, t_wg, t_wg2)
-    grads = [a if a is not None else b for a, b in zip(_finish(grads, slots, out), _finish(grads2, slots2, out2))]
-    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + grads
+    return [a if a is not None else b for a, b in zip(_finish(grads, slots, out), _finish(grads2, slots2, out2))]
 
 
 _DOWN_ROLES = ("w_down", "b_down", "lora_a_down", "lora_b_down")

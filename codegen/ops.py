@@ -25,19 +25,21 @@ _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 
 @torch.library.custom_op("moec::route", mutates_args=())
 def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool,
-          scale: float, n_group: int, topk_group: int) -> tuple[Tensor, Tensor]:
-    """logits (T, E) -> weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64."""
-    _check_route(logits, bias, k, scoring, n_group, topk_group)
+          scale: float, n_group: int, topk_group: int, group_fill: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """logits (T, E) -> weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64.
+    Grouped (sigmoid, n_group > 1): experts outside the best topk_group groups cannot be chosen,
+    or with group_fill, are chosen by the score group_fill (transformers' DeepseekV3 fills 0.0)."""
+    _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill)
     if kernels.use_triton(logits):
         from .route_kernel import route_launch
-        return route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
-    w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
+        return route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill)
+    w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill)
     return w.contiguous(), ids.contiguous()
 
 
 @route.register_fake
-def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
-    _check_route(logits, bias, k, scoring, n_group, topk_group)
+def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill=None):
+    _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill)
     T = logits.shape[0]
     w_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty(T, k, dtype=w_dtype), logits.new_empty(T, k, dtype=torch.int64)
@@ -75,7 +77,7 @@ def route_bwd(ctx, grad_weights, *_grad_rest):
 route.register_autograd(route_bwd, setup_context=route_setup)
 
 
-def _check_route(logits, bias, k, scoring, n_group, topk_group):
+def _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill=None):
     _check_float("route", "logits", logits, dims=2)
     E = logits.shape[1]
     if scoring not in _SCORINGS:
@@ -89,6 +91,9 @@ def _check_route(logits, bias, k, scoring, n_group, topk_group):
             raise MoecKernelError(f"moec.route: bias has {bias.shape[0]} entries, logits have {E} experts")
     if n_group > 1 and (E % n_group or not 1 <= topk_group <= n_group):
         raise MoecKernelError(f"moec.route: {E} experts cannot form {n_group} groups keeping {topk_group}")
+    if n_group > 1 and group_fill is None and topk_group * (E // n_group) < k:
+        raise MoecKernelError(f"moec.route: top-k {k} from {topk_group} kept groups of {E // n_group} experts: "
+                              "too few experts can be chosen (pass group_fill to score the others)")
 
 
 # ------------------------------------------------------------------------------------- plan

@@ -16,21 +16,24 @@ def _acc(t):
     return t if t.dtype == torch.float64 else t.float()
 
 
-def route(logits_TE, bias_E, k, scoring, renormalize, scale, n_group, topk_group):
-    """Router scores -> (weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64). Differentiable in logits."""
-    if scoring == "softmax":
-        ids = torch.topk(torch.softmax(_acc(logits_TE), dim=-1), k, dim=-1)[1]
-    elif scoring == "softmax_after_topk":
-        ids = torch.topk(logits_TE, k, dim=-1)[1]
-    elif scoring == "sigmoid":
-        choice = torch.sigmoid(_acc(logits_TE))
-        choice = choice if bias_E is None else choice + _acc(bias_E)
-        if n_group > 1:
-            choice = _keep_top_groups(choice, n_group, topk_group)
-        ids = torch.topk(choice, k, dim=-1)[1]
-    else:
-        raise ValueError(f"unknown scoring {scoring!r}")
+def route(logits_TE, bias_E, k, scoring, renormalize, scale, n_group, topk_group, group_fill=None):
+    """Router scores -> (weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64). Differentiable in logits.
+    group_fill: see `_keep_top_groups`."""
+    ids = torch.topk(route_choice(logits_TE, bias_E, scoring, n_group, topk_group, group_fill), k, dim=-1)[1]
     return route_weights(logits_TE, ids, scoring, renormalize, scale), ids
+
+
+def route_choice(logits_TE, bias_E, scoring, n_group=1, topk_group=1, group_fill=None):
+    """The (T, E) scores whose top-k are the chosen experts."""
+    if scoring == "softmax":
+        return torch.softmax(_acc(logits_TE), dim=-1)
+    if scoring == "softmax_after_topk":
+        return logits_TE
+    if scoring != "sigmoid":
+        raise ValueError(f"unknown scoring {scoring!r}")
+    choice = torch.sigmoid(_acc(logits_TE))
+    choice = choice if bias_E is None else choice + _acc(bias_E)
+    return _keep_top_groups(choice, n_group, topk_group, group_fill) if n_group > 1 else choice
 
 
 def route_weights(logits_TE, ids_Tk, scoring, renormalize, scale):
@@ -70,14 +73,16 @@ def route_weights_backward(grad_w_Tk, logits_TE, ids_Tk, scoring, renormalize, s
     return dlogits.to(logits_TE.dtype)
 
 
-def _keep_top_groups(choice_TE, n_group, topk_group):
-    """DeepSeek-V3 grouped selection: experts outside the best `topk_group` groups get -inf."""
+def _keep_top_groups(choice_TE, n_group, topk_group, group_fill=None):
+    """DeepSeek-V3 grouped selection: experts outside the best `topk_group` groups get -inf
+    (group_fill None: DeepSeek's and vLLM's code), or the score `group_fill` (transformers' 0.0,
+    which a kept expert whose biased score is negative ranks below)."""
     T, E = choice_TE.shape
     grouped = choice_TE.view(T, n_group, E // n_group)
     group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)     # (T, G)
     keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1.0)
     mask = keep.bool().unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-    return choice_TE.masked_fill(~mask, float("-inf"))
+    return choice_TE.masked_fill(~mask, float("-inf") if group_fill is None else group_fill)
 
 
 def plan(ids_Tk, num_experts):

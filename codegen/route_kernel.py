@@ -2,7 +2,8 @@
 
 scoring 0 softmax (top-k on the probabilities), 1 softmax_after_topk (top-k on the logits, softmax
 over the k chosen), 2 sigmoid (+ score bias for the choice only; DeepSeek-V3 groups: keep the
-`topk_group` groups whose two best scores sum highest). Then renormalize, scale. Selection is k
+`topk_group` groups whose two best scores sum highest; the others' experts unavailable, or, with
+FILL, scored `fill` as transformers' 0.0 does). Then renormalize, scale. Selection is k
 rounds of argmax, ties to the lower expert index, which gives torch.topk's set and order on
 distinct scores. Bytes: T*E read, T*k*(4+8) written.
 """
@@ -44,9 +45,9 @@ def _gather(tile, cols, ids, BLOCK_T: tl.constexpr, K_POW2: tl.constexpr):
 
 
 @triton.jit
-def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group,
+def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill,
                  K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                 RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
                  BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr):
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_POW2)
@@ -68,8 +69,12 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
         if HAS_BIAS:
             choice += tl.load(bias_ptr + cols, mask=emask, other=0.0).to(tl.float32)[None, :]
         if N_GROUP > 1:
-            avail = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2,
-                                     BLOCK_T, E_POW2)
+            kept = _keep_top_groups(choice, avail, cols, E // N_GROUP, topk_group, N_GROUP, GROUP_TOP2,
+                                    BLOCK_T, E_POW2)
+            if FILL:
+                choice = tl.where(kept, choice, fill)
+            else:
+                avail = avail & kept
     ids, w = _argmax_rounds(choice, prob, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
     kmask = tl.arange(0, K_POW2)[None, :] < K
     if SCORING == 1:
@@ -89,7 +94,7 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
 def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.constexpr,
                      GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr, E_POW2: tl.constexpr):
     """DeepSeek-V3: group score = sum of its two best (one if groups are singletons); experts
-    outside the best topk_group groups become unavailable."""
+    -> (BT, E_POW2) mask of the experts inside the best topk_group groups."""
     gcol = tl.arange(0, N_GROUP)
     gscore = tl.zeros((BLOCK_T, N_GROUP), dtype=tl.float32)
     member = cols[None, :] // group_size
@@ -113,13 +118,13 @@ def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.co
     for g in tl.static_range(N_GROUP):
         kg = tl.sum(tl.where(gcol[None, :] == g, keep, 0), axis=1)
         kept = tl.where(member == g, kg[:, None], kept)
-    return avail & (kept > 0)
+    return kept > 0
 
 
 _SCORING = {"softmax": 0, "softmax_after_topk": 1, "sigmoid": 2}
 
 
-def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group):
+def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill=None):
     import torch
     T, E = logits.shape
     w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
@@ -137,7 +142,8 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     route_kernel[(cdiv(T, block_t),)](
         logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
-        topk_group, K=k, SCORING=_SCORING[scoring], HAS_BIAS=bias is not None, RENORM=renormalize,
-        N_GROUP=groups, GROUP_TOP2=E // groups >= 2, BLOCK_T=block_t, E_POW2=e_pow2,
+        topk_group, 0.0 if group_fill is None else group_fill, K=k, SCORING=_SCORING[scoring],
+        HAS_BIAS=bias is not None, RENORM=renormalize, N_GROUP=groups, GROUP_TOP2=E // groups >= 2,
+        FILL=group_fill is not None, BLOCK_T=block_t, E_POW2=e_pow2,
         K_POW2=next_pow2(k), num_warps=warps)
     return w, ids

@@ -17,22 +17,24 @@ MAX_COPIES = 128        # plan_single's chunks: at most 4 of 32 copies at E = 12
 
 @triton.jit
 def route_plan_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, offsets_ptr, src_ptr, inv_ptr, T, E, s_l, scale,
-                      topk_group, K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr,
+                      topk_group, fill, K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
+                      BLOCK_T: tl.constexpr,
                       E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr):
-    route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, K, SCORING, HAS_BIAS, RENORM,
-                 N_GROUP, GROUP_TOP2, BLOCK_T, E_POW2, K_POW2)
+    route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K, SCORING, HAS_BIAS,
+                 RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2)
     tl.debug_barrier()      # the ids in global memory, written by all of this program's threads
     plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, T * K, E, SUB, PLAN_E_POW2)
 
 
-def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts):
+def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts,
+                      group_fill=None):
     """-> (w (T, k) float32, ids (T, k) int64, offsets (E+1,), src (S,), inv (S,)), as route_launch
     then plan_launch give them."""
     import torch
     T, E = logits.shape
     if T == 0 or T > MAX_TOKENS or T * k > MAX_COPIES or num_experts != E:
-        w, ids = route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
+        w, ids = route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill)
         return (w, ids, *plan_launch(ids, num_experts))
     dev = logits.device
     w = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -45,8 +47,9 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     route_plan_kernel[(1,)](
         logits, bias if bias is not None else logits, w, ids, offsets, src, inv, T, E, logits.stride(0), scale,
-        topk_group, K=k, SCORING=_SCORING[scoring], HAS_BIAS=bias is not None, RENORM=renormalize, N_GROUP=groups,
-        GROUP_TOP2=E // groups >= 2, BLOCK_T=next_pow2(T), E_POW2=e_pow2, K_POW2=next_pow2(k),
+        topk_group, 0.0 if group_fill is None else group_fill, K=k, SCORING=_SCORING[scoring],
+        HAS_BIAS=bias is not None, RENORM=renormalize, N_GROUP=groups, GROUP_TOP2=E // groups >= 2,
+        FILL=group_fill is not None, BLOCK_T=next_pow2(T), E_POW2=e_pow2, K_POW2=next_pow2(k),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
         num_warps=max(1, min(4, next_pow2(T) * e_pow2 // 256)))
     return w, ids, offsets, src, inv

@@ -14,28 +14,30 @@ from .ops import _check_plan, _check_route, route_bwd, route_setup
 
 @torch.library.custom_op("moec::route_plan", mutates_args=())
 def route_plan(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool, scale: float,
-               n_group: int, topk_group: int, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               n_group: int, topk_group: int, num_experts: int, group_fill: Optional[float] = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """logits (T, E) -> (weights (T, k), ids (T, k), offsets (E+1,), src (T*k,), inv (T*k,)), as
     `moec.route` then `moec.plan` give them."""
-    _check(logits, bias, k, scoring, n_group, topk_group, num_experts)
+    _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
     if kernels.use_triton(logits):
         from .route_plan_kernel import route_plan_launch
-        return route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts)
-    w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group)
+        return route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts,
+                                 group_fill)
+    w, ids = reference.route(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill)
     return (w.contiguous(), ids.contiguous(), *reference.plan(ids, num_experts))
 
 
 @route_plan.register_fake
-def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts):
-    _check(logits, bias, k, scoring, n_group, topk_group, num_experts)
+def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts, group_fill=None):
+    _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
     T = logits.shape[0]
     w_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     new = lambda *shape: logits.new_empty(*shape, dtype=torch.int64)
     return logits.new_empty(T, k, dtype=w_dtype), new(T, k), new(num_experts + 1), new(T * k), new(T * k)
 
 
-def _check(logits, bias, k, scoring, n_group, topk_group, num_experts):
-    _check_route(logits, bias, k, scoring, n_group, topk_group)
+def _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill=None):
+    _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill)
     if num_experts < 1:
         _check_plan(logits.new_empty(0, 1, dtype=torch.int64), num_experts)
 

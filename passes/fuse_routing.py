@@ -5,7 +5,8 @@ op's subgraph), after the passes that read them as a pair (`expert_stats`, `chun
 Guarantees: each `moec.plan` whose ids are a `moec.route`'s ids, and the only plan of that route,
 is replaced, with that route, by
 
-    w, ids, offsets, src, inv = moec.route_plan(logits, bias, k, scoring, renorm, scale, n_group, topk_group, E)
+    w, ids, offsets, src, inv = moec.route_plan(logits, bias, k, scoring, renorm, scale, n_group, topk_group, E,
+                                                group_fill)
 
 every reader of the pair's outputs reading the same output of the fused op. At decode sizes the
 op routes and plans in one launch (codegen/route_plan_kernel.py); always one dispatch instead of
@@ -62,7 +63,8 @@ def _route_of(plan):
 def _fuse(graph, route, plan, fake_mode):
     emit = Emitter(graph, route, fake_mode, PASS)
     with graph.inserting_before(route):
-        fused = emit.op(torch.ops.moec.route_plan.default, *route.args, plan.args[1])
+        args = tuple(route.args) + (None,) * (9 - len(route.args))     # route's group_fill may be left out
+        fused = emit.op(torch.ops.moec.route_plan.default, *args[:8], plan.args[1], args[8])
         outputs = [emit.item(fused, i) for i in range(5)]
     for node, first in ((route, 0), (plan, 2)):
         for item in list(node.users):

@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 
 from moec.codegen import layout as layouts
+from moec.codegen import reference
+from moec.codegen.errors import MoecKernelError
 
 from .capacity import capacity_routers, find_capacity, selections
 from .graph import hint, op_name, shape, value
@@ -134,10 +136,13 @@ def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, lo
     bias_value = real[bias].double() if bias is not None else None
     tried = []
     for router in _router_candidates(sub_nodes, names, top_k, num_experts):
-        w, i = torch.ops.moec.route(logit_values, bias_value, router.top_k, router.scoring,
-                                    router.renormalize, router.scale, router.n_group, router.topk_group)
         tried.append(router.kind)
-        if _same_routing(w, i, ref_w.double(), ref_ids, _coarsest(sub_nodes)):
+        try:
+            w, i = torch.ops.moec.route(logit_values, bias_value, router.top_k, router.scoring, router.renormalize,
+                                        router.scale, router.n_group, router.topk_group, router.group_fill)
+        except MoecKernelError:     # a form these widths cannot take (too few experts in the kept groups)
+            continue
+        if _same_routing(w, i, ref_w.double(), ref_ids, _coarsest(sub_nodes), _tied(router, logit_values, bias_value)):
             return router
     raise Unproven(f"the router matches none of moec's routers (tried {sorted(set(tried))} with and "
                    f"without renormalisation)")
@@ -161,7 +166,24 @@ def _router_candidates(sub_nodes, names, top_k, num_experts):
     renorms = [True, False] if names & {"sum"} else [False, True]
     scales = _float_constants(sub_nodes, (operator.mul, "mul")) + [1.0]
     for scoring, (g, tg), renorm, scale in itertools.product(scorings, groups, renorms, scales):
-        yield Router(scoring=scoring, top_k=top_k, renormalize=renorm, scale=scale, n_group=g, topk_group=tg)
+        for fill in _group_fills(sub_nodes) if g > 1 else (None,):
+            yield Router(scoring=scoring, top_k=top_k, renormalize=renorm, scale=scale, n_group=g, topk_group=tg,
+                         group_fill=fill)
+
+
+def _group_fills(sub_nodes):
+    """What a grouped router scores the dropped groups' experts: the constant its masked_fill /
+    where writes (transformers: 0.0; DeepSeek's and vLLM's code: -inf, which moec spells None),
+    tried first; the other next. The two choose differently only where fewer than k kept
+    experts score above the fill, and the proof's logits reach there."""
+    found = []
+    for n in sub_nodes:
+        if op_name(n) in ("masked_fill", "masked_fill_") and len(n.args) > 2:
+            found.append(n.args[2])
+        elif op_name(n) == "where" and len(n.args) == 3:
+            found += [a for a in n.args[1:] if isinstance(a, (int, float))]
+    fills = [None if f == float("-inf") else float(f) for f in found if isinstance(f, (int, float))]
+    return list(dict.fromkeys(fills + [None, 0.0]))
 
 
 def _softmax_after_topk(sub_nodes):
@@ -173,13 +195,51 @@ def _softmax_after_topk(sub_nodes):
     return False
 
 
-def _same_routing(w, ids, ref_w, ref_ids, dtype):
+def _same_routing(w, ids, ref_w, ref_ids, dtype, tied=None):
+    """tied: (choice (T, E), rows (T,) bool) where the k-th best choice ties the next: which of the
+    tied experts torch.topk takes is unspecified (it differs by device), so there the chosen
+    scores must agree, not the experts or their weights."""
+    ref_ids = ref_ids.long()
+    if tied is not None and tied[1].any():
+        choice, rows = tied
+        picked = lambda i: choice[rows].gather(-1, i[rows]).sort(-1)[0]
+        if not torch.equal(picked(ids), picked(ref_ids)):
+            return False
+        keep = ~rows
+        w, ids, ref_w, ref_ids = w[keep], ids[keep], ref_w[keep], ref_ids[keep]
     # Expert order within a token is unspecified (topk(sorted=False)): compare sorted by id.
     order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
-    if not torch.equal(ids.gather(-1, order), ref_ids.long().gather(-1, ref_order)):
+    if not torch.equal(ids.gather(-1, order), ref_ids.gather(-1, ref_order)):
         return False
     tol = _TOLERANCE[dtype]
     return torch.allclose(w.double().gather(-1, order), ref_w.gather(-1, ref_order), rtol=tol, atol=tol * 1e-2)
+
+
+def _untied(logits, routers, bias, gen, tries=8):
+    """logits with the rows where a router's k-th choice ties the next drawn again: the layer's
+    output there depends on torch.topk's unspecified order among the tied."""
+    for _ in range(tries):
+        rows = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        for r in routers:
+            t = _tied(r, logits, None if bias is None else bias.to(logits.device))
+            rows |= t[1] if t is not None else rows
+        if not rows.any():
+            break
+        logits = logits.clone()
+        logits[rows] = torch.randn((int(rows.sum()), logits.shape[1]), generator=gen,
+                                   dtype=torch.float64).to(logits.device) * 2
+    return logits
+
+
+def _tied(router, logits, bias):
+    """(choice scores, rows whose k-th and next best tie) under `router`; None where no row ties."""
+    choice = reference.route_choice(logits, bias, router.scoring, router.n_group, router.topk_group,
+                                    router.group_fill)
+    if router.top_k >= choice.shape[1]:
+        return None
+    top = choice.topk(router.top_k + 1, dim=-1)[0]
+    rows = top[:, -1] == top[:, -2]
+    return (choice, rows) if rows.any() else None
 
 
 def _coarsest(nodes):
@@ -205,7 +265,8 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
     if not candidates:
         shapes = ", ".join(f"{w.name}{tuple(real[w].shape)}" for w in weights)
         raise Unproven(f"expert weights of unknown layout: {shapes}")
-    logit_values = _randn((tokens, num_experts), gen, logits) * 2
+    logit_values = _untied(_randn((tokens, num_experts), gen, logits) * 2, routers,
+                           _double(real[bias]) if bias is not None else None, gen)
     x_shape = _hint_shape(x)
     # float64 makes the proof sharp; torch._grouped_mm has no float64 kernel, and a float64 copy
     # of a large layer's experts is a compile-time peak users pay in memory (4.8 GB for a
@@ -255,7 +316,8 @@ def route_with_capacity(router, logits, bias, num_experts):
     """moec's routing for `router` in plain calls: what the rewrite emits as graph nodes."""
     outside = router.renorm_outside_route
     w, ids = torch.ops.moec.route(logits, bias, router.top_k, router.scoring, router.renormalize and not outside,
-                                  1.0 if outside else router.scale, router.n_group, router.topk_group)
+                                  1.0 if outside else router.scale, router.n_group, router.topk_group,
+                                  router.group_fill)
     if outside:
         w = w / (w.sum(-1, keepdim=True) + router.renorm_eps) * router.scale
     if router.capacity is None:

@@ -18,6 +18,7 @@ class Router:
     scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_fill: float | None = None  # the dropped groups' experts' score; None: they cannot be chosen
     score_dtype: object = None   # torch dtype the user's code scores in; the rewrite casts the logits to it
     capacity: object = None      # int, or an fx.Node holding a SymInt: copies each expert keeps (None: dropless)
     capacity_order: str = ""     # "choice_major" | "token_major" (see codegen/capacity.py)

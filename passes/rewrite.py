@@ -61,7 +61,7 @@ def _rewrite_region(graph, region, fake_mode):
         outside = r.renorm_outside_route
         routed = emit.op(torch.ops.moec.route.default, logits, region.score_bias, r.top_k,
                          r.scoring, r.renormalize and not outside, 1.0 if outside else r.scale,
-                         r.n_group, r.topk_group)
+                         r.n_group, r.topk_group, r.group_fill)
         weights, ids = emit.item(routed, 0), emit.item(routed, 1)
         if outside:   # the user's own epsilon (identify.route_with_capacity does the same)
             total = emit.op(operator.add, emit.method("sum", weights, -1, True), r.renorm_eps)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moec.codegen import reference
+from moec.codegen.errors import MoecKernelError
 
 from kernel_helpers import DEVICE, rel_err
 
@@ -49,3 +50,30 @@ def _choice(logits, bias, scoring, n_group, topk_group):
         return logits
     s = torch.sigmoid(logits) + (0 if bias is None else bias.cpu())
     return reference._keep_top_groups(s, n_group, topk_group) if n_group > 1 else s
+
+
+@pytest.mark.parametrize("T", [1, 40])
+def test_grouped_fill_lets_dropped_experts_outrank_negative_kept_ones(T):
+    """transformers' DeepseekV3 masks the dropped groups with 0.0, not -inf: a kept expert whose
+    biased score is negative then loses to a dropped one (group_fill=0.0)."""
+    E, G, k = 6, 2, 3
+    logits = (torch.randn(T, E, device=DEVICE) * 2).requires_grad_()
+    bias = torch.full((E,), -0.6, device=DEVICE) + torch.rand(E, device=DEVICE) * 0.2
+    w, ids = torch.ops.moec.route(logits, bias, k, "sigmoid", True, 1.0, G, 1, 0.0)
+    d = lambda t: t.detach().cpu().double()
+    choice = reference.route_choice(d(logits), d(bias), "sigmoid", G, 1, 0.0)
+    want = choice.topk(k, dim=-1)[0]
+    assert torch.equal(choice.gather(1, ids.cpu()).sort(1, descending=True)[0], want)   # robust to ties at 0.0
+    strict = reference.route_choice(d(logits), d(bias), "sigmoid", G, 1, None)
+    dropped = torch.isinf(strict.gather(1, ids.cpu())).any(1)
+    assert dropped.any() == (want[:, -1] == 0).any()     # a dropped expert chosen exactly where one must be
+    torch.testing.assert_close(w.cpu().double(), reference.route_weights(d(logits), ids.cpu(), "sigmoid", True, 1.0),
+                               rtol=1e-6, atol=1e-7)
+    (got,) = torch.autograd.grad(w, logits, torch.ones_like(w))
+    assert torch.isfinite(got).all()
+
+
+def test_grouped_without_fill_needs_k_kept_experts():
+    with pytest.raises(MoecKernelError, match="too few experts"):
+        torch.ops.moec.route(torch.randn(3, 6, device=DEVICE), None, 4, "sigmoid", True, 1.0, 2, 1)
+    torch.ops.moec.route(torch.randn(3, 6, device=DEVICE), None, 4, "sigmoid", True, 1.0, 2, 1, 0.0)

@@ -9,28 +9,38 @@ from moec.codegen.route_plan_kernel import MAX_COPIES, MAX_TOKENS
 
 from kernel_helpers import DEVICE, rel_err
 
-CASES = [  # T, E, k, scoring, n_group, topk_group, bias
+CASES = [  # T, E, k, scoring, n_group, topk_group, bias (+ group_fill)
     (0, 8, 2, "softmax", 1, 1, False),
     (1, 128, 8, "softmax", 1, 1, False),                  # Qwen3's decode step
     (3, 6, 6, "softmax", 1, 1, False),                    # k = E, E not a power of two
     (5, 8, 3, "softmax_after_topk", 1, 1, False),
     (7, 16, 4, "sigmoid", 4, 2, True),                    # DeepSeek-V3 grouped top-k
+    (7, 16, 4, "sigmoid", 4, 2, True, 0.0),               # transformers' DeepseekV3 (dropped groups 0.0)
+    (MAX_TOKENS + 1, 16, 4, "sigmoid", 4, 2, True, 0.0),
     (MAX_TOKENS, 8, 2, "softmax", 1, 1, False),           # the largest single launch
     (MAX_TOKENS + 1, 8, 2, "softmax", 1, 1, False),       # two ops' launches
     (MAX_COPIES // 8 + 3, 64, 8, "sigmoid", 1, 1, True),  # too many copies for one program
 ]
 
 
-@pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias", CASES)
-def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group, with_bias):
+@pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias,fill", [c + (None,) * (8 - len(c)) for c in CASES])
+def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group, with_bias, fill):
     # distinct scores (a permutation scaled): ties would let equal-scored experts swap
     logits = (torch.stack([torch.randperm(E) for _ in range(T)]).float() if T else torch.zeros(0, E)).to(DEVICE)
     logits = (logits * 0.03 + torch.rand(T, E).to(DEVICE) * 0.001).requires_grad_()
     bias = torch.rand(E, device=DEVICE) * 0.01 if with_bias else None
+    if fill is not None:     # some kept experts score below the fill, so dropped ones are chosen
+        bias = bias - 0.52 - (torch.arange(E, device=DEVICE) % 2) * 0.1
     w, ids, offsets, src, inv = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.5, n_group, topk_group,
-                                                          E)
+                                                          E, fill)
     d = lambda t: None if t is None else t.detach().cpu().double()
-    w_ref, ids_ref = reference.route(d(logits), d(bias), k, scoring, True, 1.5, n_group, topk_group)
+    w_ref, ids_ref = reference.route(d(logits), d(bias), k, scoring, True, 1.5, n_group, topk_group, fill)
+    if fill is not None:    # the dropped experts tie at the fill: which of them is taken is unspecified
+        choice = reference.route_choice(d(logits), d(bias), scoring, n_group, topk_group, fill)
+        assert torch.equal(choice.gather(1, ids.cpu()).sort(1)[0], choice.gather(1, ids_ref).sort(1)[0])
+        assert (choice.gather(1, ids.cpu()) == fill).any()      # the case is exercised
+        ids_ref = ids.cpu()
+        w_ref = reference.route_weights(d(logits), ids_ref, scoring, True, 1.5)
     assert torch.equal(ids.cpu(), ids_ref)
     for got, want in zip((offsets, src, inv), reference.plan(ids_ref, E)):
         assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)

@@ -170,6 +170,10 @@ def check_compiled(p, model, fused):
 # layer 2's scores underflow on 3x inputs.
 @example(p=spec(dict(router="sigmoid_bias", scale=2.5, score_fp32=False, E=5, k=1, H=4, F=6,
                      shared="plain"), dtype="float32", tokens=8, second_moe=True))
+# a grouped router that masks the dropped groups with 0.0 (transformers' DeepseekV3 before 5.2x):
+# where a kept expert's biased score is negative, a dropped one outranks it; moec knew only -inf
+# masking -> "router matches none" (heavy profile; now `group_fill`)
+@example(p=spec(dict(router="grouped", E=6, G=2, topk_group=1, k=3), tokens=64, seed=2))
 def test_generated_moe_program(p):
     model = build(p)
     report = None if _broken(p, "explain") else check_explained(p, model)
