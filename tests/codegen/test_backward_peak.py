@@ -2,6 +2,7 @@
 copy of x or grad_out), the input-gradient rows (S, H) must already be freed; keeping them was
 S x H on top of the peak (134 MB a layer at Qwen3 widths and 4096 tokens). Nor may a zero gradient
 for the saved pre-activations (S, 2F) sit beside them (autograd materialises one unless told not to).
+Nor may du and dg (S, F) outlive the gate/up weight gradients that read them last.
 Counted on live tensor objects at each launch_wgrad call, the fused and the unfused backward."""
 import gc
 
@@ -71,7 +72,7 @@ def test_input_gradient_rows_are_freed_before_weight_gradients(launches, fused):
     # fused: the saved pre-activations alone, no zero gradient materialised for them beside it
     assert max(pre for _, pre, *_ in launches) == (1 if fused else 0), launches
     if fused:
-        # dW_down first, with w h, du, dg alive and its own buffer alone; then w h is freed and
-        # the gate/up buffer made before dW_up | dW_gate
+        # dW_up | dW_gate first, with w h, du, dg alive and their own buffer alone; then du and dg
+        # are freed and the down buffer made before dW_down
         assert [b.numel() for b in bases] == [E * 2 * F * H, E * H * F]      # gate_up, then down
-        assert [(f, g) for *_, f, g in launches] == [(3, (0, 1)), (2, (1, 1))], launches
+        assert [(f, g) for *_, f, g in launches] == [(3, (1, 0)), (1, (1, 1))], launches
