@@ -5,7 +5,7 @@ After the dh kernel, a layer's backward has three independent GEMM groups: the i
 a short ragged-K GEMM whose time goes to its prologue and its store. In one stream each waits
 for the previous one's tail; on two, the weight gradients fill the SMs the other leaves idle.
 Off by default until measured (benchmarks/wgrad_stream_ab.py); `set_wgrad_stream(True)` turns it
-on. Capture-safe: the side stream forks from and joins the current one with events.
+on. Under CUDA graph capture the block runs in place, on the capturing stream.
 
 Memory: a tensor made on one stream and used on the other is recorded on it
 (`record_stream`), so the caching allocator reuses it only after both are done.
@@ -32,7 +32,9 @@ def beside(device, uses):
     the block appends is recorded as used by the current stream after the join (tensors made
     inside and returned). A no-op (the block runs in place) when off or not on CUDA."""
     made = []
-    if not _state["on"] or device.type != "cuda":
+    # under CUDA graph capture, one stream: allocations there live in the graph's private pool,
+    # where record_stream's deferred frees were not tried (a forked branch would need its own test)
+    if not _state["on"] or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         del uses
         yield made
         return
