@@ -29,8 +29,8 @@ def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group
     logits = (torch.stack([torch.randperm(E) for _ in range(T)]).float() if T else torch.zeros(0, E)).to(DEVICE)
     logits = (logits * 0.03 + torch.rand(T, E).to(DEVICE) * 0.001).requires_grad_()
     bias = torch.rand(E, device=DEVICE) * 0.01 if with_bias else None
-    if fill is not None:     # some kept experts score below the fill, so dropped ones are chosen
-        bias = bias - 0.52 - (torch.arange(E, device=DEVICE) % 2) * 0.1
+    if fill is not None:     # one expert in each group of 4 scores above the fill, the rest below: with
+        bias = bias - (torch.arange(E, device=DEVICE) % 4 != 0) * 1.0    # 2 groups kept, k = 4 takes 2 dropped
     w, ids, offsets, src, inv = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.5, n_group, topk_group,
                                                           E, fill)
     d = lambda t: None if t is None else t.detach().cpu().double()
