@@ -48,6 +48,16 @@ def rewrite(gm: fx.GraphModule, ctx) -> tuple:
     return gm, RewriteReport(tuple(done), tuple(skipped))
 
 
+def _needs_cast(logits_dtype, score_dtype):
+    """Whether the logits go to the route op cast to the dtype the user's code scores in. Not
+    from bf16 / fp16 up to float32: moec.route reads them into float32 registers, the same values
+    a cast would give, so the cast would be a kernel of its own (a decode step's latency) and a
+    float32 copy saved for the backward."""
+    if score_dtype is None or score_dtype == logits_dtype:
+        return False
+    return not (score_dtype == torch.float32 and logits_dtype in (torch.bfloat16, torch.float16))
+
+
 def _rewrite_region(graph, region, fake_mode):
     emit = Emitter(graph, region.output, fake_mode, PASS)
     r, ex = region.router, region.experts
@@ -56,7 +66,7 @@ def _rewrite_region(graph, region, fake_mode):
         if len(value(x).shape) != 2:
             x = emit.method("reshape", x, -1, ex.hidden)
         logits = region.logits
-        if r.score_dtype is not None and r.score_dtype != value(logits).dtype:
+        if _needs_cast(value(logits).dtype, r.score_dtype):
             logits = emit.method("to", logits, r.score_dtype)
         outside = r.renorm_outside_route
         routed = emit.op(torch.ops.moec.route.default, logits, region.score_bias, r.top_k,

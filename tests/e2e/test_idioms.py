@@ -96,3 +96,25 @@ def test_large_experts_prove_in_the_model_dtype(monkeypatch, caplog):
     assert len(sharp) == len(cheap) == 1, (sharp, cheap)
     assert "random tokens in float64" in sharp[0], sharp
     assert "random tokens in float32" in cheap[0], cheap
+
+
+def test_router_logits_reach_route_without_a_float32_copy():
+    """bf16 logits scored in float32 (`softmax(logits.float())`): moec.route reads them into
+    float32 itself, so no cast kernel (nor a float32 copy saved for the backward) is left in
+    the graph; values and gradients as eager."""
+    torch.manual_seed(0)
+    module, graphs = SortedGroupedMoE(), []
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(module, backend="moec", options={"dense_backend": lambda gm, _: graphs.append(gm) or gm})
+    out = compiled(x)
+    casts = [n.format_node() for gm in graphs for n in gm.graph.nodes
+             if op_name(n) in ("to", "_to_copy", "convert_element_type", "float")
+             and tuple(n.meta["val"].shape)[-1:] == (module.E,)]
+    assert graphs and not casts, casts
+    ref = module(x)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, module.gate.weight], g)
+    want = torch.autograd.grad(ref, [x, module.gate.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
