@@ -173,15 +173,23 @@ def _router_candidates(sub_nodes, names, top_k, num_experts):
 
 def _group_fills(sub_nodes):
     """What a grouped router scores the dropped groups' experts: the constant its masked_fill /
-    where writes (transformers: 0.0; DeepSeek's and vLLM's code: -inf, which moec spells None),
-    tried first; the other next. The two choose differently only where fewer than k kept
-    experts score above the fill, and the proof's logits reach there."""
-    found = []
+    where writes, or 0 where it multiplies by the mask (transformers before 5.2x: 0.0; DeepSeek's
+    and vLLM's code, transformers 5.25: -inf, which moec spells None), tried first, then the other:
+    the two choose differently only where fewer than k kept experts score above the fill, which
+    the proof's logits may not reach (a zero score bias), and there the first one found wins."""
+    found, masks = [], set()
     for n in sub_nodes:
+        if op_name(n) in ("scatter", "scatter_") or any(a in masks for a in n.all_input_nodes):
+            masks.add(n)    # the group mask and what is made from it (scatter_ writes into its input)
+            if op_name(n) == "scatter_" and isinstance(n.args[0], fx.Node):
+                masks.add(n.args[0])
         if op_name(n) in ("masked_fill", "masked_fill_") and len(n.args) > 2:
             found.append(n.args[2])
         elif op_name(n) == "where" and len(n.args) == 3:
             found += [a for a in n.args[1:] if isinstance(a, (int, float))]
+        elif op_name(n) in ("mul", "mul_") and len([a for a in n.args if a in masks]) == 1 \
+                and all(isinstance(a, fx.Node) for a in n.args):
+            found.append(0.0)     # scores * mask: the dropped score 0
     fills = [None if f == float("-inf") else float(f) for f in found if isinstance(f, (int, float))]
     return list(dict.fromkeys(fills + [None, 0.0]))
 

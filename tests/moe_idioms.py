@@ -72,6 +72,45 @@ class MaskLoopMoE(nn.Module):
         return out
 
 
+class GroupedRouterMoE(nn.Module):
+    """DeepSeek-V3's grouped top-k, the dropped groups masked three ways: `scores * mask` and
+    `where(mask, scores, 0.0)` (a dropped expert then outranks a kept one whose biased score is
+    negative) or `masked_fill(~mask, -inf)` (never chosen). The score bias starts at zero, as
+    checkpoints initialise it, so the masks agree until training moves it. float64, a mask loop."""
+
+    def __init__(self, how="mul", hidden=16, ffn=8, experts=8, groups=4, keep_groups=2, top_k=3):
+        super().__init__()
+        self.how, self.E, self.G, self.tg, self.k = how, experts, groups, keep_groups, top_k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.register_buffer("score_bias", torch.zeros(experts))
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * ffn, hidden) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, ffn) / ffn ** 0.5)
+        self.double()
+
+    def forward(self, x):                                             # (T, H)
+        scores = torch.sigmoid(self.router(x))
+        choice = scores + self.score_bias
+        group_scores = choice.view(-1, self.G, self.E // self.G).topk(2, dim=-1)[0].sum(-1)
+        mask = torch.zeros_like(group_scores)
+        mask.scatter_(1, group_scores.topk(self.tg, dim=-1)[1], 1)
+        keep = mask.unsqueeze(-1).expand(-1, self.G, self.E // self.G).reshape(-1, self.E)
+        if self.how == "mul":
+            choice = choice * keep
+        elif self.how == "where":
+            choice = torch.where(keep.bool(), choice, 0.0)
+        else:
+            choice = choice.masked_fill(~keep.bool(), float("-inf"))
+        ids = torch.topk(choice, self.k, dim=-1)[1]
+        w = scores.gather(1, ids)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            tok, slot = torch.where(ids == e)
+            g, u = F.linear(x[tok], self.gate_up[e]).chunk(2, dim=-1)
+            out.index_add_(0, tok, F.linear(F.silu(g) * u, self.down[e]) * w[tok, slot, None])
+        return out
+
+
 class CapacityTop2MoE(nn.Module):
     """DeepSpeed/GShard-style top-2 gate with a capacity factor and einsum dispatch/combine."""
 

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 import moec
 from compare import check_compiled_matches_eager
 from moec.passes.graph import op_name
-from moe_idioms import Attention, CapacityTop2MoE, MaskLoopMoE, SortedGroupedMoE, TopKSampler
+from moe_idioms import Attention, CapacityTop2MoE, GroupedRouterMoE, MaskLoopMoE, SortedGroupedMoE, TopKSampler
 
 FUSED = {
     "torchtitan_softmax": (lambda: SortedGroupedMoE(), (2, 5, 32), "softmax_topk", "grouped_mm"),
@@ -118,3 +118,21 @@ def test_router_logits_reach_route_without_a_float32_copy():
     want = torch.autograd.grad(ref, [x, module.gate.weight], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("how", ["mul", "where", "inf"])
+def test_grouped_router_mask_value_survives_a_trained_bias(how):
+    """Compiled while the score bias is zero, where no mask value changes the routing; then the
+    bias goes negative (training moves it) and the mask value decides which experts win. moec
+    must have read it off the graph (a 0 mask was taken for -inf before: 0.8 off)."""
+    torch.manual_seed(0)
+    counters.clear()
+    module = GroupedRouterMoE(how)
+    compiled = torch.compile(module, backend="moec", options={"dense_backend": "eager"})
+    x = torch.randn(10, 16, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), module(x))
+    with torch.no_grad():
+        module.score_bias.copy_(torch.randn(8, dtype=torch.float64) - 0.8)
+    got, want = compiled(x), module(x)
+    assert counters["moec"]["regions_fused"] == 1
+    torch.testing.assert_close(got, want)
