@@ -42,13 +42,17 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
     router_nodes = [n for n in nodes if n not in tainted]
     bias = _score_bias(router_nodes, inputs, real, num_experts)
     gen = torch.Generator().manual_seed(0)
+    # the score bias is proven on random values, not the layer's: training moves it, and at its
+    # initial zeros ways of using it that differ later (which dropped experts a grouped router
+    # can still choose) give the same routing
+    probe = {bias: _randn((num_experts,), gen, bias) * 0.1} if bias is not None else {}
 
     # A capacity gate's routing is only visible through the layer's output (dropped copies change
     # it), so its router forms are proven jointly with the experts, after the dropless ones.
     routers, unproven = [], None
     try:
         ids, weights, top_k = _router_outputs(router_nodes, tokens)
-        routers.append(_prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits,
+        routers.append(_prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, probe, logits,
                                      real, num_experts, tokens, gen))
     except Unproven as e:
         unproven = e
@@ -59,7 +63,7 @@ def identify(gm, dg, nodes, inputs, output, *, x, logits, real, num_experts, hid
         raise unproven
     dtype, eps = _score_dtype(router_nodes, logits), _renorm_eps(router_nodes)
     routers = [dataclasses.replace(r, score_dtype=dtype, renorm_eps=eps) for r in routers]
-    router, experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias,
+    router, experts, check = _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, probe,
                                             num_experts, hidden, tokens, gen, lora or {})
     return router, experts, bias, check
 
@@ -122,18 +126,18 @@ def _score_bias(router_nodes, inputs, real, num_experts):
     return cands[0] if cands else None
 
 
-def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, logits, real, num_experts,
+def _prove_router(gm, dg, nodes, node_set, inputs, ids, weights, top_k, bias, probe, logits, real, num_experts,
                   tokens, gen):
     needed = dg.backward_slice([ids, weights]) & node_set
     sub_nodes = [n for n in nodes if n in needed]
     sub_inputs = [i for i in inputs if any(i in dg.deps[n] for n in sub_nodes)]
     fn = _extract(gm, sub_nodes, sub_inputs, [weights, ids])
     logit_values = _randn((tokens, num_experts), gen, logits) * 2
-    args = _args(sub_inputs, {logits: logit_values}, real, torch.float64)
+    args = _args(sub_inputs, {logits: logit_values, **probe}, real, torch.float64)
     ref_w, ref_ids = fn(*args)
     ref_w, ref_ids = ref_w.reshape(tokens, top_k), ref_ids.reshape(tokens, top_k)
     names = {op_name(n) for n in sub_nodes}
-    bias_value = real[bias].double() if bias is not None else None
+    bias_value = probe.get(bias)
     tried = []
     for router in _router_candidates(sub_nodes, names, top_k, num_experts):
         tried.append(router.kind)
@@ -260,7 +264,7 @@ def _coarsest(nodes):
 # ---------------------------------------------------------------------------------- experts
 
 
-def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, num_experts, hidden,
+def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, probe, num_experts, hidden,
                    tokens, gen, lora):
     """The first (router, experts) pair whose moec ops reproduce the layer on random tokens.
     LoRA weights get random base and factors (a zero-initialised B would hide wrong factors):
@@ -273,8 +277,7 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
     if not candidates:
         shapes = ", ".join(f"{w.name}{tuple(real[w].shape)}" for w in weights)
         raise Unproven(f"expert weights of unknown layout: {shapes}")
-    logit_values = _untied(_randn((tokens, num_experts), gen, logits) * 2, routers,
-                           _double(real[bias]) if bias is not None else None, gen)
+    logit_values = _untied(_randn((tokens, num_experts), gen, logits) * 2, routers, probe.get(bias), gen)
     x_shape = _hint_shape(x)
     # float64 makes the proof sharp; torch._grouped_mm has no float64 kernel, and a float64 copy
     # of a large layer's experts is a compile-time peak users pay in memory (4.8 GB for a
@@ -284,7 +287,8 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
     for dtype in dtypes:
         x_values = _randn(x_shape, gen, x).to(dtype)
         factors = _lora_values(lora, gen, dtype)
-        given = {x: x_values, logits: logit_values.to(dtype), **{w: factors[w] for w in lora}}
+        given = {x: x_values, logits: logit_values.to(dtype), **{w: factors[w] for w in lora},
+                 **{b: v.to(dtype) for b, v in probe.items()}}
         args = _args(inputs, given, real, dtype)
         try:
             ref = fn(*args)[0].double().reshape(tokens, hidden)
@@ -300,6 +304,10 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
         for router in routers:
             w, ids = route_with_capacity(router, env[logits].double(), _double(env.get(bias)), num_experts)
             w = w if dtype is torch.float64 else w.float()      # as moec.route gives it for the model
+            tied = _tied(router, env[logits].double(), _double(env.get(bias)))
+            rows = ~tied[1] if tied is not None else slice(None)    # left tied after _untied's draws
+            if tied is not None and not rows.any():
+                continue
             used, ids = _touched(ids, num_experts)
             offsets, src, inv = torch.ops.moec.plan(ids, used.numel())
             for experts in map(lambda c: _with_lora(c, lora), candidates):
@@ -307,7 +315,7 @@ def _prove_experts(gm, nodes, inputs, output, x, logits, real, routers, bias, nu
                                            *_weight_args(experts, env, used, dtype), experts.activation,
                                            experts.alpha, experts.limit)
                 out = torch.ops.moec.combine(y, inv, w).double()
-                err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                err = ((out[rows] - ref[rows]).norm() / ref[rows].norm().clamp_min(1e-30)).item()
                 best = min(best, err)
                 if err <= tol:
                     lora = [p for p, f in zip(layouts.PROJECTIONS, experts.lora) if f is not None]
