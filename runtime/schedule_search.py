@@ -326,8 +326,10 @@ def _busy(events, stream) -> float:
     return sum(e.end - e.start for e in events if e.stream == stream)
 
 
-def _idle_gaps(events) -> list:
-    """Comm intervals minus compute intervals (both streams run one op at a time)."""
+def _idle_gaps(events, eps=None) -> list:
+    """Comm intervals minus compute intervals (both streams run one op at a time), without the
+    gaps under eps (float noise, for the picture; the exposed total keeps them all)."""
+    eps = _EPS if eps is None else eps
     compute = sorted((e.start, e.end) for e in events if e.stream == "compute" and e.end > e.start)
     gaps = []
     for e in sorted((e for e in events if e.stream == "comm"), key=_order):
@@ -335,16 +337,17 @@ def _idle_gaps(events) -> list:
         for a, b in compute:
             if b <= t or a >= e.end:
                 continue
-            if a > t + _EPS:
+            if a > t + eps:
                 gaps.append((t, a, f"{e.label} {e.chunk}"))
             t = max(t, b)
-        if e.end > t + _EPS:
+        if e.end > t + eps:
             gaps.append((t, e.end, f"{e.label} {e.chunk}"))
     return gaps
 
 
 def _exposed(events) -> float:
-    return sum(b - a for a, b, _ in _idle_gaps(events))
+    # every gap: an all-to-all shorter than _EPS (tiny messages) is still the whole step's comm
+    return sum(b - a for a, b, _ in _idle_gaps(events, 0.0))
 
 
 def _schedule(costs, a2a, comm, k, pre_range, post_range, events, placed, unplaced, wgrads, tried) -> Schedule:

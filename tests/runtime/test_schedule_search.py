@@ -5,7 +5,7 @@ within the memory budget."""
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moec.codegen.errors import MoecError
@@ -84,6 +84,10 @@ def test_predict_matches_reference_on_any_ranges(inst, data):
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(instance)
+# an all-to-all shorter than the picture's float-noise threshold (1e-12 s) was left out of the
+# exposed total (found by CI's hypothesis 6.170)
+@example(([], 0.0, Op("experts", 0.0, True, fixed_s=0.0, chunk_times=(0.0,)), 0.00013737088206747873, [], 0.0,
+          1e9, 1))
 def test_search_matches_brute_force(inst):
     pre, db, experts, cb, post, lat, bw, k_max = inst
     costs, a2a = LayerCosts(pre, db, experts, cb, post), a2a_model(lat, bw)
