@@ -124,6 +124,13 @@ def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.co
 _SCORING = {"softmax": 0, "softmax_after_topk": 1, "sigmoid": 2}
 
 
+def route_settings(E, k, scoring, renormalize, has_bias, n_group, group_fill):
+    """route_kernel's compile-time settings, for its launchers here and in route_plan_kernel.py."""
+    groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
+    return dict(K=k, SCORING=_SCORING[scoring], HAS_BIAS=has_bias, RENORM=renormalize, N_GROUP=groups,
+                GROUP_TOP2=E // groups >= 2, FILL=group_fill is not None, E_POW2=next_pow2(E), K_POW2=next_pow2(k))
+
+
 def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill=None):
     import torch
     T, E = logits.shape
@@ -139,11 +146,8 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
     # The tile is a power-of-two bucket of T: at most 7 compiled variants, each built once
     block_t = max(1, min(64, 4096 // e_pow2, next_pow2(T)))
     warps = max(1, min(4, block_t * e_pow2 // 256))
-    groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     route_kernel[(cdiv(T, block_t),)](
         logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
-        topk_group, 0.0 if group_fill is None else group_fill, K=k, SCORING=_SCORING[scoring],
-        HAS_BIAS=bias is not None, RENORM=renormalize, N_GROUP=groups, GROUP_TOP2=E // groups >= 2,
-        FILL=group_fill is not None, BLOCK_T=block_t, E_POW2=e_pow2,
-        K_POW2=next_pow2(k), num_warps=warps)
+        topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=block_t, num_warps=warps,
+        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill))
     return w, ids

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .jit_helpers import next_pow2
 from .plan_kernel import plan_launch, plan_single_kernel
-from .route_kernel import _SCORING, route_kernel, route_launch
+from .route_kernel import route_kernel, route_launch, route_settings
 
 MAX_TOKENS = 16         # one program's tile of the router (E_POW2 * T scores) stays small
 MAX_COPIES = 128        # plan_single's chunks: at most 4 of 32 copies at E = 128
@@ -43,13 +43,10 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
     src, inv = torch.empty(T * k, dtype=torch.int64, device=dev), torch.empty(T * k, dtype=torch.int64, device=dev)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    e_pow2 = next_pow2(E)
-    groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     route_plan_kernel[(1,)](
         logits, bias if bias is not None else logits, w, ids, offsets, src, inv, T, E, logits.stride(0), scale,
-        topk_group, 0.0 if group_fill is None else group_fill, K=k, SCORING=_SCORING[scoring],
-        HAS_BIAS=bias is not None, RENORM=renormalize, N_GROUP=groups, GROUP_TOP2=E // groups >= 2,
-        FILL=group_fill is not None, BLOCK_T=next_pow2(T), E_POW2=e_pow2, K_POW2=next_pow2(k),
+        topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=next_pow2(T),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
-        num_warps=max(1, min(4, next_pow2(T) * e_pow2 // 256)))
+        num_warps=max(1, min(4, next_pow2(T) * next_pow2(E) // 256)),
+        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill))
     return w, ids, offsets, src, inv

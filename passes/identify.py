@@ -212,7 +212,7 @@ def _same_routing(w, ids, ref_w, ref_ids, dtype, tied=None):
     tied experts torch.topk takes is unspecified (it differs by device), so there the chosen
     scores must agree, not the experts or their weights."""
     ref_ids = ref_ids.long()
-    if tied is not None and tied[1].any():
+    if tied is not None:
         choice, rows = tied
         picked = lambda i: choice[rows].gather(-1, i[rows]).sort(-1)[0]
         if not torch.equal(picked(ids), picked(ref_ids)):
@@ -234,7 +234,8 @@ def _untied(logits, routers, bias, gen, tries=8):
         rows = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for r in routers:
             t = _tied(r, logits, None if bias is None else bias.to(logits.device))
-            rows |= t[1] if t is not None else rows
+            if t is not None:
+                rows |= t[1]
         if not rows.any():
             break
         logits = logits.clone()

@@ -326,10 +326,9 @@ def _busy(events, stream) -> float:
     return sum(e.end - e.start for e in events if e.stream == stream)
 
 
-def _idle_gaps(events, eps=None) -> list:
+def _idle_gaps(events, eps=_EPS) -> list:
     """Comm intervals minus compute intervals (both streams run one op at a time), without the
     gaps under eps (float noise, for the picture; the exposed total keeps them all)."""
-    eps = _EPS if eps is None else eps
     compute = sorted((e.start, e.end) for e in events if e.stream == "compute" and e.end > e.start)
     gaps = []
     for e in sorted((e for e in events if e.stream == "comm"), key=_order):
