@@ -166,7 +166,9 @@ def _analyse(gm, dg, anchor, linear, real):
 
 
 def _router_linear(anchor, real):
-    """The `linear` whose output the top-k ranks, if its weight is a graph input of shape (E, H)."""
+    """The router product whose output the top-k ranks: `linear(x, W)` with W (E, H), or
+    `x @ W.t()` / `x @ W` (W (E, H) transposed, or stored (H, E)) as code without nn.Linear
+    writes it, if W is a graph input. Its first argument is the tokens."""
     todo, seen = [(anchor, 0)], set()
     while todo:
         node, depth = todo.pop(0)
@@ -174,18 +176,32 @@ def _router_linear(anchor, real):
             continue
         seen.add(node)
         if op_name(node) == "linear" and node is not anchor:
-            w = _strip_casts(node.args[1])
-            s = shape(w)
-            return node if (w in real and s is not None and len(s) == 2) else None
-        if op_name(node) in ("matmul", "mm", "bmm", "grouped_mm", "einsum"):
+            return node if _is_weight(_strip_casts(node.args[1]), real) else None
+        if op_name(node) in ("matmul", "mm"):
+            return node if len(node.args) == 2 and _is_weight(_strip_transpose(node.args[1]), real) else None
+        if op_name(node) in ("bmm", "grouped_mm", "einsum"):
             return None
         todo.extend((a, depth + 1) for a in node.all_input_nodes)
     return None
 
 
+def _is_weight(w, real):
+    s = shape(w)
+    return w in real and s is not None and len(s) == 2
+
+
 def _strip_casts(node):
     while isinstance(node, fx.Node) and op_name(node) in ("type", "to", "float", "half", "bfloat16"):
         node = node.args[0]
+    return node
+
+
+def _strip_transpose(node):
+    """W behind `W.t()`, `W.T`, `W.transpose(0, 1)`, `W.permute(1, 0)` and casts."""
+    node = _strip_casts(node)
+    while isinstance(node, fx.Node) and (op_name(node) in ("t", "transpose", "permute")
+                                         or op_name(node) == "getattr" and node.args[1:] in (("T",), ("mT",))):
+        node = _strip_casts(node.args[0])
     return node
 
 

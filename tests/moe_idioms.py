@@ -51,15 +51,22 @@ class MaskLoopMoE(nn.Module):
     """A loop over range(E) with torch.where and index_add_ (Mixtral's original style), per-expert
     Linear modules are NOT used: weights are stacked (E, 2F, H) with gate and up concatenated."""
 
-    def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, act="silu"):
+    def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, act="silu", router="linear"):
         super().__init__()
-        self.k, self.E, self.act = top_k, experts, act
-        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.k, self.E, self.act, self.router = top_k, experts, act, router
+        # router: nn.Linear; "matmul_t": x @ W.T with W (E, H); "matmul_he": torch.matmul(x, W), W (H, E)
+        self.gate = nn.Linear(hidden, experts, bias=False) if router == "linear" else nn.Parameter(
+            torch.randn((experts, hidden) if router == "matmul_t" else (hidden, experts)) / hidden ** 0.5)
         self.gate_up = nn.Parameter(torch.randn(experts, 2 * ffn, hidden) / hidden ** 0.5)
         self.down = nn.Parameter(torch.randn(experts, hidden, ffn) / ffn ** 0.5)
 
     def forward(self, x):                                             # (T, H)
-        logits = self.gate(x)
+        if self.router == "linear":
+            logits = self.gate(x)
+        elif self.router == "matmul_t":
+            logits = x @ self.gate.T
+        else:
+            logits = torch.matmul(x, self.gate)
         w = F.softmax(logits, dim=-1, dtype=torch.float)
         w, ids = torch.topk(w, self.k, dim=-1)
         w = (w / w.sum(dim=-1, keepdim=True)).to(x.dtype)

@@ -15,6 +15,10 @@ FUSED = {
                                   "sigmoid_bias", "grouped_mm"),
     "mask_loop_silu": (lambda: MaskLoopMoE().double(), (10, 32), "softmax_topk", "expert_loop"),
     "mask_loop_gelu": (lambda: MaskLoopMoE(act="gelu").double(), (10, 32), "softmax_topk", "expert_loop"),
+    # routers written without nn.Linear (were skipped with no report: only `linear` was a router)
+    "router_x_matmul_w_T": (lambda: MaskLoopMoE(router="matmul_t").double(), (10, 32), "softmax_topk", "expert_loop"),
+    "router_matmul_h_by_e": (lambda: MaskLoopMoE(router="matmul_he").double(), (10, 32), "softmax_topk",
+                             "expert_loop"),
 }
 
 
