@@ -22,12 +22,13 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
+from torch._dynamo.utils import counters  # noqa: E402
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
-from moec.codegen import streams  # noqa: E402
+from moec.codegen import fast_launch, streams  # noqa: E402
 
-METHODS = ("moec", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
-GRAPH_METHODS = ("moec", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
+METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
+GRAPH_METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
 
 
 def ceilings():
@@ -67,6 +68,24 @@ def bench_graph(fn, x):
     return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
+def moec_compiled(s, params):
+    """The HF-style grouped_mm layer under torch.compile(backend="moec"), as users run moec: the
+    ops are called from the compiled graph (no eager custom-op autograd dispatch, router GEMM by
+    Inductor). Refuses to time a layer moec did not fuse."""
+    fn = torch.compile(lambda x: hf_grouped_layer(s, params, x), backend="moec")
+
+    def run(x):
+        mode = torch.is_grad_enabled()     # Dynamo compiles once per grad mode: each must fuse
+        before = counters["moec"]["regions_fused"]
+        out = fn(x)
+        if mode not in run.fused and counters["moec"]["regions_fused"] == before:
+            raise RuntimeError("moec did not fuse the layer (see TORCH_LOGS=+moec)")
+        run.fused.add(mode)
+        return out
+    run.fused = set()
+    return run
+
+
 def bench(fn, params, x, train):
     # a peer holding its own copies of the weights (sonic_peer) names them in fn.leaves
     leaves = [x] + getattr(fn, "leaves", [t for t in params.values() if t.requires_grad])
@@ -83,7 +102,19 @@ def bench(fn, params, x, train):
     step()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
-    return ms, peak_mib(step)
+    return ms, peak_mib(step), host_ms(step)
+
+
+def host_ms(step, n=10):
+    """Host time to enqueue one step (the GPU left to run behind it). Where it nears the step's
+    time, do_bench measured the host, not the kernels: a slower CPU reads as a slower layer."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e3
 
 
 def peak_mib(step):
@@ -101,6 +132,7 @@ def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "wgrad_stream": streams.wgrad_stream_enabled(),
+            "fast_launch": fast_launch.enabled(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)
@@ -110,7 +142,7 @@ def run(args):
         params = make_params(s, "cuda")
         torch._dynamo.reset()
         compiled = torch.compile(lambda x: hf_grouped_layer(s, params, x))
-        fns = {"moec": lambda x: moec_layer(s, params, x), "moec_unfused": lambda x: moec_unfused_layer(s, params, x),
+        fns = {"moec": lambda x: moec_layer(s, params, x), "moec_compiled": moec_compiled(s, params), "moec_unfused": lambda x: moec_unfused_layer(s, params, x),
                "hf_loop": lambda x: hf_loop_layer(s, params, x),
                "hf_grouped_mm": lambda x: hf_grouped_layer(s, params, x), "hf_grouped_mm_compiled": compiled}
         fns = {name: fn for name, fn in fns.items() if name not in args.skip.split(",")}
@@ -149,7 +181,7 @@ def run(args):
                         continue
                     t0 = time.time()
                     try:
-                        row[name], row[name + "_peak_mib"] = bench(fn, params, x, train)
+                        row[name], row[name + "_peak_mib"], row[name + "_host_ms"] = bench(fn, params, x, train)
                     except Exception as e:  # record and go on: one failing peer must not end the run
                         row[name] = None
                         row[name + "_error"] = _why(e)
@@ -177,9 +209,11 @@ def _why(e):
 def _line(r):
     names = list(METHODS) + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
     parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in names]
-    for m in ("moec", "hf_grouped_mm_compiled"):
+    for m in ("moec", "moec_compiled", "hf_grouped_mm_compiled"):
         if r.get(m + "_peak_mib") is not None:
             parts.append(f"{m}_peak={r[m + '_peak_mib']:.0f}MiB")
+        if r.get(m + "_host_ms") is not None:
+            parts.append(f"{m}_host={r[m + '_host_ms']:.3f}")
     if r.get("sonicmoe_rel_err") is not None:
         parts.append(f"sonicmoe_err={r['sonicmoe_rel_err']:.1e}")
     return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
@@ -188,27 +222,32 @@ def _line(r):
 def table(rows):
     fmt = lambda v: "—" if v is None else f"{v:.3f}"
     speedup = lambda peer, m: f"{peer / m:.2f}x" if peer and m else "—"
-    out = ["| layer | tokens | mode | floor ms | moec ms | moec unfused ms | HF loop ms | HF grouped_mm ms | "
-           "HF grouped_mm + compile ms | SonicMoE ms | moec speedup vs compiled | moec speedup vs SonicMoE | "
-           "moec % of floor | peak MiB moec / HF compiled |", "|" + "---|" * 14]
+    out = ["| layer | tokens | mode | floor ms | moec ms | moec compiled ms | moec unfused ms | HF loop ms | "
+           "HF grouped_mm ms | HF grouped_mm + compile ms | SonicMoE ms | moec speedup vs compiled | "
+           "moec compiled speedup vs compiled | moec speedup vs SonicMoE | moec % of floor | "
+           "peak MiB moec / moec compiled / HF compiled | host ms moec / moec compiled / HF compiled |", "|" + "---|" * 17]
     for r in rows:
         c, m, so = r.get("hf_grouped_mm_compiled"), r.get("moec"), r.get("sonicmoe")
         pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
         mem = lambda name: "—" if r.get(name + "_peak_mib") is None else f"{r[name + '_peak_mib']:.0f}"
-        out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(r.get('moec_unfused'))} "
-                   f"| {fmt(r.get('hf_loop'))} "
-                   f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {fmt(so)} | {speedup(c, m)} | {speedup(so, m)} "
-                   f"| {pf} | {mem('moec')} / {mem('hf_grouped_mm_compiled')} |")
+        mc = r.get("moec_compiled")
+        out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(mc)} "
+                   f"| {fmt(r.get('moec_unfused'))} | {fmt(r.get('hf_loop'))} "
+                   f"| {fmt(r.get('hf_grouped_mm'))} | {fmt(c)} | {fmt(so)} | {speedup(c, m)} | {speedup(c, mc)} "
+                   f"| {speedup(so, m)} | {pf} | {mem('moec')} / {mem('moec_compiled')} / {mem('hf_grouped_mm_compiled')} "
+                   f"| {fmt(r.get('moec_host_ms'))} / {fmt(r.get('moec_compiled_host_ms'))} "
+                   f"/ {fmt(r.get('hf_grouped_mm_compiled_host_ms'))} |")
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
         out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",
-                "| layer | tokens | floor ms | moec ms | HF grouped_mm + compile ms | moec speedup vs compiled | "
-                "moec % of floor | HF compiled % of floor |", "|" + "---|" * 8]
+                "| layer | tokens | floor ms | moec ms | moec compiled ms | HF grouped_mm + compile ms | "
+                "moec speedup vs compiled | moec % of floor | moec compiled % of floor | HF compiled % of floor |",
+                "|" + "---|" * 10]
         pct = lambda r, v: f"{100 * r['floor_ms'] / v:.0f}%" if v else "—"
         for r in graphed:
-            c, m = r.get("hf_grouped_mm_compiled_graph"), r.get("moec_graph")
-            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(c)} | "
-                       f"{speedup(c, m)} | {pct(r, m)} | {pct(r, c)} |")
+            c, m, mc = r.get("hf_grouped_mm_compiled_graph"), r.get("moec_graph"), r.get("moec_compiled_graph")
+            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(mc)} | {fmt(c)} | "
+                       f"{speedup(c, m)} | {pct(r, m)} | {pct(r, mc)} | {pct(r, c)} |")
     return "\n".join(out)
 
 
@@ -228,8 +267,11 @@ def main():
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--graphs", action="store_true", help="also time forward replays of CUDA graphs")
     p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
+    p.add_argument("--fast-launch", action="store_true",
+                   help="repeat Triton launches straight through the compiled kernel (codegen/fast_launch.py)")
     args = p.parse_args()
     streams.set_wgrad_stream(args.wgrad_stream)
+    fast_launch.set_enabled(args.fast_launch)
     info, rows = run(args)
     _save(args.out, info, rows)
     with open(os.path.join(args.out, "bench_layer.md"), "w") as f:

@@ -15,7 +15,7 @@ def plot(json_path, png_path):
         for i, mode in enumerate(("fwd", "train")):
             ax = axes[i][j]
             sel = [r for r in rows if r["shape"] == shape and r["mode"] == mode]
-            for m in ("floor_ms", "moec", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe"):
+            for m in ("floor_ms", "moec", "moec_compiled", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe"):
                 pts = [(r["tokens"], r[m]) for r in sel if r.get(m)]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == "floor_ms" else "-")

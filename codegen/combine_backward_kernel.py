@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import cdiv, next_pow2
 
 
@@ -41,8 +42,7 @@ def combine_backward_launch(grad_out, y, inv, weights):
     block_h = min(next_pow2(max(H, 1)), 256 if y.is_cuda else 64)
     block_t = max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
     grid = (cdiv(T, block_t), k)
-    combine_backward_kernel[grid](grad_out, y, inv.contiguous(), weights.contiguous(), grad_y, grad_w, T, H, k, grad_out.stride(0),
-                                  y.stride(0), grad_y.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
-                                  num_warps=4)
+    launch(combine_backward_kernel, grid, grad_out, y, inv.contiguous(), weights.contiguous(), grad_y, grad_w, T, H,
+           k, grad_out.stride(0), y.stride(0), grad_y.stride(0), BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return grad_y, grad_w
 

@@ -7,6 +7,7 @@ Bytes: T*k*H read + T*H written (+ T*k weights and slots).
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import cdiv, next_pow2
 
 
@@ -37,7 +38,6 @@ def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None):
     block_t = block_t or max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
     grid = (cdiv(T, block_t), cdiv(H, block_h))
     w = weights.contiguous() if weights is not None else y      # y: unused placeholder
-    combine_kernel[grid](y, inv.contiguous(), w, out, T, H, y.stride(0),
-                         out.stride(0), K=k, HAS_W=weights is not None, BLOCK_T=block_t,
-                         BLOCK_H=block_h, num_warps=4)
+    launch(combine_kernel, grid, y, inv.contiguous(), w, out, T, H, y.stride(0), out.stride(0), K=k,
+           HAS_W=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return out

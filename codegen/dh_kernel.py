@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
                           lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
@@ -145,7 +146,7 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     b_down = b_down if routed else None
     m_tiles = max_tiles(S, E + 1, tile.block_m)
     desc, k_last = weight_desc(w_down, tile)       # read as (E, K = H, N = F)
-    dh_kernel[(m_tiles * n_n,)](
+    launch(dh_kernel, (m_tiles * n_n,),
         grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre,
         weights.contiguous() if routed else pre, hw,
         dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), desc, S, E, H, F, k, alpha, limit, m_tiles,

@@ -12,6 +12,7 @@ Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
                           max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
@@ -77,7 +78,7 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     grid = (m_tiles * cdiv(N, tile.block_n),)
     d1, k_last1 = weight_desc(b1, tile)
     d2, k_last2 = weight_desc(b2, tile) if a2 is not None else (None, False)
-    down_kernel[grid](
+    launch(down_kernel, grid,
         a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), d1, d2, S, E, N, K, m_tiles,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
         *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),

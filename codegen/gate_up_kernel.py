@@ -16,6 +16,7 @@ Bytes (forward): S*H (gathered x, re-read once per n-tile) + touched experts' we
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
                           lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, weight_desc, weight_tile)
 
@@ -115,7 +116,7 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     d_u, kl_u = weight_desc(w_up, tile, transpose=True)
     d_g, kl_g = weight_desc(w_gate, tile, transpose=True) if gated else (None, False)
     d_d, kl_d = weight_desc(w_down, tile) if backward else (None, False)
-    gate_up_kernel[grid](
+    launch(gate_up_kernel, grid,
         x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
         pre if pre is not None else h,
         *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h), d_u, d_g, d_d,

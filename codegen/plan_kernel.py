@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import cdiv, next_pow2
 
 
@@ -99,13 +100,13 @@ def plan_launch(ids, num_experts, sub=None, max_blocks=128, single_max_chunks=4)
     e_pow2 = next_pow2(E + 1)
     sub = sub or max(16, min(128, 8192 // e_pow2))
     if cdiv(S, sub) <= single_max_chunks:
-        plan_single_kernel[(1,)](flat, offsets, src, inv, S, E, SUB=sub, E_POW2=e_pow2)
+        launch(plan_single_kernel, (1,), flat, offsets, src, inv, S, E, SUB=sub, E_POW2=e_pow2)
         return offsets, src, inv
     per_block = sub * cdiv(cdiv(S, sub), max_blocks)   # <= max_blocks blocks
     n_blocks = cdiv(S, per_block)
     counts = torch.empty(n_blocks, e_pow2, dtype=torch.int32, device=dev)
     rank = torch.empty(S, dtype=torch.int32, device=dev)
-    plan_count_kernel[(n_blocks,)](flat, counts, rank, S, E, per_block, SUB=sub, E_POW2=e_pow2)
-    plan_scatter_kernel[(n_blocks,)](flat, counts, rank, offsets, src, inv, S, E, per_block, n_blocks,
-                                     SUB=sub, E_POW2=e_pow2, ROWS=max(1, min(32, 4096 // e_pow2)))
+    launch(plan_count_kernel, (n_blocks,), flat, counts, rank, S, E, per_block, SUB=sub, E_POW2=e_pow2)
+    launch(plan_scatter_kernel, (n_blocks,), flat, counts, rank, offsets, src, inv, S, E, per_block, n_blocks,
+           SUB=sub, E_POW2=e_pow2, ROWS=max(1, min(32, 4096 // e_pow2)))
     return offsets, src, inv

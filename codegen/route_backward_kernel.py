@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import _sigmoid, cdiv, next_pow2
 from .route_kernel import _SCORING, _gather
 
@@ -71,7 +72,7 @@ def route_backward_launch(grad_w, logits, ids, scoring, renormalize, scale):
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     e_pow2 = next_pow2(E)
     block_t = max(1, min(32, 2048 // e_pow2))
-    route_backward_kernel[(cdiv(T, block_t),)](
+    launch(route_backward_kernel, (cdiv(T, block_t),),
         grad_w.contiguous(), logits, ids.contiguous(), out, T, E, logits.stride(0), scale,
         K=k, SCORING=_SCORING[scoring], RENORM=renormalize, BLOCK_T=block_t, E_POW2=e_pow2,
         K_POW2=next_pow2(k), num_warps=4)

@@ -7,6 +7,7 @@ block; plan: count + scatter over blocks), which one program would serialise.
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import next_pow2
 from .plan_kernel import plan_launch, plan_single_kernel
 from .route_kernel import route_kernel, route_launch, route_settings
@@ -43,7 +44,7 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
     src, inv = torch.empty(T * k, dtype=torch.int64, device=dev), torch.empty(T * k, dtype=torch.int64, device=dev)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    route_plan_kernel[(1,)](
+    launch(route_plan_kernel, (1,),
         logits, bias if bias is not None else logits, w, ids, offsets, src, inv, T, E, logits.stride(0), scale,
         topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=next_pow2(T),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),

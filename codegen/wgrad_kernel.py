@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .jit_helpers import cdiv, ieee, mma
 
 
@@ -117,7 +118,7 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     elif src is not None:
         b = b.index_select(0, torch.div(src, k, rounding_mode="floor"))
         src = None
-    wgrad_kernel[grid](
+    launch(wgrad_kernel, grid,
         a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
         out, o2, d1, d2, w if gather_a is not None else a, E, M, N,
         a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
