@@ -99,7 +99,7 @@ def nested_graphs(gm, real, path=""):
 def _analyse(gm, dg, anchor, linear, real):
     logits = linear
     tokens = shape(logits)[0]
-    hidden = shape(linear.args[0])[-1]
+    hidden = shape(_router_operands(linear)[0])[-1]
     num_experts = shape(logits)[-1]
 
     computed = dg.forward_slice([anchor])
@@ -179,10 +179,33 @@ def _router_linear(anchor, real):
             return node if _is_weight(_strip_casts(node.args[1]), real) else None
         if op_name(node) in ("matmul", "mm"):
             return node if len(node.args) == 2 and _is_weight(_strip_transpose(node.args[1]), real) else None
-        if op_name(node) in ("bmm", "grouped_mm", "einsum"):
+        if op_name(node) == "einsum":
+            return node if _einsum_router(node, real) else None
+        if op_name(node) in ("bmm", "grouped_mm"):
             return None
         todo.extend((a, depth + 1) for a in node.all_input_nodes)
     return None
+
+
+def _router_operands(node):
+    """(tokens, weight) of a router product: linear / matmul's first two arguments, einsum's operands."""
+    if op_name(node) != "einsum":
+        return tuple(node.args[:2])
+    ops = node.args[1:]
+    return tuple(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else tuple(ops)
+
+
+def _einsum_router(node, real):
+    """`einsum("th,eh->te", x, W)` (or "th,he->te"): two 2D operands sharing one contracted
+    letter, the second a weight graph input, the tokens' letter first in the result."""
+    eq, ops = node.args[0], _router_operands(node)
+    if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq or "." in eq:
+        return False
+    ins, out = eq.replace(" ", "").split("->")
+    a, b = (ins.split(",") + [""])[:2]
+    shared = set(a) & set(b)
+    return (len(a) == len(b) == len(out) == 2 and len(shared) == 1 and out[0] == (set(a) - shared).pop()
+            and out[1] == (set(b) - shared).pop() and _is_weight(_strip_casts(ops[1]), real))
 
 
 def _is_weight(w, real):

@@ -54,9 +54,10 @@ class MaskLoopMoE(nn.Module):
     def __init__(self, hidden=32, ffn=16, experts=4, top_k=2, act="silu", router="linear"):
         super().__init__()
         self.k, self.E, self.act, self.router = top_k, experts, act, router
-        # router: nn.Linear; "matmul_t": x @ W.T with W (E, H); "matmul_he": torch.matmul(x, W), W (H, E)
+        # router: nn.Linear; "matmul_t": x @ W.T and "einsum": einsum("th,eh->te", x, W) with W (E, H);
+        # "matmul_he": torch.matmul(x, W), W (H, E)
         self.gate = nn.Linear(hidden, experts, bias=False) if router == "linear" else nn.Parameter(
-            torch.randn((experts, hidden) if router == "matmul_t" else (hidden, experts)) / hidden ** 0.5)
+            torch.randn((hidden, experts) if router == "matmul_he" else (experts, hidden)) / hidden ** 0.5)
         self.gate_up = nn.Parameter(torch.randn(experts, 2 * ffn, hidden) / hidden ** 0.5)
         self.down = nn.Parameter(torch.randn(experts, hidden, ffn) / ffn ** 0.5)
 
@@ -65,6 +66,8 @@ class MaskLoopMoE(nn.Module):
             logits = self.gate(x)
         elif self.router == "matmul_t":
             logits = x @ self.gate.T
+        elif self.router == "einsum":
+            logits = torch.einsum("th,eh->te", x, self.gate)
         else:
             logits = torch.matmul(x, self.gate)
         w = F.softmax(logits, dim=-1, dtype=torch.float)

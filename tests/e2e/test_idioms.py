@@ -19,6 +19,7 @@ FUSED = {
     "router_x_matmul_w_T": (lambda: MaskLoopMoE(router="matmul_t").double(), (10, 32), "softmax_topk", "expert_loop"),
     "router_matmul_h_by_e": (lambda: MaskLoopMoE(router="matmul_he").double(), (10, 32), "softmax_topk",
                              "expert_loop"),
+    "router_einsum": (lambda: MaskLoopMoE(router="einsum").double(), (10, 32), "softmax_topk", "expert_loop"),
 }
 
 
