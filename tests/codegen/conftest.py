@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from moec.codegen import kernels  # noqa: E402
+from moec.codegen import fast_launch, kernels  # noqa: E402
 
 from kernel_helpers import DEVICE  # noqa: E402
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -22,4 +22,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 def triton_backend():
     with kernels.backend("triton"):
         yield
+
+
+if os.environ.get("MOEC_TEST_FAST_LAUNCH") == "1":   # the whole kernel suite through codegen/fast_launch.py
+    fast_launch.set_enabled(True)
 

@@ -1,0 +1,56 @@
+"""Host time of moec's forward ops on a GPU, with Triton's launches and with them replaced by
+no-ops: how much of an op's host cost is the launch path (Triton's, or codegen/fast_launch.py's
+with --fast-launch) and how much moec's own Python. Qwen3-30B-A3B widths, bf16, no_grad.
+
+Run: python benchmarks/op_host_time.py [--tokens 4096] [--fast-launch]
+"""
+import argparse
+import time
+
+import torch
+
+import host_overhead
+from layers import SHAPES, make_params, moec_weights
+from moec.codegen import fast_launch
+
+
+def per_call_us(fn, n=200):
+    """Host time per call, the GPU left to run behind (a queue of n calls never blocks)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--fast-launch", action="store_true")
+    args = ap.parse_args()
+    fast_launch.set_enabled(args.fast_launch)
+    s = SHAPES["qwen3"]
+    p = make_params(s, "cuda")
+    x = torch.randn(args.tokens, s.H, device="cuda", dtype=torch.bfloat16)
+    logits = x @ p["router"].t()
+    bases, layout = moec_weights(s, p)
+    with torch.no_grad():
+        w, _, offsets, src, inv = torch.ops.moec.route_plan(logits, None, s.k, "softmax", True, 1.0, 1, 1, s.E)
+        ops = {"route_plan": lambda: torch.ops.moec.route_plan(logits, None, s.k, "softmax", True, 1.0, 1, 1, s.E),
+               "experts_combine": lambda: torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout,
+                                                                         "silu", 0.0, 0.0, False),
+               "torch add (reference)": lambda: x.add(1)}
+        real = {name: per_call_us(fn) for name, fn in ops.items()}
+        host_overhead._silence_kernels()
+        silenced = {name: per_call_us(fn) for name, fn in ops.items()}
+    print(f"{torch.cuda.get_device_name()}, T={args.tokens}, fast_launch={fast_launch.enabled()}")
+    for name in ops:
+        print(f"{name}: {real[name]:.0f} us host per call, {silenced[name]:.0f} us with launches skipped")
+
+
+if __name__ == "__main__":
+    main()
