@@ -114,9 +114,13 @@ def arg_key(args, constexpr=frozenset()):
     return tuple(parts)
 
 
+def _on_cuda(args) -> bool:
+    return bool(args) and getattr(args[0], "is_cuda", False)
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), directly through the compiled kernel where it was seen before."""
-    if not enabled() or not hasattr(kernel, "params") or not args or not getattr(args[0], "is_cuda", False):
+    if not enabled() or not hasattr(kernel, "params") or not _on_cuda(args):
         return kernel[grid](*args, **kwargs)
     from triton import knobs
     site = _sites.get(kernel)

@@ -36,6 +36,50 @@ def test_an_empty_hook_chain_is_no_hook():
     assert fast_launch.hooked(chain) and fast_launch.hooked(print)
 
 
+class _FakeKernel:
+    """A JITFunction's surface as fast_launch reads it: params, kernel[grid](...) returning the
+    compiled kernel, whose run(...) is recorded."""
+
+    def __init__(self):
+        from types import SimpleNamespace as P
+        self.params = [P(name="x", is_constexpr=False, has_default=False, default=None),
+                       P(name="n", is_constexpr=False, has_default=False, default=None),
+                       P(name="a", is_constexpr=False, has_default=False, default=None),
+                       P(name="BLOCK", is_constexpr=True, has_default=False, default=None),
+                       P(name="MODE", is_constexpr=True, has_default=True, default=3)]
+        self.through_triton, self.direct = [], []
+        self.compiled = P(function="fn", packed_metadata="meta", run=lambda *a: self.direct.append(a))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.through_triton.append((grid, args, kwargs)) or self.compiled
+
+
+def test_direct_launch_passes_every_parameter_in_signature_order(monkeypatch):
+    """The launcher gets the grid padded to 3, the stream, the compiled function, no hooks, then
+    each parameter in signature order (keyword constexprs and defaults included); a new key
+    (alignment, an int turning 1) goes through Triton's path first."""
+    monkeypatch.setattr(fast_launch, "_protocol_ok", lambda: True)
+    monkeypatch.setattr(fast_launch, "_on_cuda", lambda args: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
+    monkeypatch.setitem(fast_launch._state, "ok", True)
+    try:
+        k, t = _FakeKernel(), torch.empty(64)
+        for _ in range(2):
+            launch(k, (5,), t, 32, 0.5, BLOCK=64)
+        assert len(k.through_triton) == 1
+        assert k.direct == [(5, 1, 1, 77, "fn", "meta", None, None, None, t, 32, 0.5, 64, 3)]
+        launch(k, (5, 2), t[1:], 32, 0.5, BLOCK=64)        # misaligned: a new key
+        launch(k, (5,), t, 1, 0.5, BLOCK=64)               # n == 1: Triton makes it a constexpr
+        launch(k, (5,), t, 32, 0.5, BLOCK=128)             # another constexpr value
+        assert len(k.through_triton) == 4 and len(k.direct) == 1
+        launch(k, (5,), t, n=32, a=0.5, BLOCK=64)          # runtime values by keyword: never cached
+        launch(k, (5,), t, n=32, a=0.5, BLOCK=64)
+        assert len(k.through_triton) == 6 and len(k.direct) == 1
+    finally:
+        fast_launch._sites.pop(k, None)
+
+
 @triton.jit
 def _axpy(x_ptr, out_ptr, n, a, stride, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
