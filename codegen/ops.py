@@ -6,6 +6,7 @@ backward is itself an op, so AOT autograd keeps it opaque and a kernel can repla
 dispatch by `kernels.use_triton`: CUDA tensors run the Triton kernels (imported lazily, so the
 CPU path needs no Triton), CPU tensors the plain-PyTorch twins in `reference.py`.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -295,23 +296,30 @@ def _save_bwd(ctx, grad_y, _grad_pre):
 experts_save.register_autograd(_save_bwd, setup_context=_save_setup)
 
 
-def _check_experts(x, src, offsets, weights, layout, activation):
-    _check_float("experts", "x", x, dims=2)
+@functools.lru_cache(maxsize=256)
+def _check_layout(layout, n_weights):
+    """What a layout string must satisfy whatever the tensors (once per layout: a launch's host time counts)."""
     try:
         parsed = layouts.parse(layout)
     except ValueError as e:
         raise MoecKernelError(f"moec.experts: layout {layout!r}: {e}") from None
     if "w_up" not in parsed or "w_down" not in parsed:
         raise MoecKernelError(f"moec.experts: layout {layout!r} must give w_up and w_down")
-    bad = [v.index for v in parsed.values() if v.index >= len(weights)]
-    unused = set(range(len(weights))) - {v.index for v in parsed.values()}
+    bad = [v.index for v in parsed.values() if v.index >= n_weights]
+    unused = set(range(n_weights)) - {v.index for v in parsed.values()}
     if bad or unused:
-        raise MoecKernelError(f"moec.experts: layout {layout!r} must use each of the {len(weights)} weights "
-                              f"(indices 0..{len(weights) - 1}) at least once")
+        raise MoecKernelError(f"moec.experts: layout {layout!r} must use each of the {n_weights} weights "
+                              f"(indices 0..{n_weights - 1}) at least once")
     if "lora_a_gate" in parsed and "w_gate" not in parsed:
         raise MoecKernelError(f"moec.experts: layout {layout!r} gives LoRA factors to gate but no w_gate")
-    for i, (w, roles) in enumerate(zip(weights, layouts.users(layout, len(weights)))):
+
+
+def _check_experts(x, src, offsets, weights, layout, activation):
+    _check_float("experts", "x", x, dims=2)
+    _check_layout(layout, len(weights))
+    for i, w in enumerate(weights):
         if w.dim() not in (2, 3):   # views need (E, N) or (E, N, K); shapes are checked per role below
+            roles = layouts.users(layout, len(weights))[i]
             raise MoecKernelError(f"moec.experts: weights[{i}] ({', '.join(roles)}) must be 2-D or 3-D, "
                                   f"got shape {tuple(w.shape)}")
     roles = layouts.views(weights, layout)

@@ -61,14 +61,23 @@ def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
         return _pinned[kernel]
     if device.type == "cuda" and not _shipped_loaded:
         _load_shipped()
-    found = _tuned.get(key(kernel, E, k, H, F, dtype, device, tokens))
+    own, by_arch = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
+    found = _tuned.get(own)
     if found is None:   # a table shipped for another GPU of this architecture (H200: the H100's)
-        found = _by_arch.get(key(kernel, E, k, H, F, dtype, device, tokens, gpu=_arch(device)))
+        found = _by_arch.get(by_arch)
     if found is not None:
         return found
     if device.type != "cuda":   # the interpreter: few, small programs keep tests fast
         return Tile(32, 32, 32, 1, 1)
     return _default(kernel, tokens * k / E, dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys(kernel, E, k, H, F, dtype, gpu, arch, tokens_bucket):
+    """(this GPU's key, its architecture's key): built once per layer and bucket, not per launch
+    (a launch's host time counts at decode sizes); the tables themselves are read fresh."""
+    return (key(kernel, E, k, H, F, dtype, None, tokens_bucket, gpu=gpu),
+            key(kernel, E, k, H, F, dtype, None, tokens_bucket, gpu=arch))
 
 
 def _default(kernel, rows_per_expert, dtype):
