@@ -219,9 +219,15 @@ def _line(r):
     return f"{r['shape']} T={r['tokens']} {r['mode']} floor={r['floor_ms']:.3f} err={r['moec_rel_err']:.1e} " + " ".join(parts)
 
 
+def host_bound(r, name):
+    ms, host = r.get(name), r.get(name + "_host_ms")
+    return bool(ms and host and host >= 0.9 * ms)
+
+
 def table(rows):
     fmt = lambda v: "—" if v is None else f"{v:.3f}"
     speedup = lambda peer, m: f"{peer / m:.2f}x" if peer and m else "—"
+    hosted = []
     out = ["| layer | tokens | mode | floor ms | moec ms | moec compiled ms | moec unfused ms | HF loop ms | "
            "HF grouped_mm ms | HF grouped_mm + compile ms | SonicMoE ms | moec speedup vs compiled | "
            "moec compiled speedup vs compiled | moec speedup vs SonicMoE | moec % of floor | "
@@ -229,6 +235,8 @@ def table(rows):
     for r in rows:
         c, m, so = r.get("hf_grouped_mm_compiled"), r.get("moec"), r.get("sonicmoe")
         pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
+        if host_bound(r, "moec") or host_bound(r, "hf_grouped_mm_compiled"):
+            hosted.append(f"{r['shape']} {r['tokens']} {r['mode']}")
         mem = lambda name: "—" if r.get(name + "_peak_mib") is None else f"{r[name + '_peak_mib']:.0f}"
         mc = r.get("moec_compiled")
         out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(mc)} "
@@ -237,6 +245,9 @@ def table(rows):
                    f"| {speedup(so, m)} | {pf} | {mem('moec')} / {mem('moec_compiled')} / {mem('hf_grouped_mm_compiled')} "
                    f"| {fmt(r.get('moec_host_ms'))} / {fmt(r.get('moec_compiled_host_ms'))} "
                    f"/ {fmt(r.get('hf_grouped_mm_compiled_host_ms'))} |")
+    if hosted:
+        out += ["", f"Host-bound (enqueueing the step took >= 90% of its time, for moec or HF compiled): "
+                    f"{'; '.join(hosted)}. Those rows time the CPU, not the kernels."]
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
         out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",
