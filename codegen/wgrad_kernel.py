@@ -28,103 +28,150 @@ from .jit_helpers import cdiv, ieee, mma
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr,
                  E, M, N, s_a, s_a2, s_b_row, s_b_col,
                  s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
+                 r0, r1, off_a, off_b,
                  WEIGH_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
                  BIAS2: tl.constexpr,
-                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
+                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, CHUNKED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     e = pid // (n_m * n_n)
     pid_m = (pid // n_n) % n_m
     pid_n = pid % n_n
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    lo, hi = start, end
+    write, add = start <= end, start > end        # not chunked: every expert writes
+    if CHUNKED:
+        # rows r0..r1 only (the gathered copy holds those); an expert is written by the chunk
+        # holding its first row (an empty one by the first chunk), and added to by later ones
+        lo, hi = tl.maximum(start, r0), tl.minimum(end, r1)
+        add = (start < r0) & (lo < hi)
+        write = ((start >= r0) & (start < r1) & (start < end)) | ((start == end) & (r0 == 0)) | add
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = ms < M, ns < N
+    # the flags as blocks over m (the interpreter refuses a scalar flag inside a block's mask)
+    zeros_m = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    wmask = mmask & ((zeros_m + write.to(tl.int32)) != 0)
+    amask = mmask & ((zeros_m + add.to(tl.int32)) != 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
         s64 = s.to(tl.int64)
-        b = tl.load(b_ptr + s64[:, None] * s_b_row + ns[None, :] * s_b_col,
+        b = tl.load(b_ptr + (s64 - off_b)[:, None] * s_b_row + ns[None, :] * s_b_col,
                     mask=smask[:, None] & nmask[None, :], other=0.0)
-        amask = mmask[:, None] & smask[None, :]
-        a = tl.load(a_ptr + s64[None, :] * s_a + ms[:, None], mask=amask, other=0.0)   # (BM, BK)
+        a_in = mmask[:, None] & smask[None, :]
+        a = tl.load(a_ptr + (s64 - off_a)[None, :] * s_a + ms[:, None], mask=a_in, other=0.0)   # (BM, BK)
         acc = mma(a, b, acc, IEEE)
         if DUAL:
-            a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=amask, other=0.0)
+            a = tl.load(a2_ptr + s64[None, :] * s_a2 + ms[:, None], mask=a_in, other=0.0)
             acc2 = mma(a, b, acc2, IEEE)
     e64 = e.to(tl.int64)
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
-    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, nmask, acc, TRANS_OUT)
+    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED, TRANS_OUT)
     if DUAL:
-        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, nmask, acc2, TRANS_OUT)
+        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, wmask, amask, nmask, acc2, CHUNKED, TRANS_OUT)
     if pid_n == 0:
         # bias sums in a loop of their own: a reduction of A inside the GEMM loop needs the A tiles
         # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
         # 4x slower than the same layer's FLOPs predict, 75% of it in this kernel)
         if BIAS:
-            _row_sums(a_ptr, s_a, lo, hi, ms, mmask, db_ptr + e64 * s_db_e + ms64 * s_db_m, src_ptr, w_ptr,
-                      WEIGH_A, BLOCK_M, BLOCK_K)
+            _row_sums(a_ptr, s_a, off_a, lo, hi, ms, wmask, amask, db_ptr + e64 * s_db_e + ms64 * s_db_m,
+                      src_ptr, w_ptr, WEIGH_A, CHUNKED, BLOCK_M, BLOCK_K)
         if BIAS2:
-            _row_sums(a2_ptr, s_a2, lo, hi, ms, mmask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m, src_ptr, w_ptr,
-                      False, BLOCK_M, BLOCK_K)
+            _row_sums(a2_ptr, s_a2, 0, lo, hi, ms, wmask, amask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m,
+                      src_ptr, w_ptr, False, CHUNKED, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
-def _row_sums(a_ptr, s_a, lo, hi, ms, mmask, out_ptrs, src_ptr, w_ptr, WEIGH_A: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m] = sum of a[s, m] over rows lo..hi (WEIGH_A: of w[src[s]] a[s, m])."""
+def _row_sums(a_ptr, s_a, off_a, lo, hi, ms, mmask, amask, out_ptrs, src_ptr, w_ptr, WEIGH_A: tl.constexpr,
+              CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m] (+)= sum of a[s - off_a, m] over rows lo..hi (WEIGH_A: of w[src[s]] a[...]); mmask
+    holds only where this program writes, amask where it adds to what an earlier chunk wrote."""
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
-        a = tl.load(a_ptr + s.to(tl.int64)[None, :] * s_a + ms[:, None], mask=mmask[:, None] & smask[None, :],
-                    other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (s.to(tl.int64) - off_a)[None, :] * s_a + ms[:, None],
+                    mask=mmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
         if WEIGH_A:
             copy = tl.load(src_ptr + s, mask=smask, other=0)
             a *= tl.load(w_ptr + copy, mask=smask, other=0.0).to(tl.float32)[None, :]
         total += tl.sum(a, axis=1)
+    if CHUNKED:
+        total += tl.load(out_ptrs, mask=amask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mmask)
 
 
 @triton.jit
-def _store(base, s_m, s_n, ms64, ns64, mmask, nmask, acc, TRANS_OUT: tl.constexpr):
-    """base[m * s_m + n * s_n] = acc[m, n]."""
+def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.constexpr, TRANS_OUT: tl.constexpr):
+    """base[m * s_m + n * s_n] = acc[m, n] where wmask[m], plus what is there where amask[m]."""
     if TRANS_OUT:    # a (BN, BM) tile, m last, so consecutive threads take consecutive m
         ptrs = base + ns64[:, None] * s_n + ms64[None, :] * s_m
-        tl.store(ptrs, tl.trans(acc).to(base.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+        out = tl.trans(acc)
+        if CHUNKED:
+            out += tl.load(ptrs, mask=nmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=nmask[:, None] & wmask[None, :])
     else:
         ptrs = base + ms64[:, None] * s_m + ns64[None, :] * s_n
-        tl.store(ptrs, acc.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        out = acc
+        if CHUNKED:
+            out += tl.load(ptrs, mask=amask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=wmask[:, None] & nmask[None, :])
+
+
+# The copy of gathered rows (x's for dW_up | dW_gate, grad_out's for dW_down) is made and used in
+# chunks of at most this many bytes: whole, it was S x H beside the weight gradients at the
+# backward's peak (128 MiB a layer at Qwen3 and OLMoE widths, 4096 tokens). Each chunk is one
+# launch; an expert whose rows straddle chunks is added to by the later ones (one more rounding of
+# its partial sum to the gradient's dtype). Modelled (benchmarks/backward_peak_model.py, which gave
+# the H100's measured peaks within 2 MiB): Qwen3 1472 -> 1392 MiB, OLMoE 1136 -> 1056, under HF
+# grouped_mm + torch.compile's 1425 and 1072; GPT-OSS 1947 -> 1905 (HF 1858).
+MAX_COPY_BYTES = 48 << 20
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None, gather_a=None):
     """out (E, M, N), any strides = per-expert a (S, M)^T @ b rows; optional dual a2/out2, biases
     db/db2 (E, M); outputs may be views into larger gradient buffers. src: b's rows are tokens,
-    gathered (into a copy) by src // k; gather_a = (src, routing weights (T, k)) gathers a's
-    instead, its bias sums weighted by w[src[s]]."""
+    gathered (into a copy, in chunks of MAX_COPY_BYTES) by src // k; gather_a = (src, routing
+    weights (T, k)) gathers a's instead, its bias sums weighted by w[src[s]]."""
     E, M, N = out.shape
     o2 = out2 if out2 is not None else out
     d1 = db if db is not None else out[:, :, 0]
     d2 = db2 if db2 is not None else d1
     grid = (E * cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
     trans = abs(out.stride(1)) < abs(out.stride(2))     # out2, where given, is the twin view of one base
+    w = gather_a[1].contiguous() if gather_a is not None else None
     if gather_a is not None:
-        src, w = gather_a[0], gather_a[1].contiguous()
-        a = a.index_select(0, torch.div(src, k, rounding_mode="floor"))
-    elif src is not None:
-        b = b.index_select(0, torch.div(src, k, rounding_mode="floor"))
-        src = None
+        src = gather_a[0]
+    elif src is None:       # nothing to gather: one launch over every row
+        _launch(grid, a, a2, b, offsets, offsets, out, o2, d1, d2, a, 0, 0, 0, 0, False, db, db2, trans, tile)
+        return
+    rows = src.shape[0]
+    whole = a if gather_a is not None else b
+    chunk = max(1, min(rows, MAX_COPY_BYTES // max(1, whole.shape[1] * whole.element_size())))
+    n_chunks = cdiv(rows, chunk)
+    for r0 in range(0, max(rows, 1), chunk):      # no rows: one launch writes the zeros
+        r1 = min(rows, r0 + chunk)
+        copy = whole.index_select(0, torch.div(src[r0:r1], k, rounding_mode="floor"))
+        if gather_a is not None:
+            _launch(grid, copy, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, r0, 0, n_chunks > 1, db, db2,
+                    trans, tile, weigh=True)
+        else:
+            _launch(grid, a, a2, copy, offsets, offsets, out, o2, d1, d2, a, r0, r1, 0, r0, n_chunks > 1, db, db2,
+                    trans, tile)
+        del copy
+
+
+def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
+            weigh=False):
     launch(wgrad_kernel, grid,
-        a, a2 if a2 is not None else a, b, src if src is not None else offsets, offsets,
-        out, o2, d1, d2, w if gather_a is not None else a, E, M, N,
-        a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
-        *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(),
-        WEIGH_A=gather_a is not None, DUAL=a2 is not None,
-        BIAS=db is not None,
-        BIAS2=a2 is not None and db2 is not None,
-        IEEE=ieee(a), TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+           a, a2 if a2 is not None else a, b, src, offsets, out, o2, d1, d2, w, *out.shape,
+           a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
+           *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(), r0, r1, off_a, off_b,
+           WEIGH_A=weigh, DUAL=a2 is not None, BIAS=db is not None, BIAS2=a2 is not None and db2 is not None,
+           IEEE=ieee(a), TRANS_OUT=trans, CHUNKED=chunked, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+           BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -56,6 +56,27 @@ def test_routings(T, E, k, how):
     _run(T, E, k, 24, 40, torch.float32, "silu", bias=how == "sparse", how=how)
 
 
+@pytest.mark.parametrize("how,layout,rows", [("uniform", "interleaved", 5), ("one_expert", "transposed", 4),
+                                             ("sparse", "interleaved", 1), ("uniform", "transposed", 7)])
+def test_weight_gradients_in_copy_chunks(monkeypatch, how, layout, rows):
+    """The gathered copies of x and grad_out made `rows` rows at a time (MAX_COPY_BYTES shrunk to
+    that): experts straddling chunks (added to by later ones), one expert over every chunk, empty
+    experts and dropped copies, transposed (TRANS_OUT) and interleaved gradients, biases (the
+    routing-weighted b_down sums)."""
+    from moec.codegen import wgrad_kernel
+    H, dtype = 24, torch.float32
+    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", rows * H * 4)
+    chunked, copies, real = [], [], wgrad_kernel._launch
+
+    def launch(grid, a, a2, b, *rest, **kw):
+        chunked.append(rest[11])
+        copies.append(min(a.shape[0], b.shape[0]))      # the gathered operand: a copy of <= rows rows
+        return real(grid, a, a2, b, *rest, **kw)
+    monkeypatch.setattr(wgrad_kernel, "_launch", launch)
+    _run(19, 4, 2, H, 40, dtype, "silu", bias=True, layout=layout, how=how)
+    assert chunked.count(True) >= 4 and max(copies) <= rows
+
+
 def test_transposed_weights_wide_tiles():
     _run(13, 4, 2, 48, 40, torch.bfloat16, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
 

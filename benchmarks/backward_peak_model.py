@@ -1,0 +1,61 @@
+"""The training step's memory peak of one moec layer, modelled on the CPU: bytes of live tensors
+above the weights and x at each weight-gradient launch, kernels skipped (their buffers are made
+as on the GPU; only the launches are no-ops). On 2026-12-05 it gave 1472 / 1136 / 1947 MiB for
+Qwen3 / OLMoE / GPT-OSS at 4096 tokens where an H100 measured 1474 / 1138 / 1948
+(`results/bench_layer_4096_h100_host.md`, torch.cuda.max_memory_allocated).
+
+Run: python benchmarks/backward_peak_model.py --shape qwen3 [--tokens 4096] [--copy-mib 48]
+"""
+import argparse
+import gc
+
+import torch
+
+import host_overhead
+from layers import SHAPES, make_params, moec_weights
+from moec.codegen import kernels, reference, wgrad_kernel
+
+
+def live_bytes():
+    storages = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--copy-mib", type=int, default=None, help="wgrad_kernel.MAX_COPY_BYTES in MiB")
+    args = ap.parse_args()
+    if args.copy_mib is not None:
+        wgrad_kernel.MAX_COPY_BYTES = args.copy_mib << 20
+    s = SHAPES[args.shape]
+    p = make_params(s, "cpu")
+    x = torch.randn(args.tokens, s.H, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():      # real routing: the silenced kernels would leave it uninitialised
+        w, ids = reference.route(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+                                 s.n_group, s.topk_group)
+        offsets, src, inv = reference.plan(ids, s.E)
+    w = w.requires_grad_()
+    bases, layout = moec_weights(s, p)
+    host_overhead._silence_kernels()
+    held, seen, real = live_bytes(), [], wgrad_kernel._launch
+
+    def counting(*a, **kw):
+        seen.append((live_bytes() - held) / 2 ** 20)
+        return real(*a, **kw)
+    wgrad_kernel._launch = counting
+    with kernels.backend("triton"):
+        out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, 1.702,
+                                                7.0, True)
+        torch.autograd.grad(out, [x, w] + [b for b in bases if b.requires_grad], torch.randn_like(out))
+    print(f"{s.name} T={args.tokens} copy chunks of {wgrad_kernel.MAX_COPY_BYTES >> 20} MiB: live MiB above the "
+          f"weights at each weight-gradient launch {[round(v) for v in seen]}, peak {max(seen):.0f}")
+
+
+if __name__ == "__main__":
+    main()
