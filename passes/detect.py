@@ -176,19 +176,37 @@ def _router_linear(anchor, real):
             continue
         seen.add(node)
         if op_name(node) == "linear" and node is not anchor:
-            return node if _is_weight(_strip_casts(node.args[1]), real) else None
+            return _with_bias(node, real) if _is_weight(_strip_casts(node.args[1]), real) else None
         if op_name(node) in ("matmul", "mm"):
-            return node if len(node.args) == 2 and _is_weight(_strip_transpose(node.args[1]), real) else None
+            ok = len(node.args) == 2 and _is_weight(_strip_transpose(node.args[1]), real)
+            return _with_bias(node, real) if ok else None
         if op_name(node) == "einsum":
-            return node if _einsum_router(node, real) else None
+            return _with_bias(node, real) if _einsum_router(node, real) else None
         if op_name(node) in ("bmm", "grouped_mm"):
             return None
         todo.extend((a, depth + 1) for a in node.all_input_nodes)
     return None
 
 
+def _with_bias(product, real):
+    """`product + b` where the product's one use adds a bias vector (E,) that is a graph input
+    (`x @ W.T + b`, GPT-OSS's router written without nn.Linear): the logits are the sum, and the
+    bias stays outside the layer as nn.Linear's does (inside, its gradient would be lost)."""
+    users = list(product.users)
+    if len(users) != 1 or op_name(users[0]) not in ("add", "add_") or len(users[0].args) != 2:
+        return product
+    other = users[0].args[1] if users[0].args[0] is product else users[0].args[0]
+    s, e = shape(_strip_casts(other)), shape(product)
+    is_bias = _strip_casts(other) in real and s is not None and len(s) == 1 and e is not None and s[0] == e[-1]
+    return users[0] if is_bias and op_name(users[0]) == "add" else product
+
+
 def _router_operands(node):
-    """(tokens, weight) of a router product: linear / matmul's first two arguments, einsum's operands."""
+    """(tokens, weight) of a router product: linear / matmul's first two arguments, einsum's
+    operands; through a bias add (`_with_bias`) to its product."""
+    if op_name(node) == "add":
+        node = next(a for a in node.args if isinstance(a, fx.Node) and op_name(a) in ("linear", "matmul", "mm",
+                                                                                         "einsum"))
     if op_name(node) != "einsum":
         return tuple(node.args[:2])
     ops = node.args[1:]

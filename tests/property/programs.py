@@ -35,6 +35,7 @@ class MoESpec:
     combine: str       # index_add | scatter_add (sparse dispatch); einsum | bmm (dense_bmm)
     shared: str        # none | plain | gated
     renorm_eps: float = 0.0   # DeepSeek adds 1e-20 to the sum it renormalises by; others add nothing
+    router_op: str = "linear"  # linear (nn.Linear) | matmul_t (x @ W.T) | matmul_he (x @ W, W (H, E)) | einsum
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,11 @@ class MoELayer(nn.Module):
         super().__init__()
         self.s = s
         E, H, Fw = s.E, s.H, s.F
-        self.router = nn.Linear(H, E, bias=s.router == "topk_softmax")
+        if s.router_op == "linear":
+            self.router = nn.Linear(H, E, bias=s.router == "topk_softmax")
+        else:   # a bare weight (code without nn.Linear), its bias (GPT-OSS's router has one) added after
+            self.router_w = _randn(*((H, E) if s.router_op == "matmul_he" else (E, H)), fan_in=H)
+            self.router_b = _randn(E, fan_in=H) if s.router == "topk_softmax" else None
         if s.router in ("sigmoid_bias", "grouped"):
             # DeepSeek's e_score_correction_bias: a buffer, small, as after load-balancing updates.
             self.register_buffer("score_bias", torch.randn(E) * 0.01)
@@ -134,9 +139,21 @@ class MoELayer(nn.Module):
             self.shared_gate = nn.Linear(H, 1, bias=False) if s.shared == "gated" else None
 
     # -------------------------------------------------------------------- routing
+    def _logits(self, x):
+        op = self.s.router_op
+        if op == "linear":
+            return self.router(x)
+        if op == "matmul_t":
+            logits = x @ self.router_w.T
+        elif op == "matmul_he":
+            logits = torch.matmul(x, self.router_w)
+        else:
+            logits = torch.einsum("th,eh->te", x, self.router_w)
+        return logits if self.router_b is None else logits + self.router_b
+
     def route(self, x):                                       # (T, H) -> w (T, k) x.dtype, ids (T, k)
         s = self.s
-        logits = self.router(x)                               # (T, E)
+        logits = self._logits(x)                              # (T, E)
         if s.score_fp32:
             logits = logits.float()
         if s.router == "softmax_topk":

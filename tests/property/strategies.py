@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from programs import GATED, MoESpec, ProgramSpec
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "grouped")
+ROUTER_OPS = ("linear", "matmul_t", "matmul_he", "einsum")
 ACTS = ("swiglu", "geglu", "gelu", "relu", "swiglu_oai")
 DISPATCHES = ("where_loop", "mask_loop", "sort_gather", "sort_split", "dense_bmm", "module_list")
 GATED_LAYOUTS = ("concat", "interleaved", "separate", "transposed")
@@ -37,7 +38,8 @@ def moe_specs(draw, dispatches=DISPATCHES, routers=ROUTERS):
         dispatch=dispatch,
         combine=draw(st.sampled_from(("einsum", "bmm") if dispatch == "dense_bmm" else ("index_add", "scatter_add"))),
         shared=draw(st.sampled_from(("none", "plain", "gated"))),
-        renorm_eps=draw(st.sampled_from((0.0, 1e-20))) if router in ("sigmoid_bias", "grouped") else 0.0)
+        renorm_eps=draw(st.sampled_from((0.0, 1e-20))) if router in ("sigmoid_bias", "grouped") else 0.0,
+        router_op=draw(st.sampled_from(ROUTER_OPS)))
 
 
 @st.composite

@@ -174,6 +174,16 @@ def check_compiled(p, model, fused):
 # where a kept expert's biased score is negative, a dropped one outranks it; moec knew only -inf
 # masking -> "router matches none" (heavy profile; now `group_fill`)
 @example(p=spec(dict(router="grouped", E=6, G=2, topk_group=1, k=3), tokens=64, seed=2))
+# routers without nn.Linear were skipped with no report (only `linear` was taken for a router); with
+# the bias added after the product, it was a miss ("matches none") or, where the weights do not
+# depend on it (E = 1), rewritten away with the bias's gradient
+@example(p=spec(dict(router="topk_softmax", router_op="matmul_t", dispatch="sort_gather")))
+@example(p=spec(dict(router="topk_softmax", router_op="matmul_t", renorm=False, score_fp32=False, E=2, k=2, H=4,
+                     F=2), dtype="float32", tokens=1))
+@example(p=spec(dict(router="topk_softmax", router_op="matmul_t", renorm=False, score_fp32=False, E=1, k=1, H=4,
+                     F=2), dtype="float32", tokens=1))
+@example(p=spec(dict(router_op="matmul_he", dispatch="dense_bmm", combine="bmm")))
+@example(p=spec(dict(router="sigmoid_bias", router_op="einsum", dispatch="mask_loop")))
 def test_generated_moe_program(p):
     model = build(p)
     report = None if _broken(p, "explain") else check_explained(p, model)
