@@ -25,7 +25,7 @@ import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
 from torch._dynamo.utils import counters  # noqa: E402
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
-from moec.codegen import fast_launch, streams  # noqa: E402
+from moec.codegen import fast_launch, streams, wgrad_kernel  # noqa: E402
 
 METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
 GRAPH_METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
@@ -132,7 +132,7 @@ def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "wgrad_stream": streams.wgrad_stream_enabled(),
-            "fast_launch": fast_launch.enabled(),
+            "fast_launch": fast_launch.enabled(), "wgrad_copy_mib": wgrad_kernel.MAX_COPY_BYTES >> 20,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)
@@ -280,7 +280,12 @@ def main():
     p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
     p.add_argument("--fast-launch", action="store_true",
                    help="repeat Triton launches straight through the compiled kernel (codegen/fast_launch.py)")
+    p.add_argument("--wgrad-copy-mib", type=int, default=None,
+                   help="chunk size of the weight gradients' gathered copies (wgrad_kernel.MAX_COPY_BYTES); "
+                        "a large value makes one copy, as before the chunks")
     args = p.parse_args()
+    if args.wgrad_copy_mib is not None:
+        wgrad_kernel.MAX_COPY_BYTES = args.wgrad_copy_mib << 20
     streams.set_wgrad_stream(args.wgrad_stream)
     fast_launch.set_enabled(args.fast_launch)
     info, rows = run(args)
