@@ -23,6 +23,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
 from torch._dynamo.utils import counters  # noqa: E402
+from host_overhead import enqueue_us  # noqa: E402
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
 from moec.codegen import fast_launch, streams, wgrad_kernel  # noqa: E402
@@ -106,15 +107,9 @@ def bench(fn, params, x, train):
 
 
 def host_ms(step, n=10):
-    """Host time to enqueue one step (the GPU left to run behind it). Where it nears the step's
-    time, do_bench measured the host, not the kernels: a slower CPU reads as a slower layer."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e3
+    """Host time to enqueue one step: where it nears the step's time, do_bench measured the host,
+    not the kernels (a slower CPU reads as a slower layer)."""
+    return enqueue_us(step, n) / 1e3
 
 
 def peak_mib(step):

@@ -30,6 +30,21 @@ def _silence_kernels():
                 setattr(mod, name, _NoLaunch())
 
 
+def enqueue_us(fn, n, warmup=0):
+    """Host microseconds per call of fn on a GPU, the GPU left to run behind (the launch queue
+    holds n calls without blocking): where it nears the call's GPU time, a timing measured the
+    host, not the kernels."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true", help="print the 25 costliest functions")

@@ -5,26 +5,12 @@ with --fast-launch) and how much moec's own Python. Qwen3-30B-A3B widths, bf16, 
 Run: python benchmarks/op_host_time.py [--tokens 4096] [--fast-launch]
 """
 import argparse
-import time
 
 import torch
 
 import host_overhead
 from layers import SHAPES, make_params, moec_weights
 from moec.codegen import fast_launch
-
-
-def per_call_us(fn, n=200):
-    """Host time per call, the GPU left to run behind (a queue of n calls never blocks)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def main():
@@ -44,9 +30,9 @@ def main():
                "experts_combine": lambda: torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout,
                                                                          "silu", 0.0, 0.0, False),
                "torch add (reference)": lambda: x.add(1)}
-        real = {name: per_call_us(fn) for name, fn in ops.items()}
+        real = {name: host_overhead.enqueue_us(fn, 200, warmup=5) for name, fn in ops.items()}
         host_overhead._silence_kernels()
-        silenced = {name: per_call_us(fn) for name, fn in ops.items()}
+        silenced = {name: host_overhead.enqueue_us(fn, 200, warmup=5) for name, fn in ops.items()}
     print(f"{torch.cuda.get_device_name()}, T={args.tokens}, fast_launch={fast_launch.enabled()}")
     for name in ops:
         print(f"{name}: {real[name]:.0f} us host per call, {silenced[name]:.0f} us with launches skipped")

@@ -25,7 +25,7 @@ _UNSUPPORTED = object()
 
 
 def _protocol_ok() -> bool:
-    """True where JITFunction.run launches the way `_direct` repeats (triton 3.4 through 3.9 do)."""
+    """True where JITFunction.run launches the way `launch` repeats it (triton 3.4 through 3.9 do)."""
     try:
         import triton.knobs  # noqa: F401  (3.4+: where the launch hooks live)
         from triton.runtime.jit import JITFunction

@@ -167,25 +167,34 @@ def _analyse(gm, dg, anchor, linear, real):
 
 def _router_linear(anchor, real):
     """The router product whose output the top-k ranks: `linear(x, W)` with W (E, H), or
-    `x @ W.t()` / `x @ W` (W (E, H) transposed, or stored (H, E)) as code without nn.Linear
-    writes it, if W is a graph input. Its first argument is the tokens."""
+    `x @ W.t()` / `x @ W` (W (E, H) transposed, or stored (H, E)) / `einsum` as code without
+    nn.Linear writes it, if W is a graph input; with its bias add (`_with_bias`). Its tokens:
+    `_router_operands`."""
     todo, seen = [(anchor, 0)], set()
     while todo:
         node, depth = todo.pop(0)
         if node in seen or depth > _SCORE_WALK_DEPTH:
             continue
         seen.add(node)
-        if op_name(node) == "linear" and node is not anchor:
-            return _with_bias(node, real) if _is_weight(_strip_casts(node.args[1]), real) else None
-        if op_name(node) in ("matmul", "mm"):
-            ok = len(node.args) == 2 and _is_weight(_strip_transpose(node.args[1]), real)
-            return _with_bias(node, real) if ok else None
-        if op_name(node) == "einsum":
-            return _with_bias(node, real) if _einsum_router(node, real) else None
+        if op_name(node) in _ROUTER_PRODUCTS and node is not anchor:
+            return _with_bias(node, real) if _reads_router_weight(node, real) else None
         if op_name(node) in ("bmm", "grouped_mm"):
             return None
         todo.extend((a, depth + 1) for a in node.all_input_nodes)
     return None
+
+
+_ROUTER_PRODUCTS = ("linear", "matmul", "mm", "einsum")
+
+
+def _reads_router_weight(product, real):
+    """Whether a product of _ROUTER_PRODUCTS multiplies the tokens by a 2D weight graph input."""
+    name = op_name(product)
+    if name == "linear":
+        return _is_weight(_strip_casts(product.args[1]), real)
+    if name == "einsum":
+        return _einsum_router(product, real)
+    return len(product.args) == 2 and _is_weight(_strip_transpose(product.args[1]), real)
 
 
 def _with_bias(product, real):
@@ -193,20 +202,19 @@ def _with_bias(product, real):
     (`x @ W.T + b`, GPT-OSS's router written without nn.Linear): the logits are the sum, and the
     bias stays outside the layer as nn.Linear's does (inside, its gradient would be lost)."""
     users = list(product.users)
-    if len(users) != 1 or op_name(users[0]) not in ("add", "add_") or len(users[0].args) != 2:
+    if len(users) != 1 or op_name(users[0]) != "add" or len(users[0].args) != 2:
         return product
-    other = users[0].args[1] if users[0].args[0] is product else users[0].args[0]
-    s, e = shape(_strip_casts(other)), shape(product)
-    is_bias = _strip_casts(other) in real and s is not None and len(s) == 1 and e is not None and s[0] == e[-1]
-    return users[0] if is_bias and op_name(users[0]) == "add" else product
+    other = _strip_casts(users[0].args[1] if users[0].args[0] is product else users[0].args[0])
+    s, e = shape(other), shape(product)
+    is_bias = other in real and s is not None and len(s) == 1 and e is not None and s[0] == e[-1]
+    return users[0] if is_bias else product
 
 
 def _router_operands(node):
     """(tokens, weight) of a router product: linear / matmul's first two arguments, einsum's
     operands; through a bias add (`_with_bias`) to its product."""
     if op_name(node) == "add":
-        node = next(a for a in node.args if isinstance(a, fx.Node) and op_name(a) in ("linear", "matmul", "mm",
-                                                                                         "einsum"))
+        node = next(a for a in node.args if isinstance(a, fx.Node) and op_name(a) in _ROUTER_PRODUCTS)
     if op_name(node) != "einsum":
         return tuple(node.args[:2])
     ops = node.args[1:]
