@@ -52,19 +52,19 @@ def floor_ms(s, T, ids, peak_flops, bw, train):
     return max(flops / peak_flops, byts / bw) * 1e3, flops
 
 
-def bench_graph(fn, x):
-    """Forward only, replayed from a CUDA graph: the GPU time of a decode step with the host's
-    launch cost gone, as `mode="reduce-overhead"` serving sees it."""
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(x)
+def bench_graph(step):
+    """One step (forward, or forward + backward) replayed from a CUDA graph: its GPU time with
+    the host's enqueue cost gone, as `mode="reduce-overhead"` sees it, and a timing a slow host
+    cannot distort."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
     torch.cuda.synchronize()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
@@ -87,7 +87,7 @@ def moec_compiled(s, params):
     return run
 
 
-def bench(fn, params, x, train):
+def make_step(fn, params, x, train):
     # a peer holding its own copies of the weights (sonic_peer) names them in fn.leaves
     leaves = [x] + getattr(fn, "leaves", [t for t in params.values() if t.requires_grad])
     if train:
@@ -100,6 +100,10 @@ def bench(fn, params, x, train):
         def step():
             with torch.no_grad():
                 fn(x)
+    return step
+
+
+def bench(step):
     step()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
@@ -176,15 +180,16 @@ def run(args):
                         continue
                     t0 = time.time()
                     try:
-                        row[name], row[name + "_peak_mib"], row[name + "_host_ms"] = bench(fn, params, x, train)
+                        row[name], row[name + "_peak_mib"], row[name + "_host_ms"] = bench(
+                            make_step(fn, params, x, train))
                     except Exception as e:  # record and go on: one failing peer must not end the run
                         row[name] = None
                         row[name + "_error"] = _why(e)
                     row[name + "_wall_s"] = round(time.time() - t0, 1)
-                if args.graphs and not train:
-                    for name in GRAPH_METHODS:
+                if args.graphs:
+                    for name in (m for m in GRAPH_METHODS if m in fns):
                         try:
-                            row[name + "_graph"] = bench_graph(fns[name], x)
+                            row[name + "_graph"] = bench_graph(make_step(fns[name], params, x, train))
                         except Exception as e:
                             row[name + "_graph"] = None
                             row[name + "_graph_error"] = _why(e)
@@ -245,14 +250,14 @@ def table(rows):
                     f"{'; '.join(hosted)}. Those rows time the CPU, not the kernels."]
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
-        out += ["", "Forward replayed from a CUDA graph (GPU time alone, as `reduce-overhead` serving sees it):", "",
-                "| layer | tokens | floor ms | moec ms | moec compiled ms | HF grouped_mm + compile ms | "
+        out += ["", "Replayed from a CUDA graph (GPU time alone, as `reduce-overhead` sees it):", "",
+                "| layer | tokens | mode | floor ms | moec ms | moec compiled ms | HF grouped_mm + compile ms | "
                 "moec speedup vs compiled | moec % of floor | moec compiled % of floor | HF compiled % of floor |",
-                "|" + "---|" * 10]
+                "|" + "---|" * 11]
         pct = lambda r, v: f"{100 * r['floor_ms'] / v:.0f}%" if v else "—"
         for r in graphed:
             c, m, mc = r.get("hf_grouped_mm_compiled_graph"), r.get("moec_graph"), r.get("moec_compiled_graph")
-            out.append(f"| {r['shape']} | {r['tokens']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(mc)} | {fmt(c)} | "
+            out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(mc)} | {fmt(c)} | "
                        f"{speedup(c, m)} | {pct(r, m)} | {pct(r, mc)} | {pct(r, c)} |")
     return "\n".join(out)
 
@@ -271,10 +276,10 @@ def main():
     p.add_argument("--skip", default="", help="methods to leave out, e.g. hf_loop,hf_grouped_mm,moec_unfused")
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--graphs", action="store_true", help="also time forward replays of CUDA graphs")
+    p.add_argument("--graphs", action="store_true", help="also time steps replayed from CUDA graphs (forward, and forward + backward)")
     p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
-    p.add_argument("--fast-launch", action="store_true",
-                   help="repeat Triton launches straight through the compiled kernel (codegen/fast_launch.py)")
+    p.add_argument("--no-fast-launch", action="store_true",
+                   help="every Triton launch through Triton's own path (codegen/fast_launch.py off)")
     p.add_argument("--wgrad-copy-mib", type=int, default=None,
                    help="chunk size of the weight gradients' gathered copies (wgrad_kernel.MAX_COPY_BYTES); "
                         "a large value makes one copy, as before the chunks")
@@ -282,7 +287,7 @@ def main():
     if args.wgrad_copy_mib is not None:
         wgrad_kernel.MAX_COPY_BYTES = args.wgrad_copy_mib << 20
     streams.set_wgrad_stream(args.wgrad_stream)
-    fast_launch.set_enabled(args.fast_launch)
+    fast_launch.set_enabled(not args.no_fast_launch)
     info, rows = run(args)
     _save(args.out, info, rows)
     with open(os.path.join(args.out, "bench_layer.md"), "w") as f:

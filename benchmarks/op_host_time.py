@@ -1,8 +1,8 @@
 """Host time of moec's forward ops on a GPU, with Triton's launches and with them replaced by
 no-ops: how much of an op's host cost is the launch path (Triton's, or codegen/fast_launch.py's
-with --fast-launch) and how much moec's own Python. Qwen3-30B-A3B widths, bf16, no_grad.
+by default, Triton's with --no-fast-launch) and how much moec's own Python. Qwen3-30B-A3B widths, bf16, no_grad.
 
-Run: python benchmarks/op_host_time.py [--tokens 4096] [--fast-launch]
+Run: python benchmarks/op_host_time.py [--tokens 4096] [--no-fast-launch]
 """
 import argparse
 
@@ -16,9 +16,9 @@ from moec.codegen import fast_launch
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--fast-launch", action="store_true")
+    ap.add_argument("--no-fast-launch", action="store_true")
     args = ap.parse_args()
-    fast_launch.set_enabled(args.fast_launch)
+    fast_launch.set_enabled(not args.no_fast_launch)
     s = SHAPES["qwen3"]
     p = make_params(s, "cuda")
     x = torch.randn(args.tokens, s.H, device="cuda", dtype=torch.bfloat16)

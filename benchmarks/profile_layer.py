@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401
 from layers import SHAPES, make_params, moec_layer  # noqa: E402
+from moec.codegen import wgrad_kernel  # noqa: E402
 
 
 def main():
@@ -19,7 +20,11 @@ def main():
     ap.add_argument("--shape", default="olmoe")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--fwd", action="store_true", help="forward only, under no_grad (decode)")
+    ap.add_argument("--wgrad-copy-mib", type=int, default=None,
+                    help="chunk size of the weight gradients' gathered copies (wgrad_kernel.MAX_COPY_BYTES)")
     args = ap.parse_args()
+    if args.wgrad_copy_mib is not None:
+        wgrad_kernel.MAX_COPY_BYTES = args.wgrad_copy_mib << 20
     s = SHAPES[args.shape]
     p = make_params(s, "cuda")
     x = torch.randn(args.tokens, s.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -38,7 +43,8 @@ def main():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"{s.name} T={args.tokens} {'forward' if args.fwd else 'train'} step, per-kernel CUDA time summed over 5 steps")
+    print(f"{s.name} T={args.tokens} {'forward' if args.fwd else 'train'} step, per-kernel CUDA time summed over 5 steps"
+          f" (wgrad copies of <= {wgrad_kernel.MAX_COPY_BYTES >> 20} MiB)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 

@@ -16,6 +16,8 @@ along m instead of writing one element per cache line, which cost 75% of a GPT-O
 on an H100 (9.4 ms per wgrad launch at 4096 tokens).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -123,14 +125,18 @@ def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.con
         tl.store(ptrs, out.to(base.dtype.element_ty), mask=wmask[:, None] & nmask[None, :])
 
 
-# The copy of gathered rows (x's for dW_up | dW_gate, grad_out's for dW_down) is made and used in
-# chunks of at most this many bytes: whole, it was S x H beside the weight gradients at the
-# backward's peak (128 MiB a layer at Qwen3 and OLMoE widths, 4096 tokens). Each chunk is one
-# launch; an expert whose rows straddle chunks is added to by the later ones (one more rounding of
-# its partial sum to the gradient's dtype). Modelled (benchmarks/backward_peak_model.py, which gave
-# the H100's measured peaks within 2 MiB): Qwen3 1472 -> 1392 MiB, OLMoE 1136 -> 1056, under HF
-# grouped_mm + torch.compile's 1425 and 1072; GPT-OSS 1947 -> 1905 (HF 1858).
-MAX_COPY_BYTES = 48 << 20
+# The copy of gathered rows (x's for dW_up | dW_gate, grad_out's for dW_down) can be made and used
+# in chunks of at most MOEC_WGRAD_COPY_MIB (a memory-for-time trade, off by default): whole, it is
+# S x H beside the weight gradients at the backward's peak (128 MiB a layer at Qwen3 and OLMoE
+# widths, 4096 tokens). Each chunk is one launch; an expert whose rows straddle chunks is added to
+# by the later ones (one more rounding of its partial sum to the gradient's dtype). At 48 MiB the
+# H100 measured (2026-12-05) peaks Qwen3 1474 -> 1394 MiB, OLMoE 1138 -> 1058 (HF grouped_mm +
+# torch.compile 1425, 1072), but training steps replayed from CUDA graphs 3.31 -> 4.16 ms (Qwen3),
+# 3.52 -> 4.06 (OLMoE), 7.18 -> 7.95 (GPT-OSS), 19.97 -> 21.02 (Mixtral): each chunk's launch runs
+# every expert's tiles, most of them idle (the weight gradients 1.03 -> 1.93 ms a Qwen3 step), and
+# programs striding over the chunk's experts' tiles alone were slower still on GPT-OSS and Mixtral
+# (benchmarks/results/wgrad_chunks_h100.md).
+MAX_COPY_BYTES = int(os.environ.get("MOEC_WGRAD_COPY_MIB", 1 << 30)) << 20
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None, gather_a=None):
