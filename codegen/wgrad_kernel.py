@@ -50,6 +50,11 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         lo, hi = tl.maximum(start, r0), tl.minimum(end, r1)
         add = (start < r0) & (lo < hi)
         write = ((start >= r0) & (start < r1) & (start < end)) | ((start == end) & (r0 == 0)) | add
+    if not write:
+        # a chunk's launch covers every expert's tiles and most have nothing to do: leaving before
+        # the epilogue (a (BM, BN) accumulator through shared memory to a masked-off store) is what
+        # makes those programs cheap (~150 us a launch of idle epilogues at Qwen3 widths, H100)
+        return
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = ms < M, ns < N
@@ -135,7 +140,8 @@ def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.con
 # 3.52 -> 4.06 (OLMoE), 7.18 -> 7.95 (GPT-OSS), 19.97 -> 21.02 (Mixtral): each chunk's launch runs
 # every expert's tiles, most of them idle (the weight gradients 1.03 -> 1.93 ms a Qwen3 step), and
 # programs striding over the chunk's experts' tiles alone were slower still on GPT-OSS and Mixtral
-# (benchmarks/results/wgrad_chunks_h100.md).
+# (benchmarks/results/wgrad_chunks_h100.md). Since then idle programs leave before their epilogue
+# (not yet timed on a GPU).
 MAX_COPY_BYTES = int(os.environ.get("MOEC_WGRAD_COPY_MIB", 1 << 30)) << 20
 
 

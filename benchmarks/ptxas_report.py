@@ -1,0 +1,75 @@
+"""Registers, spills and shared memory of every moec kernel one training step launches, compiled on
+the CPU for a GPU architecture (no GPU needed: Triton's compiler and its bundled ptxas, cuobjdump), at the
+tiles the shipped table holds for a named GPU and layer. Where a tuned kernel spills, its time on
+the card goes to local memory: this says so before any device time is spent.
+
+How: the step runs on CPU tensors with moec's Triton path, every launch intercepted (nothing runs)
+and recorded with its arguments; each distinct launch is compiled with the signature and the
+16-divisibility Triton would specialise on, and cuobjdump reads the cubin's resource usage. The local Triton may be
+newer than the card's, and the combine kernels' block sizes are the CPU's (smaller): the numbers
+are indicative.
+
+Run: python benchmarks/ptxas_report.py --shape qwen3 --tokens 4096 [--gpu "NVIDIA H100 80GB HBM3"] [--arch 90]
+"""
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec.*)
+from layers import SHAPES, make_params, moec_weights  # noqa: E402
+from moec.codegen import compile_check, kernels, reference, tuning  # noqa: E402
+
+
+def _tiles_of(gpu):
+    """tuning.tile as the card named `gpu` would answer it (its shipped table, else the default)."""
+    tuning._load_shipped()
+
+    def tile(kernel, E, k, H, F, dtype, device, tokens):
+        found = tuning._tuned.get(tuning.key(kernel, E, k, H, F, dtype, None, tokens, gpu=gpu))
+        return found or tuning._default(kernel, tokens * k / E, dtype)
+    return tile
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--fwd", action="store_true", help="inference forward only")
+    args = ap.parse_args()
+    s = SHAPES[args.shape]
+    p = make_params(s, "cpu")
+    x = torch.randn(args.tokens, s.H, dtype=torch.bfloat16, requires_grad=not args.fwd)
+    with torch.no_grad():     # real routing: the backward indexes with it on the host
+        w, ids = reference.route(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+                                 s.n_group, s.topk_group)
+        offsets, src, inv = reference.plan(ids, s.E)
+    bases, layout = moec_weights(s, p)
+    tuning.tile = _tiles_of(args.gpu)
+    with compile_check.recording() as launches, kernels.backend("triton"), torch.set_grad_enabled(not args.fwd):
+        w = w.requires_grad_(not args.fwd)
+        out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, 1.702,
+                                                7.0, not args.fwd)
+        if not args.fwd:
+            torch.autograd.grad(out, [x, w] + [b for b in bases if b.requires_grad], torch.randn_like(out))
+    print(f"{s.name} T={args.tokens}, tiles of {args.gpu}, sm_{args.arch}a, triton {triton.__version__}")
+    print("| kernel | tile (m, n, k, warps, stages) | registers | local B / thread (spills) | shared KiB |")
+    print("|---|---|---|---|---|")
+    seen = set()
+    for kernel, a, kw in launches:
+        ident = compile_check.launch_id(kernel, a, kw)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        regs, local, shared = compile_check.usage(compile_check.compile_launch(kernel, a, kw, args.arch))
+        tile = tuple(kw.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        print(f"| {kernel.__name__} | {tile} | {regs} | {local} | {shared / 1024:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Every kernel a layer launches compiles for an H100 (sm_90) at the GPU's own tile sizes, and fits
+its shared memory: checked on the CPU, where the interpreter runs the same code but would accept
+what the GPU compiler rejects and never runs out of shared memory. Launches are recorded, not run
+(codegen/compile_check.py), in a child process: Triton's compiler needs the kernels as @jit
+functions, which TRITON_INTERPRET=1 (how the rest of this folder runs on CPU) replaces."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moec.codegen import compile_check, reference, tuning, wgrad_kernel
+
+SM90_SHARED = 227 * 1024        # the most shared memory one H100 block may ask for
+GEMMS = ("gate_up", "gate_up_bwd", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
+E, k, H, F, T = 8, 2, 256, 128, 64
+
+
+def _tiles(rows_per_expert, dtype, tma=False):
+    """The GPU's heuristic tiles (tuning._default): decode-sized or training-sized."""
+    tiles = {g: tuning._default(g, rows_per_expert, dtype) for g in GEMMS}
+    if tma:
+        tiles.update({g: dataclasses.replace(tiles[g], tma=True)
+                      for g in ("gate_up", "gate_up_bwd", "down", "dh", "down_dx")})
+    return tiles
+
+
+def _record_layer(dtype, act, gated, bias, layout, train, tiles):
+    from test_experts_launch import _layer
+    x = torch.randn(T, H, dtype=dtype)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    offsets, src, inv = reference.plan(ids, E)
+    bases, lay = _layer(E, H, F, dtype, gated, bias, layout, pad=8)
+    w = torch.rand(T, k)
+    with compile_check.recording() as launches, tuning.pin(**tiles), torch.set_grad_enabled(train):
+        if train:
+            x.requires_grad_()
+            w.requires_grad_()
+            for b in bases:
+                b.requires_grad_()
+        out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, k, bases, lay, act, 1.702, 7.0, train)
+        if train:
+            torch.autograd.grad(out, [x, w] + bases, torch.randn_like(out))
+    return launches
+
+
+def _record_routing(scoring, n_group, topk_group, tokens):
+    logits = torch.randn(tokens, E, requires_grad=True)
+    bias = torch.randn(E) if scoring == "sigmoid" else None
+    with compile_check.recording() as launches:
+        w, *_ = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.0, n_group, topk_group, E)
+        torch.autograd.grad(w, logits, torch.randn_like(w))
+    return launches
+
+
+def _compile_all(launches):
+    """{kernel name: errors}: each distinct launch compiled for sm_90, its failures collected."""
+    seen, names = set(), {}
+    for kernel, args, kwargs in launches:
+        ident = compile_check.launch_id(kernel, args, kwargs)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        errors = names.setdefault(kernel.__name__, [])
+        try:
+            regs, _local, shared = compile_check.usage(compile_check.compile_launch(kernel, args, kwargs, 90))
+        except Exception as e:
+            errors.append(f"{kwargs}: {type(e).__name__}: {str(e)[-800:]}")
+            continue
+        if not 0 < regs <= 255 or shared > SM90_SHARED:
+            errors.append(f"{kwargs}: {regs} registers, {shared} bytes of shared memory")
+    return names
+
+
+LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "tma", "fp32"]
+ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4)]   # 4 tokens: one launch
+
+
+def _layer_case(case):
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    act, gated, bias, layout = ("swiglu_oai", True, True, "transposed") if "oai" in case else \
+        ("silu", True, False, "interleaved")
+    train = case != "decode"
+    tiles = _tiles(1 if case == "decode" else 64, dtype, tma=case == "tma")
+    saved = wgrad_kernel.MAX_COPY_BYTES
+    if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
+        wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2
+    try:
+        return _compile_all(_record_layer(dtype, act, gated, bias, layout, train, tiles))
+    finally:
+        wgrad_kernel.MAX_COPY_BYTES = saved
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not os.path.exists(os.path.join(compile_check.tools_dir(), "cuobjdump")):
+        pytest.skip("this Triton ships no CUDA tools (cuobjdump, ptxas)")
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(__file__), timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_kernels_compile(case, compiled):
+    names = compiled[case]
+    want = {"gate_up_kernel", "down_kernel", "combine_kernel"}
+    if case != "decode":
+        want |= {"dh_kernel", "wgrad_kernel"}
+    assert want <= set(names), sorted(names)
+    assert not any(names.values()), {n: e for n, e in names.items() if e}
+
+
+@pytest.mark.parametrize("routing", ROUTING_CASES)
+def test_routing_kernels_compile(routing, compiled):
+    names = compiled["routing_%s_%d_%d_%d" % routing]
+    want = {"route_plan_kernel"} if routing[-1] < 8 else {"route_kernel", "plan_single_kernel"}
+    assert want | {"route_backward_kernel"} <= set(names), sorted(names)
+    assert not any(names.values()), {n: e for n, e in names.items() if e}
+
+
+if __name__ == "__main__":        # the child: no interpreter, launches recorded and compiled
+    sys.path.insert(0, os.path.dirname(__file__))
+    from moec.codegen import kernels     # (and registers torch.ops.moec.*)
+    results = {}
+    with kernels.backend("triton"):
+        for case in LAYER_CASES:
+            results[case] = _layer_case(case)
+        for routing in ROUTING_CASES:
+            results["routing_%s_%d_%d_%d" % routing] = _compile_all(_record_routing(*routing))
+    print(json.dumps(results))
