@@ -3,7 +3,11 @@ the layer's time goes. Writes the tuned table as JSON into moec's cache (<cache_
 default ~/.cache/moec/tuning; MOEC_CACHE_DIR), where every later compile on this machine reads it
 (codegen.tuning.load_dir), or into --out. A layer of your own: --shape E,k,H,F.
 
-Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 [--out DIR]
+Run: python benchmarks/tune_kernels.py --shapes olmoe,qwen3 --tokens 256,4096,16384 [--out DIR] [--jobs 12]
+
+--jobs N: first run every candidate once in N processes, so that Triton compiles them in parallel
+into its cache (one core each; serially, compiling was most of a tuning run's time), then time them
+in this process as before.
 """
 import argparse
 import dataclasses
@@ -96,6 +100,30 @@ def kernels_for(s, p, T):
     }
 
 
+def _warm(task):
+    """Run each candidate of one kernel once (a child of --jobs): Triton compiles it into its cache."""
+    shape, T, name, tma = task
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
+    fn = kernels_for(s, p, T)[name]
+    default = tuning.tile(name, s.E, s.k, s.H, s.F, torch.bfloat16, torch.device("cuda"), T)
+    failed = 0
+    for cand in candidates(name, default, tma):
+        try:
+            fn(cand)
+        except Exception:     # one that does not fit: the timing pass skips it too
+            failed += 1
+    torch.cuda.synchronize()
+    return failed
+
+
+def warm_cache(shapes, tokens, names, tma, jobs):
+    import multiprocessing
+    tasks = [(shape, T, name, tma) for shape in shapes for T in tokens for name in names if name in CANDIDATES]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_warm, tasks, chunksize=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", help="layers of benchmarks/layers.py (default olmoe,qwen3 without --shape)")
@@ -104,6 +132,7 @@ def main():
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     ap.add_argument("--kernels", help="only these kernels (comma-separated names of kernels_for), e.g. gate_up,down")
     ap.add_argument("--no-tma", action="store_true", help="leave out the TMA twin of each candidate (Tile.tma)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes compiling the candidates first")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
     args = ap.parse_args()
@@ -121,6 +150,10 @@ def main():
     tuning.load(path)
     own = [Shape(f"E{e}k{k}H{h}F{f}", *map(int, (e, k, h, f))) for e, k, h, f in (x.split(",") for x in args.shape)]
     named = args.shapes if args.shapes is not None else ("" if own else "olmoe,qwen3")
+    if args.jobs > 1:
+        names = args.kernels.split(",") if args.kernels else list(CANDIDATES)
+        warm_cache([key for key in named.split(",") if key] + own, [int(t) for t in args.tokens.split(",")], names,
+                   not args.no_tma, args.jobs)
     for s in [SHAPES[key] for key in named.split(",") if key] + own:
         p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
         layer = (s.E, s.k, s.H, s.F)
