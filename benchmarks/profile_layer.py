@@ -1,6 +1,6 @@
 """Where one MoE layer's time goes: CUDA kernel times of a moec train step under torch.profiler.
 
-Run: python benchmarks/profile_layer.py --shape olmoe --tokens 4096
+Run: python benchmarks/profile_layer.py --shape olmoe --tokens 4096 [--compiled] [--host]
 """
 import argparse
 import os
@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401
+from bench_layer import moec_compiled  # noqa: E402
 from layers import SHAPES, make_params, moec_layer  # noqa: E402
 from moec.codegen import wgrad_kernel  # noqa: E402
 
@@ -20,6 +21,10 @@ def main():
     ap.add_argument("--shape", default="olmoe")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--fwd", action="store_true", help="forward only, under no_grad (decode)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="the HF-style layer under torch.compile(backend='moec'), as users run it (bench_layer's "
+                         "moec_compiled); with --host, where its host time goes")
+    ap.add_argument("--host", action="store_true", help="sort by CPU time (the host's share of a step)")
     ap.add_argument("--wgrad-copy-mib", type=int, default=None,
                     help="chunk size of the weight gradients' gathered copies (wgrad_kernel.MAX_COPY_BYTES)")
     args = ap.parse_args()
@@ -29,12 +34,13 @@ def main():
     p = make_params(s, "cuda")
     x = torch.randn(args.tokens, s.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     leaves = [x] + [t for t in p.values() if t.requires_grad]
+    layer = moec_compiled(s, p) if args.compiled else (lambda x: moec_layer(s, p, x))
 
     def step():
         if args.fwd:
             with torch.no_grad():
-                return moec_layer(s, p, x)
-        out = moec_layer(s, p, x)
+                return layer(x)
+        out = layer(x)
         torch.autograd.grad(out.float().square().sum(), leaves)
     for _ in range(3):
         step()
@@ -45,7 +51,8 @@ def main():
         torch.cuda.synchronize()
     print(f"{s.name} T={args.tokens} {'forward' if args.fwd else 'train'} step, per-kernel CUDA time summed over 5 steps"
           f" (wgrad copies of <= {wgrad_kernel.MAX_COPY_BYTES >> 20} MiB)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total" if args.host else "cuda_time_total", row_limit=25,
+                                    max_name_column_width=60))
 
 
 if __name__ == "__main__":
