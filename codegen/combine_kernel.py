@@ -8,12 +8,15 @@ import triton
 import triton.language as tl
 
 from .fast_launch import launch
-from .jit_helpers import cdiv, next_pow2
+from .jit_helpers import cdiv, next_pow2, pdl_enter
+from .pdl import launch_kwargs
 
 
 @triton.jit
 def combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, T, H, s_y, s_out,
-                   K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                   K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     tmask, hmask = ts < T, hs < H
@@ -29,7 +32,7 @@ def combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, T, H, s_y, s_out,
              mask=mask)
 
 
-def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None):
+def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None, pdl=False):
     """out (T, H) = sum over each token's k rows of y (S, H) at inv, times weights (T, k) if given."""
     T, H = out.shape
     if T == 0 or H == 0:
@@ -39,5 +42,5 @@ def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None):
     grid = (cdiv(T, block_t), cdiv(H, block_h))
     w = weights.contiguous() if weights is not None else y      # y: unused placeholder
     launch(combine_kernel, grid, y, inv.contiguous(), w, out, T, H, y.stride(0), out.stride(0), K=k,
-           HAS_W=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+           HAS_W=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4, **launch_kwargs(pdl))
     return out

@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl")      # launch keywords that are compile options
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
            torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
@@ -80,7 +81,7 @@ def _signature(kernel, args, kwargs):
 def launch_id(kernel, args, kwargs):
     """What makes two launches one compiled kernel (signature, constexprs, options), hashable."""
     sig, consts, attrs = _signature(kernel, args, kwargs)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
     return kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(sorted(attrs.items())), repr(options)
 
 
@@ -90,7 +91,7 @@ def compile_launch(kernel, args, kwargs, arch=90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, consts, attrs = _signature(kernel, args, kwargs)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
 

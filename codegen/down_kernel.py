@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .fast_launch import launch
+from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          max_tiles, mma, next_pow2, weight_desc, weight_tile)
+                          max_tiles, mma, next_pow2, pdl_enter, weight_desc, weight_tile)
 
 
 @triton.jit
@@ -24,7 +25,8 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
                 HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, LR1: tl.constexpr, LR2: tl.constexpr,
                 TMA1: tl.constexpr, K_LAST1: tl.constexpr, TMA2: tl.constexpr, K_LAST2: tl.constexpr,
                 IEEE: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     n_n = tl.cdiv(N, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
@@ -65,7 +67,7 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
              mask=rmask[:, None] & cmask[None, :])
 
 
-def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None, lr2=None):
+def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None, lr2=None, pdl=False):
     """c (S, N) = grouped a1 (S, K) @ b1 (E, K, N) [+ a2 @ b2] [+ bias (E, N)] [+ t @ L for each
     lr = (t (S, r), L (E, r, N))]; b's and L's may be views."""
     S, N = c.shape
@@ -85,4 +87,4 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None,
         TMA1=d1 is not None, K_LAST1=k_last1, TMA2=d2 is not None, K_LAST2=k_last2, IEEE=ieee(c),
         E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_kwargs(pdl))

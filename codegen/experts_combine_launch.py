@@ -24,14 +24,16 @@ from .dh_kernel import launch_dh
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
                              experts_forward, input_grad, lora_up_gate_wgrads)
 from .jit_helpers import ACTIVATION_CODE
+from .pdl import use as use_pdl
 from .wgrad_kernel import launch_wgrad
 
 
 def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save):
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
     pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout)) if save else x.new_empty(0)
-    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None)
-    return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k), pre
+    pdl = not save and use_pdl(x, x.shape[0])       # decode: codegen/pdl.py
+    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None, pdl)
+    return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k, pdl=pdl), pre
 
 
 def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha,

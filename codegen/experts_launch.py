@@ -33,7 +33,7 @@ def _check(x):
         raise MoecKernelError("moec.experts (triton): x rows must be contiguous (x.stride(1) == 1)")
 
 
-def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None):
+def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None, pdl=False):
     """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down. Given pre
     (S, 2F or F), the gate/up launch also stores the pre-activations u | g there.
     LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
@@ -49,9 +49,9 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
     h = x.new_empty(S, F)
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre)
+                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre, pdl=pdl)
     t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
-    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld))
+    launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld), pdl=pdl)
     return y
 
 

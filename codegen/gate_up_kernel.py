@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from .fast_launch import launch
+from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
-                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, weight_desc, weight_tile)
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, pdl_enter, weight_desc, weight_tile)
 
 
 @triton.jit
@@ -34,7 +35,8 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
                    LORA_U: tl.constexpr, LORA_G: tl.constexpr, LORA_D: tl.constexpr,
                    TMA_U: tl.constexpr, K_LAST_U: tl.constexpr, TMA_G: tl.constexpr, K_LAST_G: tl.constexpr,
                    TMA_D: tl.constexpr, K_LAST_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, False)
@@ -99,7 +101,7 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
 
 def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alpha, limit, tile,
                    h, grad_y=None, w_down=None, dg=None, du=None, lora_u=None, lora_g=None, lora_d=None,
-                   pre=None):
+                   pre=None, pdl=False):
     """Fill h (S, F) and, given grad_y and w_down, dg and du (S, F) too; given pre (S, 2F, or F
     without a gate, contiguous), the pre-activations u | g. lora_u/g/d: (t (S, r), L (E, r, F))
     adding t L[e] to u, g or dh."""
@@ -131,5 +133,5 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
         LORA_D=lora_d is not None, TMA_U=d_u is not None, K_LAST_U=kl_u, TMA_G=d_g is not None, K_LAST_G=kl_g,
         TMA_D=d_d is not None, K_LAST_D=kl_d, E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_kwargs(pdl))
 

@@ -9,6 +9,7 @@ from a cumulative sum over at most E+1 counts, so the grid can be sized from a h
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .tuning import bucket
 
@@ -230,3 +231,12 @@ def mma(a, b, acc, IEEE: tl.constexpr):
 def ieee(t) -> bool:
     """The `mma` mode for operands like t: float32 operands, or any on the CPU interpreter."""
     return t.dtype.itemsize == 4 or not t.is_cuda
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First thing in a kernel launched with PDL (codegen/pdl.py): wait until the kernel before it
+    has finished and its writes are visible, then let the next kernel's CTAs launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

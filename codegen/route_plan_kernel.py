@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from .fast_launch import launch
-from .jit_helpers import next_pow2
+from .jit_helpers import next_pow2, pdl_enter
+from .pdl import launch_kwargs, use as use_pdl
 from .plan_kernel import plan_launch, plan_single_kernel
 from .route_kernel import route_kernel, route_launch, route_settings
 
@@ -21,7 +22,9 @@ def route_plan_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, offsets_ptr, src_ptr
                       topk_group, fill, K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
                       RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
                       BLOCK_T: tl.constexpr,
-                      E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr):
+                      E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K, SCORING, HAS_BIAS,
                  RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2)
     tl.debug_barrier()      # the ids in global memory, written by all of this program's threads
@@ -49,5 +52,6 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
         topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=next_pow2(T),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
         num_warps=max(1, min(4, next_pow2(T) * next_pow2(E) // 256)),
-        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill))
+        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill),
+        **launch_kwargs(use_pdl(logits, T)))
     return w, ids, offsets, src, inv

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from moec.codegen import compile_check, reference, tuning, wgrad_kernel
+from moec.codegen import compile_check, experts_combine_launch, reference, route_plan_kernel, tuning, wgrad_kernel
 
 SM90_SHARED = 227 * 1024        # the most shared memory one H100 block may ask for
 GEMMS = ("gate_up", "gate_up_bwd", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
@@ -66,16 +66,20 @@ def _compile_all(launches):
         seen.add(ident)
         errors = names.setdefault(kernel.__name__, [])
         try:
-            regs, _local, shared = compile_check.usage(compile_check.compile_launch(kernel, args, kwargs, 90))
+            compiled = compile_check.compile_launch(kernel, args, kwargs, 90)
+            regs, _local, shared = compile_check.usage(compiled)
         except Exception as e:
             errors.append(f"{kwargs}: {type(e).__name__}: {str(e)[-800:]}")
             continue
+        ptx = compiled.asm["ptx"]
+        if kwargs.get("PDL") and not ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx):
+            errors.append(f"{kwargs}: launched with PDL, but waits for / releases no grid")
         if not 0 < regs <= 255 or shared > SM90_SHARED:
             errors.append(f"{kwargs}: {regs} registers, {shared} bytes of shared memory")
     return names
 
 
-LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "tma", "fp32"]
+LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32"]
 ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4)]   # 4 tokens: one launch
 
 
@@ -83,15 +87,20 @@ def _layer_case(case):
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
     act, gated, bias, layout = ("swiglu_oai", True, True, "transposed") if "oai" in case else \
         ("silu", True, False, "interleaved")
-    train = case != "decode"
-    tiles = _tiles(1 if case == "decode" else 64, dtype, tma=case == "tma")
-    saved = wgrad_kernel.MAX_COPY_BYTES
+    train = not case.startswith("decode")
+    tiles = _tiles(64 if train else 1, dtype, tma=case == "tma")
+    saved = wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl
     if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
         wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2
+    if case == "decode_pdl":    # as on an H100 with MOEC_PDL=1 (codegen/pdl.py)
+        experts_combine_launch.use_pdl = route_plan_kernel.use_pdl = lambda t, tokens: True
     try:
-        return _compile_all(_record_layer(dtype, act, gated, bias, layout, train, tiles))
+        launches = _record_layer(dtype, act, gated, bias, layout, train, tiles)
+        if case == "decode_pdl":
+            launches += _record_routing("softmax", 1, 1, 4)
+        return _compile_all(launches)
     finally:
-        wgrad_kernel.MAX_COPY_BYTES = saved
+        wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl = saved
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +118,10 @@ def compiled():
 def test_layer_kernels_compile(case, compiled):
     names = compiled[case]
     want = {"gate_up_kernel", "down_kernel", "combine_kernel"}
-    if case != "decode":
+    if not case.startswith("decode"):
         want |= {"dh_kernel", "wgrad_kernel"}
+    if case == "decode_pdl":
+        want |= {"route_plan_kernel"}
     assert want <= set(names), sorted(names)
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 

@@ -1,0 +1,43 @@
+"""Programmatic dependent launch (PDL, sm90+) for the inference forward's chain of launches:
+route_plan -> gate/up -> down -> combine.
+
+Why: at one token a layer's kernels each stream a few MB of weights in ~5-20 us, and between two
+of them the GPU drains the first's last CTAs before it starts the next's (Qwen3, one token, H100:
+58 us against a 25 us bandwidth floor, bench_layer_decode_compiled_h100.md). With PDL a kernel
+is launched while the one before it still runs: its CTAs become resident and wait (gdc_wait, the
+first thing each of them does, so nothing is read before the producer is done), and the producer
+lets them in as soon as all its CTAs have started (gdc_launch_dependents right after their own
+wait). Off by default (MOEC_PDL=1 turns it on) until a GPU run shows it faster; only where the
+inference forward is decode-sized (PDL_MAX_TOKENS), where grids fit the SMs and the waiting CTAs
+take no slot a producer's CTA would need.
+"""
+import functools
+import os
+
+import torch
+
+PDL_MAX_TOKENS = 64
+_state = {"on": os.environ.get("MOEC_PDL", "0") == "1"}
+
+
+def set_enabled(on: bool) -> None:
+    _state["on"] = bool(on)
+
+
+def enabled() -> bool:
+    return _state["on"]
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use(t: torch.Tensor, tokens: int) -> bool:
+    """Whether launches reading t, a forward of `tokens` tokens, go with PDL."""
+    return _state["on"] and t.is_cuda and tokens <= PDL_MAX_TOKENS and _hopper_or_newer(t.device)
+
+
+def launch_kwargs(on: bool) -> dict:
+    """The kernel's PDL constexpr and Triton's launch option, or nothing (the kernels' defaults)."""
+    return {"PDL": True, "launch_pdl": True} if on else {}
