@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 from host_overhead import enqueue_us  # noqa: E402
 from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
-from moec.codegen import fast_launch, streams, wgrad_kernel  # noqa: E402
+from moec.codegen import fast_launch, pdl, streams, wgrad_kernel  # noqa: E402
 
 METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
 GRAPH_METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
@@ -131,7 +131,7 @@ def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "wgrad_stream": streams.wgrad_stream_enabled(),
-            "fast_launch": fast_launch.enabled(), "wgrad_copy_mib": wgrad_kernel.MAX_COPY_BYTES >> 20,
+            "fast_launch": fast_launch.enabled(), "pdl": pdl.enabled(), "wgrad_copy_mib": wgrad_kernel.MAX_COPY_BYTES >> 20,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)
