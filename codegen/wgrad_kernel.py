@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .errors import MoecError
 from .fast_launch import launch
 from .jit_helpers import cdiv, ieee, mma
 
@@ -142,7 +143,17 @@ def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.con
 # programs striding over the chunk's experts' tiles alone were slower still on GPT-OSS and Mixtral
 # (benchmarks/results/wgrad_chunks_h100.md). Since then idle programs leave before their epilogue
 # (not yet timed on a GPU).
-MAX_COPY_BYTES = int(os.environ.get("MOEC_WGRAD_COPY_MIB", 1 << 30)) << 20
+def _copy_mib_from_env() -> int:
+    value = os.environ.get("MOEC_WGRAD_COPY_MIB", "")
+    if not value:
+        return 1 << 30          # one copy, whatever its size
+    if not value.isdigit() or int(value) == 0:
+        raise MoecError(f"MOEC_WGRAD_COPY_MIB={value!r}: expected a positive whole number of MiB (the largest "
+                        f"gathered copy the weight gradients make), or unset for one copy")
+    return int(value)
+
+
+MAX_COPY_BYTES = _copy_mib_from_env() << 20
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None, gather_a=None):

@@ -68,3 +68,16 @@ def test_decode_replayed_from_a_cuda_graph(pdl_state):
             torch.cuda.synchronize()
             assert torch.equal(out, _decode(x, logits, bases, layout, E, k))
     assert want.shape == out.shape
+
+
+def test_switch_and_its_bounds(pdl_state):
+    """PDL only where asked for, on a CUDA tensor of an sm90+ GPU, for a decode-sized forward."""
+    t = torch.zeros(2, 2)
+    pdl.set_enabled(False)
+    assert not pdl.use(t, 1) and pdl.launch_kwargs(False) == {}
+    pdl.set_enabled(True)
+    assert not pdl.use(t, 1)            # a CPU tensor never
+    assert pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
+        c = t.cuda()
+        assert pdl.use(c, pdl.PDL_MAX_TOKENS) and not pdl.use(c, pdl.PDL_MAX_TOKENS + 1)
