@@ -29,6 +29,9 @@ from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
 from moec.codegen import fast_launch, pdl, streams, wgrad_kernel  # noqa: E402
 
 METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_loop", "hf_grouped_mm", "hf_grouped_mm_compiled", "sonicmoe")
+# --reduce-overhead: the two compiled layers under mode="reduce-overhead" (Inductor's CUDA graph trees,
+# forward and backward), as a user whose steps are host-bound would run them
+RO_METHODS = ("moec_compiled_ro", "hf_grouped_mm_compiled_ro")
 GRAPH_METHODS = ("moec", "moec_compiled", "moec_unfused", "hf_grouped_mm_compiled")   # the loop syncs (.tolist()): not capturable
 
 
@@ -69,11 +72,11 @@ def bench_graph(step):
     return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
-def moec_compiled(s, params):
+def moec_compiled(s, params, mode=None):
     """The HF-style grouped_mm layer under torch.compile(backend="moec"), as users run moec: the
     ops are called from the compiled graph (no eager custom-op autograd dispatch, router GEMM by
     Inductor). Refuses to time a layer moec did not fuse."""
-    fn = torch.compile(lambda x: hf_grouped_layer(s, params, x), backend="moec")
+    fn = torch.compile(lambda x: hf_grouped_layer(s, params, x), backend="moec", mode=mode)
 
     def run(x):
         mode = torch.is_grad_enabled()     # Dynamo compiles once per grad mode: each must fuse
@@ -144,6 +147,10 @@ def run(args):
         fns = {"moec": lambda x: moec_layer(s, params, x), "moec_compiled": moec_compiled(s, params), "moec_unfused": lambda x: moec_unfused_layer(s, params, x),
                "hf_loop": lambda x: hf_loop_layer(s, params, x),
                "hf_grouped_mm": lambda x: hf_grouped_layer(s, params, x), "hf_grouped_mm_compiled": compiled}
+        if args.reduce_overhead:
+            fns["moec_compiled_ro"] = moec_compiled(s, params, mode="reduce-overhead")
+            fns["hf_grouped_mm_compiled_ro"] = torch.compile(lambda x: hf_grouped_layer(s, params, x),
+                                                             mode="reduce-overhead")
         fns = {name: fn for name, fn in fns.items() if name not in args.skip.split(",")}
         sonic_error = None
         try:
@@ -207,7 +214,7 @@ def _why(e):
 
 
 def _line(r):
-    names = list(METHODS) + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
+    names = list(METHODS) + [m for m in RO_METHODS if m in r] + [m + "_graph" for m in GRAPH_METHODS if m + "_graph" in r]
     parts = [f"{m}={r[m]:.3f}" if r.get(m) is not None else f"{m}=NA" for m in names]
     for m in ("moec", "moec_compiled", "hf_grouped_mm_compiled"):
         if r.get(m + "_peak_mib") is not None:
@@ -248,6 +255,16 @@ def table(rows):
     if hosted:
         out += ["", f"Host-bound (enqueueing the step took >= 90% of its time, for moec or HF compiled): "
                     f"{'; '.join(hosted)}. Those rows time the CPU, not the kernels."]
+    ro = [r for r in rows if "moec_compiled_ro" in r]
+    if ro:
+        out += ["", "Under `mode=\"reduce-overhead\"` (Inductor's CUDA graph trees, forward and backward):", "",
+                "| layer | tokens | mode | floor ms | moec compiled ms | HF grouped_mm + compile ms | speedup | "
+                "moec % of floor |", "|" + "---|" * 8]
+        for r in ro:
+            m, c = r.get("moec_compiled_ro"), r.get("hf_grouped_mm_compiled_ro")
+            pf = f"{100 * r['floor_ms'] / m:.0f}%" if m else "—"
+            out.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | {fmt(r['floor_ms'])} | {fmt(m)} | {fmt(c)} | "
+                       f"{speedup(c, m)} | {pf} |")
     graphed = [r for r in rows if "moec_graph" in r]
     if graphed:
         out += ["", "Replayed from a CUDA graph (GPU time alone, as `reduce-overhead` sees it):", "",
@@ -277,6 +294,8 @@ def main():
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--graphs", action="store_true", help="also time steps replayed from CUDA graphs (forward, and forward + backward)")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="also moec compiled and HF compiled under mode='reduce-overhead' (CUDA graph trees)")
     p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
     p.add_argument("--no-fast-launch", action="store_true",
                    help="every Triton launch through Triton's own path (codegen/fast_launch.py off)")
