@@ -122,7 +122,7 @@ class Dumper:
         self._write("cudagraphs.txt", body, "whether Inductor captures each graph in CUDA graphs, or why not")
 
     def kernels(self, detect_report):
-        from moec.codegen import kernels, tuning
+        from moec.codegen import fast_launch, kernels, pdl, tuning, wgrad_kernel
         out = []
         for r in detect_report.regions:
             x = r.x.meta.get("example_value")
@@ -132,10 +132,16 @@ class Dumper:
             tiles = {name: dataclasses.asdict(tuning.tile(name, r.num_experts, r.top_k, r.experts.hidden,
                                                           r.experts.ffn, x.dtype, x.device, T))
                      for name in _TILED_KERNELS} if impl == "triton" else {}
+            copy_mib = wgrad_kernel.MAX_COPY_BYTES >> 20
+            switches = {    # the environment's kernel-level switches (README, Options), as this process reads them
+                "fast_launch": fast_launch.enabled(),
+                "pdl": pdl.enabled() and x.is_cuda and T <= pdl.PDL_MAX_TOKENS,
+                "wgrad_copy_mib": copy_mib if copy_mib < 1 << 30 else "one copy"}
             out.append({"module": r.module, "implementation": impl, "device": str(x.device),
                         "dtype": str(x.dtype), "tokens_at_compile": T, "token_bucket": tuning.bucket(T),
-                        "tiles": tiles})
-        self._write("kernels.json", json.dumps(out, indent=1), "kernels chosen per region, with launch settings")
+                        "tiles": tiles, "switches": switches if impl == "triton" else {}})
+        self._write("kernels.json", json.dumps(out, indent=1),
+                    "kernels chosen per region, with launch settings and the kernel-level switches in force")
 
     def finish(self, pass_log):
         self.pass_log = list(pass_log)

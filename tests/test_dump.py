@@ -35,6 +35,9 @@ def test_dump_folder_complete_and_graphs_rerun(tmp_path):
             "kernels.json", "region_0.png", "region_1.png", "aot_forward.py", "aot_backward.py"} <= files
     index = open(os.path.join(folder, "index.md")).read()
     assert all(f"[{name}]" in index for name in files - {"index.md"})
+    kernels = json.load(open(os.path.join(folder, "kernels.json")))
+    assert [k["module"] for k in kernels] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(set(k) >= {"implementation", "tiles", "switches"} for k in kernels)
     regions = json.load(open(os.path.join(folder, "regions.json")))
     assert [(r["module"], r["status"], r["router"]["kind"]) for r in regions] == \
         [("model.layers.0.mlp", "fused", "softmax_topk"), ("model.layers.1.mlp", "fused", "softmax_topk")]
