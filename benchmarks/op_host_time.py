@@ -1,4 +1,4 @@
-"""Host time of moec's forward ops on a GPU, with Triton's launches and with them replaced by
+"""Host time of moec's ops on a GPU (forward and the fused backward), with Triton's launches and with them replaced by
 no-ops: how much of an op's host cost is the launch path (Triton's, or codegen/fast_launch.py's
 by default, Triton's with --no-fast-launch) and how much moec's own Python. Qwen3-30B-A3B widths, bf16, no_grad.
 
@@ -26,9 +26,14 @@ def main():
     bases, layout = moec_weights(s, p)
     with torch.no_grad():
         w, _, offsets, src, inv = torch.ops.moec.route_plan(logits, None, s.k, "softmax", True, 1.0, 1, 1, s.E)
+        _, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, "silu", 0.0, 0.0, True)
+        grad = torch.randn_like(x)
+        needs = [True] * len(bases)
         ops = {"route_plan": lambda: torch.ops.moec.route_plan(logits, None, s.k, "softmax", True, 1.0, 1, 1, s.E),
                "experts_combine": lambda: torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout,
                                                                          "silu", 0.0, 0.0, False),
+               "experts_combine_backward": lambda: torch.ops.moec.experts_combine_backward(
+                   grad, x, src, offsets, inv, w, pre, s.k, bases, layout, "silu", 0.0, 0.0, needs),
                "torch add (reference)": lambda: x.add(1)}
         real = {name: host_overhead.enqueue_us(fn, 200, warmup=5) for name, fn in ops.items()}
         host_overhead._silence_kernels()
