@@ -175,7 +175,7 @@ def run(args):
                         sonic_acc["sonicmoe_rel_err"] = rel_err(fns["sonicmoe"](x))
                     except Exception as e:
                         sonic_acc = {"sonicmoe_rel_err": None, "sonicmoe_rel_err_error": _why(e)}
-            for train in (False, True):
+            for train in [m == "train" for m in args.modes.split(",")]:
                 fl, flops = floor_ms(s, T, ids, peak, bw, train)
                 row = {"shape": s.name, "E": s.E, "k": s.k, "H": s.H, "F": s.F, "tokens": T,
                        "mode": "train" if train else "fwd", "floor_ms": fl, "flops": flops, "moec_rel_err": err,
@@ -294,6 +294,7 @@ def main():
     p.add_argument("--loop-max-copies", type=int, default=1 << 30)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--graphs", action="store_true", help="also time steps replayed from CUDA graphs (forward, and forward + backward)")
+    p.add_argument("--modes", default="fwd,train", help="fwd (inference forward), train (forward + backward)")
     p.add_argument("--reduce-overhead", action="store_true",
                    help="also moec compiled and HF compiled under mode='reduce-overhead' (CUDA graph trees)")
     p.add_argument("--wgrad-stream", action="store_true", help="moec's weight gradients on a second stream")
