@@ -47,6 +47,23 @@ def _record_layer(dtype, act, gated, bias, layout, train, tiles):
     return launches
 
 
+def _record_lora(form, tiles):
+    """moec.experts with LoRA factors on gate/up and down (test_lora_experts' layouts), forward and
+    backward: the low-rank terms' extra K-columns and rank-r GEMMs."""
+    import test_lora_experts as lx
+    p = lx._params(form, ("gu", "down"), form == "gpt_oss", torch.bfloat16)
+    for t in p.values():
+        t.requires_grad_()
+    weights, layout = lx._pack(form, p, merged=False)
+    offsets, src, _ = lx._routing()
+    x = torch.randn(lx.T, lx.H, dtype=torch.bfloat16, requires_grad=True)
+    act = "swiglu_oai" if form == "gpt_oss" else "silu"
+    with compile_check.recording() as launches, tuning.pin(**tiles):
+        y = torch.ops.moec.experts(x, src, offsets, lx.k, weights, layout, act, 1.702, 7.0)
+        torch.autograd.grad(y, [x] + list(p.values()), torch.randn_like(y))
+    return launches
+
+
 def _record_routing(scoring, n_group, topk_group, tokens):
     logits = torch.randn(tokens, E, requires_grad=True)
     bias = torch.randn(E) if scoring == "sigmoid" else None
@@ -79,7 +96,8 @@ def _compile_all(launches):
     return names
 
 
-LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32"]
+LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32", "lora_concat",
+               "lora_gpt_oss"]
 ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4)]   # 4 tokens: one launch
 
 
@@ -95,6 +113,8 @@ def _layer_case(case):
     if case == "decode_pdl":    # as on an H100 with MOEC_PDL=1 (codegen/pdl.py)
         experts_combine_launch.use_pdl = route_plan_kernel.use_pdl = lambda t, tokens: True
     try:
+        if case.startswith("lora"):
+            return _compile_all(_record_lora(case[len("lora_"):], tiles))
         launches = _record_layer(dtype, act, gated, bias, layout, train, tiles)
         if case == "decode_pdl":
             launches += _record_routing("softmax", 1, 1, 4)
@@ -118,7 +138,9 @@ def compiled():
 def test_layer_kernels_compile(case, compiled):
     names = compiled[case]
     want = {"gate_up_kernel", "down_kernel", "combine_kernel"}
-    if not case.startswith("decode"):
+    if case.startswith("lora"):        # moec.experts' backward: gate/up recomputed, no dh kernel
+        want |= {"wgrad_kernel"}
+    elif not case.startswith("decode"):
         want |= {"dh_kernel", "wgrad_kernel"}
     if case == "decode_pdl":
         want |= {"route_plan_kernel"}
