@@ -98,7 +98,10 @@ def _compile_all(launches):
 
 LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32", "lora_concat",
                "lora_gpt_oss"]
-ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4)]   # 4 tokens: one launch
+# 4 tokens: route and plan in one launch; 64: route, then plan in one program; 4096: plan over blocks
+ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4), ("softmax", 1, 1, 4096)]
+ROUTING_KERNELS = {4: {"route_plan_kernel"}, 64: {"route_kernel", "plan_single_kernel"},
+                   4096: {"route_kernel", "plan_count_kernel", "plan_scatter_kernel"}}
 
 
 def _layer_case(case):
@@ -151,8 +154,7 @@ def test_layer_kernels_compile(case, compiled):
 @pytest.mark.parametrize("routing", ROUTING_CASES)
 def test_routing_kernels_compile(routing, compiled):
     names = compiled["routing_%s_%d_%d_%d" % routing]
-    want = {"route_plan_kernel"} if routing[-1] < 8 else {"route_kernel", "plan_single_kernel"}
-    assert want | {"route_backward_kernel"} <= set(names), sorted(names)
+    assert ROUTING_KERNELS[routing[-1]] | {"route_backward_kernel"} <= set(names), sorted(names)
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 
 
