@@ -1,15 +1,17 @@
 """Registers, spills and shared memory of every moec kernel one training step launches, compiled on
-the CPU for a GPU architecture (no GPU needed: Triton's compiler and its bundled ptxas, cuobjdump), at the
-tiles the shipped table holds for a named GPU and layer. Where a tuned kernel spills, its time on
-the card goes to local memory: this says so before any device time is spent.
+the CPU for a GPU architecture (no GPU needed: Triton's compiler, its bundled ptxas and cuobjdump),
+at the tiles the shipped table holds for a named GPU and layer, or at tiles given with --tile.
+Where a kernel spills, its time on the card goes to local memory: this says so before any device
+time is spent.
 
 How: the step runs on CPU tensors with moec's Triton path, every launch intercepted (nothing runs)
-and recorded with its arguments; each distinct launch is compiled with the signature and the
-16-divisibility Triton would specialise on, and cuobjdump reads the cubin's resource usage. The local Triton may be
-newer than the card's, and the combine kernels' block sizes are the CPU's (smaller): the numbers
-are indicative.
+and recorded with its arguments (codegen/compile_check.py); each distinct launch is compiled with
+the signature and 16-divisibility Triton would specialise on, and cuobjdump reads the cubin's
+resource usage. The local Triton may be newer than the card's, and the combine kernels' block
+sizes are the CPU's (smaller): the numbers are indicative.
 
 Run: python benchmarks/ptxas_report.py --shape qwen3 --tokens 4096 [--gpu "NVIDIA H100 80GB HBM3"] [--arch 90]
+     [--fwd] [--tile dh=64,128,64,8,3,2 ...]
 """
 import argparse
 import os
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec.*)
 from layers import SHAPES, make_params, moec_weights  # noqa: E402
 from moec.codegen import compile_check, kernels, reference, tuning  # noqa: E402
+from moec.codegen.tuning import Tile  # noqa: E402
 
 
 def _tiles_of(gpu):
@@ -29,6 +32,8 @@ def _tiles_of(gpu):
     tuning._load_shipped()
 
     def tile(kernel, E, k, H, F, dtype, device, tokens):
+        if kernel in tuning._pinned:        # --tile
+            return tuning._pinned[kernel]
         found = tuning._tuned.get(tuning.key(kernel, E, k, H, F, dtype, None, tokens, gpu=gpu))
         return found or tuning._default(kernel, tokens * k / E, dtype)
     return tile
@@ -41,6 +46,9 @@ def main():
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--fwd", action="store_true", help="inference forward only")
+    ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA]]",
+                    help="try this tile for a kernel (gate_up, down, dh, down_dx, wgrad, wgrad_dual), e.g. "
+                         "dh=64,128,64,8,3,2: a candidate's registers and spills before it costs device time")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     p = make_params(s, "cpu")
@@ -51,7 +59,13 @@ def main():
         offsets, src, inv = reference.plan(ids, s.E)
     bases, layout = moec_weights(s, p)
     tuning.tile = _tiles_of(args.gpu)
-    with compile_check.recording() as launches, kernels.backend("triton"), torch.set_grad_enabled(not args.fwd):
+    pins = {}
+    for spec in args.tile:
+        name, values = spec.split("=")
+        *ints, = (int(v) for v in values.split(","))
+        pins[name] = Tile(*ints[:6], *(bool(v) for v in ints[6:7]))
+    with compile_check.recording() as launches, kernels.backend("triton"), torch.set_grad_enabled(not args.fwd), \
+            tuning.pin(**pins):
         w = w.requires_grad_(not args.fwd)
         out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, 1.702,
                                                 7.0, not args.fwd)
@@ -68,6 +82,7 @@ def main():
         seen.add(ident)
         regs, local, shared = compile_check.usage(compile_check.compile_launch(kernel, a, kw, args.arch))
         tile = tuple(kw.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        tile += ("split 2",) if kw.get("SPLIT") is True else ()
         print(f"| {kernel.__name__} | {tile} | {regs} | {local} | {shared / 1024:.0f} |")
 
 
