@@ -53,7 +53,8 @@ def main():
         out, _ = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, s.activation, 1.702,
                                                 7.0, True)
         torch.autograd.grad(out, [x, w] + [b for b in bases if b.requires_grad], torch.randn_like(out))
-    print(f"{s.name} T={args.tokens} copy chunks of {wgrad_kernel.MAX_COPY_BYTES >> 20} MiB: live MiB above the "
+    chunks = f"copy chunks of {wgrad_kernel.copy_mib()} MiB" if wgrad_kernel.copy_mib() else "one copy"
+    print(f"{s.name} T={args.tokens} {chunks}: live MiB above the "
           f"weights at each weight-gradient launch {[round(v) for v in seen]}, peak {max(seen):.0f}")
 
 

@@ -27,24 +27,12 @@ from moec.codegen import compile_check, kernels, reference, tuning  # noqa: E402
 from moec.codegen.tuning import Tile  # noqa: E402
 
 
-def _tiles_of(gpu):
-    """tuning.tile as the card named `gpu` would answer it (its shipped table, else the default)."""
-    tuning._load_shipped()
-
-    def tile(kernel, E, k, H, F, dtype, device, tokens):
-        if kernel in tuning._pinned:        # --tile
-            return tuning._pinned[kernel]
-        found = tuning._tuned.get(tuning.key(kernel, E, k, H, F, dtype, None, tokens, gpu=gpu))
-        return found or tuning._default(kernel, tokens * k / E, dtype)
-    return tile
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3")
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--arch", type=int, default=90, help="the GPU's architecture (90: sm_90, Hopper)")
     ap.add_argument("--fwd", action="store_true", help="inference forward only")
     ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA]]",
                     help="try this tile for a kernel (gate_up, down, dh, down_dx, wgrad, wgrad_dual), e.g. "
@@ -58,7 +46,9 @@ def main():
                                  s.n_group, s.topk_group)
         offsets, src, inv = reference.plan(ids, s.E)
     bases, layout = moec_weights(s, p)
-    tuning.tile = _tiles_of(args.gpu)
+    # the tiles that GPU would be given (its table, its architecture's, the heuristic one)
+    tuning.tile = lambda kernel, E, k, H, F, dtype, device, tokens: tuning.tile_on(
+        kernel, E, k, H, F, dtype, args.gpu, f"sm{args.arch}", tokens)
     pins = {}
     for spec in args.tile:
         name, values = spec.split("=")

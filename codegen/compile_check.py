@@ -20,7 +20,8 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
            torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
-def _kernel_modules():
+def kernel_modules():
+    """The modules whose kernels launch through their `launch` name (fast_launch.launch)."""
     from . import (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, plan_kernel,
                    route_backward_kernel, route_kernel, route_plan_kernel, wgrad_kernel)
     return (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, plan_kernel,
@@ -36,7 +37,7 @@ def recording():
 
     def launch(kernel, grid, *args, **kwargs):
         launches.append((kernel, args, kwargs))
-    for mod in _kernel_modules():
+    for mod in kernel_modules():
         saved.append((mod, mod.launch, getattr(mod, "ieee", None)))
         mod.launch = launch
         if hasattr(mod, "ieee"):
@@ -78,11 +79,15 @@ def _signature(kernel, args, kwargs):
     return sig, consts, attrs
 
 
+def _options(kwargs):
+    return {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+
+
 def launch_id(kernel, args, kwargs):
     """What makes two launches one compiled kernel (signature, constexprs, options), hashable."""
     sig, consts, attrs = _signature(kernel, args, kwargs)
-    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-    return kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(sorted(attrs.items())), repr(options)
+    return kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(sorted(attrs.items())), \
+        repr(_options(kwargs))
 
 
 def compile_launch(kernel, args, kwargs, arch=90):
@@ -91,9 +96,8 @@ def compile_launch(kernel, args, kwargs, arch=90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, consts, attrs = _signature(kernel, args, kwargs)
-    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options=options)
+                          target=GPUTarget("cuda", arch, 32), options=_options(kwargs))
 
 
 def tools_dir():

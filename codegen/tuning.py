@@ -57,19 +57,27 @@ def key(kernel, E, k, H, F, dtype, device, tokens, gpu=None):
 
 def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
     """The launch settings of `kernel` for this layer and token count."""
+    if device.type == "cuda":
+        return tile_on(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), tokens)
     if kernel in _pinned:
         return _pinned[kernel]
-    if device.type == "cuda" and not _shipped_loaded:
+    own, _ = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
+    return _tuned.get(own) or Tile(32, 32, 32, 1, 1)     # the interpreter: few, small programs keep tests fast
+
+
+def tile_on(kernel, E, k, H, F, dtype, gpu, arch, tokens) -> Tile:
+    """`tile` as the GPU named `gpu` (of architecture `arch`, e.g. "sm90") answers it: pinned ->
+    tuned for it -> shipped for its architecture -> the heuristic table. benchmarks/ptxas_report.py
+    asks for a GPU this machine does not have."""
+    if kernel in _pinned:
+        return _pinned[kernel]
+    if not _shipped_loaded:
         _load_shipped()
-    own, by_arch = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
+    own, by_arch = _keys(kernel, E, k, H, F, dtype, gpu, arch, bucket(tokens))
     found = _tuned.get(own)
     if found is None:   # a table shipped for another GPU of this architecture (H200: the H100's)
         found = _by_arch.get(by_arch)
-    if found is not None:
-        return found
-    if device.type != "cuda":   # the interpreter: few, small programs keep tests fast
-        return Tile(32, 32, 32, 1, 1)
-    return _default(kernel, tokens * k / E, dtype)
+    return found if found is not None else _default(kernel, tokens * k / E, dtype)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -58,11 +58,9 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
         return
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask, nmask = ms < M, ns < N
-    # the flags as blocks over m (the interpreter refuses a scalar flag inside a block's mask)
-    zeros_m = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    wmask = mmask & ((zeros_m + write.to(tl.int32)) != 0)
-    amask = mmask & ((zeros_m + add.to(tl.int32)) != 0)
+    mmask, nmask = ms < M, ns < N       # every program past the return writes its tile: mmask says where
+    # the add flag as a block over m (the interpreter refuses a scalar flag inside a block's mask)
+    amask = mmask & ((tl.zeros((BLOCK_M,), dtype=tl.int32) + add.to(tl.int32)) != 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
@@ -79,26 +77,26 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
             acc2 = mma(a, b, acc2, IEEE)
     e64 = e.to(tl.int64)
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
-    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED, TRANS_OUT)
+    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED, TRANS_OUT)
     if DUAL:
-        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, wmask, amask, nmask, acc2, CHUNKED, TRANS_OUT)
+        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, amask, nmask, acc2, CHUNKED, TRANS_OUT)
     if pid_n == 0:
         # bias sums in a loop of their own: a reduction of A inside the GEMM loop needs the A tiles
         # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
         # 4x slower than the same layer's FLOPs predict, 75% of it in this kernel)
         if BIAS:
-            _row_sums(a_ptr, s_a, off_a, lo, hi, ms, wmask, amask, db_ptr + e64 * s_db_e + ms64 * s_db_m,
+            _row_sums(a_ptr, s_a, off_a, lo, hi, ms, mmask, amask, db_ptr + e64 * s_db_e + ms64 * s_db_m,
                       src_ptr, w_ptr, WEIGH_A, CHUNKED, BLOCK_M, BLOCK_K)
         if BIAS2:
-            _row_sums(a2_ptr, s_a2, 0, lo, hi, ms, wmask, amask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m,
+            _row_sums(a2_ptr, s_a2, 0, lo, hi, ms, mmask, amask, db2_ptr + e64 * s_db2_e + ms64 * s_db2_m,
                       src_ptr, w_ptr, False, CHUNKED, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
 def _row_sums(a_ptr, s_a, off_a, lo, hi, ms, mmask, amask, out_ptrs, src_ptr, w_ptr, WEIGH_A: tl.constexpr,
               CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m] (+)= sum of a[s - off_a, m] over rows lo..hi (WEIGH_A: of w[src[s]] a[...]); mmask
-    holds only where this program writes, amask where it adds to what an earlier chunk wrote."""
+    """out[m] (+)= sum of a[s - off_a, m] over rows lo..hi (WEIGH_A: of w[src[s]] a[...]) where
+    mmask[m]; amask where it adds to what an earlier chunk wrote."""
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_K):
         s = s0 + tl.arange(0, BLOCK_K)
@@ -115,20 +113,20 @@ def _row_sums(a_ptr, s_a, off_a, lo, hi, ms, mmask, amask, out_ptrs, src_ptr, w_
 
 
 @triton.jit
-def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.constexpr, TRANS_OUT: tl.constexpr):
-    """base[m * s_m + n * s_n] = acc[m, n] where wmask[m], plus what is there where amask[m]."""
+def _store(base, s_m, s_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED: tl.constexpr, TRANS_OUT: tl.constexpr):
+    """base[m * s_m + n * s_n] = acc[m, n] where mmask[m], plus what is there where amask[m]."""
     if TRANS_OUT:    # a (BN, BM) tile, m last, so consecutive threads take consecutive m
         ptrs = base + ns64[:, None] * s_n + ms64[None, :] * s_m
         out = tl.trans(acc)
         if CHUNKED:
             out += tl.load(ptrs, mask=nmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
-        tl.store(ptrs, out.to(base.dtype.element_ty), mask=nmask[:, None] & wmask[None, :])
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
     else:
         ptrs = base + ms64[:, None] * s_m + ns64[None, :] * s_n
         out = acc
         if CHUNKED:
             out += tl.load(ptrs, mask=amask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        tl.store(ptrs, out.to(base.dtype.element_ty), mask=wmask[:, None] & nmask[None, :])
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 # The copy of gathered rows (x's for dW_up | dW_gate, grad_out's for dW_down) can be made and used
@@ -143,10 +141,13 @@ def _store(base, s_m, s_n, ms64, ns64, wmask, amask, nmask, acc, CHUNKED: tl.con
 # programs striding over the chunk's experts' tiles alone were slower still on GPT-OSS and Mixtral
 # (benchmarks/results/wgrad_chunks_h100.md). Since then idle programs leave before their epilogue
 # (not yet timed on a GPU).
+_ONE_COPY_MIB = 1 << 30        # larger than any copy: one, whatever its size
+
+
 def _copy_mib_from_env() -> int:
     value = os.environ.get("MOEC_WGRAD_COPY_MIB", "")
     if not value:
-        return 1 << 30          # one copy, whatever its size
+        return _ONE_COPY_MIB
     if not value.isdigit() or int(value) == 0:
         raise MoecError(f"MOEC_WGRAD_COPY_MIB={value!r}: expected a positive whole number of MiB (the largest "
                         f"gathered copy the weight gradients make), or unset for one copy")
@@ -154,6 +155,12 @@ def _copy_mib_from_env() -> int:
 
 
 MAX_COPY_BYTES = _copy_mib_from_env() << 20
+
+
+def copy_mib():
+    """The chunk size in force, in MiB, or None where the gathered rows are copied whole."""
+    mib = MAX_COPY_BYTES >> 20
+    return None if mib >= _ONE_COPY_MIB else mib
 
 
 def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db=None, db2=None, gather_a=None):
@@ -176,15 +183,15 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     rows = src.shape[0]
     whole = a if gather_a is not None else b
     chunk = max(1, min(rows, MAX_COPY_BYTES // max(1, whole.shape[1] * whole.element_size())))
-    n_chunks = cdiv(rows, chunk)
+    chunked = rows > chunk
     for r0 in range(0, max(rows, 1), chunk):      # no rows: one launch writes the zeros
         r1 = min(rows, r0 + chunk)
         copy = whole.index_select(0, torch.div(src[r0:r1], k, rounding_mode="floor"))
         if gather_a is not None:
-            _launch(grid, copy, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, r0, 0, n_chunks > 1, db, db2,
+            _launch(grid, copy, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, r0, 0, chunked, db, db2,
                     trans, tile, weigh=True)
         else:
-            _launch(grid, a, a2, copy, offsets, offsets, out, o2, d1, d2, a, r0, r1, 0, r0, n_chunks > 1, db, db2,
+            _launch(grid, a, a2, copy, offsets, offsets, out, o2, d1, d2, a, r0, r1, 0, r0, chunked, db, db2,
                     trans, tile)
         del copy
 

@@ -132,11 +132,10 @@ class Dumper:
             tiles = {name: dataclasses.asdict(tuning.tile(name, r.num_experts, r.top_k, r.experts.hidden,
                                                           r.experts.ffn, x.dtype, x.device, T))
                      for name in _TILED_KERNELS} if impl == "triton" else {}
-            copy_mib = wgrad_kernel.MAX_COPY_BYTES >> 20
             switches = {    # the environment's kernel-level switches (README, Options), as this process reads them
                 "fast_launch": fast_launch.enabled(),
-                "pdl": pdl.enabled() and x.is_cuda and T <= pdl.PDL_MAX_TOKENS,
-                "wgrad_copy_mib": copy_mib if copy_mib < 1 << 30 else "one copy"}
+                "pdl": pdl.use(x, T),
+                "wgrad_copy_mib": wgrad_kernel.copy_mib() or "one copy"}
             out.append({"module": r.module, "implementation": impl, "device": str(x.device),
                         "dtype": str(x.dtype), "tokens_at_compile": T, "token_bucket": tuning.bucket(T),
                         "tiles": tiles, "switches": switches if impl == "triton" else {}})
