@@ -15,7 +15,7 @@ import triton.language as tl
 from .fast_launch import launch
 from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          max_tiles, mma, next_pow2, pdl_enter, weight_desc, weight_tile)
+                          max_tiles, mma, next_pow2, pdl_release, pdl_wait, weight_desc, weight_tile)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
                 TMA1: tl.constexpr, K_LAST1: tl.constexpr, TMA2: tl.constexpr, K_LAST2: tl.constexpr,
                 IEEE: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     n_n = tl.cdiv(N, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, True)
@@ -54,6 +54,7 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
                 b = weight_tile(b2_ptr, b2_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b2_e, s_b2_k, s_b2_n,
                                 TMA2, K_LAST2, BLOCK_K, BLOCK_N)
                 acc = mma(a, b, acc, IEEE)
+        pdl_release(PDL)    # after the K loop (gate_up_kernel.py says why)
         if LR1:
             acc = lowrank(acc, t1_ptr, s_t1, rows64, rmask, l1_ptr, e64, s_l1_e, s_l1_k, s_l1_n, cols, cmask,
                           R1, IEEE, BLOCK_K)

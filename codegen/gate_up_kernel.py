@@ -19,7 +19,8 @@ import triton.language as tl
 from .fast_launch import launch
 from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_tile, grouped_order, ieee, lowrank,
-                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, pdl_enter, weight_desc, weight_tile)
+                          lowrank_args, lowrank_ptrs, max_tiles, mma, next_pow2, pdl_release, pdl_wait, weight_desc,
+                          weight_tile)
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
                    TMA_U: tl.constexpr, K_LAST_U: tl.constexpr, TMA_G: tl.constexpr, K_LAST_G: tl.constexpr,
                    TMA_D: tl.constexpr, K_LAST_D: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     n_n = tl.cdiv(F, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
     e, row0, row_end = expert_tile(tile, offsets_ptr, E, S, BLOCK_M, E_POW2, False)
@@ -69,6 +70,7 @@ def gate_up_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, 
             b = weight_tile(wd_ptr, wd_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_wd_e, s_wd_h, s_wd_f, TMA_D,
                             K_LAST_D, BLOCK_K, BLOCK_N)
             acc_d = mma(a, b, acc_d, IEEE)
+    pdl_release(PDL)    # after the K loop: dependents never hold slots this grid's later waves need
     rows64 = rows.to(tl.int64)
     if LORA_U:
         acc_u = lowrank(acc_u, tu_ptr, s_tu, rows64, rmask, lu_ptr, e64, s_lu_e, s_lu_k, s_lu_n, cols, cmask,

@@ -234,9 +234,23 @@ def ieee(t) -> bool:
 
 
 @triton.jit
-def pdl_enter(PDL: tl.constexpr):
+def pdl_wait(PDL: tl.constexpr):
     """First thing in a kernel launched with PDL (codegen/pdl.py): wait until the kernel before it
-    has finished and its writes are visible, then let the next kernel's CTAs launch."""
+    has finished and its writes are visible."""
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel's CTAs launch once every CTA of this one has come here (or exited)."""
+    if PDL:
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """pdl_wait then pdl_release: for the chain's small kernels (one wave), whose dependents may
+    take their slots at once."""
+    pdl_wait(PDL)
+    pdl_release(PDL)

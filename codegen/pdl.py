@@ -5,11 +5,14 @@ Why: at one token a layer's kernels each stream a few MB of weights in ~5-20 us,
 of them the GPU drains the first's last CTAs before it starts the next's (Qwen3, one token, H100:
 58 us against a 25 us bandwidth floor, bench_layer_decode_compiled_h100.md). With PDL a kernel
 is launched while the one before it still runs: its CTAs become resident and wait (gdc_wait, the
-first thing each of them does, so nothing is read before the producer is done), and the producer
-lets them in as soon as all its CTAs have started (gdc_launch_dependents right after their own
-wait). Off by default (MOEC_PDL=1 turns it on) until a GPU run shows it faster; only where the
-inference forward is decode-sized (PDL_MAX_TOKENS), where grids fit the SMs and the waiting CTAs
-take no slot a producer's CTA would need.
+first thing each of them does, so nothing is read before the producer is done). The small kernels
+(route_plan, combine) let their dependents in as soon as all their CTAs have started; the GEMMs only
+once every CTA is past its K loop, so that waiting CTAs never take the slots of a later wave.
+H100, 2026-12-05 (benchmarks/results/stop23_h100/decode_pdl*): with the release at the top
+everywhere, one token went 57 -> 54 us (Qwen3) and 66 -> 62 (OLMoE), but Mixtral, whose gate/up
+grid runs in several waves, went 269 -> 303 us at one token and 989 -> 1092 at 64: hence the
+release after the K loop. Off by default (MOEC_PDL=1 turns it on) until a GPU run shows it no
+slower anywhere; only where the inference forward is decode-sized (PDL_MAX_TOKENS).
 """
 import functools
 import os
