@@ -62,18 +62,20 @@ def main():
         if not args.fwd:
             torch.autograd.grad(out, [x, w] + [b for b in bases if b.requires_grad], torch.randn_like(out))
     print(f"{s.name} T={args.tokens}, tiles of {args.gpu}, sm_{args.arch}a, triton {triton.__version__}")
-    print("| kernel | tile (m, n, k, warps, stages) | registers | local B / thread (spills) | shared KiB |")
-    print("|---|---|---|---|---|")
+    print("| kernel | tile (m, n, k, warps, stages) | registers | local B / thread (spills) | shared KiB | SASS |")
+    print("|---|---|---|---|---|---|")
     seen = set()
     for kernel, a, kw in launches:
         ident = compile_check.launch_id(kernel, a, kw)
         if ident in seen:
             continue
         seen.add(ident)
-        regs, local, shared = compile_check.usage(compile_check.compile_launch(kernel, a, kw, args.arch))
+        compiled = compile_check.compile_launch(kernel, a, kw, args.arch)
+        regs, local, shared = compile_check.usage(compiled)
+        mix = " ".join(f"{op} {n}" for op, n in compile_check.sass_mix(compiled).items() if n)
         tile = tuple(kw.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
         tile += ("split 2",) if kw.get("SPLIT") is True else ()
-        print(f"| {kernel.__name__} | {tile} | {regs} | {local} | {shared / 1024:.0f} |")
+        print(f"| {kernel.__name__} | {tile} | {regs} | {local} | {shared / 1024:.0f} | {mix} |")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,14 @@ CANDIDATES = {
     "gate_up_bwd": [T_(64, 64, 64, 4, 2), T_(64, 64, 32, 4, 3), T_(128, 64, 64, 8, 2), T_(64, 128, 32, 8, 3),
                     T_(32, 64, 64, 4, 3), T_(16, 64, 64, 4, 2), T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 2)],
     "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),
-              T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3)],
+              T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3),
+              # with TMA twins: fewer, larger tiles over the short per-expert K (no spills, ptxas_report)
+              T_(128, 256, 64, 8, 3), T_(128, 128, 64, 8, 4)],
     "wgrad_dual": [T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(128, 64, 64, 8, 3),
-                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2)],
+                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2), T_(128, 128, 64, 8, 3), T_(64, 128, 64, 8, 4)],
 }
-# kernels whose weight tiles can come through TMA descriptors (Tile.tma; sm90+)
-READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd")
+# kernels whose weight tiles (wgrad: operand row blocks) can come through TMA descriptors (Tile.tma; sm90+)
+READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wgrad_dual")
 
 
 def candidates(kind, default, tma):

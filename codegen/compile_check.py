@@ -105,6 +105,24 @@ def tools_dir():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+# SASS opcodes that say which path a kernel's GEMM and memory traffic took: HGMMA (wgmma, Hopper's
+# tensor-core path) or HMMA (the older mma.sync, a quarter of the rate); UTMALDG/UTMASTG (TMA),
+# LDGSTS (cp.async), LDG/STG (through registers), LDL/STL (local memory: spills)
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "LDG", "STG", "LDL", "STL")
+
+
+def sass_mix(compiled):
+    """{opcode: static count in the cubin's SASS} for SASS_OPS."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-sass", path],
+                             capture_output=True, text=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", out, re.M)
+    return {op: ops.count(op) for op in SASS_OPS}
+
+
 def usage(compiled):
     """(registers, local bytes per thread (spills, stack), shared bytes) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:

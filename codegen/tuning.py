@@ -27,7 +27,7 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
-    tma: bool = False           # weight tiles through TMA descriptors (sm90+; jit_helpers.weight_desc)
+    tma: bool = False           # weight tiles (wgrad: operand row blocks) through TMA descriptors (sm90+)
 
 
 _pinned: dict = {}

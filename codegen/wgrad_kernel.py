@@ -29,12 +29,12 @@ from .jit_helpers import cdiv, ieee, mma
 
 @triton.jit
 def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, db_ptr, db2_ptr, w_ptr,
-                 E, M, N, s_a, s_a2, s_b_row, s_b_col,
+                 a_desc, a2_desc, b_desc, E, M, N, s_a, s_a2, s_b_row, s_b_col,
                  s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, s_db_e, s_db_m, s_db2_e, s_db2_m,
                  r0, r1, off_a, off_b,
                  WEIGH_A: tl.constexpr, DUAL: tl.constexpr, BIAS: tl.constexpr,
                  BIAS2: tl.constexpr,
-                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, CHUNKED: tl.constexpr,
+                 IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, CHUNKED: tl.constexpr, TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -63,7 +63,19 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
     amask = mmask & ((tl.zeros((BLOCK_M,), dtype=tl.int32) + add.to(tl.int32)) != 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s0 in range(lo, hi, BLOCK_K):
+    tail = lo
+    if TMA:
+        # whole BLOCK_K row blocks of this expert through TMA; the last partial block (whose rows
+        # past hi are the next expert's, which a descriptor cannot mask) below, through pointers
+        tail = lo + (hi - lo) // BLOCK_K * BLOCK_K
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        # descriptors take 32-bit coordinates (rows fit: _row_desc)
+        for r in range(lo.to(tl.int32), tail.to(tl.int32), BLOCK_K):
+            b = b_desc.load([r - off_b, n0])
+            acc = mma(tl.trans(a_desc.load([r - off_a, m0])), b, acc, IEEE)
+            if DUAL:
+                acc2 = mma(tl.trans(a2_desc.load([r, m0])), b, acc2, IEEE)
+    for s0 in tl.range(tail, hi, BLOCK_K, num_stages=1 if TMA else None):
         s = s0 + tl.arange(0, BLOCK_K)
         smask = s < hi
         s64 = s.to(tl.int64)
@@ -196,12 +208,34 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
         del copy
 
 
+def _row_desc(t, tile, width):
+    """A TMA descriptor over t's (rows, width) blocks of BLOCK_K rows, or None where TMA cannot read
+    t (a column stride other than 1, rows or base not 16-byte aligned) or the tile does not ask."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    size = t.element_size()
+    if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) * size % 16 or t.data_ptr() % 16 or min(t.shape) < 1 \
+            or t.shape[0] >= 2 ** 31:
+        return None
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [tile.block_k, width])
+
+
+def _descs(a, a2, b, tile):
+    """(a's, a2's, b's descriptors) where all of them can be made, else None: the kernel reads
+    all its operands one way."""
+    if not tile.tma or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9):
+        return None
+    descs = (_row_desc(a, tile, tile.block_m), _row_desc(a2 if a2 is not None else a, tile, tile.block_m),
+             _row_desc(b, tile, tile.block_n))
+    return None if None in descs else descs
+
+
 def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
             weigh=False):
+    descs = _descs(a, a2, b, tile)
     launch(wgrad_kernel, grid,
-           a, a2 if a2 is not None else a, b, src, offsets, out, o2, d1, d2, w, *out.shape,
+           a, a2 if a2 is not None else a, b, src, offsets, out, o2, d1, d2, w, *(descs or (None,) * 3), *out.shape,
            a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
            *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(), r0, r1, off_a, off_b,
            WEIGH_A=weigh, DUAL=a2 is not None, BIAS=db is not None, BIAS2=a2 is not None and db2 is not None,
-           IEEE=ieee(a), TRANS_OUT=trans, CHUNKED=chunked, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-           BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
+           IEEE=ieee(a), TRANS_OUT=trans, CHUNKED=chunked, TMA=descs is not None, BLOCK_M=tile.block_m,
+           BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -2,16 +2,18 @@
 gate/up, down (forward and input gradient) and dh kernels against float64 references, forward and
 every gradient, on NaN-padded views whose rows are 16-byte aligned (so TMA can read them) in both
 orientations (a view's K or its N of unit stride); and the views TMA cannot read fall back to
-pointer loads."""
+pointer loads. The weight-gradient kernel's operand row blocks through TMA (wgrad_kernel._descs):
+segments of every length around the block (a partial last block must not read the next expert's
+rows), dual, biases, gathered rows, chunked copies."""
 import collections
 
 import pytest
 import torch
 
-from moec.codegen import dh_kernel, down_kernel, gate_up_kernel, jit_helpers, tuning
+from moec.codegen import dh_kernel, down_kernel, gate_up_kernel, jit_helpers, tuning, wgrad_kernel
 from moec.codegen.tuning import Tile
 
-from kernel_helpers import DEVICE, padded
+from kernel_helpers import DEVICE, TOL, padded, rel_err
 import test_experts_combine
 import test_experts_launch
 
@@ -70,3 +72,55 @@ def test_tma_setting_survives_a_saved_table(tmp_path):
     finally:
         tuning._tuned.clear()
         tuning._tuned.update(saved)
+
+
+def _wgrad_reference(a, b, counts, w=None):
+    """float64 (E, M, N) per-segment a^T b and (E, M) row sums of a (weighted by w per row)."""
+    out, db, r = [], [], 0
+    for n in counts:
+        a_e, b_e = a[r:r + n].double(), b[r:r + n].double()
+        out.append(a_e.t() @ b_e)
+        db.append((a_e * (w[r:r + n, None].double() if w is not None else 1)).sum(0))
+        r += n
+    return torch.stack(out), torch.stack(db)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("copy_rows", [None, 24])
+def test_weight_gradients_through_tma(monkeypatch, dtype, copy_rows):
+    made = []
+    real = wgrad_kernel._descs
+    monkeypatch.setattr(wgrad_kernel, "_descs", lambda *a: made.append(real(*a)) or made[-1])
+    k, M, N, tile = 2, 24, 40, Tile(16, 16, 16, 4, 2, tma=True)
+    counts = [0, 5, 16, 33, 1, 47, 32]     # empty, partial, one block, blocks + tail, ...
+    S = sum(counts)
+    if copy_rows:     # chunks of 24 rows: experts straddle chunks, blocks straddle chunk ends
+        monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", copy_rows * max(M, N) * dtype.itemsize)
+    offsets = torch.tensor([0] + counts, device=DEVICE).cumsum(0)
+    src = torch.randperm(S, device=DEVICE)
+    new = lambda *shape: torch.randn(*shape, device=DEVICE).to(dtype)      # noqa: E731
+    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
+    out, out2 = [torch.full((len(counts), M, N), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2)]
+    db, db2 = [torch.full((len(counts), M), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2)]
+    # dW_up | dW_gate: du and dg against x's rows gathered by token, biases from du and dg
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
+    rows = x[src // k]
+    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
+        want, want_b = _wgrad_reference(a, rows, counts)
+        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
+    # dW_down: grad_out's rows gathered by token against h, bias from the w-weighted rows
+    go, h = new(S // k + 1, M), new(S, N)
+    w = torch.rand(S // k + 1, k, device=DEVICE).to(dtype)
+    wgrad_kernel.launch_wgrad(go, h, offsets, out, tile, k=k, db=db, gather_a=(src, w))
+    want, want_b = _wgrad_reference(go[src // k], h, counts, w.flatten()[src])
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    assert made and all(d is not None for d in made), made
+
+
+def test_weight_gradient_operands_tma_cannot_read_fall_back():
+    tile = Tile(16, 16, 16, 4, 2, tma=True)
+    a, b = torch.randn(40, 24, device=DEVICE), torch.randn(40, 40, device=DEVICE)
+    assert wgrad_kernel._descs(a, None, b, tile) is not None
+    assert wgrad_kernel._descs(a, None, b, Tile(16, 16, 16, 4, 2)) is None             # not asked for
+    assert wgrad_kernel._descs(padded((40, 24), torch.float32, pad=3), None, b, tile) is None   # rows misaligned
+    assert wgrad_kernel._descs(a, None, b[:, ::2], tile) is None                       # a column stride of 2
