@@ -134,7 +134,7 @@ def run(args):
     peak, bw = ceilings()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "wgrad_stream": streams.wgrad_stream_enabled(),
-            "fast_launch": fast_launch.enabled(), "pdl": pdl.enabled(), "wgrad_copy_mib": wgrad_kernel.copy_mib(),
+            "fast_launch": fast_launch.enabled(), "pdl_max_tokens": pdl.max_tokens(), "wgrad_copy_mib": wgrad_kernel.copy_mib(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "matmul_bf16_tflops": peak / 1e12, "copy_gbps": bw / 1e9, "sonic_moe": sonic_version()}
     print(json.dumps(info), flush=True)

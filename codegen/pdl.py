@@ -11,24 +11,47 @@ once every CTA is past its K loop, so that waiting CTAs never take the slots of 
 H100, 2026-12-05 (benchmarks/results/stop23_h100/decode_pdl*): with the release at the top
 everywhere, one token went 57 -> 54 us (Qwen3) and 66 -> 62 (OLMoE), but Mixtral, whose gate/up
 grid runs in several waves, went 269 -> 303 us at one token and 989 -> 1092 at 64: hence the
-release after the K loop. Off by default (MOEC_PDL=1 turns it on) until a GPU run shows it no
-slower anywhere; only where the inference forward is decode-sized (PDL_MAX_TOKENS).
+release after the K loop. Measured again with it (stop23_h100/decode_pdl_release_*): one token
+58 -> 54 us (Qwen3), Mixtral even (269 -> 267); at 64 tokens Qwen3 even, Mixtral 1078 -> 1117 us;
+at 8 tokens the first placement was 1-2% slower on all three. So by default PDL goes only with a
+one-token forward (batch-1 decode, AUTO_MAX_TOKENS); MOEC_PDL=1 takes it to every decode-sized
+forward (PDL_MAX_TOKENS), MOEC_PDL=0 nowhere.
 """
 import functools
 import os
 
 import torch
 
+from .errors import MoecError
+
+AUTO_MAX_TOKENS = 1
 PDL_MAX_TOKENS = 64
-_state = {"on": os.environ.get("MOEC_PDL", "0") == "1"}
+_MODES = {"": AUTO_MAX_TOKENS, "1": PDL_MAX_TOKENS, "0": 0}
 
 
-def set_enabled(on: bool) -> None:
-    _state["on"] = bool(on)
+def _from_env() -> int:
+    value = os.environ.get("MOEC_PDL", "")
+    if value not in _MODES:
+        raise MoecError(f"MOEC_PDL={value!r}: expected 1 (on up to {PDL_MAX_TOKENS} tokens), 0 (off), or unset "
+                        f"(on for {AUTO_MAX_TOKENS}-token forwards)")
+    return _MODES[value]
+
+
+_state = {"max_tokens": _from_env()}
+
+
+def set_enabled(on) -> None:
+    """True: up to PDL_MAX_TOKENS; False: off; None: the default (AUTO_MAX_TOKENS)."""
+    _state["max_tokens"] = AUTO_MAX_TOKENS if on is None else PDL_MAX_TOKENS if on else 0
+
+
+def max_tokens() -> int:
+    """The largest forward PDL goes with (0: off)."""
+    return _state["max_tokens"]
 
 
 def enabled() -> bool:
-    return _state["on"]
+    return _state["max_tokens"] > 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +61,7 @@ def _hopper_or_newer(device) -> bool:
 
 def use(t: torch.Tensor, tokens: int) -> bool:
     """Whether launches reading t, a forward of `tokens` tokens, go with PDL."""
-    return _state["on"] and t.is_cuda and tokens <= PDL_MAX_TOKENS and _hopper_or_newer(t.device)
+    return tokens <= _state["max_tokens"] and t.is_cuda and _hopper_or_newer(t.device)
 
 
 def launch_kwargs(on: bool) -> dict:

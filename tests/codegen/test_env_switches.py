@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 
-def _import_with(**env):
-    return subprocess.run([sys.executable, "-c", "import moec.codegen.wgrad_kernel as w; print(w.MAX_COPY_BYTES)"],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+def _import_with(code="import moec.codegen.wgrad_kernel as w; print(w.MAX_COPY_BYTES)", **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=300)
 
 
 def test_wgrad_copy_mib():
@@ -15,3 +15,15 @@ def test_wgrad_copy_mib():
     for bad in ("0", "-3", "4.5", "lots"):
         run = _import_with(MOEC_WGRAD_COPY_MIB=bad)
         assert run.returncode != 0 and f"MOEC_WGRAD_COPY_MIB={bad!r}" in run.stderr, run.stderr[-500:]
+
+
+def test_pdl():
+    code = "import moec.codegen.pdl as p; print(p.max_tokens())"
+    env = {k: v for k, v in os.environ.items() if k != "MOEC_PDL"}
+    unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert unset.stdout.strip() == "1", unset.stderr[-500:]
+    assert _import_with(code, MOEC_PDL="1").stdout.strip() == "64"
+    assert _import_with(code, MOEC_PDL="0").stdout.strip() == "0"
+    for bad in ("2", "yes", "on"):
+        run = _import_with(code, MOEC_PDL=bad)
+        assert run.returncode != 0 and f"MOEC_PDL={bad!r}" in run.stderr, run.stderr[-500:]

@@ -23,9 +23,9 @@ def _decode(x, logits, bases, layout, E, k):
 
 @pytest.fixture
 def pdl_state():
-    before = pdl.enabled()
+    before = dict(pdl._state)
     yield
-    pdl.set_enabled(before)
+    pdl._state.update(before)
 
 
 @hopper
@@ -71,13 +71,19 @@ def test_decode_replayed_from_a_cuda_graph(pdl_state):
 
 
 def test_switch_and_its_bounds(pdl_state):
-    """PDL only where asked for, on a CUDA tensor of an sm90+ GPU, for a decode-sized forward."""
+    """PDL only where asked for, on a CUDA tensor of an sm90+ GPU, for a decode-sized forward: by
+    default a one-token forward, with MOEC_PDL=1 up to PDL_MAX_TOKENS."""
     t = torch.zeros(2, 2)
     pdl.set_enabled(False)
-    assert not pdl.use(t, 1) and pdl.launch_kwargs(False) == {}
+    assert not pdl.use(t, 1) and pdl.launch_kwargs(False) == {} and pdl.max_tokens() == 0
     pdl.set_enabled(True)
     assert not pdl.use(t, 1)            # a CPU tensor never
     assert pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
+    assert pdl.max_tokens() == pdl.PDL_MAX_TOKENS
+    pdl.set_enabled(None)
+    assert pdl.max_tokens() == pdl.AUTO_MAX_TOKENS == 1
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
         c = t.cuda()
+        assert pdl.use(c, 1) and not pdl.use(c, 2)
+        pdl.set_enabled(True)
         assert pdl.use(c, pdl.PDL_MAX_TOKENS) and not pdl.use(c, pdl.PDL_MAX_TOKENS + 1)
