@@ -14,12 +14,13 @@ ops that the dense backend fuses. No host synchronisation: a cumulative sum on t
 import torch
 from torch import Tensor
 
+from .dispatch import moec_op
 from .errors import MoecKernelError
 
 ORDERS = ("choice_major", "token_major")
 
 
-@torch.library.custom_op("moec::capacity_keep", mutates_args=())
+@moec_op("capacity_keep")
 def capacity_keep(ids: Tensor, num_experts: int, capacity: int, order: str) -> Tensor:
     """ids (T, k) int -> keep (T, k) bool."""
     _check(ids, num_experts, order)

@@ -11,11 +11,12 @@ from torch import Tensor
 
 from . import kernels, reference
 from . import layout as layouts
+from .dispatch import moec_op
 from .errors import MoecKernelError
 from .ops import _check_experts, _check_float, _same_device, saved_preactivations
 
 
-@torch.library.custom_op("moec::experts_combine", mutates_args=())
+@moec_op("experts_combine")
 def experts_combine(x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor, route_w: Tensor, k: int,
                     bases: list[Tensor], layout: str, activation: str, alpha: float, limit: float,
                     save: bool) -> tuple[Tensor, Tensor]:
@@ -38,7 +39,7 @@ def _(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit,
     return x.new_empty(route_w.shape[0], x.shape[1]), pre
 
 
-@torch.library.custom_op("moec::experts_combine_backward", mutates_args=())
+@moec_op("experts_combine_backward")
 def experts_combine_backward(grad_out: Tensor, x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor,
                              route_w: Tensor, pre: Tensor, k: int, bases: list[Tensor], layout: str,
                              activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:

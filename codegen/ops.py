@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import kernels, reference
 from . import layout as layouts
+from .dispatch import moec_op
 from .errors import MoecKernelError
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,7 +25,7 @@ _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 # ------------------------------------------------------------------------------------ route
 
 
-@torch.library.custom_op("moec::route", mutates_args=())
+@moec_op("route")
 def route(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool,
           scale: float, n_group: int, topk_group: int, group_fill: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """logits (T, E) -> weights (T, k) float32 (float64 for float64 logits), ids (T, k) int64.
@@ -46,7 +47,7 @@ def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_f
     return logits.new_empty(T, k, dtype=w_dtype), logits.new_empty(T, k, dtype=torch.int64)
 
 
-@torch.library.custom_op("moec::route_backward", mutates_args=())
+@moec_op("route_backward")
 def route_backward(grad_weights: Tensor, logits: Tensor, ids: Tensor, scoring: str,
                    renormalize: bool, scale: float) -> Tensor:
     if kernels.use_triton(logits):
@@ -100,7 +101,7 @@ def _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill=None)
 # ------------------------------------------------------------------------------------- plan
 
 
-@torch.library.custom_op("moec::plan", mutates_args=())
+@moec_op("plan")
 def plan(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """ids (T, k) -> offsets (E+1,), src (T*k,), inv (T*k,), int64; ids outside [0, E) dropped."""
     _check_plan(ids, num_experts)
@@ -129,7 +130,7 @@ def _check_plan(ids, num_experts):
 # ---------------------------------------------------------------------------------- experts
 
 
-@torch.library.custom_op("moec::experts", mutates_args=())
+@moec_op("experts")
 def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
             activation: str, alpha: float, limit: float) -> Tensor:
     """x (T, H), grouped copies src (S,) by offsets (E+1,) -> y (S, H) in x's dtype.
@@ -150,7 +151,7 @@ def _(x, src, offsets, k, weights, layout, activation, alpha, limit):
     return x.new_empty(src.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("moec::experts_backward", mutates_args=())
+@moec_op("experts_backward")
 def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
                      layout: str, activation: str, alpha: float, limit: float, needs: list[bool],
                      pre: Optional[Tensor] = None) -> list[Tensor]:
@@ -173,7 +174,7 @@ def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, nee
         [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
 
 
-@torch.library.custom_op("moec::experts_backward_rows", mutates_args=())
+@moec_op("experts_backward_rows")
 def experts_backward_rows(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor],
                           layout: str, activation: str, alpha: float, limit: float,
                           pre: Optional[Tensor] = None) -> list[Tensor]:
@@ -196,7 +197,7 @@ def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, pre
             x.new_empty(S, F) if gated else x.new_empty(0)]
 
 
-@torch.library.custom_op("moec::experts_wgrad", mutates_args=())
+@moec_op("experts_wgrad")
 def experts_wgrad(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: int, h: Tensor, du: Tensor,
                   dg: Tensor, weights: list[Tensor], layout: str, needs: list[bool]) -> list[Tensor]:
     """The weight gradients of `experts_backward` from `experts_backward_rows`' h, du, dg: one per
@@ -243,7 +244,7 @@ def _experts_bwd(ctx, grad_y):
 experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
 
 
-@torch.library.custom_op("moec::experts_save", mutates_args=())
+@moec_op("experts_save")
 def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
                  activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor]:
     """`experts` for training where its combine is not beside it (expert parallelism): -> (y, pre),
@@ -371,7 +372,7 @@ def _check_lora(x, weights, layout, E, F, H):
 # ---------------------------------------------------------------------------------- combine
 
 
-@torch.library.custom_op("moec::combine", mutates_args=())
+@moec_op("combine")
 def combine(y: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
     """y (S, H) grouped, inv (S,), weights (T, k) -> out (T, H) = sum_j w[t, j] y[inv[t*k+j]]."""
     _check_combine(y, inv, weights)
@@ -388,7 +389,7 @@ def _(y, inv, weights):
     return y.new_empty(weights.shape[0], y.shape[1])
 
 
-@torch.library.custom_op("moec::combine_backward", mutates_args=())
+@moec_op("combine_backward")
 def combine_backward(grad_out: Tensor, y: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     if kernels.use_triton(y):
         from .combine_backward_kernel import combine_backward_launch

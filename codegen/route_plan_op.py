@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from . import kernels, reference
+from .dispatch import moec_op
 from .ops import _check_plan, _check_route, route_bwd, route_setup
 
 
-@torch.library.custom_op("moec::route_plan", mutates_args=())
+@moec_op("route_plan")
 def route_plan(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, renormalize: bool, scale: float,
                n_group: int, topk_group: int, num_experts: int, group_fill: Optional[float] = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
