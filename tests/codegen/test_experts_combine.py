@@ -50,7 +50,9 @@ def test_activations(act, gated, bias, dtype):
     _run(11, 4, 2, 40, 24, dtype, act, gated, bias)
 
 
-@pytest.mark.parametrize("T,E,k,how", [(0, 4, 2, "uniform"), (1, 4, 1, "uniform"), (23, 3, 3, "uniform"),
+# one token with k = E = 8: the routing weights' gradient has 8 entries. At k = 1 it was one dot product,
+# whose float32 rounding against float64 can cancel to any relative error (a 1-in-~10 failure here)
+@pytest.mark.parametrize("T,E,k,how", [(0, 4, 2, "uniform"), (1, 8, 8, "uniform"), (23, 3, 3, "uniform"),
                                        (17, 4, 2, "one_expert"), (21, 6, 2, "sparse"), (19, 5, 1, "uniform")])
 def test_routings(T, E, k, how):
     _run(T, E, k, 24, 40, torch.float32, "silu", bias=how == "sparse", how=how)
