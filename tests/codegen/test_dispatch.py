@@ -1,6 +1,8 @@
 """Every op of moec.codegen runs on CUDA tensors as its function itself, registered with the
 dispatcher (codegen/dispatch.py: custom_op's wrapper cost 20-25 us a call), while CPU tensors keep
-custom_op's checked path. Checked on the dispatcher's tables: no GPU needed."""
+custom_op's checked path. Checked on the dispatcher's tables, and the direct path itself run on the
+CPU: the same functions registered for the CPU key for one test (what CUDA tensors go through),
+the fused op's forward and every gradient against float64 through autograd, and routing."""
 import importlib
 import pkgutil
 
@@ -8,6 +10,9 @@ import torch
 from torch._library.custom_ops import CustomOpDef
 
 import moec.codegen
+
+import test_experts_combine
+import test_route_plan
 
 
 def _codegen_ops():
@@ -41,3 +46,17 @@ def test_cpu_calls_keep_custom_ops_aliasing_check():
         assert "alias" in str(e)
     else:
         raise AssertionError("custom_op's aliasing check did not run")
+
+
+def test_the_direct_path_computes_what_custom_op_does():
+    lib = torch.library.Library("moec", "IMPL")
+    try:
+        for name, op in _codegen_ops().items():
+            lib.impl(name.split("::")[1], op._init_fn, "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("moec::experts_combine", "CPU")
+        test_experts_combine._run(13, 4, 2, 48, 40, torch.float32, "silu", bias=True)
+        test_experts_combine._run(9, 5, 2, 24, 40, torch.bfloat16, "swiglu_oai", bias=True, how="sparse")
+        test_route_plan.test_route_plan_equals_route_then_plan(7, 8, 2, "softmax", 1, 1, False, None)
+    finally:
+        lib._destroy()
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("moec::experts_combine", "CPU")
