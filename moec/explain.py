@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import session
-from .capture import tracing_context
+from .capture import switches
 
 _BREAK_FIX = ("a graph break splits this layer: Dynamo cannot capture a loop over the experts that "
               "received tokens (a data-dependent list), so no single graph holds the layer and it runs "
@@ -84,7 +84,7 @@ def explain(model_or_fn, *args, **kwargs) -> Explanation:
 
 
 def _graph_breaks(model_or_fn, args, kwargs):
-    with tracing_context():
+    with switches():
         out = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
     breaks = []
     for b in out.break_reasons:

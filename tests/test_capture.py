@@ -1,7 +1,8 @@
 """moec's tracing context: dynamic-output capture is on only while moec traces, and
 MOEC_CAPTURE_DYNAMIC=0 traces code it cannot capture (a split by host-side counts, which fails
 in Dynamo under that setting: tests/property's `sort_split_crash`) Dynamo's default way.
-HF's eager experts loop, traced as grouped_mm, compiles once, not once per call."""
+HF's eager experts loop, traced as grouped_mm, compiles once, not once per call. The config
+switches are entered only while Dynamo compiles (its compile callbacks), not on every call."""
 import sys
 from pathlib import Path
 
@@ -61,3 +62,24 @@ def test_hf_eager_experts_compile_once():
     for seed in range(3):
         compiled(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed)))
     assert counters["moec"]["graphs"] == 1 and counters["moec"]["regions_fused"] == 1
+
+
+def test_config_switches_only_while_compiling(monkeypatch):
+    """On while moec's backend runs (inside Dynamo's compile), off on cache hits and after."""
+    import moec.backend
+    from moec import capture
+    seen, real = [], moec.backend.run_pipeline
+
+    def spy(*args, **kwargs):
+        seen.append(torch._dynamo.config.capture_dynamic_output_shape_ops)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(moec.backend, "run_pipeline", spy)
+    compiled = torch.compile(lambda x: x * 2, backend="moec")
+    x = torch.randn(3)
+    torch.testing.assert_close(compiled(x), x * 2)
+    compiled(x)       # a cache hit: nothing traced, the switches never entered
+    assert seen == [True] and not torch._dynamo.config.capture_dynamic_output_shape_ops
+    assert capture._open["stack"] is None and capture._marks.depth == 0
+    torch._dynamo.reset()       # clears Dynamo's callbacks: moec registers its own again
+    compiled(torch.randn(4, 2))
+    assert seen == [True, True] and not torch._dynamo.config.capture_dynamic_output_shape_ops
