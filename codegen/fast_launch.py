@@ -21,7 +21,6 @@ import os
 
 import torch
 
-_TAG_INT, _TAG_FLOAT, _TAG_BOOL = "i", "f", "b"
 _UNSUPPORTED = object()
 
 
@@ -94,27 +93,58 @@ def hooked(hook) -> bool:
 
 def arg_key(args, constexpr=frozenset()):
     """A hashable key of the properties Triton specialises positional arguments on (a superset),
-    or None for an argument type this module does not know."""
-    parts = []
-    for i, a in enumerate(args):
+    or None for an argument type this module does not know. Built from the arguments' types and,
+    per type, a plan of which positions to read (cached): per-argument type dispatch was ~0.25 us
+    an argument, 15 us for gate/up's 62 (2-core CPU machine)."""
+    if type(constexpr) is not frozenset:
+        constexpr = frozenset(constexpr)
+    types = tuple(map(type, args))
+    plan = _plans.get((types, constexpr))
+    if plan is None:
+        plan = _plans[(types, constexpr)] = _plan(types, constexpr)
+    if plan is _UNSUPPORTED:
+        return None
+    tensors, ints, consts, descs = plan
+    return (types,
+            tuple([args[i].dtype for i in tensors]),
+            tuple([args[i].data_ptr() % 16 == 0 for i in tensors]),
+            tuple([_int_classes.get(args[i]) or _int_class(args[i]) for i in ints]),
+            tuple([args[i] for i in consts]),
+            tuple([(d.base.dtype, tuple(d.block_shape), getattr(d, "padding", None),
+                    getattr(d, "round_f32_to_tf32", None)) for d in [args[i] for i in descs]]))
+
+
+_plans = {}
+_int_classes = {}
+
+
+def _int_class(v):
+    """What Triton specialises an int on (== 1, divisible by 16, 32- or 64-bit), as one small int
+    (0 only past 64 bits, recomputed each time); remembered per value (strides and widths repeat
+    from launch to launch)."""
+    if len(_int_classes) > 4096:
+        _int_classes.clear()
+    c = _int_classes[v] = (v == 1) + 2 * (v % 16 == 0) + 4 * (-2 ** 31 <= v < 2 ** 31) + 8 * (v < 2 ** 63)
+    return c
+
+
+def _plan(types, constexpr):
+    """(tensor, int, constexpr, descriptor positions) for arguments of these types, or
+    _UNSUPPORTED. bool, float and None are keyed by their type alone (Triton specialises them on
+    nothing else)."""
+    tensors, ints, consts, descs = [], [], [], []
+    for i, t in enumerate(types):
         if i in constexpr:
-            parts.append(("c", a))
-        elif isinstance(a, torch.Tensor):
-            parts.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif a is None:
-            parts.append(None)
-        elif type(a) is bool:
-            parts.append(_TAG_BOOL)
-        elif type(a) is int:
-            parts.append((_TAG_INT, a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31, a < 2 ** 63))
-        elif type(a) is float:
-            parts.append(_TAG_FLOAT)
-        elif type(a).__name__ == "TensorDescriptor":
-            parts.append(("d", a.base.dtype, tuple(a.block_shape), getattr(a, "padding", None),
-                          getattr(a, "round_f32_to_tf32", None)))
-        else:
-            return None
-    return tuple(parts)
+            consts.append(i)
+        elif issubclass(t, torch.Tensor):
+            tensors.append(i)
+        elif t is int:
+            ints.append(i)
+        elif t.__name__ == "TensorDescriptor":
+            descs.append(i)
+        elif t not in (bool, float, type(None)):
+            return _UNSUPPORTED
+    return tuple(tensors), tuple(ints), tuple(consts), tuple(descs)
 
 
 def _on_cuda(args) -> bool:

@@ -24,6 +24,10 @@ def test_key_separates_what_triton_specialises():
     assert arg_key((True,)) != arg_key((1,)) and arg_key((None,)) != arg_key((0.5,))
     assert arg_key((3,), constexpr={0}) != arg_key((5,), constexpr={0})   # a constexpr by position: its value
     assert arg_key(([1, 2],)) is None and arg_key(("silu",)) is None       # unknown: Triton's own path
+    # keys are built from per-type plans and remembered int classes: asked again, and mixed
+    assert [arg_key((v,)) for v in (1, 2, 16, 32, 2 ** 31, 2 ** 63, -16)] == ints
+    assert arg_key((None, 16)) != arg_key((base, 16)) != arg_key((base, 17)) != arg_key((base, True))
+    assert arg_key((torch.nn.Parameter(base.float()),)) != arg_key((base.float(),))    # a subclass: its own plan
 
 
 def test_an_empty_hook_chain_is_no_hook():
