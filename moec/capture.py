@@ -104,14 +104,17 @@ _marks = threading.local()      # depth: how many moec-compiled calls this threa
 _open = {"stack": None}         # the switches entered for the compile in progress
 
 
-def _on_compile_start(args):
-    if getattr(_marks, "depth", 0) and args.callback_trigger == _COMPILE_CALLBACKS[1] and _open["stack"] is None:
+def _on_compile_start(args=None):
+    # a trigger other than Dynamo's (a lazily compiled backward, a CUDA graph recording) traces
+    # nothing of moec's; torch versions whose callbacks take no arguments have only Dynamo's
+    trigger = getattr(args, "callback_trigger", _COMPILE_CALLBACKS[1])
+    if getattr(_marks, "depth", 0) and trigger == _COMPILE_CALLBACKS[1] and _open["stack"] is None:
         stack = contextlib.ExitStack()
         stack.enter_context(config_switches())
         _open["stack"] = stack
 
 
-def _on_compile_end(args):
+def _on_compile_end(args=None):
     stack, _open["stack"] = _open["stack"], None
     if stack is not None:
         stack.close()
