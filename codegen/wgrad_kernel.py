@@ -14,6 +14,9 @@ is the faster dimension in memory (GPT-OSS's (E, H, 2F) gate_up and (E, F, H) do
 (E, F, H) and (E, H, F)), the tile is stored transposed (TRANS_OUT): threads then walk memory
 along m instead of writing one element per cache line, which cost 75% of a GPT-OSS train step
 on an H100 (9.4 ms per wgrad launch at 4096 tokens).
+With Tile.tma (sm90+, every operand TMA-readable) an expert's whole BLOCK_K row blocks come through
+descriptors and its partial last block through pointers: OLMoE's dual kernel 0.731 -> 0.706 ms at
+4096 tokens on an H100, Qwen3's unchanged (the tuner keeps whichever is faster per layer).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
 import os
@@ -151,8 +154,8 @@ def _store(base, s_m, s_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED: tl.con
 # 3.52 -> 4.06 (OLMoE), 7.18 -> 7.95 (GPT-OSS), 19.97 -> 21.02 (Mixtral): each chunk's launch runs
 # every expert's tiles, most of them idle (the weight gradients 1.03 -> 1.93 ms a Qwen3 step), and
 # programs striding over the chunk's experts' tiles alone were slower still on GPT-OSS and Mixtral
-# (benchmarks/results/wgrad_chunks_h100.md). Since then idle programs leave before their epilogue
-# (not yet timed on a GPU).
+# (benchmarks/results/wgrad_chunks_h100.md). Since then idle programs leave before their epilogue:
+# 5-8% slower than one copy (Qwen3 3.57 vs 3.31 ms; Mixtral even; stop23_h100/chunks48_early_exit.md).
 _ONE_COPY_MIB = 1 << 30        # larger than any copy: one, whatever its size
 
 
