@@ -2,12 +2,13 @@
 autograd registrations, trace-time checks), plus the same function as the op's CUDA kernel,
 registered with the dispatcher directly.
 
-Why: custom_op's own backend kernel is a Python wrapper around the function (dynamo disabled
-around it, an aliasing check of the outputs against the inputs) that cost 20-25 us per call on
-top of the function (benchmarks/op_host_time.py; ~2x that on the H100s' slower hosts), paid by
-every op of every layer on every step without CUDA graphs. On CUDA tensors the dispatcher now
-calls the function itself; CPU tensors (CI, the reference path) keep custom_op's wrapper and its
-aliasing check, which every op's tests pass through.
+Why: custom_op's own backend kernel is a Python wrapper around the function (pytree handling, an
+aliasing check of the outputs against the inputs, Dynamo disabled around it) that cost 20-25 us
+per call on top of the function on this repository's CPU machine, paid by every op of every
+layer on every step without CUDA graphs. On CUDA tensors the dispatcher now calls the function,
+with Dynamo disabled around it as custom_op does (~0.5 us: an op called from eager code while a
+compiled function runs must not have its Python traced); CPU tensors (CI, the reference path)
+keep custom_op's wrapper and its aliasing check, which every op's tests pass through.
 """
 import torch
 
@@ -18,6 +19,6 @@ def moec_op(name):
     """@moec_op("route") def route(...): torch.ops.moec.route, with no mutated arguments."""
     def register(fn):
         op = torch.library.custom_op(f"moec::{name}", mutates_args=())(fn)
-        _LIB.impl(name, fn, "CUDA")
+        _LIB.impl(name, torch.compiler.disable(fn), "CUDA")
         return op
     return register
