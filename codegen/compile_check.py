@@ -7,6 +7,7 @@ the named architecture: the signature and 16-divisibility it specialises on, the
 options, through Triton's own compiler and its bundled ptxas; `usage` reads the cubin's
 registers, local (spill) bytes and shared memory with the bundled cuobjdump.
 """
+import collections
 import contextlib
 import os
 import re
@@ -111,26 +112,26 @@ def tools_dir():
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "LDG", "STG", "LDL", "STL")
 
 
-def sass_mix(compiled):
-    """{opcode: static count in the cubin's SASS} for SASS_OPS."""
+def _cuobjdump(compiled, flag):
+    """What the bundled cuobjdump prints for the compiled kernel's cubin with `flag`."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        out = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-sass", path],
-                             capture_output=True, text=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", out, re.M)
-    return {op: ops.count(op) for op in SASS_OPS}
+        return subprocess.run([os.path.join(tools_dir(), "cuobjdump"), flag, path], capture_output=True,
+                              text=True).stdout
+
+
+def sass_mix(compiled):
+    """{opcode: static count in the cubin's SASS} for SASS_OPS."""
+    ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)",
+                                         _cuobjdump(compiled, "-sass"), re.M))
+    return {op: ops[op] for op in SASS_OPS}
 
 
 def usage(compiled):
     """(registers, local bytes per thread (spills, stack), shared bytes) of a compiled kernel."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        out = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "--dump-resource-usage", path],
-                             capture_output=True, text=True).stdout
+    out = _cuobjdump(compiled, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     if not found:
         raise RuntimeError(f"cuobjdump said: {out[-500:]}")

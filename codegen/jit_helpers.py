@@ -200,7 +200,7 @@ def weight_desc(w, tile, transpose=False):
     transpose: w is (E, N, K)), through TMA; (None, False) where the tile does not ask for it or
     TMA cannot read this view (neither K nor N of unit stride, misaligned, or a GPU older than
     sm90). Asked on every launch: without `tile.tma` it returns before touching w."""
-    if not tile.tma or (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9):
+    if not tma_asked(tile, w):
         return None, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     w = w.transpose(1, 2) if transpose else w
@@ -211,10 +211,21 @@ def weight_desc(w, tile, transpose=False):
         shape, strides, block, k_last = [E, N, K], [s_e, s_n, 1], [1, tile.block_n, tile.block_k], True
     else:
         return None, False
-    size = w.element_size()
-    if min(shape) < 1 or w.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
+    if not tma_readable(w, shape, strides):
         return None, False
     return TensorDescriptor(w, shape, strides, block), k_last
+
+
+def tma_asked(tile, t) -> bool:
+    """Whether the tile asks for TMA and t's GPU has it (sm90+; the interpreter runs descriptors too)."""
+    return tile.tma and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9)
+
+
+def tma_readable(t, shape, strides) -> bool:
+    """Whether a descriptor of this shape and these strides (the last one 1) can read t: no empty
+    dimension, the base and every other stride 16-byte aligned."""
+    size = t.element_size()
+    return min(shape) >= 1 and t.data_ptr() % 16 == 0 and not any(s * size % 16 for s in strides[:-1])
 
 
 @triton.jit

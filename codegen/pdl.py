@@ -50,10 +50,6 @@ def max_tokens() -> int:
     return _state["max_tokens"]
 
 
-def enabled() -> bool:
-    return _state["max_tokens"] > 0
-
-
 @functools.lru_cache(maxsize=None)
 def _hopper_or_newer(device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9

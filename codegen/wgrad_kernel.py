@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
-from .jit_helpers import cdiv, ieee, mma
+from .jit_helpers import cdiv, ieee, mma, tma_asked, tma_readable
 
 
 @triton.jit
@@ -215,9 +215,7 @@ def _row_desc(t, tile, width):
     """A TMA descriptor over t's (rows, width) blocks of BLOCK_K rows, or None where TMA cannot read
     t (a column stride other than 1, rows or base not 16-byte aligned) or the tile does not ask."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    size = t.element_size()
-    if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) * size % 16 or t.data_ptr() % 16 or min(t.shape) < 1 \
-            or t.shape[0] >= 2 ** 31:
+    if t.dim() != 2 or t.stride(1) != 1 or t.shape[0] >= 2 ** 31 or not tma_readable(t, t.shape, t.stride()):
         return None
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [tile.block_k, width])
 
@@ -225,7 +223,7 @@ def _row_desc(t, tile, width):
 def _descs(a, a2, b, tile):
     """(a's, a2's, b's descriptors) where all of them can be made, else None: the kernel reads
     all its operands one way."""
-    if not tile.tma or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9):
+    if not tma_asked(tile, a):
         return None
     descs = (_row_desc(a, tile, tile.block_m), _row_desc(a2 if a2 is not None else a, tile, tile.block_m),
              _row_desc(b, tile, tile.block_n))
