@@ -66,15 +66,21 @@ CANDIDATES = {
 }
 # kernels whose weight tiles (wgrad: operand row blocks) can come through TMA descriptors (Tile.tma; sm90+)
 READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wgrad_dual")
+# kernels with a persistent twin (Tile.persistent programs per SM over every tile; no TMA there)
+PERSISTENT = ("wgrad", "wgrad_dual")
 
 
 def candidates(kind, default, tma):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
-    each also with TMA weight tiles where the kernel has them and `tma` is on."""
+    each also with TMA weight tiles where the kernel has them and `tma` is on, and persistent (one and
+    two programs per SM) where the kernel has that."""
     base = [default] + [c for c in CANDIDATES[kind] if c != default]
-    if not tma or kind not in READS_WEIGHTS:
-        return base
-    return base + [twin for twin in (dataclasses.replace(c, tma=True) for c in base) if twin not in base]
+    twins = []
+    if tma and kind in READS_WEIGHTS:
+        twins += [dataclasses.replace(c, tma=True, persistent=0) for c in base]
+    if kind in PERSISTENT:
+        twins += [dataclasses.replace(c, tma=False, persistent=n) for n in (1, 2) for c in base]
+    return base + [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
 
 
 def kernels_for(s, p, T):

@@ -265,3 +265,22 @@ def pdl_enter(PDL: tl.constexpr):
     take their slots at once."""
     pdl_wait(PDL)
     pdl_release(PDL)
+
+
+@triton.jit
+def store_tile(base, s_m, s_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED: tl.constexpr,
+               TRANS_OUT: tl.constexpr):
+    """A weight-gradient tile: base[m * s_m + n * s_n] = acc[m, n] where mmask[m], plus what is
+    there where amask[m]."""
+    if TRANS_OUT:    # a (BN, BM) tile, m last, so consecutive threads take consecutive m
+        ptrs = base + ns64[:, None] * s_n + ms64[None, :] * s_m
+        out = tl.trans(acc)
+        if CHUNKED:
+            out += tl.load(ptrs, mask=nmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+    else:
+        ptrs = base + ms64[:, None] * s_m + ns64[None, :] * s_n
+        out = acc
+        if CHUNKED:
+            out += tl.load(ptrs, mask=amask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -19,6 +19,7 @@ descriptors and its partial last block through pointers: OLMoE's dual kernel 0.7
 4096 tokens on an H100, Qwen3's unchanged (the tuner keeps whichever is faster per layer).
 Bytes: per (m, n) tile, rows_e * (BLOCK_M + BLOCK_N) reads; E*M*N written.
 """
+import functools
 import os
 
 import torch
@@ -27,7 +28,8 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
-from .jit_helpers import cdiv, ieee, mma, tma_asked, tma_readable
+from .jit_helpers import cdiv, ieee, mma, next_pow2, store_tile, tma_asked, tma_readable
+from .wgrad_persistent_kernel import wgrad_persistent_kernel
 
 
 @triton.jit
@@ -92,9 +94,10 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
             acc2 = mma(a, b, acc2, IEEE)
     e64 = e.to(tl.int64)
     ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
-    _store(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED, TRANS_OUT)
+    store_tile(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED, TRANS_OUT)
     if DUAL:
-        _store(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, amask, nmask, acc2, CHUNKED, TRANS_OUT)
+        store_tile(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, amask, nmask, acc2, CHUNKED,
+                   TRANS_OUT)
     if pid_n == 0:
         # bias sums in a loop of their own: a reduction of A inside the GEMM loop needs the A tiles
         # in registers as well as in the MMA pipeline (GPT-OSS, the shape with biases, trained
@@ -125,23 +128,6 @@ def _row_sums(a_ptr, s_a, off_a, lo, hi, ms, mmask, amask, out_ptrs, src_ptr, w_
     if CHUNKED:
         total += tl.load(out_ptrs, mask=amask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mmask)
-
-
-@triton.jit
-def _store(base, s_m, s_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED: tl.constexpr, TRANS_OUT: tl.constexpr):
-    """base[m * s_m + n * s_n] = acc[m, n] where mmask[m], plus what is there where amask[m]."""
-    if TRANS_OUT:    # a (BN, BM) tile, m last, so consecutive threads take consecutive m
-        ptrs = base + ns64[:, None] * s_n + ms64[None, :] * s_m
-        out = tl.trans(acc)
-        if CHUNKED:
-            out += tl.load(ptrs, mask=nmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
-        tl.store(ptrs, out.to(base.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
-    else:
-        ptrs = base + ms64[:, None] * s_m + ns64[None, :] * s_n
-        out = acc
-        if CHUNKED:
-            out += tl.load(ptrs, mask=amask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        tl.store(ptrs, out.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 # The copy of gathered rows (x's for dW_up | dW_gate, grad_out's for dW_down) can be made and used
@@ -230,8 +216,24 @@ def _descs(a, a2, b, tile):
     return None if None in descs else descs
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device) -> int:
+    # the interpreter runs programs one after another: two stand-in SMs make a few programs, each
+    # over several tiles, which is what the persistent kernel's bookkeeping must get right
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
             weigh=False):
+    if tile.persistent and not chunked and db is None and db2 is None:
+        E, M, N = out.shape
+        launch(wgrad_persistent_kernel, (max(1, min(grid[0], _sms(out.device) * tile.persistent)),),
+               a, a2 if a2 is not None else a, b, offsets, out, o2, E, M, N, a.stride(0),
+               (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1), *out.stride(), *o2.stride(),
+               off_a, off_b, DUAL=a2 is not None, IEEE=ieee(a), TRANS_OUT=trans, E_BLOCK=next_pow2(E),
+               BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
+               num_stages=tile.num_stages)
+        return
     descs = _descs(a, a2, b, tile)
     launch(wgrad_kernel, grid,
            a, a2 if a2 is not None else a, b, src, offsets, out, o2, d1, d2, w, *(descs or (None,) * 3), *out.shape,
