@@ -37,9 +37,12 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
 
 
 def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha,
-                             limit, needs=None):
+                             limit, needs=None, split=False):
     """[dx (T, H), d route_w (T, k), one gradient per base of `weights`] (None where needs[i] is
-    False). pre: the forward's saved pre-activations, or (0,) to recompute them here."""
+    False). pre: the forward's saved pre-activations, or (0,) to recompute them here.
+    split: the down projection's weight gradients are left to `down_weight_grads` (a second op, so
+    that a compiled backward frees pre before them: see experts_combine_op.py); returns
+    [dx, d route_w, w h (S, F)] + the other gradients, and needs must not ask for a down-only base."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
@@ -51,7 +54,8 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
         for t in out.values():
             t.zero_()
         return [torch.zeros_like(x, memory_format=torch.contiguous_format),
-                torch.zeros_like(route_w, memory_format=torch.contiguous_format)] + _finish(grads, slots, out)
+                torch.zeros_like(route_w, memory_format=torch.contiguous_format)] + \
+            ([x.new_empty(0, F)] if split else []) + _finish(grads, slots, out)
     if pre.numel() == 0:    # called without saved pre-activations (save=False under autograd)
         _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
                                          limit, True)
@@ -71,23 +75,38 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
                     lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
     rows = {"hw": hw, "du": du, "dg": dg}    # handed over: _weight_grads frees each once read for the last time
+    head = [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + ([hw] if split else [])
     with streams.beside(x.device, (go, hw, du, dg, x, src, offsets, route_w, q_d, q_u, q_g) + tuple(weights)) as made:
         del hw, du, dg
         grads = _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d,
-                              q_u, q_g, shared, t_down, t_wg, t_wg2, t_up)
+                              q_u, q_g, shared, t_down, t_wg, t_wg2, t_up, down=not split)
         made += grads
-    return [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + grads
+    return head + grads
+
+
+def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, needs):
+    """The down projection's weight gradients (one per base of `weights`, None where needs[i] is
+    False; needs asks only for bases the down projection alone reads, no LoRA) from
+    `experts_combine_backward(split=True)`'s w h."""
+    _check(hw)
+    grads, slots, out = _grad_buffers(weights, layout, needs)
+    t_wg, = _tiles(hw, src, layouts.views(weights, layout)[0], k, "wgrad")
+    with streams.beside(hw.device, (grad_out, hw, src, offsets, route_w) + tuple(weights)) as made:
+        _down_wgrad(grad_out.contiguous(), hw, src, offsets, k, route_w, out.get("w_down"), out.get("b_down"), t_wg)
+        made += [g for g in grads if g is not None]
+    return _finish(grads, slots, out)
 
 
 def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d, q_u, q_g,
-                  shared, t_down, t_wg, t_wg2, t_up):
+                  shared, t_down, t_wg, t_wg2, t_up, down=True):
     """One gradient per base of `weights` (None where not needed). rows: {"hw", "du", "dg"}, emptied
     here. The gradients are made phase by phase, each buffer just before its kernels: dW_up |
     dW_gate first, against the copy of x their kernel gathers; then, du and dg freed, dW_down
     against the copy of grad_out its kernel gathers. Down first kept du and dg (2 x S x F) alive
-    beside dW_down's buffer at the backward's peak (48 MiB more at Qwen3 widths, 4096 tokens)."""
+    beside dW_down's buffer at the backward's peak (48 MiB more at Qwen3 widths, 4096 tokens).
+    down=False stops before dW_down (down_weight_grads makes it, in an op of its own)."""
     du, dg = rows.pop("du"), rows.pop("dg")
-    down_only, first = _phases(weights, layout, needs)
+    down_only, first = layouts.phases(weights, layout, needs)
     grads1, slots1, out1 = _grad_buffers(weights, layout, first, skip)
     o = out1.get
     _wgrad(du, x, offsets, o("w_up"), t_wg, t_wg2, src=src, k=k, a2=dg, out2=o("w_gate"), db=o("b_up"),
@@ -98,6 +117,8 @@ def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs,
         del t_u, t_g
     del du, dg
     hw = rows.pop("hw")
+    if not down:
+        return _finish(grads1, slots1, out1)
     grads2, slots2, out2 = _grad_buffers(weights, layout, down_only, skip)
     o = lambda role: out2.get(role, out1.get(role))      # a base both sides read has its buffer from the first
     _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)
@@ -106,19 +127,6 @@ def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs,
         t_d = _lora_rows(hw, ld[0].transpose(1, 2), ld[2], offsets, t_down)     # s (w h) A^T
         _down_wgrad(go, t_d, src, offsets, k, route_w, o("lora_b_down"), None, t_wg)
     return [a if a is not None else b for a, b in zip(_finish(grads1, slots1, out1), _finish(grads2, slots2, out2))]
-
-
-_DOWN_ROLES = ("w_down", "b_down", "lora_a_down", "lora_b_down")
-
-
-def _phases(weights, layout, needs):
-    """(needs of the bases only the down projection's roles read, needs of the others): a base
-    that both sides read (not a layout moec's rewrite makes) goes wholly in the second, made first."""
-    needs = [True] * len(weights) if needs is None else list(needs)
-    parsed = layouts.parse(layout)
-    down = {v.index for r, v in parsed.items() if r in _DOWN_ROLES} - \
-        {v.index for r, v in parsed.items() if r not in _DOWN_ROLES}
-    return [n and i in down for i, n in enumerate(needs)], [n and i not in down for i, n in enumerate(needs)]
 
 
 def _down_wgrad(go, hw, src, offsets, k, route_w, dw, db, tile):

@@ -62,6 +62,48 @@ def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation
         [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(bases, needs)]
 
 
+@moec_op("experts_combine_backward_up")
+def experts_combine_backward_up(grad_out: Tensor, x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor,
+                                route_w: Tensor, pre: Tensor, k: int, bases: list[Tensor], layout: str,
+                                activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:
+    """The backward's first op where it is two (`_backward`): [dx, d route_w, w h (S, F), one
+    gradient per base] for the bases of `needs`, which leaves out those only the down projection reads."""
+    if kernels.use_triton(x):
+        from .experts_combine_launch import experts_combine_backward as launch
+        grads = launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit,
+                       needs, split=True)
+    else:
+        grads = reference.experts_combine_backward_up(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
+                                                      activation, alpha, limit, needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@experts_combine_backward_up.register_fake
+def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, needs):
+    F = layouts.views(bases, layout)[0].shape[1]
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(src.shape[0], F)] + \
+        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(bases, needs)]
+
+
+@moec_op("experts_down_wgrad")
+def experts_down_wgrad(grad_out: Tensor, hw: Tensor, src: Tensor, offsets: Tensor, route_w: Tensor, k: int,
+                       bases: list[Tensor], layout: str, needs: list[bool]) -> list[Tensor]:
+    """The backward's second op: one gradient per base of `needs` (bases only the down projection
+    reads) from grad_out and `experts_combine_backward_up`'s w h."""
+    if kernels.use_triton(hw):
+        from .experts_combine_launch import down_weight_grads
+        grads = down_weight_grads(grad_out, hw, src, offsets, k, route_w, bases, layout, needs)
+    else:
+        grads = reference.down_weight_grads(grad_out, hw, src, offsets, k, route_w, bases, layout, needs)
+    return [g if g is not None else hw.new_empty(0) for g in grads]
+
+
+@experts_down_wgrad.register_fake
+def _(grad_out, hw, src, offsets, route_w, k, bases, layout, needs):
+    return [torch.empty_like(w) if need else hw.new_empty(0) for w, need in zip(bases, needs)]
+
+
 def _setup(ctx, inputs, output):
     x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit, _save = inputs
     ctx.save_for_backward(x, src, offsets, inv, route_w, output[1], *bases)
@@ -73,10 +115,24 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_pre):
     x, src, offsets, inv, route_w, pre, *bases = ctx.saved_tensors
     k, layout, activation, alpha, limit = ctx.args
-    g = torch.ops.moec.experts_combine_backward(grad_out.contiguous(), x, src, offsets, inv, route_w, pre, k, bases,
-                                                layout, activation, alpha, limit, ctx.needs)
-    grads = [t if need else None for t, need in zip(g[2:], ctx.needs)]
-    return g[0], None, None, None, g[1], None, grads, None, None, None, None, None
+    grad_out = grad_out.contiguous()
+    phases = layouts.split_phases(bases, layout, ctx.needs)
+    if phases is None:
+        g = torch.ops.moec.experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout,
+                                                    activation, alpha, limit, ctx.needs)
+        dx, d_route_w, grads = g[0], g[1], g[2:]
+    else:
+        # Two ops, so that a compiled backward frees pre (S x 2F) after the first: the down
+        # projection's weight gradient, where the backward peaks (its gathered copy of grad_out and
+        # its buffer beside the gate/up one), then runs without it (Qwen3 widths, 4096 tokens:
+        # 96 MiB of a ~1.4 GiB step). Inside one op the caller's reference kept pre alive to the end.
+        down, first = phases
+        dx, d_route_w, hw, *g1 = torch.ops.moec.experts_combine_backward_up(
+            grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, first)
+        g2 = torch.ops.moec.experts_down_wgrad(grad_out, hw, src, offsets, route_w, k, bases, layout, down)
+        grads = [a if f else b for a, b, f in zip(g1, g2, first)]
+    grads = [t if need else None for t, need in zip(grads, ctx.needs)]
+    return dx, None, None, None, d_route_w, None, grads, None, None, None, None, None
 
 
 experts_combine.register_autograd(_backward, setup_context=_setup)

@@ -190,3 +190,29 @@ def grad_plan(layout: str, dims: tuple, skip: tuple = ()) -> tuple:
         if len(covered) < (n2 if orient else n1) or any(parsed[r].index == i for r in accumulate):
             zero.append(i)
     return tuple(zero), tuple(accumulate)
+
+
+DOWN_ROLES = ("w_down", "b_down", "lora_a_down", "lora_b_down")
+
+
+def phases(weights, layout, needs):
+    """(needs of the bases only the down projection's roles read, needs of the others): a base
+    that both sides read (not a layout moec's rewrite makes) goes wholly in the second, made first."""
+    needs = [True] * len(weights) if needs is None else list(needs)
+    parsed = parse(layout)
+    down = {v.index for r, v in parsed.items() if r in DOWN_ROLES} - \
+        {v.index for r, v in parsed.items() if r not in DOWN_ROLES}
+    return [n and i in down for i, n in enumerate(needs)], [n and i not in down for i, n in enumerate(needs)]
+
+
+def split_phases(weights, layout, needs):
+    """`phases` where the experts' backward can be two ops (no LoRA, no base read by both sides,
+    some down base trains), else None."""
+    if any(f is not None for f in lora(weights, layout)):
+        return None
+    parsed = parse(layout)
+    if {v.index for r, v in parsed.items() if r in DOWN_ROLES} & \
+            {v.index for r, v in parsed.items() if r not in DOWN_ROLES}:
+        return None
+    down_only, first = phases(weights, layout, needs)
+    return (down_only, first) if any(down_only) else None

@@ -322,3 +322,35 @@ def experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_T
     dx, *grads = experts_backward(grad_y, x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, needs,
                                   keep={"y": y})
     return [dx, combine_backward(grad_out_TH, y, inv_S, weights_Tk)[1]] + grads
+
+
+def experts_combine_backward_up(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation,
+                                alpha, limit, needs):
+    """`experts_combine_backward` for the bases of `needs`, then w h (S, F): each grouped row's
+    activation output times its routing weight, as `down_weight_grads` reads it."""
+    head = experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout,
+                                    activation, alpha, limit, needs)
+    pre = x_TH.new_zeros(src_S.shape[0], layouts.preactivation_width(bases, layout))
+    experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, pre)
+    F = layouts.views(bases, layout)[0].shape[1]
+    g = pre[:, F:] if pre.shape[1] > F else None
+    hw = activate(g, pre[:, :F], activation, alpha, limit) * weights_Tk.reshape(-1)[src_S].unsqueeze(1)
+    return head[:2] + [hw.to(x_TH.dtype)] + head[2:]
+
+
+def down_weight_grads(grad_out_TH, hw_SF, src_S, offsets, k, weights_Tk, bases, layout, needs):
+    """The down projection's gradients (bases of `needs`, None elsewhere) from grad_out and w h:
+    dW_down[e] = sum over e's rows of grad_out[t]^T (w h), b_down's the w-weighted grad_out rows."""
+    parsed = layouts.parse(layout)
+    grads = [torch.zeros_like(w) if need else None for w, need in zip(bases, needs)]
+    slots = {role: layouts.view(grads[v.index], v) for role, v in parsed.items() if needs[v.index]}
+    per_role = {role: torch.zeros_like(slot) for role, slot in slots.items()}
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        copies = src_S[bounds[e]:bounds[e + 1]]
+        go, hw = _acc(grad_out_TH[copies // k]), _acc(hw_SF[bounds[e]:bounds[e + 1]])
+        _put(per_role, "w_down", e, lambda: go.transpose(0, 1) @ hw)
+        _put(per_role, "b_down", e, lambda: (go * _acc(weights_Tk.reshape(-1)[copies]).unsqueeze(1)).sum(0))
+    for role, g in per_role.items():
+        slots[role].add_(g)
+    return grads

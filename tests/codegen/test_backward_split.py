@@ -1,0 +1,109 @@
+"""experts_combine's backward as two ops (experts_combine_op._backward): the first reads the saved
+pre-activations and makes dx, the routing weights' and the gate/up gradients and w h; the second
+makes the down projection's gradients from w h. In a traced backward pre's last reader is the first
+op, so a compiled backward frees it before the down projection's weight gradient, where the step's
+memory peaks. Values and gradients against float64 on both backends (the reference backend runs
+the two ops' reference twins); LoRA, a base both sides read and a frozen down projection keep one op."""
+import pytest
+import torch
+from functorch.compile import aot_function, make_boxed_func
+
+from moec.codegen import kernels, reference, tuning
+from moec.codegen import layout as layouts
+
+from kernel_helpers import DEVICE, TOL, assert_grads_close, padded, rel_err
+from test_experts_combine import KERNELS
+from test_experts_launch import SMALL, _layer, _routing
+import test_lora_experts
+
+OPS = torch.ops.moec
+
+
+def _case(T, E, k, H, F, dtype, bias, layout, how="uniform"):
+    x = padded((T, H), dtype).requires_grad_()
+    offsets, src, inv = _routing(T, E, k, how)
+    route_w = torch.rand(T, k, device=DEVICE).to(dtype).requires_grad_()
+    bases, layout = _layer(E, H, F, dtype, True, bias, layout)
+    for w in bases:
+        w.requires_grad_()
+    return x, offsets, src, inv, route_w, bases, layout
+
+
+def _backward_graph(x, offsets, src, inv, route_w, bases, layout, k):
+    graphs = []
+
+    def bw(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def layer(x, route_w, src, offsets, inv, *bases):
+        return OPS.experts_combine(x, src, offsets, inv, route_w, k, list(bases), layout, "silu", 0.0, 0.0, True)[0]
+    compiled = aot_function(layer, fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=bw)
+    with tuning.pin(**{name: SMALL for name in KERNELS}):
+        out = compiled(x, route_w, src, offsets, inv, *bases)
+        out.backward(torch.randn_like(out))
+    return graphs[0].graph
+
+
+def _calls(graph):
+    return [n for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("moec.")]
+
+
+@pytest.mark.parametrize("layout,bias", [("interleaved", False), ("transposed", True)])
+def test_pre_is_last_read_before_the_down_weight_gradient(layout, bias):
+    k = 2
+    x, offsets, src, inv, route_w, bases, layout = _case(11, 4, k, 24, 16, torch.float32, bias, layout)
+    graph = _backward_graph(x, offsets, src, inv, route_w, bases, layout, k)
+    up, down = _calls(graph)
+    assert (str(up.target), str(down.target)) == ("moec.experts_combine_backward_up.default",
+                                                  "moec.experts_down_wgrad.default")
+    pre = [n for n in graph.nodes if n.op == "placeholder" and n.meta["val"].shape == (11 * k, 32)]
+    assert len(pre) == 1 and set(pre[0].users) == {up}
+    assert not any(pre[0] in n.all_input_nodes for n in graph.nodes if n is not up)
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                           ("reference", torch.float32)])
+@pytest.mark.parametrize("how,bias", [("uniform", True), ("sparse", False), ("one_expert", True)])
+def test_two_ops_against_float64(backend, dtype, how, bias):
+    k = 2
+    x, offsets, src, inv, route_w, bases, layout = _case(13, 5, k, 24, 40, dtype, bias, "interleaved", how)
+    with kernels.backend(backend), tuning.pin(**{name: SMALL for name in KERNELS}):
+        out, _ = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, "silu", 0.0, 0.0, True)
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    d = lambda t: t.detach().cpu().double()      # noqa: E731
+    routing = (src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k)
+    want = reference.experts_combine_backward(d(gout), d(x), *routing, [d(w) for w in bases], layout, "silu", 0.0,
+                                              0.0)
+    assert layouts.split_phases(bases, layout, [True] * len(bases)) is not None
+    assert_grads_close([g.cpu() for g in grads], want, TOL[dtype] if backend == "triton" else 1e-5)
+
+
+def test_w_h_of_the_first_op():
+    """The first op's third output, against the activation of the reference's pre times the weights."""
+    k, F = 2, 16
+    x, offsets, src, inv, route_w, bases, layout = _case(9, 3, k, 24, F, torch.float32, True, "transposed")
+    gout = torch.randn(9, 24, device=DEVICE)
+    needs = layouts.phases(bases, layout, [True] * len(bases))[1]
+    with tuning.pin(**{name: SMALL for name in KERNELS}):
+        hw = OPS.experts_combine_backward_up(gout, x, src, offsets, inv, route_w, x.new_empty(0), k, bases, layout,
+                                             "silu", 0.0, 0.0, needs)[2]
+    d = lambda t: t.detach().cpu().double()      # noqa: E731
+    want = reference.experts_combine_backward_up(d(gout), d(x), src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k,
+                                                  [d(w) for w in bases], layout, "silu", 0.0, 0.0, needs)[2]
+    kept = int(offsets[-1])
+    assert hw.shape == (9 * k, F) and rel_err(hw[:kept].cpu(), want[:kept]) < TOL[torch.float32]
+
+
+def test_one_op_where_the_backward_cannot_split():
+    k = 2
+    x, offsets, src, inv, route_w, bases, layout = _case(7, 3, k, 24, 16, torch.float32, False, "interleaved")
+    assert layouts.split_phases(bases, layout, [True, False]) is None        # down frozen: nothing to split off
+    assert layouts.split_phases(bases, layout, [False, True]) == ([False, True], [False, False])
+    p = test_lora_experts._params("interleaved", ("down",), False, torch.float32)
+    weights, lora_layout = test_lora_experts._pack("interleaved", p, merged=False)
+    assert layouts.split_phases(weights, lora_layout, [True] * len(weights)) is None
+    bases[1].requires_grad_(False)
+    graph = _backward_graph(x, offsets, src, inv, route_w, bases, layout, k)
+    assert [str(n.target) for n in _calls(graph)] == ["moec.experts_combine_backward.default"]
