@@ -13,8 +13,8 @@ be fused (their fusion needs loop-invariant inner bounds; an expert's row count 
 
 The number of steps a program runs is counted up front from the offsets in one vector pass over the
 experts: tiles t = pid, pid + P, ... of expert e are arithmetic, each takes max(1, cdiv(rows_e, BLOCK_K))
-steps (an empty expert's tile takes one fully masked step and writes zeros). No biases, no chunked
-copies: those launches keep `wgrad_kernel` (launch_wgrad decides).
+steps (an empty expert's tile takes one fully masked step and writes zeros). Bias gradients come
+from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel` (launch_wgrad decides).
 """
 import triton
 import triton.language as tl

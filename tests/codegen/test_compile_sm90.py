@@ -97,7 +97,7 @@ def _compile_all(launches):
 
 
 LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32", "lora_concat",
-               "lora_gpt_oss"]
+               "lora_gpt_oss", "persistent_oai_bias_transposed"]
 # 4 tokens: route and plan in one launch; 64: route, then plan in one program; 4096: plan over blocks
 ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4), ("softmax", 1, 1, 4096)]
 ROUTING_KERNELS = {4: {"route_plan_kernel"}, 64: {"route_kernel", "plan_single_kernel"},
@@ -110,6 +110,8 @@ def _layer_case(case):
         ("silu", True, False, "interleaved")
     train = not case.startswith("decode")
     tiles = _tiles(64 if train else 1, dtype, tma=case == "tma")
+    if case.startswith("persistent"):      # the weight gradients' persistent twin, its bias kernel beside
+        tiles.update({g: dataclasses.replace(tiles[g], persistent=1) for g in ("wgrad", "wgrad_dual")})
     saved = wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl
     if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
         wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2
@@ -147,6 +149,8 @@ def test_layer_kernels_compile(case, compiled):
         want |= {"dh_kernel", "wgrad_kernel"}
     if case == "decode_pdl":
         want |= {"route_plan_kernel"}
+    if case.startswith("persistent"):
+        want = want - {"wgrad_kernel"} | {"wgrad_persistent_kernel", "bias_grad_kernel"}
     assert want <= set(names), sorted(names)
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 

@@ -1,8 +1,8 @@
 """The persistent weight-gradient kernel (Tile.persistent, codegen/wgrad_persistent_kernel.py) against
 float64 references: programs that each walk several tiles across experts of every length (empty,
 one row, partial, whole blocks, blocks and a tail), dual, gathered rows of either operand, outputs
-written transposed into strided views; and the launches it does not take (biases, chunked copies)
-staying on the per-tile kernel."""
+written transposed into strided views, bias gradients from the kernel launched beside it (weighted
+rows too); and chunked copies staying on the per-tile kernel."""
 import pytest
 import torch
 
@@ -75,18 +75,29 @@ def test_persistent_more_programs_than_tiles_and_no_rows(monkeypatch):
     assert [name for name, _ in seen] == ["wgrad_persistent_kernel"] * 2 and seen[0][1] == (2,)
 
 
-def test_biases_and_chunks_keep_the_per_tile_kernel(monkeypatch):
+def test_biases_beside_and_chunks_on_the_per_tile_kernel(monkeypatch):
     seen = _launched(monkeypatch)
     dtype, k, M, N = torch.float32, 2, 24, 40
     tile = Tile(16, 16, 16, 4, 2, persistent=2)
     S, offsets, src, new = _setup(dtype, M, N, k)
     E = len(COUNTS)
-    x, du = new(S // k + 1, N), new(S, M)
-    out, db = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, device=DEVICE)
+    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
+    out, out2 = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, N, device=DEVICE)
+    db, db2 = torch.full((E, M), float("nan"), device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
+    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
+        want, want_b = _wgrad_reference(a, x[src // k], COUNTS)
+        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
+    assert [name for name, _ in seen] == ["wgrad_persistent_kernel", "bias_grad_kernel", "bias_grad_kernel"]
+    # gathered a, its bias sums weighted by the routing weights
+    go, h = new(S // k + 1, M), new(S, N)
+    w = torch.rand(S // k + 1, k, device=DEVICE)
+    wgrad_kernel.launch_wgrad(go, h, offsets, out, tile, k=k, db=db, gather_a=(src, w))
+    want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    del seen[:]
+    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
     wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, db=db)
     want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
     assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
-    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k)
-    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype]
     assert {name for name, _ in seen} == {"wgrad_kernel"} and len(seen) > 2
