@@ -60,9 +60,14 @@ CANDIDATES = {
     "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),
               T_(128, 64, 64, 4, 3), T_(64, 64, 32, 4, 3), T_(256, 128, 32, 8, 3),
               # with TMA twins: fewer, larger tiles over the short per-expert K (no spills, ptxas_report)
-              T_(128, 256, 64, 8, 3), T_(128, 128, 64, 8, 4)],
+              T_(128, 256, 64, 8, 3), T_(128, 128, 64, 8, 4),
+              # four warps: ~110 K registers a block less, two blocks an SM (ptxas_report: 224 a thread)
+              T_(128, 128, 64, 4, 3), T_(64, 256, 64, 8, 3)],
     "wgrad_dual": [T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(128, 64, 64, 8, 3),
-                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2), T_(128, 128, 64, 8, 3), T_(64, 128, 64, 8, 4)],
+                   T_(64, 64, 64, 4, 3), T_(128, 128, 64, 8, 2), T_(128, 128, 64, 8, 3), T_(64, 128, 64, 8, 4),
+                   # two accumulators in four warps: 214 / 189 registers a thread, two blocks an SM,
+                   # one's epilogue under the other's MMAs (eight warps fit one block an SM)
+                   T_(64, 128, 64, 4, 3), T_(64, 128, 32, 4, 4)],
 }
 # kernels whose weight tiles (wgrad: operand row blocks) can come through TMA descriptors (Tile.tma; sm90+)
 READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wgrad_dual")
