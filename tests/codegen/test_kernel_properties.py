@@ -2,8 +2,8 @@
 the float64 references, forward and every gradient, for whatever hypothesis draws: token counts
 on and off every block boundary (0 and 1 included), E and k (k = E too), widths down to 1 (E >= 8), routing
 skew (uniform, all on one expert, most experts empty with a dropped copy), activations, biases,
-weight layouts, frozen bases, tiles (epilogue halves, TMA weight tiles), fp32 and bf16, the fused
-op and the pair (user pain: silent wrong results at particular counts, block edges or dtypes).
+weight layouts, frozen bases, tiles (epilogue halves, TMA weight tiles, persistent weight gradients),
+fp32 and bf16, the fused op and the pair (user pain: silent wrong results at particular counts, block edges or dtypes).
 
 Budget: HYPOTHESIS_PROFILE=heavy runs many random cases; the default is a fixed, derandomized set.
 """
@@ -22,7 +22,8 @@ _HEAVY = os.environ.get("HYPOTHESIS_PROFILE") == "heavy"
 _SETTINGS = dict(max_examples=600 if _HEAVY else 30, derandomize=not _HEAVY, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 _TILES = [Tile(16, 16, 16, 4, 1), Tile(32, 16, 32, 4, 1), Tile(16, 32, 16, 4, 2), Tile(32, 32, 16, 4, 1, 2),
-          Tile(16, 16, 32, 4, 1, tma=True), Tile(32, 32, 16, 4, 2, 2, tma=True)]
+          Tile(16, 16, 32, 4, 1, tma=True), Tile(32, 32, 16, 4, 2, 2, tma=True),
+          Tile(16, 32, 16, 4, 2, persistent=1), Tile(32, 16, 16, 4, 1, 2, persistent=3)]
 # bf16: at one token, the routing weights' gradient is k dot products of bf16-rounded rows, whose
 # norm over k entries reached 3.3% relative error in 80 seeds of the heavy profile's case; a wrong
 # kernel is off by O(1)
