@@ -112,11 +112,15 @@ def _setup(ctx, inputs, output):
     ctx.needs = [w.requires_grad for w in bases]
 
 
+# False: the backward is always one op (benchmarks/backward_ab.py times both ways)
+SPLIT_BACKWARD = True
+
+
 def _backward(ctx, grad_out, _grad_pre):
     x, src, offsets, inv, route_w, pre, *bases = ctx.saved_tensors
     k, layout, activation, alpha, limit = ctx.args
     grad_out = grad_out.contiguous()
-    phases = layouts.split_phases(bases, layout, ctx.needs)
+    phases = layouts.split_phases(bases, layout, ctx.needs) if SPLIT_BACKWARD else None
     if phases is None:
         g = torch.ops.moec.experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout,
                                                     activation, alpha, limit, ctx.needs)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from functorch.compile import aot_function, make_boxed_func
 
-from moec.codegen import kernels, reference, tuning
+from moec.codegen import experts_combine_op, kernels, reference, tuning
 from moec.codegen import layout as layouts
 
 from kernel_helpers import DEVICE, TOL, assert_grads_close, padded, rel_err
@@ -105,5 +105,14 @@ def test_one_op_where_the_backward_cannot_split():
     weights, lora_layout = test_lora_experts._pack("interleaved", p, merged=False)
     assert layouts.split_phases(weights, lora_layout, [True] * len(weights)) is None
     bases[1].requires_grad_(False)
+    graph = _backward_graph(x, offsets, src, inv, route_w, bases, layout, k)
+    assert [str(n.target) for n in _calls(graph)] == ["moec.experts_combine_backward.default"]
+
+
+def test_split_switch_off_keeps_one_op(monkeypatch):
+    """SPLIT_BACKWARD = False (benchmarks/backward_ab.py's other side): the one op."""
+    k = 2
+    x, offsets, src, inv, route_w, bases, layout = _case(7, 3, k, 24, 16, torch.float32, True, "transposed")
+    monkeypatch.setattr(experts_combine_op, "SPLIT_BACKWARD", False)
     graph = _backward_graph(x, offsets, src, inv, route_w, bases, layout, k)
     assert [str(n.target) for n in _calls(graph)] == ["moec.experts_combine_backward.default"]
