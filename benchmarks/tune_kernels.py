@@ -71,21 +71,25 @@ CANDIDATES = {
 }
 # kernels whose weight tiles (wgrad: operand row blocks) can come through TMA descriptors (Tile.tma; sm90+)
 READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wgrad_dual")
-# kernels with a persistent twin (Tile.persistent programs per SM over every tile; no TMA there)
+# kernels with a persistent twin (Tile.persistent programs per SM over every tile; with Tile.tma
+# their outputs stored through TMA, their operands read through pointers)
 PERSISTENT = ("wgrad", "wgrad_dual")
 
 
-def candidates(kind, default, tma):
+def candidates(kind, default, tma, persistent_only=False):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
     each also with TMA weight tiles where the kernel has them and `tma` is on, and persistent (one and
-    two programs per SM) where the kernel has that."""
+    two programs per SM, stores through pointers or TMA) where the kernel has that."""
     base = [default] + [c for c in CANDIDATES[kind] if c != default]
     twins = []
     if tma and kind in READS_WEIGHTS:
         twins += [dataclasses.replace(c, tma=True, persistent=0) for c in base]
-    if kind in PERSISTENT:
-        twins += [dataclasses.replace(c, tma=False, persistent=n) for n in (1, 2) for c in base]
-    return base + [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
+    if kind in PERSISTENT:      # persistent with TMA: its tiles stored through descriptors
+        twins += [dataclasses.replace(c, tma=t, persistent=n) for t in (False, True) for n in (1, 2) for c in base]
+    twins = [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
+    if persistent_only:     # the current choice and the persistent twins (a shorter run for large layers)
+        return [default] + [t for t in twins if t.persistent and t != default]
+    return base + twins
 
 
 def kernels_for(s, p, T):
@@ -118,13 +122,13 @@ def kernels_for(s, p, T):
 
 def _warm(task):
     """Run each candidate of one kernel once (a child of --jobs): Triton compiles it into its cache."""
-    shape, T, name, tma = task
+    shape, T, name, tma, persistent_only = task
     s = SHAPES[shape] if isinstance(shape, str) else shape
     p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
     fn = kernels_for(s, p, T)[name]
     default = tuning.tile(name, s.E, s.k, s.H, s.F, torch.bfloat16, torch.device("cuda"), T)
     failed = 0
-    for cand in candidates(name, default, tma):
+    for cand in candidates(name, default, tma, persistent_only):
         try:
             fn(cand)
         except Exception:     # one that does not fit: the timing pass skips it too
@@ -133,9 +137,10 @@ def _warm(task):
     return failed
 
 
-def warm_cache(shapes, tokens, names, tma, jobs):
+def warm_cache(shapes, tokens, names, tma, jobs, persistent_only=False):
     import multiprocessing
-    tasks = [(shape, T, name, tma) for shape in shapes for T in tokens for name in names if name in CANDIDATES]
+    tasks = [(shape, T, name, tma, persistent_only) for shape in shapes for T in tokens for name in names
+             if name in CANDIDATES]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         pool.map(_warm, tasks, chunksize=1)
 
@@ -148,6 +153,8 @@ def main():
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     ap.add_argument("--kernels", help="only these kernels (comma-separated names of kernels_for), e.g. gate_up,down")
     ap.add_argument("--no-tma", action="store_true", help="leave out the TMA twin of each candidate (Tile.tma)")
+    ap.add_argument("--persistent-only", action="store_true",
+                    help="weight gradients: try only the persistent twins against the current choice")
     ap.add_argument("--jobs", type=int, default=1, help="processes compiling the candidates first")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
@@ -169,7 +176,7 @@ def main():
     if args.jobs > 1:
         names = args.kernels.split(",") if args.kernels else list(CANDIDATES)
         warm_cache([key for key in named.split(",") if key] + own, [int(t) for t in args.tokens.split(",")], names,
-                   not args.no_tma, args.jobs)
+                   not args.no_tma, args.jobs, args.persistent_only)
     for s in [SHAPES[key] for key in named.split(",") if key] + own:
         p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
         layer = (s.E, s.k, s.H, s.F)
@@ -183,7 +190,8 @@ def main():
                 ms_best = ms_default
                 if kind in CANDIDATES:
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
-                                                candidates(kind, default, not args.no_tma), bench=bench)
+                                                candidates(kind, default, not args.no_tma, args.persistent_only),
+                                                bench=bench)
                     mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
                 else:

@@ -27,7 +27,7 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
-    tma: bool = False           # weight tiles (wgrad: operand row blocks) through TMA descriptors (sm90+)
+    tma: bool = False           # weight tiles (wgrad: operand row blocks; persistent: stores) through TMA (sm90+)
     persistent: int = 0         # wgrad only: programs per SM walking the tiles (0: one program per tile)
 
 

@@ -220,6 +220,23 @@ def _row_desc(t, tile, width):
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [tile.block_k, width])
 
 
+def _out_descs(out, out2, trans, tile):
+    """TMA store descriptors over out and out2 (E, M, N) as (E, M, N) blocks (1, BLOCK_M, BLOCK_N),
+    or over their transposes where m is the unit-stride dimension (TRANS_OUT); None where the tile
+    does not ask or either cannot be written so (the kernel then stores through pointers)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if not tma_asked(tile, out):
+        return None
+    block = [1, tile.block_n, tile.block_m] if trans else [1, tile.block_m, tile.block_n]
+    descs = []
+    for t in (out, out2):
+        v = t.transpose(1, 2) if trans else t
+        if v.stride(2) != 1 or not tma_readable(v, v.shape, v.stride()):
+            return None
+        descs.append(TensorDescriptor(v, list(v.shape), list(v.stride()), block))
+    return descs
+
+
 def _descs(a, a2, b, tile):
     """(a's, a2's, b's descriptors) where all of them can be made, else None: the kernel reads
     all its operands one way."""
@@ -241,10 +258,12 @@ def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off
             weigh=False):
     if tile.persistent and not chunked:
         E, M, N = out.shape
+        descs = _out_descs(out, o2 if a2 is not None else out, trans, tile)
         launch(wgrad_persistent_kernel, (max(1, min(grid[0], _sms(out.device) * tile.persistent)),),
-               a, a2 if a2 is not None else a, b, offsets, out, o2, E, M, N, a.stride(0),
+               a, a2 if a2 is not None else a, b, offsets, out, o2, *(descs or (None, None)), E, M, N, a.stride(0),
                (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1), *out.stride(), *o2.stride(),
-               off_a, off_b, DUAL=a2 is not None, IEEE=ieee(a), TRANS_OUT=trans, E_BLOCK=next_pow2(E),
+               off_a, off_b, DUAL=a2 is not None, IEEE=ieee(a), TRANS_OUT=trans, TMA_OUT=descs is not None,
+               E_BLOCK=next_pow2(E),
                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
                num_stages=tile.num_stages)
         for rows, bias, weighed in ((a, db, weigh), (a2, db2, False)):

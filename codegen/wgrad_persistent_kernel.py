@@ -16,7 +16,10 @@ blocks, two or more an SM, already overlap one another's stores (the tuner picks
 
 The number of steps a program runs is counted up front from the offsets in one vector pass over the
 experts: tiles t = pid, pid + P, ... of expert e are arithmetic, each takes max(1, cdiv(rows_e, BLOCK_K))
-steps (an empty expert's tile takes one fully masked step and writes zeros). Bias gradients come
+steps (an empty expert's tile takes one fully masked step and writes zeros). With Tile.tma the
+tiles are stored through TMA descriptors over the (E, M, N) gradient (or its transpose where m is the
+unit-stride dimension): the store is asynchronous, so a tile's write drains under the next tile's
+K loop instead of holding the MMAs. Bias gradients come
 from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel` (launch_wgrad decides).
 """
 import triton
@@ -32,9 +35,19 @@ def _tiles_before(x, pid, nprog):
 
 
 @triton.jit
-def wgrad_persistent_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, E, M, N, s_a, s_a2,
-                            s_b_row, s_b_col, s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, off_a, off_b,
-                            DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
+def _store_desc(desc, e, m0, n0, acc, TRANS_OUT: tl.constexpr):
+    """A tile through a TMA store (asynchronous: the next tile's K loop runs while it drains; rows
+    and columns past the gradient's edge are clipped by the descriptor's shape)."""
+    if TRANS_OUT:
+        desc.store([e, n0, m0], tl.trans(acc).to(desc.dtype)[None, :, :])
+    else:
+        desc.store([e, m0, n0], acc.to(desc.dtype)[None, :, :])
+
+
+@triton.jit
+def wgrad_persistent_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, out_desc, out2_desc, E, M, N,
+                            s_a, s_a2, s_b_row, s_b_col, s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n, off_a, off_b,
+                            DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, TMA_OUT: tl.constexpr,
                             E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -80,11 +93,18 @@ def wgrad_persistent_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr
             a = tl.load(a2_ptr + s[None, :] * s_a2 + ms[:, None], mask=a_in, other=0.0)
             acc2 = mma(a, b, acc2, IEEE)
         if ki == kn - 1:
-            e64 = e.to(tl.int64)
-            ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
-            store_tile(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, mmask, nmask, acc, False, TRANS_OUT)
+            if TMA_OUT:
+                m0, n0 = (pid_m * BLOCK_M).to(tl.int32), (pid_n * BLOCK_N).to(tl.int32)
+                _store_desc(out_desc, e.to(tl.int32), m0, n0, acc, TRANS_OUT)
+                if DUAL:
+                    _store_desc(out2_desc, e.to(tl.int32), m0, n0, acc2, TRANS_OUT)
+            else:
+                e64 = e.to(tl.int64)
+                ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
+                store_tile(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, mmask, nmask, acc, False,
+                           TRANS_OUT)
+                if DUAL:
+                    store_tile(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, mmask, nmask, acc2,
+                               False, TRANS_OUT)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if DUAL:
-                store_tile(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, mmask, nmask, acc2, False,
-                       TRANS_OUT)
-                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

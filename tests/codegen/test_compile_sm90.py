@@ -110,8 +110,10 @@ def _layer_case(case):
         ("silu", True, False, "interleaved")
     train = not case.startswith("decode")
     tiles = _tiles(64 if train else 1, dtype, tma=case == "tma")
-    if case.startswith("persistent"):      # the weight gradients' persistent twin, its bias kernel beside
-        tiles.update({g: dataclasses.replace(tiles[g], persistent=1) for g in ("wgrad", "wgrad_dual")})
+    if case.startswith("persistent") or case == "tma":     # the weight gradients' persistent twin: stores
+        # through pointers, its bias kernel beside (transposed GPT-OSS layout); through TMA (the tma case)
+        tiles.update({g: dataclasses.replace(tiles[g], persistent=1, tma=case == "tma")
+                      for g in ("wgrad", "wgrad_dual")})
     saved = wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl
     if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
         wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2
@@ -151,6 +153,8 @@ def test_layer_kernels_compile(case, compiled):
         want |= {"route_plan_kernel"}
     if case.startswith("persistent"):
         want = want - {"wgrad_kernel"} | {"wgrad_persistent_kernel", "bias_grad_kernel"}
+    if case == "tma":
+        want = want - {"wgrad_kernel"} | {"wgrad_persistent_kernel"}
     assert want <= set(names), sorted(names)
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 

@@ -34,11 +34,14 @@ def _setup(dtype, M, N, k=2, counts=COUNTS):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_sm", [1, 3])
-def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm):
+@pytest.mark.parametrize("per_sm,tma", [(1, False), (3, False), (2, True)])
+def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm, tma):
     seen = _launched(monkeypatch)
+    stores = []
+    real = wgrad_kernel._out_descs
+    monkeypatch.setattr(wgrad_kernel, "_out_descs", lambda *a: stores.append(real(*a)) or stores[-1])
     k, M, N = 2, 24, 40
-    tile = Tile(16, 16, 16, 4, 2, persistent=per_sm)
+    tile = Tile(16, 16, 16, 4, 2, tma=tma, persistent=per_sm)
     S, offsets, src, new = _setup(dtype, M, N, k)
     E = len(COUNTS)
     x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
@@ -57,6 +60,19 @@ def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm):
     tiles = E * 2 * 3        # cdiv(24, 16) x cdiv(40, 16) per expert
     sms = wgrad_kernel._sms(torch.device(DEVICE))        # 2 stand-ins on the interpreter
     assert seen == [("wgrad_persistent_kernel", (min(tiles, sms * per_sm),))] * 2
+    # with Tile.tma the tiles are stored through descriptors (TMA clips the partial edge tiles)
+    assert [d is not None for d in stores] == [tma, tma]
+
+
+def test_tma_stores_fall_back_where_a_descriptor_cannot_write():
+    tile = Tile(16, 16, 16, 4, 2, tma=True, persistent=1)
+    out = torch.empty(3, 24, 40, device=DEVICE)
+    assert wgrad_kernel._out_descs(out, out, False, tile) is not None
+    assert wgrad_kernel._out_descs(out.transpose(1, 2), out.transpose(1, 2), True, tile) is not None
+    assert wgrad_kernel._out_descs(out, out, False, Tile(16, 16, 16, 4, 2, persistent=1)) is None   # not asked
+    odd = torch.empty(3, 24, 41, device=DEVICE)[:, :, :40]           # rows 164 bytes apart
+    assert wgrad_kernel._out_descs(odd, odd, False, tile) is None
+    assert wgrad_kernel._out_descs(out, odd, False, tile) is None    # both or neither
 
 
 def test_persistent_more_programs_than_tiles_and_no_rows(monkeypatch):
