@@ -92,31 +92,59 @@ def candidates(kind, default, tma, persistent_only=False):
     return base + twins
 
 
-def kernels_for(s, p, T):
-    x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(T, s.E, device="cuda")
-    w, ids = torch.ops.moec.route(logits, None, s.k, "softmax", True, 1.0, 1, 1)
-    offsets, src, inv = torch.ops.moec.plan(ids, s.E)
-    w_up, w_gate, b_up, b_gate = split(s, p)
-    S, act = T * s.k, ACTIVATION_CODE[s.activation]
-    new = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-    h, dg, du, gy, rows = new(S, s.F), new(S, s.F), new(S, s.F), new(S, s.H), new(S, s.H)
-    pre, go = new(S, 2 * s.F), new(T, s.H)
-    dw_gu = [torch.empty(s.E, s.F, s.H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    dw_d = torch.empty(s.E, s.H, s.F, device="cuda", dtype=torch.bfloat16)
-    d = p["down"].detach()
+def lazy_params(s, device="cuda"):
+    """() -> the layer's weights, made on the first call (only kernels that read weights call it)."""
+    params = {}
+
+    def get():
+        if not params:
+            params.update({n: t.detach() for n, t in make_params(s, device).items()})
+        return params
+    return get
+
+
+def kernels_for(s, p, T, device="cuda"):
+    """{kernel: fn(tile)} over random inputs at layer s and T tokens. Each input is made on its first
+    use, and p() (the weights, `lazy_params`) only by the kernels that take weights, so a --jobs child warming
+    one kernel holds just that kernel's tensors (DeepSeek-V3 widths: 22 GB of weights, as much again
+    of weight gradients)."""
+    made = {}
+    new = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16)      # noqa: E731
+    S, F, H, act = T * s.k, s.F, s.H, ACTIVATION_CODE[s.activation]
+    makers = {
+        "x": lambda: new(T, H), "h": lambda: new(S, F), "dg": lambda: new(S, F), "du": lambda: new(S, F),
+        "gy": lambda: new(S, H), "rows": lambda: new(S, H), "pre": lambda: new(S, 2 * F), "go": lambda: new(T, H),
+        "logits": lambda: torch.randn(T, s.E, device=device),
+        "routed": lambda: torch.ops.moec.route(v("logits"), None, s.k, "softmax", True, 1.0, 1, 1),
+        "plan": lambda: torch.ops.moec.plan(v("routed")[1], s.E),
+        "dw_gu": lambda: [torch.empty(s.E, F, H, device=device, dtype=torch.bfloat16) for _ in range(2)],
+        "dw_d": lambda: torch.empty(s.E, H, F, device=device, dtype=torch.bfloat16),
+        "split": lambda: split(s, p()), "d": lambda: p()["down"].detach(),
+    }
+
+    def v(name):
+        if name not in made:
+            made[name] = makers[name]()
+        return made[name]
+    w = lambda: v("routed")[0]          # noqa: E731
+    ids = lambda: v("routed")[1]        # noqa: E731
+    offsets, src, inv = (lambda: v("plan")[0]), (lambda: v("plan")[1]), (lambda: v("plan")[2])
+    up = lambda: v("split")             # noqa: E731  (w_up, w_gate, b_up, b_gate)
+    b_down = lambda: p().get("b_down")  # noqa: E731
     return {
-        "route": lambda t: torch.ops.moec.route(logits, None, s.k, "softmax", True, 1.0, 1, 1),
-        "plan": lambda t: torch.ops.moec.plan(ids, s.E),
-        "gate_up": lambda t: launch_gate_up(x, src, offsets, s.k, w_up, w_gate, b_up, b_gate, act, ALPHA, LIMIT, t, h),
-        "down": lambda t: launch_down(h, d.transpose(1, 2), rows, offsets, t, bias=p.get("b_down")),
-        "combine": lambda t: combine_launch(rows, inv, w, torch.empty_like(x), s.k),
-        "gate_up_bwd": lambda t: launch_gate_up(x, src, offsets, s.k, w_up, w_gate, b_up, b_gate, act, ALPHA, LIMIT,
-                                                t, h, grad_y=gy, w_down=d, dg=dg, du=du),
-        "dh": lambda t: launch_dh(go, src, offsets, s.k, d, p.get("b_down"), pre, w, act, ALPHA, LIMIT, t, h, dg, du),
-        "down_dx": lambda t: launch_down(du, w_up, rows, offsets, t, a2=dg, b2=w_gate),
-        "wgrad_dual": lambda t: launch_wgrad(du, x, offsets, dw_gu[0], t, src=src, k=s.k, a2=dg, out2=dw_gu[1]),
-        "wgrad": lambda t: launch_wgrad(go, h, offsets, dw_d, t, k=s.k, gather_a=(src, w)),
+        "route": lambda t: torch.ops.moec.route(v("logits"), None, s.k, "softmax", True, 1.0, 1, 1),
+        "plan": lambda t: torch.ops.moec.plan(ids(), s.E),
+        "gate_up": lambda t: launch_gate_up(v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t, v("h")),
+        "down": lambda t: launch_down(v("h"), v("d").transpose(1, 2), v("rows"), offsets(), t, bias=b_down()),
+        "combine": lambda t: combine_launch(v("rows"), inv(), w(), torch.empty_like(v("x")), s.k),
+        "gate_up_bwd": lambda t: launch_gate_up(v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t, v("h"),
+                                                grad_y=v("gy"), w_down=v("d"), dg=v("dg"), du=v("du")),
+        "dh": lambda t: launch_dh(v("go"), src(), offsets(), s.k, v("d"), b_down(), v("pre"), w(), act, ALPHA, LIMIT,
+                                  t, v("h"), v("dg"), v("du")),
+        "down_dx": lambda t: launch_down(v("du"), up()[0], v("rows"), offsets(), t, a2=v("dg"), b2=up()[1]),
+        "wgrad_dual": lambda t: launch_wgrad(v("du"), v("x"), offsets(), v("dw_gu")[0], t, src=src(), k=s.k,
+                                             a2=v("dg"), out2=v("dw_gu")[1]),
+        "wgrad": lambda t: launch_wgrad(v("go"), v("h"), offsets(), v("dw_d"), t, k=s.k, gather_a=(src(), w())),
     }
 
 
@@ -124,8 +152,7 @@ def _warm(task):
     """Run each candidate of one kernel once (a child of --jobs): Triton compiles it into its cache."""
     shape, T, name, tma, persistent_only = task
     s = SHAPES[shape] if isinstance(shape, str) else shape
-    p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
-    fn = kernels_for(s, p, T)[name]
+    fn = kernels_for(s, lazy_params(s), T)[name]
     default = tuning.tile(name, s.E, s.k, s.H, s.F, torch.bfloat16, torch.device("cuda"), T)
     failed = 0
     for cand in candidates(name, default, tma, persistent_only):
@@ -178,7 +205,7 @@ def main():
         warm_cache([key for key in named.split(",") if key] + own, [int(t) for t in args.tokens.split(",")], names,
                    not args.no_tma, args.jobs, args.persistent_only)
     for s in [SHAPES[key] for key in named.split(",") if key] + own:
-        p = {n: t.detach() for n, t in make_params(s, "cuda").items()}
+        p = lazy_params(s)
         layer = (s.E, s.k, s.H, s.F)
         for T in [int(t) for t in args.tokens.split(",")]:
             fns = {n: f for n, f in kernels_for(s, p, T).items() if not args.kernels or n in args.kernels.split(",")}
