@@ -13,7 +13,7 @@ from . import kernels, reference
 from . import layout as layouts
 from .dispatch import moec_op
 from .errors import MoecKernelError
-from .ops import _check_experts, _check_float, _same_device, saved_preactivations
+from .ops import _check_experts, _check_float, _same_device, fake_grads, filled_grads, saved_preactivations
 
 
 @moec_op("experts_combine")
@@ -52,14 +52,14 @@ def experts_combine_backward(grad_out: Tensor, x: Tensor, src: Tensor, offsets: 
     else:
         grads = reference.experts_combine_backward(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
                                                    activation, alpha, limit, needs)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return filled_grads(grads, x)
 
 
 @experts_combine_backward.register_fake
 def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, needs):
     return [torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(route_w, memory_format=torch.contiguous_format)] + \
-        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(bases, needs)]
+        fake_grads(bases, needs, x)
 
 
 @moec_op("experts_combine_backward_up")
@@ -75,7 +75,7 @@ def experts_combine_backward_up(grad_out: Tensor, x: Tensor, src: Tensor, offset
     else:
         grads = reference.experts_combine_backward_up(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
                                                       activation, alpha, limit, needs)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return filled_grads(grads, x)
 
 
 @experts_combine_backward_up.register_fake
@@ -83,7 +83,7 @@ def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation
     F = layouts.views(bases, layout)[0].shape[1]
     return [torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(src.shape[0], F)] + \
-        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(bases, needs)]
+        fake_grads(bases, needs, x)
 
 
 @moec_op("experts_down_wgrad")
@@ -96,12 +96,12 @@ def experts_down_wgrad(grad_out: Tensor, hw: Tensor, src: Tensor, offsets: Tenso
         grads = down_weight_grads(grad_out, hw, src, offsets, k, route_w, bases, layout, needs)
     else:
         grads = reference.down_weight_grads(grad_out, hw, src, offsets, k, route_w, bases, layout, needs)
-    return [g if g is not None else hw.new_empty(0) for g in grads]
+    return filled_grads(grads, hw)
 
 
 @experts_down_wgrad.register_fake
 def _(grad_out, hw, src, offsets, route_w, k, bases, layout, needs):
-    return [torch.empty_like(w) if need else hw.new_empty(0) for w, need in zip(bases, needs)]
+    return fake_grads(bases, needs, hw)
 
 
 def _setup(ctx, inputs, output):

@@ -195,13 +195,19 @@ def grad_plan(layout: str, dims: tuple, skip: tuple = ()) -> tuple:
 DOWN_ROLES = ("w_down", "b_down", "lora_a_down", "lora_b_down")
 
 
+def _sides(layout):
+    """(indices of the bases the down projection's roles read, indices of those the other roles read)."""
+    parsed = parse(layout)
+    return ({v.index for r, v in parsed.items() if r in DOWN_ROLES},
+            {v.index for r, v in parsed.items() if r not in DOWN_ROLES})
+
+
 def phases(weights, layout, needs):
     """(needs of the bases only the down projection's roles read, needs of the others): a base
     that both sides read (not a layout moec's rewrite makes) goes wholly in the second, made first."""
     needs = [True] * len(weights) if needs is None else list(needs)
-    parsed = parse(layout)
-    down = {v.index for r, v in parsed.items() if r in DOWN_ROLES} - \
-        {v.index for r, v in parsed.items() if r not in DOWN_ROLES}
+    down, others = _sides(layout)
+    down -= others
     return [n and i in down for i, n in enumerate(needs)], [n and i not in down for i, n in enumerate(needs)]
 
 
@@ -210,9 +216,8 @@ def split_phases(weights, layout, needs):
     some down base trains), else None."""
     if any(f is not None for f in lora(weights, layout)):
         return None
-    parsed = parse(layout)
-    if {v.index for r, v in parsed.items() if r in DOWN_ROLES} & \
-            {v.index for r, v in parsed.items() if r not in DOWN_ROLES}:
+    down, others = _sides(layout)
+    if down & others:
         return None
     down_only, first = phases(weights, layout, needs)
     return (down_only, first) if any(down_only) else None

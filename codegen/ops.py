@@ -165,13 +165,13 @@ def experts_backward(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k:
     else:
         grads = reference.experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha,
                                            limit, needs)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return filled_grads(grads, x)
 
 
 @experts_backward.register_fake
 def _(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs, pre=None):
     return [torch.empty_like(x, memory_format=torch.contiguous_format)] + \
-        [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
+        fake_grads(weights, needs, x)
 
 
 @moec_op("experts_backward_rows")
@@ -209,13 +209,13 @@ def experts_wgrad(grad_y: Tensor, x: Tensor, src: Tensor, offsets: Tensor, k: in
         grads = launch(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs)
     else:
         grads = reference.experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return filled_grads(grads, x)
 
 
 @experts_wgrad.register_fake
 def _(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs):
     _check_split(layout, "experts_wgrad")
-    return [torch.empty_like(w) if need else x.new_empty(0) for w, need in zip(weights, needs)]
+    return fake_grads(weights, needs, x)
 
 
 def _check_split(layout, op):
@@ -442,3 +442,13 @@ def _same_device(op, ref, **others):
         if t.device != ref.device:
             raise MoecKernelError(f"moec.{op}: {name} is on {t.device} but the other inputs are on "
                                   f"{ref.device}; move them to one device")
+
+
+def filled_grads(grads, like):
+    """An op's list of gradients: an empty (0,) tensor where a gradient is None (not needed)."""
+    return [g if g is not None else like.new_empty(0) for g in grads]
+
+
+def fake_grads(bases, needs, like):
+    """The fake impls' per-base gradients: one like each base where needed, else (0,)."""
+    return [torch.empty_like(w) if need else like.new_empty(0) for w, need in zip(bases, needs)]

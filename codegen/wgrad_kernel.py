@@ -256,16 +256,15 @@ def _sms(device) -> int:
 
 def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
             weigh=False):
+    a2_or_a = a2 if a2 is not None else a     # the kernels take a pointer either way; DUAL says whether it is read
     if tile.persistent and not chunked:
         E, M, N = out.shape
         descs = _out_descs(out, o2 if a2 is not None else out, trans, tile)
         launch(wgrad_persistent_kernel, (max(1, min(grid[0], _sms(out.device) * tile.persistent)),),
-               a, a2 if a2 is not None else a, b, offsets, out, o2, *(descs or (None, None)), E, M, N, a.stride(0),
-               (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1), *out.stride(), *o2.stride(),
-               off_a, off_b, DUAL=a2 is not None, IEEE=ieee(a), TRANS_OUT=trans, TMA_OUT=descs is not None,
-               E_BLOCK=next_pow2(E),
-               BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
-               num_stages=tile.num_stages)
+               a, a2_or_a, b, offsets, out, o2, *(descs or (None, None)), E, M, N, a.stride(0), a2_or_a.stride(0),
+               b.stride(0), b.stride(1), *out.stride(), *o2.stride(), off_a, off_b, DUAL=a2 is not None,
+               IEEE=ieee(a), TRANS_OUT=trans, TMA_OUT=descs is not None, E_BLOCK=next_pow2(E), BLOCK_M=tile.block_m,
+               BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
         for rows, bias, weighed in ((a, db, weigh), (a2, db2, False)):
             if rows is not None and bias is not None:
                 block = min(128, next_pow2(M))
@@ -274,8 +273,8 @@ def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off
         return
     descs = _descs(a, a2, b, tile)
     launch(wgrad_kernel, grid,
-           a, a2 if a2 is not None else a, b, src, offsets, out, o2, d1, d2, w, *(descs or (None,) * 3), *out.shape,
-           a.stride(0), (a2 if a2 is not None else a).stride(0), b.stride(0), b.stride(1),
+           a, a2_or_a, b, src, offsets, out, o2, d1, d2, w, *(descs or (None,) * 3), *out.shape,
+           a.stride(0), a2_or_a.stride(0), b.stride(0), b.stride(1),
            *out.stride(), *o2.stride(), *d1.stride(), *d2.stride(), r0, r1, off_a, off_b,
            WEIGH_A=weigh, DUAL=a2 is not None, BIAS=db is not None, BIAS2=a2 is not None and db2 is not None,
            IEEE=ieee(a), TRANS_OUT=trans, CHUNKED=chunked, TMA=descs is not None, BLOCK_M=tile.block_m,
