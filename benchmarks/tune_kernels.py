@@ -74,21 +74,33 @@ READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wg
 # kernels with a persistent twin (Tile.persistent programs per SM over every tile; with Tile.tma
 # their outputs stored through TMA, their operands read through pointers)
 PERSISTENT = ("wgrad", "wgrad_dual")
+# their warp-specialized twins (Tile.ws: Triton's Hopper warp specialization partitions only
+# four-warp loops: one producer group, two consumer groups splitting BLOCK_M); two (128, 256)
+# accumulators would not fit the consumers' registers
+WS_TILES = {"wgrad": [T_(128, 128, 64, 4, 3), T_(128, 128, 64, 4, 4), T_(128, 256, 64, 4, 3),
+                      T_(64, 128, 64, 4, 4), T_(128, 128, 32, 4, 5), T_(128, 64, 64, 4, 4)],
+            "wgrad_dual": [T_(128, 128, 64, 4, 3), T_(128, 128, 64, 4, 4), T_(64, 128, 64, 4, 4),
+                           T_(128, 64, 64, 4, 4), T_(128, 128, 32, 4, 5), T_(64, 256, 64, 4, 3)]}
 
 
-def candidates(kind, default, tma, persistent_only=False):
+def candidates(kind, default, tma, only=None):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
-    each also with TMA weight tiles where the kernel has them and `tma` is on, and persistent (one and
-    two programs per SM, stores through pointers or TMA) where the kernel has that."""
+    each also with TMA weight tiles where the kernel has them and `tma` is on, persistent (one and
+    two programs per SM, stores through pointers or TMA) and warp-specialized tiles where the kernel
+    has those. only="persistent" / "ws": the current choice and those twins alone (shorter runs)."""
     base = [default] + [c for c in CANDIDATES[kind] if c != default]
     twins = []
     if tma and kind in READS_WEIGHTS:
         twins += [dataclasses.replace(c, tma=True, persistent=0) for c in base]
     if kind in PERSISTENT:      # persistent with TMA: its tiles stored through descriptors
         twins += [dataclasses.replace(c, tma=t, persistent=n) for t in (False, True) for n in (1, 2) for c in base]
+    if tma and kind in WS_TILES:
+        twins += [dataclasses.replace(c, ws=True) for c in WS_TILES[kind]]
     twins = [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
-    if persistent_only:     # the current choice and the persistent twins (a shorter run for large layers)
+    if only == "persistent":
         return [default] + [t for t in twins if t.persistent and t != default]
+    if only == "ws":
+        return [default] + [t for t in twins if t.ws and t != default]
     return base + twins
 
 
@@ -150,12 +162,12 @@ def kernels_for(s, p, T, device="cuda"):
 
 def _warm(task):
     """Run each candidate of one kernel once (a child of --jobs): Triton compiles it into its cache."""
-    shape, T, name, tma, persistent_only = task
+    shape, T, name, tma, only = task
     s = SHAPES[shape] if isinstance(shape, str) else shape
     fn = kernels_for(s, lazy_params(s), T)[name]
     default = tuning.tile(name, s.E, s.k, s.H, s.F, torch.bfloat16, torch.device("cuda"), T)
     failed = 0
-    for cand in candidates(name, default, tma, persistent_only):
+    for cand in candidates(name, default, tma, only):
         try:
             fn(cand)
         except Exception:     # one that does not fit: the timing pass skips it too
@@ -164,9 +176,9 @@ def _warm(task):
     return failed
 
 
-def warm_cache(shapes, tokens, names, tma, jobs, persistent_only=False):
+def warm_cache(shapes, tokens, names, tma, jobs, only=None):
     import multiprocessing
-    tasks = [(shape, T, name, tma, persistent_only) for shape in shapes for T in tokens for name in names
+    tasks = [(shape, T, name, tma, only) for shape in shapes for T in tokens for name in names
              if name in CANDIDATES]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         pool.map(_warm, tasks, chunksize=1)
@@ -180,8 +192,10 @@ def main():
     ap.add_argument("--out", help="folder for the table (default: moec's cache, read by every compile)")
     ap.add_argument("--kernels", help="only these kernels (comma-separated names of kernels_for), e.g. gate_up,down")
     ap.add_argument("--no-tma", action="store_true", help="leave out the TMA twin of each candidate (Tile.tma)")
-    ap.add_argument("--persistent-only", action="store_true",
+    ap.add_argument("--persistent-only", action="store_const", const="persistent", dest="only",
                     help="weight gradients: try only the persistent twins against the current choice")
+    ap.add_argument("--ws-only", action="store_const", const="ws", dest="only",
+                    help="weight gradients: try only the warp-specialized twins against the current choice")
     ap.add_argument("--jobs", type=int, default=1, help="processes compiling the candidates first")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
@@ -203,7 +217,7 @@ def main():
     if args.jobs > 1:
         names = args.kernels.split(",") if args.kernels else list(CANDIDATES)
         warm_cache([key for key in named.split(",") if key] + own, [int(t) for t in args.tokens.split(",")], names,
-                   not args.no_tma, args.jobs, args.persistent_only)
+                   not args.no_tma, args.jobs, args.only)
     for s in [SHAPES[key] for key in named.split(",") if key] + own:
         p = lazy_params(s)
         layer = (s.E, s.k, s.H, s.F)
@@ -217,7 +231,7 @@ def main():
                 ms_best = ms_default
                 if kind in CANDIDATES:
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
-                                                candidates(kind, default, not args.no_tma, args.persistent_only),
+                                                candidates(kind, default, not args.no_tma, args.only),
                                                 bench=bench)
                     mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")

@@ -1,0 +1,73 @@
+"""Warp-specialized grouped weight gradients (Hopper, Tile.ws): `wgrad_kernel`'s dW[e] = A_e^T B_e,
+one program per (expert, m, n) tile, its K loop split by Triton's automatic warp specialization
+(`tl.range(..., warp_specialize=True)`, Triton >= 3.5 on sm90) into a producer warp group issuing
+TMA loads and consumer groups running wgmma, as CUTLASS's and SonicMoE's Hopper GEMMs are built.
+
+Why: the per-tile and persistent kernels keep one warp group both issuing loads and waiting on
+MMAs; at fine-grained widths each tile is a few K steps, so every tile's pipeline fill shows
+(Qwen3, 4096 tokens, H100: the weight gradients at 245-270 TFLOP/s against torch._grouped_mm's
+~370). The Hopper pass cannot partition a loop followed by a pointer tail (wgrad_kernel reads an
+expert's last partial row block through masked pointers, since its rows past the expert's end are
+the next expert's): here A's and B's descriptors are made on the device per expert, their row
+count clipped at the expert's end, so TMA's zero fill masks the partial block and every load is a
+TMA load. Needs Triton's global scratch (the descriptors are written there): `ensure_allocator`.
+Bias gradients come from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .jit_helpers import mma, store_tile
+
+
+@triton.jit
+def wgrad_ws_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M, N, s_a, s_a2, s_b,
+                    s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n,
+                    DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, WS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    e = pid // (n_m * n_n)
+    pid_m = (pid // n_n) % n_m
+    pid_n = pid % n_n
+    lo = tl.load(offsets_ptr + e).to(tl.int32)
+    hi = tl.load(offsets_ptr + e + 1).to(tl.int32)
+    rows = tl.maximum(hi, 1)        # an empty expert at row 0 reads nothing, but a descriptor needs a row
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[rows, M], strides=[s_a, 1], block_shape=[BLOCK_K, BLOCK_M])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[rows, N], strides=[s_b, 1], block_shape=[BLOCK_K, BLOCK_N])
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DUAL:
+        a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[rows, M], strides=[s_a2, 1],
+                                            block_shape=[BLOCK_K, BLOCK_M])
+        for r in tl.range(lo, hi, BLOCK_K, warp_specialize=WS):
+            b = b_desc.load([r, n0])
+            acc = mma(tl.trans(a_desc.load([r, m0])), b, acc, IEEE)
+            acc2 = mma(tl.trans(a2_desc.load([r, m0])), b, acc2, IEEE)
+    else:
+        for r in tl.range(lo, hi, BLOCK_K, warp_specialize=WS):
+            acc = mma(tl.trans(a_desc.load([r, m0])), b_desc.load([r, n0]), acc, IEEE)
+    ms = m0 + tl.arange(0, BLOCK_M)
+    ns = n0 + tl.arange(0, BLOCK_N)
+    mmask, nmask = ms < M, ns < N
+    e64 = e.to(tl.int64)
+    ms64, ns64 = ms.to(tl.int64), ns.to(tl.int64)
+    store_tile(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, mmask, nmask, acc, False, TRANS_OUT)
+    if DUAL:
+        store_tile(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, mmask, nmask, acc2, False, TRANS_OUT)
+
+
+def _torch_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device() if torch.cuda.is_available()
+                       else "cpu")
+
+
+def ensure_allocator():
+    """Give Triton an allocator for the kernels' global scratch (device-made descriptors) where none
+    is set. Triton keeps it per thread (a ContextVar), and autograd runs a backward on threads of its
+    own: asked before every launch that needs it."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)

@@ -1,0 +1,89 @@
+"""The warp-specialized weight-gradient kernel (Tile.ws, codegen/wgrad_ws_kernel.py) against float64
+references: experts of every length (empty, the first one empty at row 0, one row, partial blocks,
+whole blocks, blocks and a tail: each expert's descriptors are clipped at its last row, so the
+next expert's rows must read as zeros), dual, gathered rows of either operand, outputs written
+transposed into strided views, bias gradients beside it (weighted rows too); chunked copies and
+operands a descriptor cannot read staying on the per-tile kernel. On a GPU the same tests compile
+the warp-specialized loop (sm90)."""
+import pytest
+import torch
+
+from moec.codegen import wgrad_kernel
+from moec.codegen.tuning import Tile
+
+from kernel_helpers import DEVICE, TOL, rel_err
+from test_tma_weights import _wgrad_reference
+from test_wgrad_persistent import COUNTS, _launched, _setup
+
+# small programs keep the interpreter quick; on a GPU the bf16 cases get a tile the Hopper pass
+# partitions (BLOCK_M split between two consumer warp groups of wgmma)
+TILE = Tile(16, 16, 16, 4, 2, ws=True) if DEVICE == "cpu" else Tile(128, 64, 32, 4, 3, ws=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ws_dual_gathered_and_transposed(monkeypatch, dtype):
+    seen = _launched(monkeypatch)
+    k, M, N = 2, 24, 40
+    S, offsets, src, new = _setup(dtype, M, N, k)
+    E = len(COUNTS)
+    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
+    out, out2 = [torch.full((E, M, N), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2)]
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, a2=dg, out2=out2)
+    rows = x[src // k]
+    for got, a in ((out, du), (out2, dg)):
+        assert rel_err(got.cpu(), _wgrad_reference(a, rows, COUNTS)[0].cpu()) < TOL[dtype]
+    go, h = new(S // k + 1, M), new(S, N)
+    w = torch.rand(S // k + 1, k, device=DEVICE).to(dtype)
+    base = torch.full((E, N, M), float("nan"), device=DEVICE, dtype=dtype)
+    wgrad_kernel.launch_wgrad(go, h, offsets, base.transpose(1, 2), TILE, k=k, gather_a=(src, w))
+    want = _wgrad_reference(go[src // k], h, COUNTS)[0]
+    assert rel_err(base.transpose(1, 2).cpu(), want.cpu()) < TOL[dtype]
+    assert [name for name, _ in seen] == ["wgrad_ws_kernel"] * 2
+    assert seen[0][1] == (E * -(-M // TILE.block_m) * -(-N // TILE.block_n),)     # one program a tile
+
+
+def test_ws_one_expert_all_rows_and_no_rows(monkeypatch):
+    seen = _launched(monkeypatch)
+    M = N = 16
+    for counts in ([0, 0, 70], [0, 0, 0], [16, 0, 32]):
+        S, offsets, _, new = _setup(torch.float32, M, N, counts=counts)
+        a, b = new(max(S, 1), M), new(max(S, 1), N)
+        out = torch.full((3, M, N), float("nan"), device=DEVICE)
+        wgrad_kernel.launch_wgrad(a, b, offsets, out, TILE)
+        if S:
+            assert rel_err(out.cpu(), _wgrad_reference(a, b, counts)[0].cpu()) < TOL[torch.float32]
+        else:
+            assert torch.equal(out.cpu(), torch.zeros(3, M, N))
+    assert [name for name, _ in seen] == ["wgrad_ws_kernel"] * 3
+
+
+def test_ws_biases_beside_and_fallbacks(monkeypatch):
+    seen = _launched(monkeypatch)
+    dtype, k, M, N = torch.float32, 2, 24, 40
+    S, offsets, src, new = _setup(dtype, M, N, k)
+    E = len(COUNTS)
+    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
+    out, out2 = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, N, device=DEVICE)
+    db, db2 = torch.full((E, M), float("nan"), device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
+    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
+        want, want_b = _wgrad_reference(a, x[src // k], COUNTS)
+        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
+    go, h = new(S // k + 1, M), new(S, N)
+    w = torch.rand(S // k + 1, k, device=DEVICE)
+    wgrad_kernel.launch_wgrad(go, h, offsets, out, TILE, k=k, db=db, gather_a=(src, w))
+    want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    assert [name for name, _ in seen] == ["wgrad_ws_kernel", "bias_grad_kernel", "bias_grad_kernel",
+                                          "wgrad_ws_kernel", "bias_grad_kernel"]
+    del seen[:]
+    # rows 100 bytes apart: no descriptor can read them, so the per-tile kernel (pointers) runs
+    odd = new(S, M + 1)[:, :M]
+    wgrad_kernel.launch_wgrad(odd, x, offsets, out, TILE, src=src, k=k)
+    assert rel_err(out.cpu(), _wgrad_reference(odd, x[src // k], COUNTS)[0].cpu()) < TOL[dtype]
+    # chunked copies (rows offset into a chunk) keep the per-tile kernel too
+    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, db=db)
+    want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    assert {name for name, _ in seen} == {"wgrad_kernel"} and len(seen) > 3
