@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3")
     ap.add_argument("--arch", type=int, default=90, help="the GPU's architecture (90: sm_90, Hopper)")
     ap.add_argument("--fwd", action="store_true", help="inference forward only")
-    ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA[,PERSISTENT[,WS]]]]",
+    ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA[,PERSISTENT[,ROW_DESCS]]]]",
                     help="try this tile for a kernel (gate_up, down, dh, down_dx, wgrad, wgrad_dual), e.g. "
                          "dh=64,128,64,8,3,2: a candidate's registers and spills before it costs device time")
     args = ap.parse_args()

@@ -74,33 +74,24 @@ READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wg
 # kernels with a persistent twin (Tile.persistent programs per SM over every tile; with Tile.tma
 # their outputs stored through TMA, their operands read through pointers)
 PERSISTENT = ("wgrad", "wgrad_dual")
-# their warp-specialized twins (Tile.ws: Triton's Hopper warp specialization partitions only
-# four-warp loops: one producer group, two consumer groups splitting BLOCK_M); two (128, 256)
-# accumulators would not fit the consumers' registers
-WS_TILES = {"wgrad": [T_(128, 128, 64, 4, 3), T_(128, 128, 64, 4, 4), T_(128, 256, 64, 4, 3),
-                      T_(64, 128, 64, 4, 4), T_(128, 128, 32, 4, 5), T_(128, 64, 64, 4, 4)],
-            "wgrad_dual": [T_(128, 128, 64, 4, 3), T_(128, 128, 64, 4, 4), T_(64, 128, 64, 4, 4),
-                           T_(128, 64, 64, 4, 4), T_(128, 128, 32, 4, 5), T_(64, 256, 64, 4, 3)]}
-
-
 def candidates(kind, default, tma, only=None):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
     each also with TMA weight tiles where the kernel has them and `tma` is on, persistent (one and
-    two programs per SM, stores through pointers or TMA) and warp-specialized tiles where the kernel
-    has those. only="persistent" / "ws": the current choice and those twins alone (shorter runs)."""
+    two programs per SM, stores through pointers or TMA) and with row descriptors where the kernel
+    has those. only="persistent" / "rowdesc": the current choice and those twins alone (shorter runs)."""
     base = [default] + [c for c in CANDIDATES[kind] if c != default]
     twins = []
     if tma and kind in READS_WEIGHTS:
         twins += [dataclasses.replace(c, tma=True, persistent=0) for c in base]
     if kind in PERSISTENT:      # persistent with TMA: its tiles stored through descriptors
         twins += [dataclasses.replace(c, tma=t, persistent=n) for t in (False, True) for n in (1, 2) for c in base]
-    if tma and kind in WS_TILES:
-        twins += [dataclasses.replace(c, ws=True) for c in WS_TILES[kind]]
+    if tma and kind in PERSISTENT:      # every operand row block through descriptors made per expert
+        twins += [dataclasses.replace(c, row_descs=True) for c in base]
     twins = [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
     if only == "persistent":
         return [default] + [t for t in twins if t.persistent and t != default]
-    if only == "ws":
-        return [default] + [t for t in twins if t.ws and t != default]
+    if only == "rowdesc":
+        return [default] + [t for t in twins if t.row_descs and t != default]
     return base + twins
 
 
@@ -194,8 +185,8 @@ def main():
     ap.add_argument("--no-tma", action="store_true", help="leave out the TMA twin of each candidate (Tile.tma)")
     ap.add_argument("--persistent-only", action="store_const", const="persistent", dest="only",
                     help="weight gradients: try only the persistent twins against the current choice")
-    ap.add_argument("--ws-only", action="store_const", const="ws", dest="only",
-                    help="weight gradients: try only the warp-specialized twins against the current choice")
+    ap.add_argument("--rowdesc-only", action="store_const", const="rowdesc", dest="only",
+                    help="weight gradients: try only the row-descriptor twins against the current choice")
     ap.add_argument("--jobs", type=int, default=1, help="processes compiling the candidates first")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from layers import SHAPES
 from moec.codegen import tuning
+from moec.codegen.tuning import Tile
 from moec.codegen.wgrad_kernel import launch_wgrad
 
 
@@ -80,6 +81,9 @@ def main():
         print(f"{s.name} T={args.tokens}: S={S}, dW (E={s.E}, {M}, {N}), {flops * 1e-9:.0f} GFLOP")
         t = tuning.tile("wgrad", s.E, s.k, s.H, s.F, torch.bfloat16, torch.device("cuda"), args.tokens)
         report(f"moec wgrad as tuned {t}", lambda: launch_wgrad(a, b, offsets, out, t))
+        for rt in (Tile(128, 128, 64, 4, 3, row_descs=True), Tile(128, 128, 64, 8, 3, row_descs=True),
+                   Tile(128, 128, 32, 8, 4, row_descs=True)):
+            report(f"moec wgrad_rowdesc {tuple(rt.__dict__.values())[:5]}", lambda: launch_wgrad(a, b, offsets, out, rt))
         offs32 = offsets[1:].to(torch.int32)
         report("torch._grouped_mm", lambda: out.copy_(torch._grouped_mm(a.t(), b, offs=offs32)))
         for (bm, bn, bk), ws, stages in itertools.product(((128, 128, 64), (128, 256, 64), (128, 128, 128)),

@@ -30,7 +30,7 @@ from .errors import MoecError
 from .fast_launch import launch
 from .jit_helpers import cdiv, ieee, mma, next_pow2, store_tile, tma_asked, tma_readable
 from .wgrad_persistent_kernel import wgrad_persistent_kernel
-from .wgrad_ws_kernel import ensure_allocator, wgrad_ws_kernel
+from .wgrad_rowdesc_kernel import ensure_allocator, wgrad_rowdesc_kernel
 
 
 @triton.jit
@@ -255,8 +255,8 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def _ws_readable(a, a2, b, off_a, off_b) -> bool:
-    """Whether the warp-specialized kernel's device-made descriptors can read a, a2 and b: rows from
+def _rows_readable(a, a2, b, off_a, off_b) -> bool:
+    """Whether the row-descriptor kernel's device-made descriptors can read a, a2 and b: rows from
     0 (no chunk offset), unit column stride, base and row stride 16-byte aligned, a GPU with TMA
     (sm90+; the interpreter runs descriptors too)."""
     if off_a or off_b or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9):
@@ -265,7 +265,7 @@ def _ws_readable(a, a2, b, off_a, off_b) -> bool:
 
 
 def _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
-    """Bias gradients beside a kernel whose K loop does not sum rows (persistent, warp-specialized)."""
+    """Bias gradients beside a kernel whose K loop does not sum rows (persistent, row descriptors)."""
     E, M, _ = shape
     for rows, bias, weighed in ((a, db, weigh), (a2, db2, False)):
         if rows is not None and bias is not None:
@@ -277,11 +277,11 @@ def _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
 def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
             weigh=False):
     a2_or_a = a2 if a2 is not None else a     # the kernels take a pointer either way; DUAL says whether it is read
-    if tile.ws and not chunked and _ws_readable(a, a2, b, off_a, off_b):
+    if tile.row_descs and not chunked and _rows_readable(a, a2, b, off_a, off_b):
         ensure_allocator()
-        launch(wgrad_ws_kernel, grid, a, a2_or_a, b, offsets, out, o2, *out.shape[1:], a.stride(0),
+        launch(wgrad_rowdesc_kernel, grid, a, a2_or_a, b, offsets, out, o2, *out.shape[1:], a.stride(0),
                a2_or_a.stride(0), b.stride(0), *out.stride(), *o2.stride(), DUAL=a2 is not None, IEEE=ieee(a),
-               TRANS_OUT=trans, WS=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+               TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                num_warps=tile.num_warps, num_stages=tile.num_stages)
         _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, out.shape)
         return

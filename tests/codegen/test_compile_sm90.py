@@ -89,8 +89,6 @@ def _compile_all(launches):
             errors.append(f"{kwargs}: {type(e).__name__}: {str(e)[-800:]}")
             continue
         ptx = compiled.asm["ptx"]
-        if kernel.__name__ == "wgrad_ws_kernel" and "ttg.warp_specialize(" not in compiled.asm["ttgir"]:
-            errors.append(f"{kwargs}: the K loop was not warp-specialized")
         if kwargs.get("PDL") and not ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx):
             errors.append(f"{kwargs}: launched with PDL, but waits for / releases no grid")
         if not 0 < regs <= 255 or shared > SM90_SHARED:
@@ -99,7 +97,7 @@ def _compile_all(launches):
 
 
 LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32", "lora_concat",
-               "lora_gpt_oss", "persistent_oai_bias_transposed", "ws_oai_bias_transposed"]
+               "lora_gpt_oss", "persistent_oai_bias_transposed", "rowdesc_oai_bias_transposed"]
 # 4 tokens: route and plan in one launch; 64: route, then plan in one program; 4096: plan over blocks
 ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4), ("softmax", 1, 1, 4096)]
 ROUTING_KERNELS = {4: {"route_plan_kernel"}, 64: {"route_kernel", "plan_single_kernel"},
@@ -116,8 +114,8 @@ def _layer_case(case):
         # through pointers, its bias kernel beside (transposed GPT-OSS layout); through TMA (the tma case)
         tiles.update({g: dataclasses.replace(tiles[g], persistent=1, tma=case == "tma")
                       for g in ("wgrad", "wgrad_dual")})
-    if case.startswith("ws"):      # warp-specialized (four warps: what Triton's Hopper pass partitions)
-        tiles.update({g: dataclasses.replace(tiles[g], ws=True, num_warps=4) for g in ("wgrad", "wgrad_dual")})
+    if case.startswith("rowdesc"):      # operand rows through descriptors made on the device
+        tiles.update({g: dataclasses.replace(tiles[g], row_descs=True) for g in ("wgrad", "wgrad_dual")})
     saved = wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl
     if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
         wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2
@@ -159,8 +157,8 @@ def test_layer_kernels_compile(case, compiled):
         want = want - {"wgrad_kernel"} | {"wgrad_persistent_kernel", "bias_grad_kernel"}
     if case == "tma":
         want = want - {"wgrad_kernel"} | {"wgrad_persistent_kernel"}
-    if case.startswith("ws"):
-        want = want - {"wgrad_kernel"} | {"wgrad_ws_kernel", "bias_grad_kernel"}
+    if case.startswith("rowdesc"):
+        want = want - {"wgrad_kernel"} | {"wgrad_rowdesc_kernel", "bias_grad_kernel"}
     assert want <= set(names), sorted(names)
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 

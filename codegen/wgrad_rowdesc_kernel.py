@@ -1,17 +1,21 @@
-"""Warp-specialized grouped weight gradients (Hopper, Tile.ws): `wgrad_kernel`'s dW[e] = A_e^T B_e,
-one program per (expert, m, n) tile, its K loop split by Triton's automatic warp specialization
-(`tl.range(..., warp_specialize=True)`, Triton >= 3.5 on sm90) into a producer warp group issuing
-TMA loads and consumer groups running wgmma, as CUTLASS's and SonicMoE's Hopper GEMMs are built.
+"""Grouped weight gradients with every operand row block through TMA (Tile.row_descs, sm90+):
+`wgrad_kernel`'s dW[e] = A_e^T B_e, one program per (expert, m, n) tile, A's and B's descriptors
+made on the device per expert with their row count clipped at the expert's last row, so TMA's
+zero fill masks the last partial block and the K loop is one uniform pipeline of TMA loads.
 
-Why: the per-tile and persistent kernels keep one warp group both issuing loads and waiting on
-MMAs; at fine-grained widths each tile is a few K steps, so every tile's pipeline fill shows
-(Qwen3, 4096 tokens, H100: the weight gradients at 245-270 TFLOP/s against torch._grouped_mm's
-~370). The Hopper pass cannot partition a loop followed by a pointer tail (wgrad_kernel reads an
-expert's last partial row block through masked pointers, since its rows past the expert's end are
-the next expert's): here A's and B's descriptors are made on the device per expert, their row
-count clipped at the expert's end, so TMA's zero fill masks the partial block and every load is a
-TMA load. Needs Triton's global scratch (the descriptors are written there): `ensure_allocator`.
-Bias gradients come from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel`.
+Why: `wgrad_kernel` reads whole row blocks through host-made descriptors over all S rows and its
+last partial block through masked pointers (the rows past an expert's end are the next expert's,
+which a descriptor over every row cannot mask): at ~256 rows an expert (Qwen3, 4096 tokens) that
+tail is one step in four or five, with its own loads outside the pipeline. Measured on an H200
+(2026-12-06, benchmarks/ws_probe.py, 4096 tokens, a (128, 128, 64) tile of four warps, three
+stages): Qwen3's dW 0.338 ms against the tuned `wgrad_kernel`'s 0.397 and torch._grouped_mm's
+0.466; OLMoE's 0.322 against 0.358 and 0.402.
+Tried beside it: Triton's automatic warp specialization of this loop (`tl.range(...,
+warp_specialize=True)`, Triton 3.6 on sm90, one producer and two consumer warp groups): wrong
+results at those widths (relative error ~1), though right on a few rows a test makes, so it is
+left off (the probe keeps it for a later Triton).
+Needs Triton's global scratch (the descriptors are written there): `ensure_allocator`. Bias
+gradients come from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel`.
 """
 import torch
 import triton
@@ -21,10 +25,10 @@ from .jit_helpers import mma, store_tile
 
 
 @triton.jit
-def wgrad_ws_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M, N, s_a, s_a2, s_b,
-                    s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n,
-                    DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, WS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def wgrad_rowdesc_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M, N, s_a, s_a2, s_b,
+                         s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n,
+                         DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     e = pid // (n_m * n_n)
@@ -41,12 +45,12 @@ def wgrad_ws_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M, N, 
     if DUAL:
         a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[rows, M], strides=[s_a2, 1],
                                             block_shape=[BLOCK_K, BLOCK_M])
-        for r in tl.range(lo, hi, BLOCK_K, warp_specialize=WS):
+        for r in range(lo, hi, BLOCK_K):
             b = b_desc.load([r, n0])
             acc = mma(tl.trans(a_desc.load([r, m0])), b, acc, IEEE)
             acc2 = mma(tl.trans(a2_desc.load([r, m0])), b, acc2, IEEE)
     else:
-        for r in tl.range(lo, hi, BLOCK_K, warp_specialize=WS):
+        for r in range(lo, hi, BLOCK_K):
             acc = mma(tl.trans(a_desc.load([r, m0])), b_desc.load([r, n0]), acc, IEEE)
     ms = m0 + tl.arange(0, BLOCK_M)
     ns = n0 + tl.arange(0, BLOCK_N)

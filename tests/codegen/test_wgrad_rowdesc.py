@@ -1,10 +1,9 @@
-"""The warp-specialized weight-gradient kernel (Tile.ws, codegen/wgrad_ws_kernel.py) against float64
+"""The row-descriptor weight-gradient kernel (Tile.row_descs, codegen/wgrad_rowdesc_kernel.py) against float64
 references: experts of every length (empty, the first one empty at row 0, one row, partial blocks,
 whole blocks, blocks and a tail: each expert's descriptors are clipped at its last row, so the
 next expert's rows must read as zeros), dual, gathered rows of either operand, outputs written
 transposed into strided views, bias gradients beside it (weighted rows too); chunked copies and
-operands a descriptor cannot read staying on the per-tile kernel. On a GPU the same tests compile
-the warp-specialized loop (sm90)."""
+operands a descriptor cannot read staying on the per-tile kernel."""
 import pytest
 import torch
 
@@ -15,13 +14,12 @@ from kernel_helpers import DEVICE, TOL, rel_err
 from test_tma_weights import _wgrad_reference
 from test_wgrad_persistent import COUNTS, _launched, _setup
 
-# small programs keep the interpreter quick; on a GPU the bf16 cases get a tile the Hopper pass
-# partitions (BLOCK_M split between two consumer warp groups of wgmma)
-TILE = Tile(16, 16, 16, 4, 2, ws=True) if DEVICE == "cpu" else Tile(128, 64, 32, 4, 3, ws=True)
+# small programs keep the interpreter quick; on a GPU a tile of the size shipped (wgmma)
+TILE = Tile(16, 16, 16, 4, 2, row_descs=True) if DEVICE == "cpu" else Tile(128, 64, 32, 4, 3, row_descs=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ws_dual_gathered_and_transposed(monkeypatch, dtype):
+def test_rowdesc_dual_gathered_and_transposed(monkeypatch, dtype):
     seen = _launched(monkeypatch)
     k, M, N = 2, 24, 40
     S, offsets, src, new = _setup(dtype, M, N, k)
@@ -38,11 +36,11 @@ def test_ws_dual_gathered_and_transposed(monkeypatch, dtype):
     wgrad_kernel.launch_wgrad(go, h, offsets, base.transpose(1, 2), TILE, k=k, gather_a=(src, w))
     want = _wgrad_reference(go[src // k], h, COUNTS)[0]
     assert rel_err(base.transpose(1, 2).cpu(), want.cpu()) < TOL[dtype]
-    assert [name for name, _ in seen] == ["wgrad_ws_kernel"] * 2
+    assert [name for name, _ in seen] == ["wgrad_rowdesc_kernel"] * 2
     assert seen[0][1] == (E * -(-M // TILE.block_m) * -(-N // TILE.block_n),)     # one program a tile
 
 
-def test_ws_one_expert_all_rows_and_no_rows(monkeypatch):
+def test_rowdesc_one_expert_all_rows_and_no_rows(monkeypatch):
     seen = _launched(monkeypatch)
     M = N = 16
     for counts in ([0, 0, 70], [0, 0, 0], [16, 0, 32]):
@@ -54,10 +52,10 @@ def test_ws_one_expert_all_rows_and_no_rows(monkeypatch):
             assert rel_err(out.cpu(), _wgrad_reference(a, b, counts)[0].cpu()) < TOL[torch.float32]
         else:
             assert torch.equal(out.cpu(), torch.zeros(3, M, N))
-    assert [name for name, _ in seen] == ["wgrad_ws_kernel"] * 3
+    assert [name for name, _ in seen] == ["wgrad_rowdesc_kernel"] * 3
 
 
-def test_ws_biases_beside_and_fallbacks(monkeypatch):
+def test_rowdesc_biases_beside_and_fallbacks(monkeypatch):
     seen = _launched(monkeypatch)
     dtype, k, M, N = torch.float32, 2, 24, 40
     S, offsets, src, new = _setup(dtype, M, N, k)
@@ -74,8 +72,8 @@ def test_ws_biases_beside_and_fallbacks(monkeypatch):
     wgrad_kernel.launch_wgrad(go, h, offsets, out, TILE, k=k, db=db, gather_a=(src, w))
     want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
     assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
-    assert [name for name, _ in seen] == ["wgrad_ws_kernel", "bias_grad_kernel", "bias_grad_kernel",
-                                          "wgrad_ws_kernel", "bias_grad_kernel"]
+    assert [name for name, _ in seen] == ["wgrad_rowdesc_kernel", "bias_grad_kernel", "bias_grad_kernel",
+                                          "wgrad_rowdesc_kernel", "bias_grad_kernel"]
     del seen[:]
     # rows 100 bytes apart: no descriptor can read them, so the per-tile kernel (pointers) runs
     odd = new(S, M + 1)[:, :M]
