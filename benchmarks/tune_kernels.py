@@ -74,6 +74,8 @@ READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wg
 # kernels with a persistent twin (Tile.persistent programs per SM over every tile; with Tile.tma
 # their outputs stored through TMA, their operands read through pointers)
 PERSISTENT = ("wgrad", "wgrad_dual")
+# kernels that can read their grouped rows through descriptors made per expert (Tile.row_descs)
+ROW_DESCS = ("wgrad", "wgrad_dual", "down", "down_dx")
 def candidates(kind, default, tma, only=None):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
     each also with TMA weight tiles where the kernel has them and `tma` is on, persistent (one and
@@ -85,8 +87,9 @@ def candidates(kind, default, tma, only=None):
         twins += [dataclasses.replace(c, tma=True, persistent=0) for c in base]
     if kind in PERSISTENT:      # persistent with TMA: its tiles stored through descriptors
         twins += [dataclasses.replace(c, tma=t, persistent=n) for t in (False, True) for n in (1, 2) for c in base]
-    if tma and kind in PERSISTENT:      # every operand row block through descriptors made per expert
-        twins += [dataclasses.replace(c, row_descs=True) for c in base]
+    if tma and kind in ROW_DESCS:      # operand rows through descriptors made per expert, weights either way
+        twins += [dataclasses.replace(c, row_descs=True, tma=t) for c in base
+                  for t in ((False, True) if kind in ("down", "down_dx") else (False,))]
     twins = [t for i, t in enumerate(twins) if t not in base and t not in twins[:i]]
     if only == "persistent":
         return [default] + [t for t in twins if t.persistent and t != default]

@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="qwen3,olmoe")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ws", action="store_true", help="also the minimal kernel with and without warp specialization")
     args = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
@@ -86,8 +87,8 @@ def main():
             report(f"moec wgrad_rowdesc {tuple(rt.__dict__.values())[:5]}", lambda: launch_wgrad(a, b, offsets, out, rt))
         offs32 = offsets[1:].to(torch.int32)
         report("torch._grouped_mm", lambda: out.copy_(torch._grouped_mm(a.t(), b, offs=offs32)))
-        for (bm, bn, bk), ws, stages in itertools.product(((128, 128, 64), (128, 256, 64), (128, 128, 128)),
-                                                          (True, False), (3, 4)):
+        for (bm, bn, bk), ws, stages in (() if not args.ws else itertools.product(((128, 128, 64), (128, 256, 64), (128, 128, 128)),
+                                                          (True, False), (3, 4))):
             grid = (s.E * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
             report(f"probe {bm}x{bn}x{bk} ws={ws} stages={stages}",
                    lambda: ws_wgrad_kernel[grid](a, b, offsets, out, M, N, out.stride(0), out.stride(1), bm, bn,

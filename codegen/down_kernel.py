@@ -9,13 +9,15 @@ products themselves. B and L operands are read through their strides, so weight 
 Rows of dropped copies (past offsets[E]) are written as zeros by the tiles of segment E.
 Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 """
+import torch
 import triton
 import triton.language as tl
 
 from .fast_launch import launch
 from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          max_tiles, mma, next_pow2, pdl_release, pdl_wait, weight_desc, weight_tile)
+                          ensure_allocator, max_tiles, mma, next_pow2, pdl_release, pdl_wait, tma_readable,
+                          weight_desc, weight_tile)
 
 
 @triton.jit
@@ -25,7 +27,8 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
                 HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, LR1: tl.constexpr, LR2: tl.constexpr,
                 TMA1: tl.constexpr, K_LAST1: tl.constexpr, TMA2: tl.constexpr, K_LAST2: tl.constexpr,
                 IEEE: tl.constexpr, E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                ROW_DESC: tl.constexpr = False):
     pdl_wait(PDL)
     n_n = tl.cdiv(N, BLOCK_N)
     tile, pid_n = grouped_order(tl.program_id(0), n_n, M_TILES, GROUP_M)
@@ -41,16 +44,28 @@ def down_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, offsets_ptr, t1
     if e < E:
         e64 = e.to(tl.int64)
         n0 = pid_n * BLOCK_N
+        if ROW_DESC:    # A's rows through descriptors clipped at the segment's end: TMA zero-fills the rest
+            a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[row_end.to(tl.int32), K], strides=[s_a1, 1],
+                                                block_shape=[BLOCK_M, BLOCK_K])
+            if HAS_A2:
+                a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[row_end.to(tl.int32), K], strides=[s_a2, 1],
+                                                    block_shape=[BLOCK_M, BLOCK_K])
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             amask = rmask[:, None] & kmask[None, :]
-            a = tl.load(a1_ptr + rows64[:, None] * s_a1 + kk[None, :], mask=amask, other=0.0)
+            if ROW_DESC:
+                a = a1_desc.load([row0.to(tl.int32), k0])
+            else:
+                a = tl.load(a1_ptr + rows64[:, None] * s_a1 + kk[None, :], mask=amask, other=0.0)
             b = weight_tile(b1_ptr, b1_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b1_e, s_b1_k, s_b1_n,
                             TMA1, K_LAST1, BLOCK_K, BLOCK_N)
             acc = mma(a, b, acc, IEEE)
             if HAS_A2:
-                a = tl.load(a2_ptr + rows64[:, None] * s_a2 + kk[None, :], mask=amask, other=0.0)
+                if ROW_DESC:
+                    a = a2_desc.load([row0.to(tl.int32), k0])
+                else:
+                    a = tl.load(a2_ptr + rows64[:, None] * s_a2 + kk[None, :], mask=amask, other=0.0)
                 b = weight_tile(b2_ptr, b2_desc, e, e64, k0, n0, kk, cols, kmask, cmask, s_b2_e, s_b2_k, s_b2_n,
                                 TMA2, K_LAST2, BLOCK_K, BLOCK_N)
                 acc = mma(a, b, acc, IEEE)
@@ -81,6 +96,9 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     grid = (m_tiles * cdiv(N, tile.block_n),)
     d1, k_last1 = weight_desc(b1, tile)
     d2, k_last2 = weight_desc(b2, tile) if a2 is not None else (None, False)
+    row_desc = tile.row_descs and _rows_readable(a1, a2_) and not pdl
+    if row_desc:
+        ensure_allocator()
     launch(down_kernel, grid,
         a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), d1, d2, S, E, N, K, m_tiles,
         a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
@@ -88,4 +106,13 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None,
         TMA1=d1 is not None, K_LAST1=k_last1, TMA2=d2 is not None, K_LAST2=k_last2, IEEE=ieee(c),
         E_POW2=next_pow2(E + 1), GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_kwargs(pdl))
+        BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_kwargs(pdl),
+        **({"ROW_DESC": True} if row_desc else {}))
+
+
+def _rows_readable(*rows) -> bool:
+    """Whether descriptors made on the device can read these (S, K) operands (Tile.row_descs):
+    unit column stride, 16-byte aligned base and rows, a GPU with TMA (the interpreter too)."""
+    if rows[0].is_cuda and torch.cuda.get_device_capability(rows[0].device)[0] < 9:
+        return False
+    return all(t.stride(1) == 1 and tma_readable(t, t.shape, t.stride()) for t in rows)

@@ -284,3 +284,18 @@ def store_tile(base, s_m, s_n, ms64, ns64, mmask, amask, nmask, acc, CHUNKED: tl
         if CHUNKED:
             out += tl.load(ptrs, mask=amask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         tl.store(ptrs, out.to(base.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def _torch_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device() if torch.cuda.is_available()
+                       else "cpu")
+
+
+def ensure_allocator():
+    """Give Triton an allocator for the kernels' global scratch (device-made descriptors) where none
+    is set. Triton keeps it per thread (a ContextVar), and autograd runs a backward on threads of its
+    own: asked before every launch that needs it."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)

@@ -28,9 +28,9 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
-from .jit_helpers import cdiv, ieee, mma, next_pow2, store_tile, tma_asked, tma_readable
+from .jit_helpers import cdiv, ensure_allocator, ieee, mma, next_pow2, store_tile, tma_asked, tma_readable
 from .wgrad_persistent_kernel import wgrad_persistent_kernel
-from .wgrad_rowdesc_kernel import ensure_allocator, wgrad_rowdesc_kernel
+from .wgrad_rowdesc_kernel import wgrad_rowdesc_kernel
 
 
 @triton.jit

@@ -17,7 +17,6 @@ left off (the probe keeps it for a later Triton).
 Needs Triton's global scratch (the descriptors are written there): `ensure_allocator`. Bias
 gradients come from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel`.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -60,18 +59,3 @@ def wgrad_rowdesc_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M
     store_tile(out_ptr + e64 * s_o_e, s_o_m, s_o_n, ms64, ns64, mmask, mmask, nmask, acc, False, TRANS_OUT)
     if DUAL:
         store_tile(out2_ptr + e64 * s_o2_e, s_o2_m, s_o2_n, ms64, ns64, mmask, mmask, nmask, acc2, False, TRANS_OUT)
-
-
-def _torch_scratch(size, alignment, stream):
-    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device() if torch.cuda.is_available()
-                       else "cpu")
-
-
-def ensure_allocator():
-    """Give Triton an allocator for the kernels' global scratch (device-made descriptors) where none
-    is set. Triton keeps it per thread (a ContextVar), and autograd runs a backward on threads of its
-    own: asked before every launch that needs it."""
-    from triton.runtime import _allocation
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
-        triton.set_allocator(_torch_scratch)

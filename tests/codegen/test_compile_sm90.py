@@ -115,7 +115,8 @@ def _layer_case(case):
         tiles.update({g: dataclasses.replace(tiles[g], persistent=1, tma=case == "tma")
                       for g in ("wgrad", "wgrad_dual")})
     if case.startswith("rowdesc"):      # operand rows through descriptors made on the device
-        tiles.update({g: dataclasses.replace(tiles[g], row_descs=True) for g in ("wgrad", "wgrad_dual")})
+        tiles.update({g: dataclasses.replace(tiles[g], row_descs=True)
+                      for g in ("wgrad", "wgrad_dual", "down", "down_dx")})
     saved = wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl
     if case == "train":     # the weight gradients' copies in chunks too (CHUNKED, its early exit)
         wgrad_kernel.MAX_COPY_BYTES = 40 * H * 2

@@ -1,4 +1,7 @@
-"""The row-descriptor weight-gradient kernel (Tile.row_descs, codegen/wgrad_rowdesc_kernel.py) against float64
+"""Grouped rows through descriptors made per expert on the device (Tile.row_descs). The down kernel
+(forward down projection, input gradient), the whole layer forward and backward against float64
+with every GEMM so: rows past a segment's end must read as zeros. The weight-gradient kernel
+(codegen/wgrad_rowdesc_kernel.py) against float64
 references: experts of every length (empty, the first one empty at row 0, one row, partial blocks,
 whole blocks, blocks and a tail: each expert's descriptors are clipped at its last row, so the
 next expert's rows must read as zeros), dual, gathered rows of either operand, outputs written
@@ -7,10 +10,12 @@ operands a descriptor cannot read staying on the per-tile kernel."""
 import pytest
 import torch
 
-from moec.codegen import wgrad_kernel
+from moec.codegen import down_kernel, wgrad_kernel
 from moec.codegen.tuning import Tile
 
 from kernel_helpers import DEVICE, TOL, rel_err
+import test_experts_combine
+import test_experts_launch
 from test_tma_weights import _wgrad_reference
 from test_wgrad_persistent import COUNTS, _launched, _setup
 
@@ -85,3 +90,25 @@ def test_rowdesc_biases_beside_and_fallbacks(monkeypatch):
     want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
     assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
     assert {name for name, _ in seen} == {"wgrad_kernel"} and len(seen) > 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tma", [False, True])
+def test_layer_with_row_descriptors(monkeypatch, dtype, tma):
+    flags = []
+    real = down_kernel.launch
+
+    def spy(kernel, grid, *args, **kw):
+        if kernel is down_kernel.down_kernel:
+            flags.append(kw.get("ROW_DESC", False))
+        return real(kernel, grid, *args, **kw)
+    monkeypatch.setattr(down_kernel, "launch", spy)
+    tile = Tile(16, 16, 16, 4, 1, tma=tma, row_descs=True)
+    test_experts_launch._run(11, 4, 2, 40, 24, dtype, "swiglu_oai", True, True, layout="transposed", tile=tile)
+    test_experts_combine._run(13, 4, 2, 48, 40, dtype, "silu", bias=True, layout="interleaved", tile=tile)
+    # forward down projections and input gradients, all through row descriptors
+    assert len(flags) >= 4 and all(flags), flags
+    del flags[:]
+    odd = Tile(16, 16, 16, 4, 1, row_descs=True)     # rows of 25 floats: no descriptor, pointers instead
+    test_experts_combine._run(13, 4, 2, 48, 25, torch.float32, "silu", layout="interleaved", tile=odd)
+    assert flags and not any(flags), flags
