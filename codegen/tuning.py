@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -119,14 +120,25 @@ def pin(**tiles: Tile):
         _pinned.update(saved)
 
 
-def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench=None):
+def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench=None, tol=2e-2):
     """Time `run(tile)` for each candidate Tile (with `bench(fn) -> ms`, default triton's
-    do_bench); keep the fastest for this key. GPU only."""
+    do_bench); keep the fastest for this key. GPU only. Where `run` returns the tensors it wrote,
+    a candidate whose values differ from the first candidate's (the current choice) by more than
+    `tol` of their largest magnitude is refused, with a warning: a compiler can miscompile one tile
+    (Triton 3.6's Hopper warp specialization did, 2026-12-06), and speed alone would pick it."""
     import triton.testing
     bench = bench or (lambda fn: triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"))
-    best, best_ms = None, float("inf")
+    best, best_ms, want = None, float("inf"), None
     for cand in candidates:
         try:
+            got = run(cand)
+            if isinstance(got, (list, tuple)) and got:
+                got = [g.detach().float().clone() for g in got]
+                if want is None:
+                    want = got
+                elif _differs(got, want, tol):
+                    warnings.warn(f"moec tuning {kernel}: {cand} gives other values than {candidates[0]}; refused")
+                    continue
             ms = bench(lambda: run(cand))
         except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
             continue
@@ -135,6 +147,11 @@ def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench
     if best is not None:
         _tuned[key(kernel, *layer, dtype, device, tokens)] = best
     return best, best_ms
+
+
+def _differs(got, want, tol) -> bool:
+    return any(g.shape != w.shape or not torch.isfinite(g).all() or
+               (g - w).abs().max().item() > tol * max(w.abs().max().item(), 1e-6) for g, w in zip(got, want))
 
 
 _SHIPPED = os.path.join(os.path.dirname(__file__), "tuned")      # tuned_<gpu>_<arch>.json, committed

@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from test_experts_launch import SMALL
 
@@ -34,3 +35,35 @@ def test_every_kernel_runs_and_weights_only_where_read(tuner):
     for name in ("gate_up", "down", "gate_up_bwd", "dh", "down_dx"):
         fns[name](SMALL)
     assert made
+
+
+def test_every_tuned_kernel_returns_what_it_wrote(tuner):
+    # tuning compares those tensors across candidates (tuning.tune): a kernel returning none is unchecked
+    s = tuner.Shape("tiny", 4, 2, 32, 16)
+    fns = tuner.kernels_for(s, tuner.lazy_params(s, "cpu"), 9, device="cpu")
+    for name in tuner.CANDIDATES:
+        got = fns[name](SMALL)
+        assert isinstance(got, list) and got and all(torch.is_tensor(t) for t in got), name
+
+
+def test_tuning_refuses_a_faster_tile_with_other_values():
+    from moec.codegen import tuning
+    from moec.codegen.tuning import Tile
+    base, wrong, right = Tile(16, 16, 16), Tile(32, 32, 32), Tile(64, 64, 64)
+    x = torch.randn(8, 8)
+    outputs = {base: x, wrong: x + 1.0, right: x + 1e-4 * x.abs().max()}
+    speed = {base: 3.0, wrong: 1.0, right: 2.0}
+    timed = []
+
+    def bench(fn):
+        fn()
+        return speed[timed[-1]]
+
+    def run(tile):
+        timed.append(tile)
+        return [outputs[tile].clone()]
+    with pytest.warns(UserWarning, match="other values"):
+        best, ms = tuning.tune("wgrad", (4, 2, 32, 16), torch.bfloat16, torch.device("cpu"), 9, run,
+                               [base, wrong, right], bench=bench)
+    assert best == right and ms == 2.0
+    tuning._tuned.pop(tuning.key("wgrad", 4, 2, 32, 16, torch.bfloat16, torch.device("cpu"), 9))
