@@ -9,14 +9,13 @@ products themselves. B and L operands are read through their strides, so weight 
 Rows of dropped copies (past offsets[E]) are written as zeros by the tiles of segment E.
 Bytes: S*K per A (re-read once per n-tile) + touched experts' B + S*N written.
 """
-import torch
 import triton
 import triton.language as tl
 
 from .fast_launch import launch
 from .pdl import launch_kwargs
 from .jit_helpers import (GROUP_M, cdiv, expert_tile, grouped_order, ieee, lowrank, lowrank_args, lowrank_ptrs,
-                          ensure_allocator, max_tiles, mma, next_pow2, pdl_release, pdl_wait, tma_readable,
+                          ensure_allocator, max_tiles, mma, next_pow2, pdl_release, pdl_wait, rows_readable,
                           weight_desc, weight_tile)
 
 
@@ -96,7 +95,7 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     grid = (m_tiles * cdiv(N, tile.block_n),)
     d1, k_last1 = weight_desc(b1, tile)
     d2, k_last2 = weight_desc(b2, tile) if a2 is not None else (None, False)
-    row_desc = tile.row_descs and _rows_readable(a1, a2_) and not pdl
+    row_desc = tile.row_descs and rows_readable(a1, a2_) and not pdl
     if row_desc:
         ensure_allocator()
     launch(down_kernel, grid,
@@ -109,10 +108,3 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
         BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_kwargs(pdl),
         **({"ROW_DESC": True} if row_desc else {}))
 
-
-def _rows_readable(*rows) -> bool:
-    """Whether descriptors made on the device can read these (S, K) operands (Tile.row_descs):
-    unit column stride, 16-byte aligned base and rows, a GPU with TMA (the interpreter too)."""
-    if rows[0].is_cuda and torch.cuda.get_device_capability(rows[0].device)[0] < 9:
-        return False
-    return all(t.stride(1) == 1 and tma_readable(t, t.shape, t.stride()) for t in rows)

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
-from .jit_helpers import cdiv, ensure_allocator, ieee, mma, next_pow2, store_tile, tma_asked, tma_readable
+from .jit_helpers import (cdiv, ensure_allocator, ieee, mma, next_pow2, rows_readable, store_tile, tma_asked,
+                          tma_readable)
 from .wgrad_persistent_kernel import wgrad_persistent_kernel
 from .wgrad_rowdesc_kernel import wgrad_rowdesc_kernel
 
@@ -255,15 +256,6 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def _rows_readable(a, a2, b, off_a, off_b) -> bool:
-    """Whether the row-descriptor kernel's device-made descriptors can read a, a2 and b: rows from
-    0 (no chunk offset), unit column stride, base and row stride 16-byte aligned, a GPU with TMA
-    (sm90+; the interpreter runs descriptors too)."""
-    if off_a or off_b or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9):
-        return False
-    return all(t.stride(1) == 1 and tma_readable(t, t.shape, t.stride()) for t in (a, b, a2) if t is not None)
-
-
 def _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
     """Bias gradients beside a kernel whose K loop does not sum rows (persistent, row descriptors)."""
     E, M, _ = shape
@@ -277,7 +269,7 @@ def _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
 def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off_b, chunked, db, db2, trans, tile,
             weigh=False):
     a2_or_a = a2 if a2 is not None else a     # the kernels take a pointer either way; DUAL says whether it is read
-    if tile.row_descs and not chunked and _rows_readable(a, a2, b, off_a, off_b):
+    if tile.row_descs and not chunked and not (off_a or off_b) and rows_readable(a, a2, b):
         ensure_allocator()
         launch(wgrad_rowdesc_kernel, grid, a, a2_or_a, b, offsets, out, o2, *out.shape[1:], a.stride(0),
                a2_or_a.stride(0), b.stride(0), *out.stride(), *o2.stride(), DUAL=a2 is not None, IEEE=ieee(a),
