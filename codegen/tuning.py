@@ -217,5 +217,13 @@ def load(path):
 
 
 def _read(path) -> dict:
+    """A table's entries. Settings this moec does not know (a table written by another version) are
+    left out of their entry, with a warning: its other settings still beat the heuristic table."""
+    known = set(Tile.__dataclass_fields__)
     with open(path) as f:
-        return {k: Tile(**v) for k, v in json.load(f).items()}
+        table = json.load(f)
+    unknown = sorted({n for v in table.values() for n in v} - known)
+    if unknown:
+        warnings.warn(f"moec: {path} has launch settings this version does not know ({', '.join(unknown)}); "
+                      f"they are ignored (re-run benchmarks/tune_kernels.py to replace them)")
+    return {k: Tile(**{n: x for n, x in v.items() if n in known}) for k, v in table.items()}

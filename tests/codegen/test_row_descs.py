@@ -112,3 +112,27 @@ def test_layer_with_row_descriptors(monkeypatch, dtype, tma):
     odd = Tile(16, 16, 16, 4, 1, row_descs=True)     # rows of 25 floats: no descriptor, pointers instead
     test_experts_combine._run(13, 4, 2, 48, 25, torch.float32, "silu", layout="interleaved", tile=odd)
     assert flags and not any(flags), flags
+
+
+def test_row_descs_survive_a_saved_table_and_unknown_settings_are_ignored(tmp_path):
+    import json
+    from moec.codegen import tuning
+    key = tuning.key("wgrad", 4, 2, 40, 24, torch.bfloat16, torch.device("cpu"), 16)
+    saved = dict(tuning._tuned)
+    try:
+        tuning._tuned[key] = TILE
+        tuning.save(tmp_path / "t.json", keys={key})
+        tuning._tuned.clear()
+        tuning.load(tmp_path / "t.json")
+        assert tuning._tuned[key] == TILE and tuning._tuned[key].row_descs
+        # a table from another moec version: a setting this one lacks is dropped, the rest kept
+        table = json.loads((tmp_path / "t.json").read_text())
+        table[key]["warp_spec"] = True
+        (tmp_path / "u.json").write_text(json.dumps(table))
+        tuning._tuned.clear()
+        with pytest.warns(UserWarning, match="warp_spec"):
+            tuning.load(tmp_path / "u.json")
+        assert tuning._tuned[key] == TILE
+    finally:
+        tuning._tuned.clear()
+        tuning._tuned.update(saved)
