@@ -223,12 +223,12 @@ def tma_asked(tile, t) -> bool:
 
 def rows_readable(*rows) -> bool:
     """Whether descriptors made on the device (Tile.row_descs) can read these (S, K) operands
-    (None entries skipped): unit column stride, 16-byte aligned base and rows, a GPU with TMA
-    (sm90+; the interpreter runs descriptors too)."""
+    (None entries skipped): unit column stride, 16-byte aligned base and rows, row indices that fit
+    the descriptors' 32-bit coordinates, a GPU with TMA (sm90+; the interpreter runs descriptors too)."""
     rows = [t for t in rows if t is not None]
     if rows[0].is_cuda and torch.cuda.get_device_capability(rows[0].device)[0] < 9:
         return False
-    return all(t.stride(1) == 1 and tma_readable(t, t.shape, t.stride()) for t in rows)
+    return all(t.stride(1) == 1 and t.shape[0] < 2 ** 31 and tma_readable(t, t.shape, t.stride()) for t in rows)
 
 
 def tma_readable(t, shape, strides) -> bool:
