@@ -41,11 +41,18 @@ CANDIDATES = {
                 # decode: one or a few rows per expert, so narrower tiles make enough programs to
                 # stream the touched experts' weights on every SM
                 T_(16, 32, 128, 4, 3), T_(16, 32, 256, 4, 3), T_(16, 32, 128, 2, 4), T_(16, 64, 256, 4, 3),
-                T_(16, 16, 256, 2, 3)],
+                T_(16, 16, 256, 2, 3),
+                # one token: 8 experts x F / 32 = 192 programs on 132 SMs left a second, part-filled wave
+                # (Qwen3 gate/up at 2.7 TB/s against 4.0 at 8 tokens, H200 decode_kernels.py); F / 16
+                # makes ~3 waves
+                T_(16, 16, 128, 2, 4), T_(16, 16, 128, 1, 4), T_(16, 16, 64, 1, 6)],
     "down": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 256, 64, 8, 3),
              T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 128, 64, 4, 3), T_(16, 128, 128, 4, 3),
              T_(128, 128, 64, 8, 4), T_(16, 32, 128, 4, 3), T_(16, 64, 256, 4, 3), T_(16, 32, 256, 4, 3),
-             T_(16, 128, 64, 4, 4)],
+             T_(16, 128, 64, 4, 4),
+             # one token: H / 128 x 8 experts = 128 programs, under one wave on 132 SMs (Qwen3 down at
+             # 2.6 TB/s, H200): narrower tiles for two to four waves
+             T_(16, 64, 128, 2, 4), T_(16, 32, 128, 2, 4), T_(16, 64, 64, 2, 6)],
     "down_dx": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 128, 32, 8, 4),
                 T_(64, 64, 64, 4, 4), T_(16, 64, 64, 4, 3), T_(32, 128, 64, 4, 3)],
     "dh": [T_(128, 128, 64, 8, 3, 2), T_(64, 128, 64, 4, 3, 2), T_(128, 64, 64, 8, 3, 2), T_(64, 64, 64, 4, 4, 2),
