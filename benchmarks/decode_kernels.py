@@ -56,7 +56,7 @@ def _report(label, ks, weight_mb):
         print(f"    {d:7.1f} us  gap {s - prev:5.1f}  {name[:90]}")
         prev = s + d
     busy = sum(d for _, _, d in ks)
-    print(f"    busy {busy:.1f} us; expert weights {weight_mb:.1f} MB -> {weight_mb / (end - t0) * 1e-3:.2f} TB/s "
+    print(f"    busy {busy:.1f} us; expert weights {weight_mb:.1f} MB -> {weight_mb / (end - t0):.2f} TB/s "
           f"over the span")
 
 
