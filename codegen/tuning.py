@@ -80,7 +80,7 @@ def tile_on(kernel, E, k, H, F, dtype, gpu, arch, tokens) -> Tile:
     found = _tuned.get(own)
     if found is None:   # a table shipped for another GPU of this architecture (H200: the H100's)
         found = _by_arch.get(by_arch)
-    return found if found is not None else _default(kernel, tokens * k / E, dtype)
+    return found if found is not None else _default(kernel, tokens * k / E, dtype, arch)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -91,8 +91,19 @@ def _keys(kernel, E, k, H, F, dtype, gpu, arch, tokens_bucket):
             key(kernel, E, k, H, F, dtype, None, tokens_bucket, gpu=arch))
 
 
-def _default(kernel, rows_per_expert, dtype):
-    """Shipped table for Hopper-class GPUs, by average rows per expert (decode vs. prefill/train)."""
+# Before Hopper mma.sync keeps the accumulators in every thread's registers beside the operand
+# fragments: on sm_80 the dh kernel's (64, 128) tile at four warps, with its five-tile epilogue,
+# spilled 232-512 bytes a thread, and the input gradient's two A/B pairs at (128, 128, 64) 24 (8 to
+# 232 at other (128 | 64, 64 | 128, 64) tiles, GPT-OSS's transposed weights the worst). Eight warps
+# for dh and a (128, 64, 32) input-gradient tile spill none (ptxas_report.py --arch 80 at Qwen3,
+# OLMoE, GPT-OSS and Mixtral widths, Triton 3.6; Triton 3.9 spills 16 bytes of the latter in a test
+# layer; test_compile_sm90.py keeps them under 64). Untimed: no A100 here.
+_PRE_HOPPER = {"dh": Tile(64, 128, 64, 8, 3, 2), "down_dx": Tile(128, 64, 32, 8, 3)}
+
+
+def _default(kernel, rows_per_expert, dtype, arch="sm90"):
+    """Shipped table for Hopper-class GPUs, by average rows per expert (decode vs. prefill/train),
+    with the large tiles that spill before Hopper replaced there (`_PRE_HOPPER`)."""
     small = rows_per_expert <= 32
     if dtype == torch.float32:                     # 4-byte operands: half the tile bytes
         return Tile(16, 32, 64, 4, 2) if small else Tile(64, 64, 32, 4, 2)
@@ -105,7 +116,15 @@ def _default(kernel, rows_per_expert, dtype):
         "wgrad": (Tile(64, 64, 32, 4, 2), Tile(128, 128, 32, 8, 3)),
         "wgrad_dual": (Tile(64, 64, 32, 4, 2), Tile(128, 64, 32, 8, 3)),
     }
+    if not small and kernel in _PRE_HOPPER and _arch_number(arch) < 90:
+        return _PRE_HOPPER[kernel]
     return table[kernel][0 if small else 1]
+
+
+def _arch_number(arch) -> int:
+    """"sm80" -> 80; the CPU's "sm00" (the interpreter) counts as Hopper: tests run the shipped tiles."""
+    digits = "".join(ch for ch in str(arch) if ch.isdigit())
+    return int(digits) if digits and int(digits) else 90
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Every kernel a layer launches compiles for an H100 (sm_90) at the GPU's own tile sizes, and fits
-its shared memory: checked on the CPU, where the interpreter runs the same code but would accept
+its shared memory; for an A100 (sm_80) the heuristic tiles also spill no registers: checked on the CPU, where the interpreter runs the same code but would accept
 what the GPU compiler rejects and never runs out of shared memory. Launches are recorded, not run
 (codegen/compile_check.py), in a child process: Triton's compiler needs the kernels as @jit
 functions, which TRITON_INTERPRET=1 (how the rest of this folder runs on CPU) replaces."""
@@ -15,13 +15,15 @@ import torch
 from moec.codegen import compile_check, experts_combine_launch, reference, route_plan_kernel, tuning, wgrad_kernel
 
 SM90_SHARED = 227 * 1024        # the most shared memory one H100 block may ask for
+SHARED = {90: SM90_SHARED, 80: 163 * 1024}      # and one A100 block
+SM80_SPILL = 64
 GEMMS = ("gate_up", "gate_up_bwd", "down", "dh", "down_dx", "wgrad", "wgrad_dual")
 E, k, H, F, T = 8, 2, 256, 128, 64
 
 
-def _tiles(rows_per_expert, dtype, tma=False):
+def _tiles(rows_per_expert, dtype, tma=False, arch=90):
     """The GPU's heuristic tiles (tuning._default): decode-sized or training-sized."""
-    tiles = {g: tuning._default(g, rows_per_expert, dtype) for g in GEMMS}
+    tiles = {g: tuning._default(g, rows_per_expert, dtype, f"sm{arch}") for g in GEMMS}
     if tma:
         tiles.update({g: dataclasses.replace(tiles[g], tma=True)
                       for g in ("gate_up", "gate_up_bwd", "down", "dh", "down_dx")})
@@ -73,8 +75,10 @@ def _record_routing(scoring, n_group, topk_group, tokens):
     return launches
 
 
-def _compile_all(launches):
-    """{kernel name: errors}: each distinct launch compiled for sm_90, its failures collected."""
+def _compile_all(launches, arch=90):
+    """{kernel name: errors}: each distinct launch compiled for sm_<arch>, its failures collected
+    (before Hopper, spills past SM80_SPILL bytes a thread count as one: the Hopper tiles spilled
+    232-512 there, the heuristic's pre-Hopper tiles none under Triton 3.6 and 16 under 3.9)."""
     seen, names = set(), {}
     for kernel, args, kwargs in launches:
         ident = compile_check.launch_id(kernel, args, kwargs)
@@ -83,33 +87,37 @@ def _compile_all(launches):
         seen.add(ident)
         errors = names.setdefault(kernel.__name__, [])
         try:
-            compiled = compile_check.compile_launch(kernel, args, kwargs, 90)
-            regs, _local, shared = compile_check.usage(compiled)
+            compiled = compile_check.compile_launch(kernel, args, kwargs, arch)
+            regs, local, shared = compile_check.usage(compiled)
         except Exception as e:
             errors.append(f"{kwargs}: {type(e).__name__}: {str(e)[-800:]}")
             continue
         ptx = compiled.asm["ptx"]
         if kwargs.get("PDL") and not ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx):
             errors.append(f"{kwargs}: launched with PDL, but waits for / releases no grid")
-        if not 0 < regs <= 255 or shared > SM90_SHARED:
-            errors.append(f"{kwargs}: {regs} registers, {shared} bytes of shared memory")
+        if not 0 < regs <= 255 or shared > SHARED[arch] or (arch < 90 and local > SM80_SPILL):
+            errors.append(f"{kwargs}: {regs} registers, {local} bytes spilled, {shared} bytes of shared memory")
     return names
 
 
 LAYER_CASES = ["train", "train_oai_bias_transposed", "decode", "decode_pdl", "tma", "fp32", "lora_concat",
                "lora_gpt_oss", "persistent_oai_bias_transposed", "rowdesc_oai_bias_transposed"]
 # 4 tokens: route and plan in one launch; 64: route, then plan in one program; 4096: plan over blocks
+# A100: the heuristic tiles (tuning._PRE_HOPPER) for bf16 training and decode
+SM80_CASES = ["train_sm80", "train_oai_bias_transposed_sm80", "decode_sm80"]
 ROUTING_CASES = [("softmax", 1, 1, 64), ("sigmoid", 4, 2, 64), ("softmax", 1, 1, 4), ("softmax", 1, 1, 4096)]
 ROUTING_KERNELS = {4: {"route_plan_kernel"}, 64: {"route_kernel", "plan_single_kernel"},
                    4096: {"route_kernel", "plan_count_kernel", "plan_scatter_kernel"}}
 
 
 def _layer_case(case):
+    arch = 80 if case.endswith("_sm80") else 90
+    case = case[:-len("_sm80")] if arch == 80 else case
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
     act, gated, bias, layout = ("swiglu_oai", True, True, "transposed") if "oai" in case else \
         ("silu", True, False, "interleaved")
     train = not case.startswith("decode")
-    tiles = _tiles(64 if train else 1, dtype, tma=case == "tma")
+    tiles = _tiles(64 if train else 1, dtype, tma=case == "tma", arch=arch)
     if case.startswith("persistent") or case == "tma":     # the weight gradients' persistent twin: stores
         # through pointers, its bias kernel beside (transposed GPT-OSS layout); through TMA (the tma case)
         tiles.update({g: dataclasses.replace(tiles[g], persistent=1, tma=case == "tma")
@@ -128,7 +136,7 @@ def _layer_case(case):
         launches = _record_layer(dtype, act, gated, bias, layout, train, tiles)
         if case == "decode_pdl":
             launches += _record_routing("softmax", 1, 1, 4)
-        return _compile_all(launches)
+        return _compile_all(launches, arch)
     finally:
         wgrad_kernel.MAX_COPY_BYTES, experts_combine_launch.use_pdl, route_plan_kernel.use_pdl = saved
 
@@ -144,7 +152,7 @@ def compiled():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", LAYER_CASES + SM80_CASES)
 def test_layer_kernels_compile(case, compiled):
     names = compiled[case]
     want = {"gate_up_kernel", "down_kernel", "combine_kernel"}
@@ -176,7 +184,7 @@ if __name__ == "__main__":        # the child: no interpreter, launches recorded
     from moec.codegen import kernels     # (and registers torch.ops.moec.*)
     results = {}
     with kernels.backend("triton"):
-        for case in LAYER_CASES:
+        for case in LAYER_CASES + SM80_CASES:
             results[case] = _layer_case(case)
         for routing in ROUTING_CASES:
             results["routing_%s_%d_%d_%d" % routing] = _compile_all(_record_routing(*routing))

@@ -78,3 +78,17 @@ def test_compiling_reads_the_cache_dir(tmp_path, monkeypatch):
     torch.compile(module, backend="moec", options={"dense_backend": "eager", "cache_dir": str(tmp_path)})(
         torch.randn(6, 32))
     assert seen and all(s == str(tmp_path / "tuning") for s in seen), seen
+
+
+def test_before_hopper_the_heuristic_takes_tiles_that_do_not_spill():
+    train, decode = 4096 * 8 / 64, 1 * 8 / 64
+    for kernel in ("dh", "down_dx"):
+        hopper = tuning._default(kernel, train, torch.bfloat16, "sm90")
+        ampere = tuning._default(kernel, train, torch.bfloat16, "sm80")
+        assert ampere == tuning._PRE_HOPPER[kernel] != hopper
+        assert tuning._default(kernel, train, torch.bfloat16, "sm100") == hopper
+        # decode tiles and other kernels are the same on every architecture
+        assert tuning._default(kernel, decode, torch.bfloat16, "sm80") == tuning._default(kernel, decode,
+                                                                                         torch.bfloat16)
+    assert tuning._default("gate_up", train, torch.bfloat16, "sm80") == tuning._default("gate_up", train,
+                                                                                        torch.bfloat16)
