@@ -136,3 +136,34 @@ def test_row_descs_survive_a_saved_table_and_unknown_settings_are_ignored(tmp_pa
     finally:
         tuning._tuned.clear()
         tuning._tuned.update(saved)
+
+
+def test_scratch_allocator_set_per_thread_and_never_over_the_users():
+    import threading
+    import triton
+    from triton.runtime import _allocation
+    from moec.codegen import jit_helpers
+    seen = {}
+
+    def fresh_thread():     # autograd runs a CUDA backward on threads of its own: each starts with none
+        seen["before"] = type(_allocation._allocator.get())
+        jit_helpers.ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen["before"] is _allocation.NullAllocator and seen["after"] is jit_helpers._torch_scratch
+
+    def users_own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def with_users_own():
+        triton.set_allocator(users_own)
+        jit_helpers.ensure_allocator()
+        seen["kept"] = _allocation._allocator.get()
+
+    thread = threading.Thread(target=with_users_own)
+    thread.start()
+    thread.join()
+    assert seen["kept"] is users_own
