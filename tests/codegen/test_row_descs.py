@@ -16,8 +16,8 @@ from moec.codegen.tuning import Tile
 from kernel_helpers import DEVICE, TOL, rel_err
 import test_experts_combine
 import test_experts_launch
-from test_tma_weights import _wgrad_reference
-from test_wgrad_persistent import COUNTS, _launched, _setup
+from test_tma_weights import _wgrad_reference, kept_tuned, saved_and_loaded
+from test_wgrad_persistent import COUNTS, _biases, _chunked, _dual_and_gathered, _launched, _setup
 
 # small programs keep the interpreter quick; on a GPU a tile of the size shipped (wgmma)
 TILE = Tile(16, 16, 16, 4, 2, row_descs=True) if DEVICE == "cpu" else Tile(128, 64, 32, 4, 3, row_descs=True)
@@ -26,21 +26,7 @@ TILE = Tile(16, 16, 16, 4, 2, row_descs=True) if DEVICE == "cpu" else Tile(128, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rowdesc_dual_gathered_and_transposed(monkeypatch, dtype):
     seen = _launched(monkeypatch)
-    k, M, N = 2, 24, 40
-    S, offsets, src, new = _setup(dtype, M, N, k)
-    E = len(COUNTS)
-    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
-    out, out2 = [torch.full((E, M, N), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2)]
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, a2=dg, out2=out2)
-    rows = x[src // k]
-    for got, a in ((out, du), (out2, dg)):
-        assert rel_err(got.cpu(), _wgrad_reference(a, rows, COUNTS)[0].cpu()) < TOL[dtype]
-    go, h = new(S // k + 1, M), new(S, N)
-    w = torch.rand(S // k + 1, k, device=DEVICE).to(dtype)
-    base = torch.full((E, N, M), float("nan"), device=DEVICE, dtype=dtype)
-    wgrad_kernel.launch_wgrad(go, h, offsets, base.transpose(1, 2), TILE, k=k, gather_a=(src, w))
-    want = _wgrad_reference(go[src // k], h, COUNTS)[0]
-    assert rel_err(base.transpose(1, 2).cpu(), want.cpu()) < TOL[dtype]
+    E, M, N = _dual_and_gathered(dtype, TILE)
     assert [name for name, _ in seen] == ["wgrad_rowdesc_kernel"] * 2
     assert seen[0][1] == (E * -(-M // TILE.block_m) * -(-N // TILE.block_n),)     # one program a tile
 
@@ -62,33 +48,19 @@ def test_rowdesc_one_expert_all_rows_and_no_rows(monkeypatch):
 
 def test_rowdesc_biases_beside_and_fallbacks(monkeypatch):
     seen = _launched(monkeypatch)
-    dtype, k, M, N = torch.float32, 2, 24, 40
-    S, offsets, src, new = _setup(dtype, M, N, k)
-    E = len(COUNTS)
-    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
-    out, out2 = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, N, device=DEVICE)
-    db, db2 = torch.full((E, M), float("nan"), device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
-    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
-        want, want_b = _wgrad_reference(a, x[src // k], COUNTS)
-        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
-    go, h = new(S // k + 1, M), new(S, N)
-    w = torch.rand(S // k + 1, k, device=DEVICE)
-    wgrad_kernel.launch_wgrad(go, h, offsets, out, TILE, k=k, db=db, gather_a=(src, w))
-    want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
-    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    _biases(TILE)
     assert [name for name, _ in seen] == ["wgrad_rowdesc_kernel", "bias_grad_kernel", "bias_grad_kernel",
                                           "wgrad_rowdesc_kernel", "bias_grad_kernel"]
     del seen[:]
     # rows 100 bytes apart: no descriptor can read them, so the per-tile kernel (pointers) runs
-    odd = new(S, M + 1)[:, :M]
+    dtype, k, M, N = torch.float32, 2, 24, 40
+    S, offsets, src, new = _setup(dtype, M, N, k)
+    x, odd = new(S // k + 1, N), new(S, M + 1)[:, :M]
+    out = torch.empty(len(COUNTS), M, N, device=DEVICE)
     wgrad_kernel.launch_wgrad(odd, x, offsets, out, TILE, src=src, k=k)
     assert rel_err(out.cpu(), _wgrad_reference(odd, x[src // k], COUNTS)[0].cpu()) < TOL[dtype]
     # chunked copies (rows offset into a chunk) keep the per-tile kernel too
-    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, TILE, src=src, k=k, db=db)
-    want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
-    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    _chunked(monkeypatch, TILE)
     assert {name for name, _ in seen} == {"wgrad_kernel"} and len(seen) > 3
 
 
@@ -118,13 +90,9 @@ def test_row_descs_survive_a_saved_table_and_unknown_settings_are_ignored(tmp_pa
     import json
     from moec.codegen import tuning
     key = tuning.key("wgrad", 4, 2, 40, 24, torch.bfloat16, torch.device("cpu"), 16)
-    saved = dict(tuning._tuned)
-    try:
-        tuning._tuned[key] = TILE
-        tuning.save(tmp_path / "t.json", keys={key})
-        tuning._tuned.clear()
-        tuning.load(tmp_path / "t.json")
-        assert tuning._tuned[key] == TILE and tuning._tuned[key].row_descs
+    with kept_tuned():
+        loaded = saved_and_loaded(tmp_path / "t.json", key, TILE)
+        assert loaded == TILE and loaded.row_descs
         # a table from another moec version: a setting this one lacks is dropped, the rest kept
         table = json.loads((tmp_path / "t.json").read_text())
         table[key]["warp_spec"] = True
@@ -133,9 +101,6 @@ def test_row_descs_survive_a_saved_table_and_unknown_settings_are_ignored(tmp_pa
         with pytest.warns(UserWarning, match="warp_spec"):
             tuning.load(tmp_path / "u.json")
         assert tuning._tuned[key] == TILE
-    finally:
-        tuning._tuned.clear()
-        tuning._tuned.update(saved)
 
 
 def test_scratch_allocator_set_per_thread_and_never_over_the_users():

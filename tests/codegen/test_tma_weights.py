@@ -6,6 +6,7 @@ pointer loads. The weight-gradient kernel's operand row blocks through TMA (wgra
 segments of every length around the block (a partial last block must not read the next expert's
 rows), dual, biases, gathered rows, chunked copies."""
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -60,18 +61,31 @@ def test_unreadable_views_fall_back_to_pointers():
     assert desc is not None and k_last and list(desc.shape) == [3, 40, 48]
 
 
-def test_tma_setting_survives_a_saved_table(tmp_path):
-    key = tuning.key("down", 4, 2, 40, 24, torch.bfloat16, torch.device("cpu"), 16)
+def saved_and_loaded(path, key, tile):
+    """`tile` under `key` through a table saved to `path` and loaded into a cleared lookup: what a
+    later process reads (the caller restores tuning._tuned: `kept_tuned`)."""
+    tuning._tuned[key] = tile
+    tuning.save(path, keys={key})
+    tuning._tuned.clear()
+    tuning.load(path)
+    return tuning._tuned[key]
+
+
+@contextlib.contextmanager
+def kept_tuned():
     saved = dict(tuning._tuned)
     try:
-        tuning._tuned[key] = TMA
-        tuning.save(tmp_path / "t.json", keys={key})
-        tuning._tuned.clear()
-        tuning.load(tmp_path / "t.json")
-        assert tuning._tuned[key] == TMA and tuning._tuned[key].tma
+        yield
     finally:
         tuning._tuned.clear()
         tuning._tuned.update(saved)
+
+
+def test_tma_setting_survives_a_saved_table(tmp_path):
+    key = tuning.key("down", 4, 2, 40, 24, torch.bfloat16, torch.device("cpu"), 16)
+    with kept_tuned():
+        loaded = saved_and_loaded(tmp_path / "t.json", key, TMA)
+        assert loaded == TMA and loaded.tma
 
 
 def _wgrad_reference(a, b, counts, w=None):

@@ -33,15 +33,11 @@ def _setup(dtype, M, N, k=2, counts=COUNTS):
     return S, offsets, torch.randperm(S, device=DEVICE), new
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_sm,tma", [(1, False), (3, False), (2, True)])
-def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm, tma):
-    seen = _launched(monkeypatch)
-    stores = []
-    real = wgrad_kernel._out_descs
-    monkeypatch.setattr(wgrad_kernel, "_out_descs", lambda *a: stores.append(real(*a)) or stores[-1])
+def _dual_and_gathered(dtype, tile):
+    """launch_wgrad at `tile` against float64: dual (du, dg against x gathered by token), then a
+    gathered a (dW_down: grad_out's rows by token) written transposed into a (E, N, M) buffer's
+    view. -> (E, M, N)."""
     k, M, N = 2, 24, 40
-    tile = Tile(16, 16, 16, 4, 2, tma=tma, persistent=per_sm)
     S, offsets, src, new = _setup(dtype, M, N, k)
     E = len(COUNTS)
     x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
@@ -50,13 +46,58 @@ def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm, tma):
     rows = x[src // k]
     for got, a in ((out, du), (out2, dg)):
         assert rel_err(got.cpu(), _wgrad_reference(a, rows, COUNTS)[0].cpu()) < TOL[dtype]
-    # gathered a (dW_down: grad_out's rows by token), written transposed into a (E, N, M) buffer's view
     go, h = new(S // k + 1, M), new(S, N)
     w = torch.rand(S // k + 1, k, device=DEVICE).to(dtype)
     base = torch.full((E, N, M), float("nan"), device=DEVICE, dtype=dtype)
     wgrad_kernel.launch_wgrad(go, h, offsets, base.transpose(1, 2), tile, k=k, gather_a=(src, w))
     want = _wgrad_reference(go[src // k], h, COUNTS)[0]
     assert rel_err(base.transpose(1, 2).cpu(), want.cpu()) < TOL[dtype]
+    return E, M, N
+
+
+def _biases(tile):
+    """launch_wgrad at `tile` with bias gradients, float32 against float64: dual with both biases,
+    then a gathered a whose bias sums are weighted by the routing weights (two launches)."""
+    dtype, k, M, N = torch.float32, 2, 24, 40
+    S, offsets, src, new = _setup(dtype, M, N, k)
+    E = len(COUNTS)
+    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
+    out, out2 = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, N, device=DEVICE)
+    db, db2 = torch.full((E, M), float("nan"), device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
+    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
+        want, want_b = _wgrad_reference(a, x[src // k], COUNTS)
+        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
+    go, h = new(S // k + 1, M), new(S, N)
+    w = torch.rand(S // k + 1, k, device=DEVICE)
+    wgrad_kernel.launch_wgrad(go, h, offsets, out, tile, k=k, db=db, gather_a=(src, w))
+    want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+
+
+def _chunked(monkeypatch, tile):
+    """launch_wgrad at `tile` with its gathered copy in chunks of 24 rows (float32 against float64,
+    with a bias)."""
+    dtype, k, M, N = torch.float32, 2, 24, 40
+    S, offsets, src, new = _setup(dtype, M, N, k)
+    E = len(COUNTS)
+    x, du = new(S // k + 1, N), new(S, M)
+    out, db = torch.empty(E, M, N, device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
+    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
+    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, db=db)
+    want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
+    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sm,tma", [(1, False), (3, False), (2, True)])
+def test_persistent_dual_and_gathered(monkeypatch, dtype, per_sm, tma):
+    seen = _launched(monkeypatch)
+    stores = []
+    real = wgrad_kernel._out_descs
+    monkeypatch.setattr(wgrad_kernel, "_out_descs", lambda *a: stores.append(real(*a)) or stores[-1])
+    tile = Tile(16, 16, 16, 4, 2, tma=tma, persistent=per_sm)
+    E, M, N = _dual_and_gathered(dtype, tile)
     tiles = E * 2 * 3        # cdiv(24, 16) x cdiv(40, 16) per expert
     sms = wgrad_kernel._sms(torch.device(DEVICE))        # 2 stand-ins on the interpreter
     assert seen == [("wgrad_persistent_kernel", (min(tiles, sms * per_sm),))] * 2
@@ -94,27 +135,10 @@ def test_persistent_more_programs_than_tiles_and_no_rows(monkeypatch):
 
 def test_biases_beside_and_chunks_on_the_per_tile_kernel(monkeypatch):
     seen = _launched(monkeypatch)
-    dtype, k, M, N = torch.float32, 2, 24, 40
     tile = Tile(16, 16, 16, 4, 2, persistent=2)
-    S, offsets, src, new = _setup(dtype, M, N, k)
-    E = len(COUNTS)
-    x, du, dg = new(S // k + 1, N), new(S, M), new(S, M)
-    out, out2 = torch.empty(E, M, N, device=DEVICE), torch.empty(E, M, N, device=DEVICE)
-    db, db2 = torch.full((E, M), float("nan"), device=DEVICE), torch.full((E, M), float("nan"), device=DEVICE)
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, a2=dg, out2=out2, db=db, db2=db2)
-    for got, got_b, a in ((out, db, du), (out2, db2, dg)):
-        want, want_b = _wgrad_reference(a, x[src // k], COUNTS)
-        assert rel_err(got.cpu(), want.cpu()) < TOL[dtype] and rel_err(got_b.cpu(), want_b.cpu()) < TOL[dtype]
-    assert [name for name, _ in seen] == ["wgrad_persistent_kernel", "bias_grad_kernel", "bias_grad_kernel"]
-    # gathered a, its bias sums weighted by the routing weights
-    go, h = new(S // k + 1, M), new(S, N)
-    w = torch.rand(S // k + 1, k, device=DEVICE)
-    wgrad_kernel.launch_wgrad(go, h, offsets, out, tile, k=k, db=db, gather_a=(src, w))
-    want, want_b = _wgrad_reference(go[src // k], h, COUNTS, w.flatten()[src])
-    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    _biases(tile)
+    assert [name for name, _ in seen] == ["wgrad_persistent_kernel", "bias_grad_kernel", "bias_grad_kernel",
+                                          "wgrad_persistent_kernel", "bias_grad_kernel"]
     del seen[:]
-    monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", 24 * N * dtype.itemsize)
-    wgrad_kernel.launch_wgrad(du, x, offsets, out, tile, src=src, k=k, db=db)
-    want, want_b = _wgrad_reference(du, x[src // k], COUNTS)
-    assert rel_err(out.cpu(), want.cpu()) < TOL[dtype] and rel_err(db.cpu(), want_b.cpu()) < TOL[dtype]
+    _chunked(monkeypatch, tile)
     assert {name for name, _ in seen} == {"wgrad_kernel"} and len(seen) > 2
