@@ -17,6 +17,7 @@ import triton.language as tl
 
 from layers import SHAPES
 from moec.codegen import tuning
+from moec.codegen.jit_helpers import expert_mn
 from moec.codegen.tuning import Tile
 from moec.codegen.wgrad_kernel import launch_wgrad
 
@@ -24,11 +25,7 @@ from moec.codegen.wgrad_kernel import launch_wgrad
 @triton.jit
 def ws_wgrad_kernel(a_ptr, b_ptr, offsets_ptr, out_ptr, M, N, s_o_e, s_o_m, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    e = pid // (n_m * n_n)
-    pid_m = (pid // n_n) % n_m
-    pid_n = pid % n_n
+    e, pid_m, pid_n = expert_mn(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     lo = tl.load(offsets_ptr + e).to(tl.int32)
     hi = tl.load(offsets_ptr + e + 1).to(tl.int32)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[hi, M], strides=[M, 1], block_shape=[BLOCK_K, BLOCK_M])

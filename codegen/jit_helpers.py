@@ -218,7 +218,12 @@ def weight_desc(w, tile, transpose=False):
 
 def tma_asked(tile, t) -> bool:
     """Whether the tile asks for TMA and t's GPU has it (sm90+; the interpreter runs descriptors too)."""
-    return tile.tma and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9)
+    return tile.tma and not _before_hopper(t)
+
+
+def _before_hopper(t) -> bool:
+    """t lives on a GPU without TMA (older than sm90); the interpreter runs descriptors."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9
 
 
 def rows_readable(*rows) -> bool:
@@ -226,9 +231,8 @@ def rows_readable(*rows) -> bool:
     (None entries skipped): unit column stride, 16-byte aligned base and rows, row indices that fit
     the descriptors' 32-bit coordinates, a GPU with TMA (sm90+; the interpreter runs descriptors too)."""
     rows = [t for t in rows if t is not None]
-    if rows[0].is_cuda and torch.cuda.get_device_capability(rows[0].device)[0] < 9:
-        return False
-    return all(t.stride(1) == 1 and t.shape[0] < 2 ** 31 and tma_readable(t, t.shape, t.stride()) for t in rows)
+    return not _before_hopper(rows[0]) and all(
+        t.stride(1) == 1 and t.shape[0] < 2 ** 31 and tma_readable(t, t.shape, t.stride()) for t in rows)
 
 
 def tma_readable(t, shape, strides) -> bool:
@@ -275,6 +279,14 @@ def pdl_enter(PDL: tl.constexpr):
     take their slots at once."""
     pdl_wait(PDL)
     pdl_release(PDL)
+
+
+@triton.jit
+def expert_mn(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A weight gradient's tile index -> (expert, m block, n block): an expert's (M, N) gradient in
+    n-fastest blocks, experts one after another."""
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    return tile // (n_m * n_n), (tile // n_n) % n_m, tile % n_n
 
 
 @triton.jit

@@ -30,7 +30,7 @@ class Tile:
     epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
     tma: bool = False           # weight tiles (wgrad: operand row blocks; persistent: stores) through TMA (sm90+)
     persistent: int = 0         # wgrad only: programs per SM walking the tiles (0: one program per tile)
-    row_descs: bool = False     # wgrad only: operand row blocks through descriptors made per expert (sm90+)
+    row_descs: bool = False     # wgrad, down: grouped rows through descriptors made per expert (sm90+)
 
 
 _pinned: dict = {}

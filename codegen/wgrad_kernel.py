@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
-from .jit_helpers import (cdiv, ensure_allocator, ieee, mma, next_pow2, rows_readable, store_tile, tma_asked,
+from .jit_helpers import (cdiv, ensure_allocator, expert_mn, ieee, mma, next_pow2, rows_readable, store_tile, tma_asked,
                           tma_readable)
 from .wgrad_persistent_kernel import wgrad_persistent_kernel
 from .wgrad_rowdesc_kernel import wgrad_rowdesc_kernel
@@ -43,11 +43,7 @@ def wgrad_kernel(a_ptr, a2_ptr, b_ptr, src_ptr, offsets_ptr, out_ptr, out2_ptr, 
                  BIAS2: tl.constexpr,
                  IEEE: tl.constexpr, TRANS_OUT: tl.constexpr, CHUNKED: tl.constexpr, TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    e = pid // (n_m * n_n)
-    pid_m = (pid // n_n) % n_m
-    pid_n = pid % n_n
+    e, pid_m, pid_n = expert_mn(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
     lo, hi = start, end

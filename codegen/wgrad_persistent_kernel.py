@@ -25,7 +25,7 @@ from `bias_grad_kernel`, launched beside; chunked copies keep `wgrad_kernel` (la
 import triton
 import triton.language as tl
 
-from .jit_helpers import mma, store_tile
+from .jit_helpers import expert_mn, mma, store_tile
 
 
 @triton.jit
@@ -73,9 +73,7 @@ def wgrad_persistent_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr
         ki = tl.where(ki == kn - 1, 0, ki + 1)
         if ki == 0:
             tile += nprog
-            e = tile // per_e
-            pid_m = (tile // n_n) % n_m
-            pid_n = tile % n_n
+            e, pid_m, pid_n = expert_mn(tile, M, N, BLOCK_M, BLOCK_N)
             start = tl.load(offsets_ptr + e)
             end = tl.load(offsets_ptr + e + 1)
             kn = tl.maximum(tl.cdiv(end - start, BLOCK_K), 1).to(tl.int32)

@@ -20,7 +20,7 @@ gradients come from `bias_grad_kernel`, launched beside; chunked copies keep `wg
 import triton
 import triton.language as tl
 
-from .jit_helpers import mma, store_tile
+from .jit_helpers import expert_mn, mma, store_tile
 
 
 @triton.jit
@@ -28,11 +28,7 @@ def wgrad_rowdesc_kernel(a_ptr, a2_ptr, b_ptr, offsets_ptr, out_ptr, out2_ptr, M
                          s_o_e, s_o_m, s_o_n, s_o2_e, s_o2_m, s_o2_n,
                          DUAL: tl.constexpr, IEEE: tl.constexpr, TRANS_OUT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    e = pid // (n_m * n_n)
-    pid_m = (pid // n_n) % n_m
-    pid_n = pid % n_n
+    e, pid_m, pid_n = expert_mn(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     lo = tl.load(offsets_ptr + e).to(tl.int32)
     hi = tl.load(offsets_ptr + e + 1).to(tl.int32)
     rows = tl.maximum(hi, 1)        # an empty expert at row 0 reads nothing, but a descriptor needs a row
