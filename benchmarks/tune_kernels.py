@@ -83,6 +83,8 @@ READS_WEIGHTS = ("gate_up", "down", "down_dx", "dh", "gate_up_bwd", "wgrad", "wg
 PERSISTENT = ("wgrad", "wgrad_dual")
 # kernels that can read their grouped rows through descriptors made per expert (Tile.row_descs)
 ROW_DESCS = ("wgrad", "wgrad_dual", "down", "down_dx")
+
+
 def candidates(kind, default, tma, only=None):
     """The kernel's candidates, the current choice first (so tuning never records a slower tile),
     each also with TMA weight tiles where the kernel has them and `tma` is on, persistent (one and
@@ -144,27 +146,30 @@ def kernels_for(s, p, T, device="cuda"):
     offsets, src, inv = (lambda: v("plan")[0]), (lambda: v("plan")[1]), (lambda: v("plan")[2])
     up = lambda: v("split")             # noqa: E731  (w_up, w_gate, b_up, b_gate)
     b_down = lambda: p().get("b_down")  # noqa: E731
-    def then(*names):       # a launch, then the tensors it wrote (tuning checks them against the default tile's)
-        return lambda _: [t for n in names for t in (v(n) if isinstance(v(n), list) else [v(n)])]
+
+    def after(_launch, *names):
+        """The tensors a launch (the argument, run first) wrote: tuning checks them against the
+        current tile's."""
+        return [t for n in names for t in (v(n) if isinstance(v(n), list) else [v(n)])]
     return {
         "route": lambda t: torch.ops.moec.route(v("logits"), None, s.k, "softmax", True, 1.0, 1, 1),
         "plan": lambda t: torch.ops.moec.plan(ids(), s.E),
-        "gate_up": lambda t: then("h")(launch_gate_up(v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t,
-                                                      v("h"))),
-        "down": lambda t: then("rows")(launch_down(v("h"), v("d").transpose(1, 2), v("rows"), offsets(), t,
-                                                   bias=b_down())),
+        "gate_up": lambda t: after(launch_gate_up(v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t,
+                                                  v("h")), "h"),
+        "down": lambda t: after(launch_down(v("h"), v("d").transpose(1, 2), v("rows"), offsets(), t,
+                                            bias=b_down()), "rows"),
         "combine": lambda t: [combine_launch(v("rows"), inv(), w(), torch.empty_like(v("x")), s.k)],
-        "gate_up_bwd": lambda t: then("h", "dg", "du")(launch_gate_up(
-            v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t, v("h"), grad_y=v("gy"), w_down=v("d"),
-            dg=v("dg"), du=v("du"))),
-        "dh": lambda t: then("h", "dg", "du")(launch_dh(v("go"), src(), offsets(), s.k, v("d"), b_down(), v("pre"),
-                                                        w(), act, ALPHA, LIMIT, t, v("h"), v("dg"), v("du"))),
-        "down_dx": lambda t: then("rows")(launch_down(v("du"), up()[0], v("rows"), offsets(), t, a2=v("dg"),
-                                                      b2=up()[1])),
-        "wgrad_dual": lambda t: then("dw_gu")(launch_wgrad(v("du"), v("x"), offsets(), v("dw_gu")[0], t, src=src(),
-                                                           k=s.k, a2=v("dg"), out2=v("dw_gu")[1])),
-        "wgrad": lambda t: then("dw_d")(launch_wgrad(v("go"), v("h"), offsets(), v("dw_d"), t, k=s.k,
-                                                     gather_a=(src(), w()))),
+        "gate_up_bwd": lambda t: after(launch_gate_up(v("x"), src(), offsets(), s.k, *up(), act, ALPHA, LIMIT, t,
+                                                      v("h"), grad_y=v("gy"), w_down=v("d"), dg=v("dg"),
+                                                      du=v("du")), "h", "dg", "du"),
+        "dh": lambda t: after(launch_dh(v("go"), src(), offsets(), s.k, v("d"), b_down(), v("pre"), w(), act, ALPHA,
+                                        LIMIT, t, v("h"), v("dg"), v("du")), "h", "dg", "du"),
+        "down_dx": lambda t: after(launch_down(v("du"), up()[0], v("rows"), offsets(), t, a2=v("dg"), b2=up()[1]),
+                                   "rows"),
+        "wgrad_dual": lambda t: after(launch_wgrad(v("du"), v("x"), offsets(), v("dw_gu")[0], t, src=src(), k=s.k,
+                                                   a2=v("dg"), out2=v("dw_gu")[1]), "dw_gu"),
+        "wgrad": lambda t: after(launch_wgrad(v("go"), v("h"), offsets(), v("dw_d"), t, k=s.k,
+                                              gather_a=(src(), w())), "dw_d"),
     }
 
 
