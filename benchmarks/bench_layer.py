@@ -55,10 +55,8 @@ def floor_ms(s, T, ids, peak_flops, bw, train):
     return max(flops / peak_flops, byts / bw) * 1e3, flops
 
 
-def bench_graph(step):
-    """One step (forward, or forward + backward) replayed from a CUDA graph: its GPU time with
-    the host's enqueue cost gone, as `mode="reduce-overhead"` sees it, and a timing a slow host
-    cannot distort."""
+def capture(step):
+    """One step captured in a CUDA graph (warmed up on a side stream first, as capture requires)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -69,7 +67,14 @@ def bench_graph(step):
     with torch.cuda.graph(graph):
         step()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+    return graph
+
+
+def bench_graph(step):
+    """One step (forward, or forward + backward) replayed from a CUDA graph: its GPU time with
+    the host's enqueue cost gone, as `mode="reduce-overhead"` sees it, and a timing a slow host
+    cannot distort."""
+    return triton.testing.do_bench(capture(step).replay, warmup=10, rep=60, return_mode="median")
 
 
 def moec_compiled(s, params, mode=None):

@@ -13,21 +13,8 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_layer import capture, make_step
 from layers import SHAPES, hf_grouped_layer, make_params, moec_layer
-
-
-def _graph(fn, x):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        fn(x)
-    torch.cuda.synchronize()
-    return g
 
 
 def _kernels(graph, reps=20):
@@ -76,9 +63,9 @@ def main():
             touched = torch.unique(ids).numel()
             mb = 2 * touched * 3 * s.F * s.H / 1e6
             print(f"{s.name} T={T} ({touched} experts touched)")
-            _report("moec", _kernels(_graph(lambda t: moec_layer(s, p, t), x)), mb)
+            _report("moec", _kernels(capture(make_step(lambda t: moec_layer(s, p, t), p, x, False))), mb)
             hf = torch.compile(lambda t: hf_grouped_layer(s, p, t))
-            _report("HF compiled", _kernels(_graph(hf, x)), mb)
+            _report("HF compiled", _kernels(capture(make_step(hf, p, x, False))), mb)
 
 
 if __name__ == "__main__":
