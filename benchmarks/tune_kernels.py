@@ -45,14 +45,18 @@ CANDIDATES = {
                 # one token: 8 experts x F / 32 = 192 programs on 132 SMs left a second, part-filled wave
                 # (Qwen3 gate/up at 2.7 TB/s against 4.0 at 8 tokens, H200 decode_kernels.py); F / 16
                 # makes ~3 waves
-                T_(16, 16, 128, 2, 4), T_(16, 16, 128, 1, 4), T_(16, 16, 64, 1, 6)],
+                T_(16, 16, 128, 2, 4), T_(16, 16, 128, 1, 4), T_(16, 16, 64, 1, 6),
+                # deeper pipelines: a one-row program's stream is bounded by its bytes in flight
+                # (stages x weight tile) over the load latency, not by its SM's share of bandwidth
+                T_(16, 32, 128, 4, 6), T_(16, 32, 256, 4, 4), T_(16, 64, 128, 4, 5), T_(16, 16, 256, 2, 6)],
     "down": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 256, 64, 8, 3),
              T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 128, 64, 4, 3), T_(16, 128, 128, 4, 3),
              T_(128, 128, 64, 8, 4), T_(16, 32, 128, 4, 3), T_(16, 64, 256, 4, 3), T_(16, 32, 256, 4, 3),
              T_(16, 128, 64, 4, 4),
              # one token: H / 128 x 8 experts = 128 programs, under one wave on 132 SMs (Qwen3 down at
              # 2.6 TB/s, H200): narrower tiles for two to four waves
-             T_(16, 64, 128, 2, 4), T_(16, 32, 128, 2, 4), T_(16, 64, 64, 2, 6)],
+             T_(16, 64, 128, 2, 4), T_(16, 32, 128, 2, 4), T_(16, 64, 64, 2, 6),
+             T_(16, 64, 128, 4, 6), T_(16, 32, 256, 4, 5), T_(16, 128, 128, 4, 5), T_(16, 64, 256, 4, 4)],
     "down_dx": [T_(128, 128, 64, 8, 3), T_(128, 64, 64, 4, 3), T_(64, 128, 64, 4, 3), T_(128, 128, 32, 8, 4),
                 T_(64, 64, 64, 4, 4), T_(16, 64, 64, 4, 3), T_(32, 128, 64, 4, 3)],
     "dh": [T_(128, 128, 64, 8, 3, 2), T_(64, 128, 64, 4, 3, 2), T_(128, 64, 64, 8, 3, 2), T_(64, 64, 64, 4, 4, 2),
@@ -197,6 +201,38 @@ def warm_cache(shapes, tokens, names, tma, jobs, only=None):
         pool.map(_warm, tasks, chunksize=1)
 
 
+def rotations(s, T, dev):
+    """How many input sets a timing cycles through, so that the expert weights each launch streams
+    miss the L2 as they do in a model (the other layers evict them between a layer's steps): at
+    decode sizes one set's touched weights fit the L2 (Qwen3's down projection at one token, 25 MB
+    of an H100's 50 MB), and replaying it timed on-chip reads (6.5 us, 3.9 TB/s, against 11.5 us in
+    the layer, 2026-12-06)."""
+    one_projection = min(s.E, T * s.k) * s.H * s.F * 2
+    return max(1, min(16, -(-4 * torch.cuda.get_device_properties(dev).L2_cache_size // one_projection)))
+
+
+def rotating(fns):
+    """run(tile): a kernel's launch on each input set in turn; the tensors every launch wrote
+    (tuning compares them all between candidates)."""
+    if len(fns) == 1:
+        return fns[0]
+
+    def run(tile):
+        out = []
+        for fn in fns:
+            got = fn(tile)
+            out += got if isinstance(got, list) else []
+        return out
+    return run
+
+
+def _report(name):
+    def report(cand, ms):
+        settings = ",".join(str(v) for v in dataclasses.astuple(cand))
+        print(f"    {name} {settings}: " + (f"{ms * 1e3:.1f} us" if ms is not None else "refused / does not fit"))
+    return report
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", help="layers of benchmarks/layers.py (default olmoe,qwen3 without --shape)")
@@ -212,6 +248,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="processes compiling the candidates first")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of a CUDA graph (decode sizes: GPU time without the host's launch cost)")
+    ap.add_argument("--verbose", action="store_true", help="print every candidate's time, not only the best")
     args = ap.parse_args()
 
     def bench(fn):
@@ -235,24 +272,27 @@ def main():
         p = lazy_params(s)
         layer = (s.E, s.k, s.H, s.F)
         for T in [int(t) for t in args.tokens.split(",")]:
-            fns = {n: f for n, f in kernels_for(s, p, T).items() if not args.kernels or n in args.kernels.split(",")}
+            sets = [kernels_for(s, p, T) for _ in range(rotations(s, T, dev))]
+            fns = {n: rotating([fns[n] for fns in sets]) for n in sets[0]
+                   if not args.kernels or n in args.kernels.split(",")}
+            per_launch = lambda fn: bench(fn) / len(sets)     # noqa: E731
             line, total_default, total_best = [], 0.0, 0.0
             for name, fn in fns.items():
                 kind = name
                 default = tuning.tile(kind, *layer, torch.bfloat16, dev, T) if kind in CANDIDATES else None
-                ms_default = bench(lambda: fn(default))
+                ms_default = per_launch(lambda: fn(default))
                 ms_best = ms_default
                 if kind in CANDIDATES:
                     best, ms_best = tuning.tune(kind, layer, torch.bfloat16, dev, T, fn,
                                                 candidates(kind, default, not args.no_tma, args.only),
-                                                bench=bench)
+                                                bench=per_launch, report=_report(name) if args.verbose else None)
                     mine.add(tuning.key(kind, *layer, torch.bfloat16, dev, T))
                     line.append(f"{name} {ms_default:.3f}->{ms_best:.3f} {tuple(best.__dict__.values())}")
                 else:
                     line.append(f"{name} {ms_default:.3f}")
                 total_default += ms_default
                 total_best += min(ms_best, ms_default)
-            print(f"{s.name} T={T}: sum default {total_default:.3f} ms, tuned {total_best:.3f} ms | " + "; ".join(line),
+            print(f"{s.name} T={T} ({len(sets)} input sets): sum default {total_default:.3f} ms, tuned {total_best:.3f} ms | " + "; ".join(line),
                   flush=True)
             tuning.save(path, keys=mine)
     print(f"tuned launch settings saved to {path}")

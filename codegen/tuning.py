@@ -139,15 +139,18 @@ def pin(**tiles: Tile):
         _pinned.update(saved)
 
 
-def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench=None, tol=2e-2):
+def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench=None, tol=2e-2,
+         report=None):
     """Time `run(tile)` for each candidate Tile (with `bench(fn) -> ms`, default triton's
     do_bench); keep the fastest for this key. GPU only. Where `run` returns the tensors it wrote,
     a candidate whose values differ from the first candidate's (the current choice) by more than
     `tol` of their largest magnitude is refused, with a warning: a compiler can miscompile one tile
-    (Triton 3.6's Hopper warp specialization did, 2026-12-06), and speed alone would pick it."""
+    (Triton 3.6's Hopper warp specialization did, 2026-12-06), and speed alone would pick it.
+    report(cand, ms): told each candidate's time (ms None: refused or did not fit)."""
     import triton.testing
     bench = bench or (lambda fn: triton.testing.do_bench(fn, rep=rep_ms, return_mode="median"))
     best, best_ms, want = None, float("inf"), None
+    note = report or (lambda cand, ms: None)
     for cand in candidates:
         try:
             got = run(cand)
@@ -157,10 +160,13 @@ def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench
                     want = got
                 elif _differs(got, want, tol):
                     warnings.warn(f"moec tuning {kernel}: {cand} gives other values than {candidates[0]}; refused")
+                    note(cand, None)
                     continue
             ms = bench(lambda: run(cand))
         except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
+            note(cand, None)
             continue
+        note(cand, ms)
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is not None:
