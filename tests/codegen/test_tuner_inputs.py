@@ -67,3 +67,43 @@ def test_tuning_refuses_a_faster_tile_with_other_values():
                                [base, wrong, right], bench=bench)
     assert best == right and ms == 2.0
     tuning._tuned.pop(tuning.key("wgrad", 4, 2, 32, 16, torch.bfloat16, torch.device("cpu"), 9))
+
+
+def test_rotating_sets_launch_each_and_return_all_outputs(tuner):
+    # decode timings cycle through input sets so the weights miss the L2; the value check must see every set
+    s = tuner.Shape("tiny", 4, 2, 32, 16)
+    sets = [tuner.kernels_for(s, tuner.lazy_params(s, "cpu"), 3, device="cpu") for _ in range(3)]
+    run = tuner.rotating([fns["down"] for fns in sets])
+    got = [t.clone() for t in run(SMALL)]
+    assert len(got) == 3 and not torch.equal(got[0], got[1]) and not torch.equal(got[1], got[2])   # own inputs
+    for t in run(SMALL):
+        t.fill_(float("nan"))
+    assert all(torch.isfinite(t).all() for t in run(SMALL))       # each set's launch rewrote its output
+    assert tuner.rotating([sets[0]["down"]]) is sets[0]["down"]
+
+
+def test_rotations_stream_four_l2s_a_cycle(tuner, monkeypatch):
+    class Props:
+        L2_cache_size = 50 << 20
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props)
+    qwen3 = tuner.SHAPES["qwen3"]
+    one_token = tuner.rotations(qwen3, 1, "cuda")             # 8 experts x 2048 x 768 x 2 B = 25 MB a projection
+    assert one_token * 8 * 2048 * 768 * 2 >= 4 * (50 << 20) > (one_token - 1) * 8 * 2048 * 768 * 2
+    assert tuner.rotations(qwen3, 4096, "cuda") == 1          # every expert, 400 MB a projection
+    assert tuner.rotations(tuner.Shape("tiny", 4, 2, 32, 16), 1, "cuda") == 16     # capped
+
+
+def test_tuning_reports_every_candidate():
+    from moec.codegen import tuning
+    from moec.codegen.tuning import Tile
+    good, broken = Tile(16, 16, 16), Tile(32, 32, 32)
+    seen = []
+
+    def run(tile):
+        if tile == broken:
+            raise RuntimeError("out of shared memory")
+        return [torch.randn(4)]
+    tuning.tune("wgrad", (4, 2, 32, 16), torch.bfloat16, torch.device("cpu"), 9, run, [good, broken],
+                bench=lambda fn: 1.5, report=lambda cand, ms: seen.append((cand, ms)))
+    assert seen == [(good, 1.5), (broken, None)]
+    tuning._tuned.pop(tuning.key("wgrad", 4, 2, 32, 16, torch.bfloat16, torch.device("cpu"), 9))
