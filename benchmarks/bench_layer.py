@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import moec.codegen  # noqa: E402,F401  (registers torch.ops.moec)
 from torch._dynamo.utils import counters  # noqa: E402
 from host_overhead import enqueue_us  # noqa: E402
-from layers import SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer  # noqa: E402
+from layers import (SHAPES, hf_grouped_layer, hf_loop_layer, make_params, moec_layer, moec_unfused_layer,  # noqa: E402
+                    rel_err)
 from sonic_peer import sonic_layer, version as sonic_version  # noqa: E402
 from moec.codegen import fast_launch, pdl, streams, wgrad_kernel  # noqa: E402
 
@@ -172,12 +173,11 @@ def run(args):
                 _, ids = moec_layer.__globals__["reference"].route(x @ params["router"].t(), params.get("score_bias"),
                                                                    s.k, s.scoring, s.renormalize, 1.0, s.n_group, s.topk_group)
                 ref = hf_loop_layer(s, params, x).float()
-                rel_err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
-                err = rel_err(moec_layer(s, params, x))
+                err = rel_err(moec_layer(s, params, x), ref)
                 sonic_acc = {}
                 if "sonicmoe" in fns:
                     try:
-                        sonic_acc["sonicmoe_rel_err"] = rel_err(fns["sonicmoe"](x))
+                        sonic_acc["sonicmoe_rel_err"] = rel_err(fns["sonicmoe"](x), ref)
                     except Exception as e:
                         sonic_acc = {"sonicmoe_rel_err": None, "sonicmoe_rel_err_error": _why(e)}
             for train in [m == "train" for m in args.modes.split(",")]:

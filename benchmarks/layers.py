@@ -73,6 +73,11 @@ def moec_weights(s: Shape, p):
                         None if bd is None else (bd, False, None)))
 
 
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want|| in float32: a method's error against the reference layer."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def _route(s, p, x):
     logits = x @ p["router"].t()
     return reference.route(logits, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0, s.n_group,

@@ -54,7 +54,8 @@ def test_floor_sums_each_layers_own_routing(bench):
         for p in params:
             want += bench.floor_ms(s, h.shape[0], _route(s, p, h)[1], peak, bw, train=False)[0]
             h = h + hf_grouped_layer(s, p, h)
-    assert bench.touched_floor_ms(s, params, x, peak, bw) == pytest.approx(want)
+    floor, out = bench.touched_floor_ms(s, params, x, peak, bw)
+    assert floor == pytest.approx(want) and torch.equal(out, h)
     first_only = bench.floor_ms(s, x.shape[0], _route(s, params[0], x)[1], peak, bw, train=False)[0]
     assert want > first_only
 

@@ -1,6 +1,7 @@
 """Every kernel a layer launches compiles for an H100 (sm_90) at the GPU's own tile sizes, and fits
-its shared memory; for an A100 (sm_80) the heuristic tiles also spill no registers: checked on the CPU, where the interpreter runs the same code but would accept
-what the GPU compiler rejects and never runs out of shared memory. Launches are recorded, not run
+its shared memory; for an A100 (sm_80) the heuristic tiles also spill no registers: checked on the
+CPU, where the interpreter runs the same code but would accept what the GPU compiler rejects and
+never runs out of shared memory. Launches are recorded, not run
 (codegen/compile_check.py), in a child process: Triton's compiler needs the kernels as @jit
 functions, which TRITON_INTERPRET=1 (how the rest of this folder runs on CPU) replaces."""
 import dataclasses
