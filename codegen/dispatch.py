@@ -18,6 +18,7 @@ stubbed). Where no input needs a gradient and the call would go next to a kernel
 tensors, no mode or subclass in between: fake tensors, functionalization and dispatch modes all put
 their own key there), ours calls that function itself; anything else goes to custom_op's kernel.
 """
+import inspect
 import warnings
 
 import torch
@@ -64,4 +65,12 @@ def _shortcut_autograd(name, op, fn):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # "Overriding a previously registered kernel": custom_op's, on purpose
-        _LIB.impl(name, autograd, "Autograd", with_keyset=True)
+        try:
+            _LIB.impl(name, autograd, "Autograd", with_keyset=True, **_OVERRIDE)
+        except RuntimeError:    # a torch that refuses to replace a Python kernel: custom_op's stays
+            _slow.pop(name)
+
+
+# torch 2.11's Library.impl refuses to replace a kernel registered from Python unless told it may
+_OVERRIDE = {"allow_override": True} if "allow_override" in inspect.signature(torch.library.Library.impl).parameters \
+    else {}

@@ -133,7 +133,17 @@ def env_value(name: str):
 
 
 def _env_raw(name: str):
-    return os.environ.get(f"MOEC_{name.upper()}", os.environ.get(_ENV_ALIASES.get(name, "")))
+    names = _env_names.get(name)
+    if names is None:
+        names = _env_names[name] = (f"MOEC_{name.upper()}",) + ((_ENV_ALIASES[name],) if name in _ENV_ALIASES else ())
+    for env in names:
+        raw = os.environ.get(env)
+        if raw is not None:
+            return raw
+    return None
+
+
+_env_names: dict = {}      # option -> its variables, built once (env_value runs on every compiled call)
 
 
 def _from_env() -> dict:

@@ -5,7 +5,7 @@ parametrization on the wrapped module for the duration of each forward and remov
 (peft/tuners/lora/layer.py, `_activate_lora`). Registration swaps the module's class and `set_`s
 the parameter, which Dynamo cannot trace: the wrapper's frame runs eagerly, the router and the
 experts land in different graphs, and the MoE layer cannot be fused (PEFT documents the
-limitation). While Dynamo traces for moec, `param_lora_traced()` has the wrapper compute the
+limitation). While Dynamo traces for moec, `enter_param_lora_traced()` has the wrapper compute the
 same weight, W + s * lhs @ rhs from PEFT's own `get_delta_factors`, and call the wrapped module
 with it through `torch.func.functional_call`, which Dynamo traces: one graph, in which moec finds
 the layer and the LoRA form of its weights. Eager calls, other backends, and the states this
@@ -18,18 +18,20 @@ import sys
 import torch
 
 
-@contextlib.contextmanager
-def param_lora_traced():
-    """While active, Dynamo traces PEFT's ParamWrapper through `_traced_forward`."""
+def enter_param_lora_traced():
+    """From here to `exit_param_lora_traced`, Dynamo traces PEFT's ParamWrapper through
+    `_traced_forward` (moec/capture.py enters it around every compiled call) -> what the exit
+    restores: the wrapper class, or None (no PEFT, or a nested entry)."""
     wrapper = _param_wrapper_class()
-    if wrapper is None or wrapper.forward is _traced_forward:   # no PEFT, or a nested entry
-        yield
-        return
+    if wrapper is None or wrapper.forward is _traced_forward:
+        return None
     _peft_forward["original"] = wrapper.forward
     wrapper.forward = _traced_forward
-    try:
-        yield
-    finally:
+    return wrapper
+
+
+def exit_param_lora_traced(wrapper):
+    if wrapper is not None:
         wrapper.forward = _peft_forward.pop("original")
 
 

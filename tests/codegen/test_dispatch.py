@@ -156,3 +156,19 @@ def test_calls_that_need_a_gradient_or_trace_keep_custom_ops_kernel(counted_slow
     with mode, torch.no_grad():
         out = _forward(fake[0], fake[1], fake[2:], layout, k)
     assert counted_slow_kernels == ["route_plan", "experts_combine"] and out.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the shortcut's own target: real CUDA tensors")
+def test_cuda_no_grad_calls_take_the_shortcut(monkeypatch):
+    entered = []
+    for name, slow in list(dispatch._slow.items()):
+        monkeypatch.setitem(dispatch._slow, name, lambda keyset, *args, _n=name, _s=slow: entered.append(_n) or
+                            _s(keyset, *args))
+    layer = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _layer()]
+    layer[2] = [b.cuda() for b in layer[2]]
+    with torch.no_grad():
+        out = _forward(*layer)
+    assert entered == [] and out.is_cuda
+    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in layer]
+    cpu[2] = [b.cpu() for b in layer[2]]
+    assert rel_err(out.cpu(), _reference(*cpu)) < 1e-2     # float32 through the kernels' tf32 GEMMs
