@@ -40,7 +40,7 @@ def combine_launch(y, inv, weights, out, k, block_t=None, block_h=None, pdl=Fals
     block_h = block_h or min(next_pow2(H), 256 if y.is_cuda else 64)
     block_t = block_t or max(1, min(16 if y.is_cuda else 8, 4096 // block_h))
     grid = (cdiv(T, block_t), cdiv(H, block_h))
-    w = weights.contiguous() if weights is not None else y      # y: unused placeholder
+    w = weights.contiguous() if weights is not None else None
     launch(combine_kernel, grid, y, inv.contiguous(), w, out, T, H, y.stride(0), out.stride(0), K=k,
            HAS_W=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4, **launch_kwargs(pdl))
     return out

@@ -147,9 +147,8 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     m_tiles = max_tiles(S, E + 1, tile.block_m)
     desc, k_last = weight_desc(w_down, tile)       # read as (E, K = H, N = F)
     launch(dh_kernel, (m_tiles * n_n,),
-        grad_out, src, offsets, w_down, b_down if b_down is not None else w_down, pre,
-        weights.contiguous() if routed else pre, hw,
-        dg if dg is not None else du, du, dw, *lowrank_ptrs(lora_d, pre), desc, S, E, H, F, k, alpha, limit, m_tiles,
+        grad_out, src, offsets, w_down, b_down, pre, weights.contiguous() if routed else None, hw, dg, du, dw,
+        *lowrank_ptrs(lora_d), desc, S, E, H, F, k, alpha, limit, m_tiles,
         grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
         SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, LORA_D=lora_d is not None,

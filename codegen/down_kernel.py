@@ -87,20 +87,18 @@ def launch_down(a1, b1, c, offsets, tile, a2=None, b2=None, bias=None, lr1=None,
     lr = (t (S, r), L (E, r, N))]; b's and L's may be views."""
     S, N = c.shape
     E, K = b1.shape[0], b1.shape[1]
-    a2_, b2_ = (a2, b2) if a2 is not None else (a1, b1)
-    bias_ = bias if bias is not None else c
     if S == 0:
         return
     m_tiles = max_tiles(S, E + 1, tile.block_m)
     grid = (m_tiles * cdiv(N, tile.block_n),)
     d1, k_last1 = weight_desc(b1, tile)
     d2, k_last2 = weight_desc(b2, tile) if a2 is not None else (None, False)
-    row_desc = tile.row_descs and rows_readable(a1, a2_) and not pdl
+    row_desc = tile.row_descs and rows_readable(a1, a2 if a2 is not None else a1) and not pdl
     if row_desc:
         ensure_allocator()
     launch(down_kernel, grid,
-        a1, b1, a2_, b2_, bias_, c, offsets, *lowrank_ptrs(lr1, c), *lowrank_ptrs(lr2, c), d1, d2, S, E, N, K, m_tiles,
-        a1.stride(0), *b1.stride(), a2_.stride(0), *b2_.stride(),
+        a1, b1, a2, b2, bias, c, offsets, *lowrank_ptrs(lr1), *lowrank_ptrs(lr2), d1, d2, S, E, N, K, m_tiles,
+        a1.stride(0), *b1.stride(), *((a2.stride(0), *b2.stride()) if a2 is not None else (0, 0, 0, 0)),
         *(bias.stride() if bias is not None else (0, 0)), c.stride(0), *lowrank_args(lr1), *lowrank_args(lr2),
         HAS_A2=a2 is not None, HAS_BIAS=bias is not None, LR1=lr1 is not None, LR2=lr2 is not None,
         TMA1=d1 is not None, K_LAST1=k_last1, TMA2=d2 is not None, K_LAST2=k_last2, IEEE=ieee(c),

@@ -110,8 +110,7 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     S, (E, F, H) = src.shape[0], w_up.shape
     backward = grad_y is not None
     gated = w_gate is not None
-    wg, bu, bg = (w_gate if gated else w_up), (b_up if b_up is not None else h), (b_gate if b_gate is not None else h)
-    gy, wd = (grad_y, w_down) if backward else (h, w_up)
+    wg = w_gate if gated else w_up      # read as w_up's twin for its strides; its pointer only where gated
     if S == 0:
         return
     m_tiles = max_tiles(S, E, tile.block_m)
@@ -121,13 +120,14 @@ def launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, act_code, alp
     d_g, kl_g = weight_desc(w_gate, tile, transpose=True) if gated else (None, False)
     d_d, kl_d = weight_desc(w_down, tile) if backward else (None, False)
     launch(gate_up_kernel, grid,
-        x, src, offsets, w_up, wg, bu, bg, gy, wd, h, dg if dg is not None else h, du if backward else h,
-        pre if pre is not None else h,
-        *lowrank_ptrs(lora_u, h), *lowrank_ptrs(lora_g, h), *lowrank_ptrs(lora_d, h), d_u, d_g, d_d,
+        x, src, offsets, w_up, w_gate, b_up, b_gate, grad_y, w_down if backward else None, h, dg,
+        du if backward else None, pre,
+        *lowrank_ptrs(lora_u), *lowrank_ptrs(lora_g), *lowrank_ptrs(lora_d), d_u, d_g, d_d,
         S, E, H, F, k, alpha, limit, m_tiles,
         x.stride(0), x.stride(1), *w_up.stride(), *wg.stride(),
         *(b_up.stride() if b_up is not None else (0, 0)), *(b_gate.stride() if b_gate is not None else (0, 0)),
-        gy.stride(0), pre.stride(0) if pre is not None else 0, *(w_down.stride() if backward else (0, 0, 0)),
+        grad_y.stride(0) if backward else 0, pre.stride(0) if pre is not None else 0,
+        *(w_down.stride() if backward else (0, 0, 0)),
         *lowrank_args(lora_u), *lowrank_args(lora_g), *lowrank_args(lora_d),
         ACT=act_code, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
         BACKWARD=backward, STORE_PRE=pre is not None, IEEE=ieee(x), LORA_U=lora_u is not None,

@@ -165,9 +165,14 @@ def lowrank(acc, t_ptr, s_t, rows64, rmask, b_ptr, e64, s_b_e, s_b_k, s_b_n, col
     return acc
 
 
-def lowrank_ptrs(lora, dummy):
-    """The (t, L) pointers of a `lowrank` term for a launch; `dummy` when there is none."""
-    return (lora[0], lora[1]) if lora is not None else (dummy, dummy)
+def lowrank_ptrs(lora):
+    """The (t, L) pointers of a `lowrank` term for a launch; None when there is none.
+
+    Every launch passes None for a pointer its constexpr flags leave unread: Triton specialises None
+    as a constant, so its launcher neither calls data_ptr() nor has the driver check the pointer
+    (one cuPointerGetAttribute per pointer argument per launch, triton 3.6). A one-token gate/up
+    launch passed 13 placeholder tensors, and at one token a launch's cost is the host's."""
+    return (lora[0], lora[1]) if lora is not None else (None, None)
 
 
 def lowrank_args(lora):

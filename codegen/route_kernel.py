@@ -148,7 +148,7 @@ def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_gro
     block_t = max(1, min(64, 4096 // e_pow2, next_pow2(T)))
     warps = max(1, min(4, block_t * e_pow2 // 256))
     launch(route_kernel, (cdiv(T, block_t),),
-        logits, bias if bias is not None else logits, w, ids, T, E, logits.stride(0), scale,
+        logits, bias, w, ids, T, E, logits.stride(0), scale,
         topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=block_t, num_warps=warps,
         **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill))
     return w, ids

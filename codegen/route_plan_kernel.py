@@ -48,7 +48,7 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     launch(route_plan_kernel, (1,),
-        logits, bias if bias is not None else logits, w, ids, offsets, src, inv, T, E, logits.stride(0), scale,
+        logits, bias, w, ids, offsets, src, inv, T, E, logits.stride(0), scale,
         topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=next_pow2(T),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
         num_warps=max(1, min(4, next_pow2(T) * next_pow2(E) // 256)),
