@@ -19,7 +19,7 @@ import moec.codegen
 from moec.codegen import dispatch, reference
 
 import test_experts_combine
-from kernel_helpers import rel_err
+from kernel_helpers import DEVICE, TOL, rel_err
 import test_route_plan
 
 
@@ -107,9 +107,10 @@ def counted_slow_kernels(monkeypatch):
 
 
 def _layer(T=9, E=5, k=2, H=24, F=16):
-    x = torch.randn(T, H)
-    logits = torch.randn(T, E)
-    bases = [torch.randn(E, 2 * F, H) * H ** -0.5, torch.randn(E, H, F) * F ** -0.5]
+    """On the tests' device: on a GPU the CUDA key's own shortcut is what runs."""
+    x = torch.randn(T, H, device=DEVICE)
+    logits = torch.randn(T, E, device=DEVICE)
+    bases = [torch.randn(E, 2 * F, H, device=DEVICE) * H ** -0.5, torch.randn(E, H, F, device=DEVICE) * F ** -0.5]
     layout = f"w_up=0[{F}:{2 * F}:1] w_gate=0[0:{F}:1] w_down=1"
     return x, logits, bases, layout, k
 
@@ -121,7 +122,7 @@ def _forward(x, logits, bases, layout, k):
 
 
 def _reference(x, logits, bases, layout, k):
-    d = lambda t: t if t.dtype == torch.float64 else t.detach().double()
+    d = lambda t: t.cpu() if t.dtype == torch.float64 else t.detach().cpu().double()
     w, ids = reference.route(d(logits), None, k, "softmax", True, 1.0, 1, 1)
     offsets, src, inv = reference.plan(ids, logits.shape[1])
     out, _ = reference.experts_combine(d(x), src, offsets, inv, w, k, [d(b) for b in bases], layout, "silu", 0.0,
@@ -134,7 +135,7 @@ def test_no_grad_calls_take_the_shortcut(counted_slow_kernels):
     with torch.no_grad():
         out = _forward(*layer)
     assert counted_slow_kernels == []
-    assert rel_err(out, _reference(*layer)) < 1e-5
+    assert rel_err(out.cpu(), _reference(*layer)) < TOL[torch.float32]
     x, logits, bases, layout, k = layer      # grad mode on, but nothing to differentiate: also direct
     _forward(x, logits, bases, layout, k)
     assert counted_slow_kernels == []
@@ -147,9 +148,9 @@ def test_calls_that_need_a_gradient_or_trace_keep_custom_ops_kernel(counted_slow
     assert counted_slow_kernels == ["experts_combine"]     # x needs a gradient; route_plan (logits) none
     g = torch.randn_like(out)
     (dx,) = torch.autograd.grad(out, [x], g)
-    xd = x.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(_reference(xd, logits, bases, layout, k), [xd], g.double())
-    assert rel_err(dx, want) < 1e-5
+    xd = x.detach().cpu().double().requires_grad_()
+    (want,) = torch.autograd.grad(_reference(xd, logits, bases, layout, k), [xd], g.cpu().double())
+    assert rel_err(dx.cpu(), want) < TOL[torch.float32]
     counted_slow_kernels.clear()
     mode = FakeTensorMode()
     fake = [mode.from_tensor(t) for t in [x.detach(), logits] + bases]
@@ -157,18 +158,3 @@ def test_calls_that_need_a_gradient_or_trace_keep_custom_ops_kernel(counted_slow
         out = _forward(fake[0], fake[1], fake[2:], layout, k)
     assert counted_slow_kernels == ["route_plan", "experts_combine"] and out.shape == x.shape
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the shortcut's own target: real CUDA tensors")
-def test_cuda_no_grad_calls_take_the_shortcut(monkeypatch):
-    entered = []
-    for name, slow in list(dispatch._slow.items()):
-        monkeypatch.setitem(dispatch._slow, name, lambda keyset, *args, _n=name, _s=slow: entered.append(_n) or
-                            _s(keyset, *args))
-    layer = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _layer()]
-    layer[2] = [b.cuda() for b in layer[2]]
-    with torch.no_grad():
-        out = _forward(*layer)
-    assert entered == [] and out.is_cuda
-    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in layer]
-    cpu[2] = [b.cpu() for b in layer[2]]
-    assert rel_err(out.cpu(), _reference(*cpu)) < 1e-2     # float32 through the kernels' tf32 GEMMs
