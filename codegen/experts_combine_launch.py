@@ -28,11 +28,15 @@ from .pdl import use as use_pdl
 from .wgrad_kernel import launch_wgrad
 
 
-def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save):
-    """-> (out (T, H), pre (S, 2F or F) when saving, else (0,))."""
-    pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout)) if save else x.new_empty(0)
+def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save,
+                            roles=None):
+    """-> (out (T, H), pre (S, 2F or F) when saving, else (0,)). roles: the weights' views, where
+    the caller has them."""
+    roles = roles or layouts.views(weights, layout)
+    pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout, roles)) if save else x.new_empty(0)
     pdl = not save and use_pdl(x, x.shape[0])       # decode: codegen/pdl.py
-    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None, pdl)
+    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None, pdl,
+                        roles=roles)
     return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k, pdl=pdl), pre
 
 

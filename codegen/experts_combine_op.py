@@ -23,11 +23,11 @@ def experts_combine(x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor, route_
     """x (T, H), grouped copies src / inv (S = T*k,) by offsets (E+1,), routing weights route_w
     (T, k) -> (out (T, H) = sum_j route_w[t, j] experts(x)[inv[t*k + j]], pre): pre (S, 2F) holds
     the pre-activations u | g (S, F without a gate) when `save`, else it is empty (0,)."""
-    _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
+    roles = _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
     if kernels.use_triton(x):
         from .experts_combine_launch import experts_combine_forward
         return experts_combine_forward(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit,
-                                       save)
+                                       save, roles)
     return reference.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, activation, alpha, limit,
                                      save)
 
@@ -143,7 +143,8 @@ experts_combine.register_autograd(_backward, setup_context=_setup)
 
 
 def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
-    _check_experts(x, src, offsets, bases, layout, activation)
+    """-> the role views (ops._check_experts)."""
+    roles = _check_experts(x, src, offsets, bases, layout, activation)
     _check_float("experts_combine", "route_w", route_w, dims=2)
     _same_device("experts_combine", x, inv=inv, route_w=route_w)
     T, S = x.shape[0], src.shape[0]
@@ -151,3 +152,4 @@ def _check(x, src, offsets, inv, route_w, k, bases, layout, activation):
         raise MoecKernelError(f"moec.experts_combine: x {tuple(x.shape)}, src {tuple(src.shape)}, inv "
                               f"{tuple(inv.shape)} and route_w {tuple(route_w.shape)} disagree: need x (T, H), "
                               f"src and inv (T*k,), route_w (T, k) with k={k}")
+    return roles

@@ -33,13 +33,14 @@ def _check(x):
         raise MoecKernelError("moec.experts (triton): x rows must be contiguous (x.stride(1) == 1)")
 
 
-def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None, pdl=False):
+def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None, pdl=False, roles=None):
     """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down. Given pre
     (S, 2F or F), the gate/up launch also stores the pre-activations u | g there.
     LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
-    K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed."""
+    K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed.
+    roles: layout.views(weights, layout) where the caller has them."""
     _check(x)
-    w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
+    w_up, w_gate, w_down, b_up, b_gate, b_down = roles or layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     S, (F, H) = src.shape[0], w_up.shape[1:]
     y = x.new_empty(S, H)

@@ -142,9 +142,10 @@ def has_lora(layout: str) -> bool:
     return any(role in LORA_ROLES for role in parse(layout))
 
 
-def preactivation_width(weights, layout: str) -> int:
-    """Columns of the saved pre-activations u | g: 2F, or F without a gate."""
-    w_up, w_gate = views(weights, layout)[:2]
+def preactivation_width(weights, layout: str, roles=None) -> int:
+    """Columns of the saved pre-activations u | g: 2F, or F without a gate. roles: `views`' answer,
+    where the caller has it."""
+    w_up, w_gate = (roles or views(weights, layout))[:2]
     return w_up.shape[1] * (1 if w_gate is None else 2)
 
 

@@ -138,10 +138,10 @@ def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tenso
     weights: the distinct base tensors the experts read; `layout` (see codegen/layout.py) says
     which view of which base is each of w_up, w_gate, w_down, b_up, b_gate, b_down, and of the
     LoRA factors of any projection (computed beside its GEMM, never merged into its weight)."""
-    _check_experts(x, src, offsets, weights, layout, activation)
+    roles = _check_experts(x, src, offsets, weights, layout, activation)
     if kernels.use_triton(x):
         from .experts_launch import experts_forward
-        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit)
+        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, roles=roles)
     return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit)
 
 
@@ -250,12 +250,12 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
     """`experts` for training where its combine is not beside it (expert parallelism): -> (y, pre),
     pre (S, 2F, or F without a gate) the pre-activations u | g (LoRA terms included), which
     autograd keeps so that the backward does not recompute them."""
-    _check_experts(x, src, offsets, weights, layout, activation)
+    roles = _check_experts(x, src, offsets, weights, layout, activation)
     S, width = src.shape[0], layouts.preactivation_width(weights, layout)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
         from .experts_launch import experts_forward
         pre = x.new_empty(S, width)
-        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre), pre
+        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre, roles=roles), pre
     pre = x.new_zeros(S, width)
     return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit, pre), pre
 
@@ -316,6 +316,8 @@ def _check_layout(layout, n_weights):
 
 
 def _check_experts(x, src, offsets, weights, layout, activation):
+    """-> the role views (layout.views), which the launch then takes instead of building them again
+    (three views cost ~11 us of a one-token call's host time on the 2-core CPU machine)."""
     _check_float("experts", "x", x, dims=2)
     _check_layout(layout, len(weights))
     for i, w in enumerate(weights):
@@ -349,6 +351,7 @@ def _check_experts(x, src, offsets, weights, layout, activation):
         raise MoecKernelError(f"moec.experts: offsets must be ({E + 1},) and src 1-D, got "
                               f"{tuple(offsets.shape)} and {tuple(src.shape)}")
     _same_device("experts", x, src=src, offsets=offsets)
+    return roles
 
 
 def _check_lora(x, weights, layout, E, F, H):

@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import computed_weights, identify
 from .graph import (TRACED_AS_MARKER, DepGraph, common_module, gathered_dtensor, is_tensor, module_path, op_name,
-                    shape, source_location, value)
+                    hint, shape, source_location, static, value)
 from .region import DetectReport, Miss, Region
 
 _ANCHORS = {"topk", "max", "argmax"}
@@ -59,7 +59,7 @@ def _detect_in(gm, path, real, report):
         if linear is None or linear in routers:
             continue
         routers.add(linear)
-        num_experts = shape(linear)[-1]
+        num_experts = hint(shape(linear)[-1])      # for a miss's report: no guard for a look-alike
         try:
             region = _analyse(gm, dg, anchor, linear, real)
         except _NotMoE:
@@ -99,8 +99,8 @@ def nested_graphs(gm, real, path=""):
 def _analyse(gm, dg, anchor, linear, real):
     logits = linear
     tokens = shape(logits)[0]
-    hidden = shape(_router_operands(linear)[0])[-1]
-    num_experts = shape(logits)[-1]
+    hidden = static(shape(_router_operands(linear)[0])[-1])
+    num_experts = static(shape(logits)[-1])
 
     computed = dg.forward_slice([anchor])
     output = _combine_point(dg, computed, tokens, hidden, logits, real, num_experts)
@@ -295,7 +295,15 @@ def _is_token_shaped(node, tokens, hidden):
     v = value(node)
     if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 2:
         return False
-    return _same(v.shape[0], tokens) and _same(v.shape[1], hidden)
+    return _same(v.shape[0], tokens) and _same_width(v.shape[1], hidden)
+
+
+def _same_width(width, hidden) -> bool:
+    """Whether a (T, width) tensor is as wide as the tokens (`hidden`: static, see graph.static).
+    A width Dynamo made symbolic apart from the tokens' (an int config attribute that changed
+    between compiles) is specialised where its traced value matches: a layer's output is as wide
+    as its input at every width it runs at."""
+    return _same(width, hidden) or (hint(width) == hidden and static(width) == hidden)
 
 
 def _same(a, b) -> bool:
@@ -312,6 +320,11 @@ def _private_helpers(dg, nodes, candidates):
         if users and users <= (nodes | extra):
             extra.add(n)
     return extra
+
+
+def _is_size(node) -> bool:
+    v = value(node)
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def _assertion_tails(dg, nodes):
@@ -334,8 +347,11 @@ def _assertion_tails(dg, nodes):
         if (users and users <= tails) or (not users and (op_name(n) in _ASSERTS or not n.is_impure())):
             tails.add(n)
     kept = set()
+    # the graph's size inputs, which a check may compare with (`sym_size(h, 1) <= s16` where a
+    # width is symbolic): read by anyone, owned by no layer
+    sizes = {d for n in tails for d in dg.deps[n] if d.op == "placeholder" and _is_size(d)}
     for n in dg.sorted(tails):   # only chains that start in this layer, not in a later one
-        if dg.deps[n] <= (nodes | kept):
+        if dg.deps[n] <= (nodes | kept | sizes):
             kept.add(n)
     for n in reversed(dg.sorted(kept)):
         if not dg.users[n] <= kept:

@@ -59,6 +59,18 @@ def hint(v):
     return v
 
 
+def static(v):
+    """A layer's width as a Python int. Where Dynamo made it symbolic (automatic dynamic: the same
+    code compiled again for a layer of other widths), it is specialised to the value traced with,
+    which adds Dynamo's guard on it: the rewrite passes the experts' count to moec's ops as a
+    constant and the region is proven at one width, so a graph with another width compiles again.
+    The token count stays symbolic."""
+    if isinstance(v, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import guard_int
+        return guard_int(v)
+    return v
+
+
 def shape(node) -> tuple | None:
     v = value(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None

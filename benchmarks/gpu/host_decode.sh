@@ -1,8 +1,10 @@
 # The host's share of one-token decode without CUDA graphs, and decode as a model runs it, in one call: the
-# dispatch shortcut checked on the card, each op's enqueue cost (launches real and stubbed), the one-token layer's
-# enqueue time for moec and HF compiled on this same host (bench_layer's host column), and decode_chain.py.
+# dispatch shortcut and the launches' None pointers checked on the card (the kernels' tests), each op's enqueue
+# cost (launches real and stubbed), the one-token layer's enqueue time for moec and HF compiled on this same host
+# (bench_layer's host column), and decode_chain.py.
 source "$(dirname "$0")/common.sh"
-step 120 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_dispatch.py
+step 200 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_dispatch.py tests/codegen/test_kernels.py \
+  tests/codegen/test_experts_combine.py tests/codegen/test_route_plan.py
 step 60 python3 benchmarks/op_host_time.py --tokens 1
 mkdir -p "$OUT/layer" "$OUT/chain"
 step 150 python3 benchmarks/bench_layer.py --shapes qwen3 --tokens 1 --modes fwd \
