@@ -3,6 +3,6 @@
 # (SonicMoE itself: sonic_train.sh, whose first call on a machine compiles QuACK's GEMMs for ~10 minutes.)
 source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT/train"
-step 520 python3 benchmarks/bench_layer.py --shapes qwen3,olmoe --tokens 8192 --modes train --graphs \
+step 430 python3 benchmarks/bench_layer.py --shapes qwen3,olmoe --tokens 8192 --modes train --graphs \
   --skip hf_loop,moec_unfused,hf_grouped_mm --out "$OUT/train"
 rm -f "$OUT"/*/*.png
