@@ -27,7 +27,7 @@ import triton.testing
 from torch._dynamo.utils import counters
 
 from bench_layer import capture, ceilings, floor_ms
-from layers import SHAPES, _route, hf_grouped_layer, make_params, moec_layer, rel_err
+from layers import SHAPES, _route, hf_grouped_layer, make_params, moec_layer, rel_err, tile_origins
 
 
 def chain(layer, s, params):
@@ -98,7 +98,7 @@ def run(args):
             with torch.no_grad():
                 errs = {m: rel_err(fn(x), want) for m, fn in fns.items()}
             row = {"shape": s.name, "tokens": T, "layers": args.layers, "floor_us": floor * 1e3 / args.layers,
-                   **{f"{m}_rel_err": e for m, e in errs.items()}}
+                   "tiles": tile_origins(s, T, x.device), **{f"{m}_rel_err": e for m, e in errs.items()}}
             for m, fn in fns.items():
                 row[f"{m}_us"] = replay_ms(fn, x) * 1e3 / args.layers
             rows.append(row)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import moec_compiled  # noqa: E402
 from host_overhead import enqueue_us  # noqa: E402
-from layers import SHAPES, hf_grouped_layer, make_params, moec_layer  # noqa: E402
+from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, tile_origins  # noqa: E402
 
 
 def main():
@@ -35,6 +35,7 @@ def main():
     with torch.no_grad():
         for name, fn in ways.items():
             print(f"{name}: {enqueue_us(lambda: fn(x), 200, warmup=20):.0f} us host per call")
+        print(tile_origins(s, args.tokens, x.device))     # after the compiles: what they loaded counts
         for name, fn in ways.items():     # a host sync in a step makes its enqueue time the GPU's
             torch.cuda.set_sync_debug_mode("error")
             try:

@@ -73,6 +73,15 @@ def moec_weights(s: Shape, p):
                         None if bd is None else (bd, False, None)))
 
 
+def tile_origins(s: Shape, tokens, device, kernels=("gate_up", "down")) -> str:
+    """Each forward kernel's launch settings at this token count and where they come from
+    (tuning.origin): printed beside host and decode timings, which a stale user table changes."""
+    from moec.codegen import tuning
+    dt = torch.bfloat16
+    return "; ".join(f"{k} T{tokens}: {tuning.tile(k, s.E, s.k, s.H, s.F, dt, device, tokens)} from "
+                     f"{tuning.origin(k, s.E, s.k, s.H, s.F, dt, device, tokens)}" for k in kernels)
+
+
 def rel_err(got, want) -> float:
     """||got - want|| / ||want|| in float32: a method's error against the reference layer."""
     return ((got.float() - want.float()).norm() / want.float().norm()).item()

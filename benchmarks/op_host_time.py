@@ -9,7 +9,7 @@ import argparse
 import torch
 
 import host_overhead
-from layers import SHAPES, make_params, moec_weights
+from layers import SHAPES, make_params, moec_weights, tile_origins
 from moec.codegen import fast_launch
 
 
@@ -41,6 +41,7 @@ def main():
         host_overhead._silence_kernels()
         silenced = {name: host_overhead.enqueue_us(fn, 40, warmup=5) for name, fn in ops.items()}
     print(f"{torch.cuda.get_device_name()}, T={args.tokens}, fast_launch={fast_launch.enabled()}")
+    print(tile_origins(s, args.tokens, x.device))
     for name in ops:
         print(f"{name}: {real[name]:.0f} us host per call, {silenced[name]:.0f} us with launches skipped")
 

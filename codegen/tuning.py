@@ -170,7 +170,9 @@ def tune(kernel, layer, dtype, device, tokens, run, candidates, rep_ms=20, bench
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is not None:
-        _tuned[key(kernel, *layer, dtype, device, tokens)] = best
+        k = key(kernel, *layer, dtype, device, tokens)
+        _tuned[k] = best
+        _loaded_from.pop(k, None)
     return best, best_ms
 
 
@@ -182,6 +184,7 @@ def _differs(got, want, tol) -> bool:
 _SHIPPED = os.path.join(os.path.dirname(__file__), "tuned")      # tuned_<gpu>_<arch>.json, committed
 _shipped_loaded = False
 _by_arch: dict = {}     # shipped entries keyed by architecture instead of GPU name
+_shipped_keys: set = set()
 
 
 def _load_shipped():
@@ -194,6 +197,7 @@ def _load_shipped():
     for path in _tables(_SHIPPED):
         table = _read(path)
         _tuned.update(table)
+        _shipped_keys.update(table)
         arch = re.search(r"_(sm\d+)\.json$", path)
         if arch:
             _by_arch.update({_with_gpu(k, arch.group(1)): v for k, v in table.items()})
@@ -238,7 +242,27 @@ def save(path, keys=None):
 def load(path):
     """Merge a cache written by `save` (missing file: nothing to do)."""
     if os.path.exists(path):
-        _tuned.update(_read(path))
+        table = _read(path)
+        _tuned.update(table)
+        _loaded_from.update(dict.fromkeys(table, path))
+
+
+_loaded_from: dict = {}     # key -> the user table it was last read from (`origin`)
+
+
+def origin(kernel, E, k, H, F, dtype, device, tokens) -> str:
+    """Where `tile` gets this launch's settings: "pinned", a user table's path, "tuned here",
+    "shipped", "shipped for <arch>" or "heuristic". Benchmarks print it beside their timings: a
+    stale user table overrides the shipped one in every compiled call (2026-12-06: a one-token
+    TMA tile from an old cache ran in a whole session's decode timings)."""
+    if kernel in _pinned:
+        return "pinned"
+    if not _shipped_loaded:
+        _load_shipped()
+    own, by_arch = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
+    if own in _tuned:
+        return _loaded_from.get(own) or ("shipped" if own in _shipped_keys else "tuned here")
+    return f"shipped for {_arch(device)}" if by_arch in _by_arch else "heuristic"
 
 
 def _read(path) -> dict:

@@ -92,3 +92,21 @@ def test_before_hopper_the_heuristic_takes_tiles_that_do_not_spill():
                                                                                          torch.bfloat16)
     assert tuning._default("gate_up", train, torch.bfloat16, "sm80") == tuning._default("gate_up", train,
                                                                                         torch.bfloat16)
+
+
+def test_origin_names_where_a_tile_comes_from(shipped, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_loaded_from", {})
+    monkeypatch.setattr(tuning, "_shipped_keys", set())
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU A")
+    monkeypatch.setattr(tuning, "_arch", lambda device: "sm90")
+    where = lambda tokens=4096: tuning.origin("gate_up", *LAYER, torch.device("cuda"), tokens)
+    assert where() == "shipped" and where(64) == "heuristic"
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU B")
+    assert where() == "shipped for sm90"
+    mine = tmp_path / "mine.json"
+    key = tuning.key("gate_up", *LAYER, torch.device("cpu"), 4096, gpu="GPU B")
+    mine.write_text(json.dumps({key: vars(Tile(16, 64, 128, 4, 3))}))
+    tuning.load(str(mine))
+    assert where() == str(mine)
+    with tuning.pin(gate_up=Tile(32, 32, 32)):
+        assert where() == "pinned"
