@@ -28,6 +28,9 @@ _LIB = torch.library.Library("moec", "IMPL")
 # dispatch keys whose kernel is the op's function itself (registered below): the autograd kernel's
 # shortcut calls the function where the call would go to one of these next
 _DIRECT = {_C.DispatchKey.CUDA}
+# torch 2.11's Library.impl refuses to replace a kernel registered from Python unless told it may
+_OVERRIDE = {"allow_override": True} if "allow_override" in inspect.signature(torch.library.Library.impl).parameters \
+    else {}
 
 
 def moec_op(name):
@@ -69,8 +72,3 @@ def _shortcut_autograd(name, op, fn):
             _LIB.impl(name, autograd, "Autograd", with_keyset=True, **_OVERRIDE)
         except RuntimeError:    # a torch that refuses to replace a Python kernel: custom_op's stays
             _slow.pop(name)
-
-
-# torch 2.11's Library.impl refuses to replace a kernel registered from Python unless told it may
-_OVERRIDE = {"allow_override": True} if "allow_override" in inspect.signature(torch.library.Library.impl).parameters \
-    else {}

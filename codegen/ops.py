@@ -251,7 +251,7 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
     pre (S, 2F, or F without a gate) the pre-activations u | g (LoRA terms included), which
     autograd keeps so that the backward does not recompute them."""
     roles = _check_experts(x, src, offsets, weights, layout, activation)
-    S, width = src.shape[0], layouts.preactivation_width(weights, layout)
+    S, width = src.shape[0], layouts.preactivation_width(weights, layout, roles)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
         from .experts_launch import experts_forward
         pre = x.new_empty(S, width)

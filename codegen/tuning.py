@@ -60,27 +60,43 @@ def key(kernel, E, k, H, F, dtype, device, tokens, gpu=None):
 
 def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
     """The launch settings of `kernel` for this layer and token count."""
-    if device.type == "cuda":
-        return tile_on(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), tokens)
-    if kernel in _pinned:
-        return _pinned[kernel]
-    own, _ = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
-    return _tuned.get(own) or Tile(32, 32, 32, 1, 1)     # the interpreter: few, small programs keep tests fast
+    return _lookup(kernel, E, k, H, F, dtype, device, tokens)[0]
 
 
 def tile_on(kernel, E, k, H, F, dtype, gpu, arch, tokens) -> Tile:
     """`tile` as the GPU named `gpu` (of architecture `arch`, e.g. "sm90") answers it: pinned ->
     tuned for it -> shipped for its architecture -> the heuristic table. benchmarks/ptxas_report.py
     asks for a GPU this machine does not have."""
+    return _lookup_on(kernel, E, k, H, F, dtype, gpu, arch, tokens)[0]
+
+
+def _lookup(kernel, E, k, H, F, dtype, device, tokens):
+    """-> (Tile, where it was found: "pinned", the key of a table entry, "arch", "interpreter" or
+    "heuristic"): `tile`'s answer and what `origin` names."""
+    if device.type == "cuda":
+        return _lookup_on(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), tokens)
     if kernel in _pinned:
-        return _pinned[kernel]
+        return _pinned[kernel], "pinned"
+    own, _ = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
+    found = _tuned.get(own)
+    if found is not None:
+        return found, own
+    return Tile(32, 32, 32, 1, 1), "interpreter"     # few, small programs keep the tests fast
+
+
+def _lookup_on(kernel, E, k, H, F, dtype, gpu, arch, tokens):
+    if kernel in _pinned:
+        return _pinned[kernel], "pinned"
     if not _shipped_loaded:
         _load_shipped()
     own, by_arch = _keys(kernel, E, k, H, F, dtype, gpu, arch, bucket(tokens))
     found = _tuned.get(own)
-    if found is None:   # a table shipped for another GPU of this architecture (H200: the H100's)
-        found = _by_arch.get(by_arch)
-    return found if found is not None else _default(kernel, tokens * k / E, dtype, arch)
+    if found is not None:
+        return found, own
+    found = _by_arch.get(by_arch)   # a table shipped for another GPU of this architecture (H200: the H100's)
+    if found is not None:
+        return found, "arch"
+    return _default(kernel, tokens * k / E, dtype, arch), "heuristic"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -252,17 +268,15 @@ _loaded_from: dict = {}     # key -> the user table it was last read from (`orig
 
 def origin(kernel, E, k, H, F, dtype, device, tokens) -> str:
     """Where `tile` gets this launch's settings: "pinned", a user table's path, "tuned here",
-    "shipped", "shipped for <arch>" or "heuristic". Benchmarks print it beside their timings: a
-    stale user table overrides the shipped one in every compiled call (2026-12-06: a one-token
-    TMA tile from an old cache ran in a whole session's decode timings)."""
-    if kernel in _pinned:
-        return "pinned"
-    if not _shipped_loaded:
-        _load_shipped()
-    own, by_arch = _keys(kernel, E, k, H, F, dtype, _device_name(device), _arch(device), bucket(tokens))
-    if own in _tuned:
-        return _loaded_from.get(own) or ("shipped" if own in _shipped_keys else "tuned here")
-    return f"shipped for {_arch(device)}" if by_arch in _by_arch else "heuristic"
+    "shipped", "shipped for <arch>", "heuristic" or "interpreter". Benchmarks print it beside their
+    timings: a stale user table overrides the shipped one in every compiled call (2026-12-06: a
+    one-token TMA tile from an old cache ran in a whole session's decode timings)."""
+    where = _lookup(kernel, E, k, H, F, dtype, device, tokens)[1]
+    if where == "arch":
+        return f"shipped for {_arch(device)}"
+    if "|" in where:    # a table entry's key
+        return _loaded_from.get(where) or ("shipped" if where in _shipped_keys else "tuned here")
+    return where
 
 
 def _read(path) -> dict:

@@ -12,7 +12,6 @@ the layer and the LoRA form of its weights. Eager calls, other backends, and the
 does not cover (adapters disabled or merged, per-sample adapter names, 2-D parameters, float8
 weights) run PEFT's own forward, unchanged.
 """
-import contextlib
 import sys
 
 import torch

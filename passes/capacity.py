@@ -9,7 +9,7 @@ is symbolic (capacity = f(T)), which the rewrite keeps in the graph and passes t
 """
 import itertools
 
-from .graph import op_name, value
+from .graph import is_int, op_name
 from .region import Router
 
 _COMPARE = {"lt": 0, "le": 0, "ge": 1, "gt": 1}   # which argument holds the positions
@@ -23,7 +23,7 @@ def find_capacity(nodes):
         if op_name(n) not in _COMPARE or len(n.args) != 2:
             continue
         positions, scalar = n.args if _COMPARE[op_name(n)] == 0 else n.args[::-1]
-        if _derives_from(positions, cumsums) and _is_scalar(scalar):
+        if _derives_from(positions, cumsums) and is_int(scalar):
             found.append(scalar)
     return found[0] if found and all(s is found[0] or s == found[0] for s in found) else None
 
@@ -56,11 +56,3 @@ def _derives_from(node, sources, depth=6):
         seen.add(n)
         todo.extend((a, d + 1) for a in n.all_input_nodes)
     return False
-
-
-def _is_scalar(arg):
-    if isinstance(arg, int) and not isinstance(arg, bool):
-        return True
-    v = value(arg) if hasattr(arg, "meta") else None
-    import torch
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)

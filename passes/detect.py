@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import computed_weights, identify
 from .graph import (TRACED_AS_MARKER, DepGraph, common_module, gathered_dtensor, is_tensor, module_path, op_name,
-                    hint, shape, source_location, static, value)
+                    hint, is_int, shape, source_location, static, value)
 from .region import DetectReport, Miss, Region
 
 _ANCHORS = {"topk", "max", "argmax"}
@@ -303,7 +303,12 @@ def _same_width(width, hidden) -> bool:
     A width Dynamo made symbolic apart from the tokens' (an int config attribute that changed
     between compiles) is specialised where its traced value matches: a layer's output is as wide
     as its input at every width it runs at."""
-    return _same(width, hidden) or (hint(width) == hidden and static(width) == hidden)
+    if _same(width, hidden):
+        return True
+    if hint(width) != hidden:
+        return False
+    static(width)       # guards width == hidden
+    return True
 
 
 def _same(a, b) -> bool:
@@ -320,11 +325,6 @@ def _private_helpers(dg, nodes, candidates):
         if users and users <= (nodes | extra):
             extra.add(n)
     return extra
-
-
-def _is_size(node) -> bool:
-    v = value(node)
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def _assertion_tails(dg, nodes):
@@ -349,7 +349,7 @@ def _assertion_tails(dg, nodes):
     kept = set()
     # the graph's size inputs, which a check may compare with (`sym_size(h, 1) <= s16` where a
     # width is symbolic): read by anyone, owned by no layer
-    sizes = {d for n in tails for d in dg.deps[n] if d.op == "placeholder" and _is_size(d)}
+    sizes = {d for n in tails for d in dg.deps[n] if d.op == "placeholder" and is_int(d)}
     for n in dg.sorted(tails):   # only chains that start in this layer, not in a later one
         if dg.deps[n] <= (nodes | kept | sizes):
             kept.add(n)

@@ -59,6 +59,14 @@ def hint(v):
     return v
 
 
+def is_int(arg) -> bool:
+    """An integer argument: a Python int, or a node whose value is one (a SymInt included); not a bool."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return True
+    v = value(arg) if hasattr(arg, "meta") else None
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def static(v):
     """A layer's width as a Python int. Where Dynamo made it symbolic (automatic dynamic: the same
     code compiled again for a layer of other widths), it is specialised to the value traced with,
