@@ -6,7 +6,8 @@ sizes are constexprs; the counts per expert stay on the device). Lookup order: p
 tuned this process, loaded from the user's cache (<cache_dir>/tuning, read when moec compiles),
 or shipped in codegen/tuned/ for this GPU (both written by benchmarks/tune_kernels.py) ->
 shipped for another GPU of the same architecture (the H200 reads the H100's table: both sm90) ->
-the heuristic table below.
+the same two at the nearest tuned bucket (within a factor of 4, same regime: `_nearest`) -> the
+heuristic table below.
 """
 import contextlib
 import functools
@@ -65,7 +66,7 @@ def tile(kernel, E, k, H, F, dtype, device, tokens) -> Tile:
 
 def tile_on(kernel, E, k, H, F, dtype, gpu, arch, tokens) -> Tile:
     """`tile` as the GPU named `gpu` (of architecture `arch`, e.g. "sm90") answers it: pinned ->
-    tuned for it -> shipped for its architecture -> the heuristic table. benchmarks/ptxas_report.py
+    tuned for it -> shipped for its architecture -> those at the nearest bucket -> the heuristic table. benchmarks/ptxas_report.py
     asks for a GPU this machine does not have."""
     return _lookup_on(kernel, E, k, H, F, dtype, gpu, arch, tokens)[0]
 
@@ -96,7 +97,42 @@ def _lookup_on(kernel, E, k, H, F, dtype, gpu, arch, tokens):
     found = _by_arch.get(by_arch)   # a table shipped for another GPU of this architecture (H200: the H100's)
     if found is not None:
         return found, "arch"
+    for table, where in ((_tuned, ""), (_by_arch, "arch")):
+        near = _nearest(table, own if table is _tuned else by_arch, k / E)
+        if near is not None:
+            return table[near], where + near
     return _default(kernel, tokens * k / E, dtype, arch), "heuristic"
+
+
+_near_cache: dict = {}
+
+
+def _nearest(table, want, k_over_e):
+    """The key of `table`'s entry for the same kernel and layer at the nearest tuned token bucket
+    within a factor of 4 of `want`'s (the smaller on a tie), in the same regime as the heuristic
+    table's (decode: <= 32 rows per expert, or not), or None. A tile tuned at 4096 tokens suits 8192
+    better than the heuristic one: the tables hold the sizes someone tuned, users run others. Cached
+    per table state: asked on every launch of an untuned size."""
+    state = (id(table), len(table), want)
+    hit = _near_cache.get(state, _near_cache)
+    if hit is not _near_cache:
+        return hit
+    prefix, wanted = want.rsplit("|T", 1)
+    wanted = int(wanted)
+    small = wanted * k_over_e <= 32
+    best = None
+    for name in table:
+        head, _, b = name.rpartition("|T")
+        if head != prefix:
+            continue
+        b = int(b)
+        dist = abs(b.bit_length() - wanted.bit_length())
+        if dist <= 2 and (b * k_over_e <= 32) == small and (best is None or (dist, b) < best[:2]):
+            best = (dist, b, name)
+    if len(_near_cache) > 4096:
+        _near_cache.clear()
+    _near_cache[state] = found = best[2] if best else None
+    return found
 
 
 @functools.lru_cache(maxsize=4096)
@@ -272,10 +308,13 @@ def origin(kernel, E, k, H, F, dtype, device, tokens) -> str:
     timings: a stale user table overrides the shipped one in every compiled call (2026-12-06: a
     one-token TMA tile from an old cache ran in a whole session's decode timings)."""
     where = _lookup(kernel, E, k, H, F, dtype, device, tokens)[1]
-    if where == "arch":
-        return f"shipped for {_arch(device)}"
+    near = ""
+    if "|" in where and not where.endswith(f"|T{bucket(tokens)}"):
+        near = f" (the T{where.rpartition('|T')[2]} bucket's)"
+    if where.startswith("arch"):
+        return f"shipped for {_arch(device)}{near}"
     if "|" in where:    # a table entry's key
-        return _loaded_from.get(where) or ("shipped" if where in _shipped_keys else "tuned here")
+        return (_loaded_from.get(where) or ("shipped" if where in _shipped_keys else "tuned here")) + near
     return where
 
 

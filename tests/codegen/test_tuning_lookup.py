@@ -39,10 +39,33 @@ def test_another_gpu_of_the_architecture_reads_it(shipped, monkeypatch):
     assert _tile_on(monkeypatch, "GPU B", "sm90") == shipped
 
 
-def test_other_architectures_and_buckets_fall_to_the_heuristic(shipped, monkeypatch):
+def test_other_architectures_and_far_buckets_fall_to_the_heuristic(shipped, monkeypatch):
     heuristic = tuning._default("gate_up", 4096 * 8 / 64, torch.bfloat16)
     assert _tile_on(monkeypatch, "GPU C", "sm100") == heuristic != shipped
     assert _tile_on(monkeypatch, "GPU B", "sm90", tokens=64) == tuning._default("gate_up", 64 * 8 / 64, torch.bfloat16)
+    # more than a factor of 4 away: 65536 tokens is the 65536 bucket, four doublings from 4096
+    assert _tile_on(monkeypatch, "GPU A", "sm90", tokens=40000) == heuristic
+
+
+@pytest.mark.parametrize("gpu", ["GPU A", "GPU B"])
+def test_an_untuned_bucket_reads_the_nearest_tuned_one(shipped, monkeypatch, gpu):
+    """8192 tokens run 4096's tiles, on the GPU tuned and on another of its architecture; a token
+    count whose rows per expert fall on the other side of the decode line does not (64 tokens: 8
+    rows per expert against 4096's 512)."""
+    for tokens in (8192, 5000, 16384, 2048, 1025):
+        assert _tile_on(monkeypatch, gpu, "sm90", tokens=tokens) == shipped, tokens
+    small = Tile(16, 32, 128, 4, 3)
+    tuning._tuned[tuning.key("gate_up", *LAYER, torch.device("cpu"), 16, gpu="GPU A")] = small
+    tuning._tuned[tuning.key("gate_up", *LAYER, torch.device("cpu"), 64, gpu="GPU A")] = Tile(32, 64, 64)
+    tuning._tuned[tuning.key("gate_up", *LAYER, torch.device("cpu"), 256, gpu="GPU A")] = Tile(64, 64, 64)
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU A")
+    at = lambda tokens: tuning.tile("gate_up", *LAYER, torch.device("cuda"), tokens)
+    assert at(32) == small                  # 16 and 64 one doubling away each: the smaller
+    # 512 tokens, 64 rows per expert: past the decode line, so not 256's (32 rows), and 4096 is 8x away
+    assert at(512) == tuning._default("gate_up", 512 * 8 / 64, torch.bfloat16)
+    assert at(1024) == shipped
+    assert tuning.tile("dh", *LAYER, torch.device("cuda"), 8192) == tuning._default("dh", 8192 * 8 / 64,
+                                                                                    torch.bfloat16)
 
 
 def test_a_table_tuned_here_wins(shipped, monkeypatch):
@@ -101,8 +124,10 @@ def test_origin_names_where_a_tile_comes_from(shipped, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_arch", lambda device: "sm90")
     where = lambda tokens=4096: tuning.origin("gate_up", *LAYER, torch.device("cuda"), tokens)
     assert where() == "shipped" and where(64) == "heuristic"
+    assert where(8192) == "shipped (the T4096 bucket's)"
     monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU B")
     assert where() == "shipped for sm90"
+    assert where(2048) == "shipped for sm90 (the T4096 bucket's)"
     mine = tmp_path / "mine.json"
     key = tuning.key("gate_up", *LAYER, torch.device("cpu"), 4096, gpu="GPU B")
     mine.write_text(json.dumps({key: vars(Tile(16, 64, 128, 4, 3))}))
