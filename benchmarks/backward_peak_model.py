@@ -4,7 +4,8 @@ as on the GPU; only the launches are no-ops). On 2026-12-05 it gave 1472 / 1136 
 Qwen3 / OLMoE / GPT-OSS at 4096 tokens where an H100 measured 1474 / 1138 / 1948
 (`results/bench_layer_4096_h100_host.md`, torch.cuda.max_memory_allocated). --compiled: the ops as a
 compiled step calls them, each tensor freed after its last use (2026-12-06, with the backward as two
-ops: Qwen3 1360, OLMoE 992 MiB; HF grouped_mm + torch.compile measured 1425, 1072).
+ops: Qwen3 1360, OLMoE 992 MiB; HF grouped_mm + torch.compile measured 1425, 1072; as three ops,
+pre freed before any weight gradient: see HISTORY.md's stop 28).
 
 Run: python benchmarks/backward_peak_model.py --shape qwen3 [--tokens 4096] [--copy-mib 48] [--compiled]
 """
@@ -68,7 +69,7 @@ def main():
 def _as_compiled(x, src, offsets, inv, w, s, bases, layout):
     """The forward and backward ops as a compiled step runs them: each tensor dropped after its
     last reader, as Inductor's generated code does (eager autograd keeps every saved tensor to the
-    end of the backward). The backward's two ops where experts_combine_op._backward splits it."""
+    end of the backward). The backward's three ops where experts_combine_op._backward splits it."""
     from moec.codegen import layout as layouts
     args = (s.activation, 1.702, 7.0)
     out, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, w, s.k, bases, layout, *args, True)
@@ -82,10 +83,13 @@ def _as_compiled(x, src, offsets, inv, w, s, bases, layout):
         del pre
     else:
         down, first = phases
-        grads = torch.ops.moec.experts_combine_backward_up(grad, x, src, offsets, inv, w, pre, s.k, bases, layout,
-                                                           *args, first)
+        dx, dw, hw, du, dg = torch.ops.moec.experts_combine_backward_rows(grad, x, src, offsets, inv, w, pre, s.k,
+                                                                          bases, layout, *args)
         del pre
-        grads += torch.ops.moec.experts_down_wgrad(grad, grads[2], src, offsets, w, s.k, bases, layout, down)
+        none = x.new_empty(0)
+        grads = [dx, dw] + torch.ops.moec.experts_wgrad(none, x, src, offsets, s.k, none, du, dg, bases, layout, first)
+        del du, dg
+        grads += torch.ops.moec.experts_down_wgrad(grad, hw, src, offsets, w, s.k, bases, layout, down)
     return grads
 
 

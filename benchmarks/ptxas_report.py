@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3")
     ap.add_argument("--arch", type=int, default=90, help="the GPU's architecture (90: sm_90, Hopper)")
     ap.add_argument("--fwd", action="store_true", help="inference forward only")
-    ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA[,PERSISTENT[,ROW_DESCS]]]]",
+    ap.add_argument("--tile", action="append", default=[], metavar="KERNEL=M,N,K,WARPS,STAGES[,SPLIT[,TMA[,PERSISTENT[,ROW_DESCS[,MAX_REGS]]]]]",
                     help="try this tile for a kernel (gate_up, down, dh, down_dx, wgrad, wgrad_dual), e.g. "
                          "dh=64,128,64,8,3,2: a candidate's registers and spills before it costs device time")
     args = ap.parse_args()
@@ -53,7 +53,8 @@ def main():
     for spec in args.tile:
         name, values = spec.split("=")
         *ints, = (int(v) for v in values.split(","))
-        pins[name] = Tile(*ints[:6], *(bool(v) for v in ints[6:7]), *ints[7:8], *(bool(v) for v in ints[8:9]))
+        pins[name] = Tile(*ints[:6], *(bool(v) for v in ints[6:7]), *ints[7:8], *(bool(v) for v in ints[8:9]),
+                          *ints[9:10])
     with compile_check.recording() as launches, kernels.backend("triton"), torch.set_grad_enabled(not args.fwd), \
             tuning.pin(**pins):
         w = w.requires_grad_(not args.fwd)
@@ -74,7 +75,8 @@ def main():
         regs, local, shared = compile_check.usage(compiled)
         mix = " ".join(f"{op} {n}" for op, n in compile_check.sass_mix(compiled).items() if n)
         tile = tuple(kw.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-        tile += ("split 2",) if kw.get("SPLIT") is True else ()
+        tile += (f"split {kw['SPLIT']}",) if kw.get("SPLIT", 1) not in (1, False) else ()
+        tile += (f"maxnreg {kw['maxnreg']}",) if kw.get("maxnreg") else ()
         print(f"| {kernel.__name__} | {tile} | {regs} | {local} | {shared / 1024:.0f} | {mix} |")
 
 

@@ -65,7 +65,12 @@ CANDIDATES = {
            T_(64, 64, 64, 4, 4), T_(16, 64, 128, 4, 3), T_(32, 64, 128, 4, 3), T_(128, 128, 64, 8, 4),
            # GPT-OSS's epilogue (clamped SwiGLU, biases) spills at (64, 128, 64, 4, 3, 2), not at these
            # (benchmarks/ptxas_report.py: 200 B per thread against none)
-           T_(64, 128, 64, 8, 3, 2), T_(64, 64, 64, 4, 3, 2)],
+           T_(64, 128, 64, 8, 3, 2), T_(64, 64, 64, 4, 3, 2),
+           # (128, 128) tiles read 1.5x fewer operand bytes a FLOP than (64, 128) (dh is L2-bound there: 0.43 ms
+           # for Qwen3's 103 GFLOP at 4096 tokens); epilogue in quarters and 128 registers a thread fit two
+           # blocks an SM, one's epilogue under the other's MMAs (ptxas_report: 16 B of spills, triton 3.6)
+           T_(128, 128, 64, 8, 3, 4, max_regs=128), T_(128, 128, 64, 8, 4, 4, max_regs=128),
+           T_(128, 128, 32, 8, 4, 4, max_regs=128), T_(128, 128, 64, 8, 3, 4)],
     "gate_up_bwd": [T_(64, 64, 64, 4, 2), T_(64, 64, 32, 4, 3), T_(128, 64, 64, 8, 2), T_(64, 128, 32, 8, 3),
                     T_(32, 64, 64, 4, 3), T_(16, 64, 64, 4, 2), T_(128, 64, 32, 8, 3), T_(128, 128, 32, 8, 2)],
     "wgrad": [T_(128, 128, 32, 8, 3), T_(128, 128, 64, 8, 3), T_(128, 256, 32, 8, 3), T_(64, 128, 64, 4, 3),

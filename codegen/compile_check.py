@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-_OPTIONS = ("num_warps", "num_stages", "launch_pdl")      # launch keywords that are compile options
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "maxnreg")      # launch keywords that are compile options
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
            torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 

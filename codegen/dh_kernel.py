@@ -78,12 +78,25 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_pt
     if LORA_D:
         acc = lowrank(acc, td_ptr, s_td, rows64, rmask, ld_ptr, e64, s_ld_e, s_ld_k, s_ld_n, cols, cmask, R_D, IEEE,
                       BLOCK_K)
-    if SPLIT:       # the epilogue in two column halves: half as many of its tiles live at once
-        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    if SPLIT == 4:      # four column quarters: a quarter as many of the epilogue's tiles live at once
+        left, right = _halves(acc, BLOCK_M, BLOCK_N)
+        q0, q1 = _halves(left, BLOCK_M, BLOCK_N // 2)
+        q2, q3 = _halves(right, BLOCK_M, BLOCK_N // 2)
+        first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 4)
+        dw = _epilogue(q0, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, ACT,
+                       GATED)
+        dw += _epilogue(q1, first + BLOCK_N // 4, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit,
+                        s_pre, ACT, GATED)
+        dw += _epilogue(q2, first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit,
+                        s_pre, ACT, GATED)
+        dw += _epilogue(q3, first + 3 * (BLOCK_N // 4), rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
+                        limit, s_pre, ACT, GATED)
+    elif SPLIT == 2:    # two column halves: half as many of its tiles live at once
+        left, right = _halves(acc, BLOCK_M, BLOCK_N)
         first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        dw = _epilogue(halves[0], first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre,
+        dw = _epilogue(left, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre,
                        ACT, GATED)
-        dw += _epilogue(halves[1], first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
+        dw += _epilogue(right, first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
                         limit, s_pre, ACT, GATED)
     else:
         dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, ACT,
@@ -93,6 +106,12 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_pt
             if pid_n == 0:
                 dw += _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr + e64 * s_bd_e, s_bd_h, H, BLOCK_M, BLOCK_K)
         tl.store(dw_out, dw, mask=rmask)
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile's left and right column halves."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
 @triton.jit
@@ -130,6 +149,14 @@ def _bias_dots(go_ptr, s_go, tok, rmask, bd_ptr, s_bd_h, H, BLOCK_M: tl.constexp
     return total
 
 
+def _split(tile) -> int:
+    """Column pieces of the epilogue (1, 2 or 4), each at least 16 columns wide."""
+    split = tile.epilogue_split if tile.epilogue_split in (2, 4) else 1
+    while split > 1 and tile.block_n // split < 16:
+        split //= 2
+    return split
+
+
 def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code, alpha, limit, tile, hw, dg, du,
               lora_d=None):
     """Fill hw = w h, dg, du (S, F) grouped and return dw (S,) float32 per grouped row (the routing
@@ -151,9 +178,9 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
         *lowrank_ptrs(lora_d), desc, S, E, H, F, k, alpha, limit, m_tiles,
         grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
         *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None, IEEE=ieee(grad_out),
-        SPLIT=tile.epilogue_split == 2 and tile.block_n >= 32, ROUTED=routed, LORA_D=lora_d is not None,
+        SPLIT=_split(tile), ROUTED=routed, LORA_D=lora_d is not None,
         TMA=desc is not None, K_LAST=k_last,
         E_POW2=next_pow2(E + 1),
         GROUP_M=GROUP_M, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.max_regs} if tile.max_regs else {}))
     return dw.sum(1) if routed else None

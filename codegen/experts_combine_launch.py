@@ -44,9 +44,9 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
                              limit, needs=None, split=False):
     """[dx (T, H), d route_w (T, k), one gradient per base of `weights`] (None where needs[i] is
     False). pre: the forward's saved pre-activations, or (0,) to recompute them here.
-    split: the down projection's weight gradients are left to `down_weight_grads` (a second op, so
-    that a compiled backward frees pre before them: see experts_combine_op.py); returns
-    [dx, d route_w, w h (S, F)] + the other gradients, and needs must not ask for a down-only base."""
+    split: no weight gradients (ops of their own, so that a compiled backward frees pre before
+    them: see experts_combine_op.py); returns [dx, d route_w, w h, du, dg (S, F); dg (0,) without
+    a gate]. No LoRA layouts."""
     _check(x)
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
@@ -57,9 +57,12 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
         grads, slots, out = _grad_buffers(weights, layout, needs, skip)
         for t in out.values():
             t.zero_()
-        return [torch.zeros_like(x, memory_format=torch.contiguous_format),
-                torch.zeros_like(route_w, memory_format=torch.contiguous_format)] + \
-            ([x.new_empty(0, F)] if split else []) + _finish(grads, slots, out)
+        head = [torch.zeros_like(x, memory_format=torch.contiguous_format),
+                torch.zeros_like(route_w, memory_format=torch.contiguous_format)]
+        if split:
+            return head + [x.new_empty(0, F), x.new_empty(0, F), x.new_empty(0, F) if w_gate is not None
+                           else x.new_empty(0)]
+        return head + _finish(grads, slots, out)
     if pre.numel() == 0:    # called without saved pre-activations (save=False under autograd)
         _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
                                          limit, True)
@@ -78,12 +81,14 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
                     lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
+    head = [dx, d_route_w.view(route_w.shape).to(route_w.dtype)]
+    if split:
+        return head + [hw, du, dg if gated else x.new_empty(0)]
     rows = {"hw": hw, "du": du, "dg": dg}    # handed over: _weight_grads frees each once read for the last time
-    head = [dx, d_route_w.view(route_w.shape).to(route_w.dtype)] + ([hw] if split else [])
     with streams.beside(x.device, (go, hw, du, dg, x, src, offsets, route_w, q_d, q_u, q_g) + tuple(weights)) as made:
         del hw, du, dg
         grads = _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d,
-                              q_u, q_g, shared, t_down, t_wg, t_wg2, t_up, down=not split)
+                              q_u, q_g, shared, t_down, t_wg, t_wg2, t_up)
         made += grads
     return head + grads
 
@@ -91,7 +96,7 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
 def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, needs):
     """The down projection's weight gradients (one per base of `weights`, None where needs[i] is
     False; needs asks only for bases the down projection alone reads, no LoRA) from
-    `experts_combine_backward(split=True)`'s w h."""
+    `experts_combine_backward(split=True)`'s w h (the gate/up ones: `experts_wgrad` from its du, dg)."""
     _check(hw)
     grads, slots, out = _grad_buffers(weights, layout, needs)
     t_wg, = _tiles(hw, src, layouts.views(weights, layout)[0], k, "wgrad")
@@ -102,13 +107,12 @@ def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, n
 
 
 def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d, q_u, q_g,
-                  shared, t_down, t_wg, t_wg2, t_up, down=True):
+                  shared, t_down, t_wg, t_wg2, t_up):
     """One gradient per base of `weights` (None where not needed). rows: {"hw", "du", "dg"}, emptied
     here. The gradients are made phase by phase, each buffer just before its kernels: dW_up |
     dW_gate first, against the copy of x their kernel gathers; then, du and dg freed, dW_down
     against the copy of grad_out its kernel gathers. Down first kept du and dg (2 x S x F) alive
-    beside dW_down's buffer at the backward's peak (48 MiB more at Qwen3 widths, 4096 tokens).
-    down=False stops before dW_down (down_weight_grads makes it, in an op of its own)."""
+    beside dW_down's buffer at the backward's peak (48 MiB more at Qwen3 widths, 4096 tokens)."""
     du, dg = rows.pop("du"), rows.pop("dg")
     down_only, first = layouts.phases(weights, layout, needs)
     grads1, slots1, out1 = _grad_buffers(weights, layout, first, skip)
@@ -121,8 +125,6 @@ def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs,
         del t_u, t_g
     del du, dg
     hw = rows.pop("hw")
-    if not down:
-        return _finish(grads1, slots1, out1)
     grads2, slots2, out2 = _grad_buffers(weights, layout, down_only, skip)
     o = lambda role: out2.get(role, out1.get(role))      # a base both sides read has its buffer from the first
     _down_wgrad(go, hw, src, offsets, k, route_w, o("w_down"), o("b_down"), t_wg)

@@ -62,35 +62,35 @@ def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation
         fake_grads(bases, needs, x)
 
 
-@moec_op("experts_combine_backward_up")
-def experts_combine_backward_up(grad_out: Tensor, x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor,
-                                route_w: Tensor, pre: Tensor, k: int, bases: list[Tensor], layout: str,
-                                activation: str, alpha: float, limit: float, needs: list[bool]) -> list[Tensor]:
-    """The backward's first op where it is two (`_backward`): [dx, d route_w, w h (S, F), one
-    gradient per base] for the bases of `needs`, which leaves out those only the down projection reads."""
+@moec_op("experts_combine_backward_rows")
+def experts_combine_backward_rows(grad_out: Tensor, x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor,
+                                  route_w: Tensor, pre: Tensor, k: int, bases: list[Tensor], layout: str,
+                                  activation: str, alpha: float, limit: float) -> list[Tensor]:
+    """The backward's first op where it is three (`_backward`): [dx, d route_w, w h, du, dg (S, F)
+    grouped; dg (0,) without a gate], what the weight gradients' ops (`experts_wgrad` for gate/up,
+    `experts_down_wgrad`) read. pre: `experts_combine`'s saved pre-activations, or (0,)."""
     if kernels.use_triton(x):
         from .experts_combine_launch import experts_combine_backward as launch
-        grads = launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit,
-                       needs, split=True)
-    else:
-        grads = reference.experts_combine_backward_up(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
-                                                      activation, alpha, limit, needs)
-    return filled_grads(grads, x)
+        return launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit,
+                      [False] * len(bases), split=True)
+    return reference.experts_combine_backward_rows(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
+                                                   activation, alpha, limit)
 
 
-@experts_combine_backward_up.register_fake
-def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, needs):
-    F = layouts.views(bases, layout)[0].shape[1]
+@experts_combine_backward_rows.register_fake
+def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit):
+    S, F = src.shape[0], layouts.views(bases, layout)[0].shape[1]
+    gated = "w_gate" in layouts.parse(layout)
     return [torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(src.shape[0], F)] + \
-        fake_grads(bases, needs, x)
+            torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(S, F), x.new_empty(S, F),
+            x.new_empty(S, F) if gated else x.new_empty(0)]
 
 
 @moec_op("experts_down_wgrad")
 def experts_down_wgrad(grad_out: Tensor, hw: Tensor, src: Tensor, offsets: Tensor, route_w: Tensor, k: int,
                        bases: list[Tensor], layout: str, needs: list[bool]) -> list[Tensor]:
-    """The backward's second op: one gradient per base of `needs` (bases only the down projection
-    reads) from grad_out and `experts_combine_backward_up`'s w h."""
+    """The backward's last op: one gradient per base of `needs` (bases only the down projection
+    reads) from grad_out and `experts_combine_backward_rows`' w h."""
     if kernels.use_triton(hw):
         from .experts_combine_launch import down_weight_grads
         grads = down_weight_grads(grad_out, hw, src, offsets, k, route_w, bases, layout, needs)
@@ -126,13 +126,19 @@ def _backward(ctx, grad_out, _grad_pre):
                                                     activation, alpha, limit, ctx.needs)
         dx, d_route_w, grads = g[0], g[1], g[2:]
     else:
-        # Two ops, so that a compiled backward frees pre (S x 2F) after the first: the down
-        # projection's weight gradient, where the backward peaks (its gathered copy of grad_out and
-        # its buffer beside the gate/up one), then runs without it (Qwen3 widths, 4096 tokens:
-        # 96 MiB of a ~1.4 GiB step). Inside one op the caller's reference kept pre alive to the end.
+        # Three ops, so that a compiled backward frees pre (S x 2F) after the first, before any
+        # weight gradient: each makes its (E, ., .) buffer and a gathered (S, H) copy of x or
+        # grad_out, where the step peaks. Inside one op the caller's reference kept pre alive to its
+        # end (OLMoE, 8192 tokens: 1508 MiB against HF compiled's 1346 on an H100, with pre beside
+        # the gate/up weight gradient; Qwen3 at 4096 tokens: 96 MiB when down's was the only one
+        # split off). du and dg go as the gate/up op's last reader of them returns.
         down, first = phases
-        dx, d_route_w, hw, *g1 = torch.ops.moec.experts_combine_backward_up(
-            grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit, first)
+        dx, d_route_w, hw, du, dg = torch.ops.moec.experts_combine_backward_rows(
+            grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit)
+        none = x.new_empty(0)
+        g1 = torch.ops.moec.experts_wgrad(none, x, src, offsets, k, none, du, dg, bases, layout, first) \
+            if any(first) else [None] * len(bases)
+        del du, dg      # eager autograd: not beside the down projection's weight gradient either
         g2 = torch.ops.moec.experts_down_wgrad(grad_out, hw, src, offsets, route_w, k, bases, layout, down)
         grads = [a if f else b for a, b, f in zip(g1, g2, first)]
     grads = [t if need else None for t, need in zip(grads, ctx.needs)]

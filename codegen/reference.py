@@ -324,18 +324,16 @@ def experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_T
     return [dx, combine_backward(grad_out_TH, y, inv_S, weights_Tk)[1]] + grads
 
 
-def experts_combine_backward_up(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout, activation,
-                                alpha, limit, needs):
-    """`experts_combine_backward` for the bases of `needs`, then w h (S, F): each grouped row's
-    activation output times its routing weight, as `down_weight_grads` reads it."""
-    head = experts_combine_backward(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout,
-                                    activation, alpha, limit, needs)
-    pre = x_TH.new_zeros(src_S.shape[0], layouts.preactivation_width(bases, layout))
-    experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit, pre)
-    F = layouts.views(bases, layout)[0].shape[1]
-    g = pre[:, F:] if pre.shape[1] > F else None
-    hw = activate(g, pre[:, :F], activation, alpha, limit) * weights_Tk.reshape(-1)[src_S].unsqueeze(1)
-    return head[:2] + [hw.to(x_TH.dtype)] + head[2:]
+def experts_combine_backward_rows(grad_out_TH, x_TH, src_S, offsets, inv_S, weights_Tk, k, bases, layout,
+                                  activation, alpha, limit):
+    """[dx, d weights_Tk, w h, du, dg] of `experts_combine`'s out without weight gradients: w h each
+    grouped row's activation output times its routing weight (what `down_weight_grads` reads), du /
+    dg as `experts_backward_rows` makes them (what `experts_wgrad` reads). No LoRA layouts."""
+    y = experts(x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
+    grad_y, d_weights = combine_backward(grad_out_TH, y, inv_S, weights_Tk)
+    dx, h, du, dg = experts_backward_rows(grad_y, x_TH, src_S, offsets, k, bases, layout, activation, alpha, limit)
+    hw = h * _acc(weights_Tk).reshape(-1)[src_S].unsqueeze(1).to(h.dtype)
+    return [dx, d_weights, hw, du, dg]
 
 
 def down_weight_grads(grad_out_TH, hw_SF, src_S, offsets, k, weights_Tk, bases, layout, needs):

@@ -28,10 +28,11 @@ class Tile:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
-    epilogue_split: int = 1     # dh only: 2 runs the epilogue over column halves (register pressure)
+    epilogue_split: int = 1     # dh only: 2 / 4 run the epilogue over column halves / quarters (registers)
     tma: bool = False           # weight tiles (wgrad: operand row blocks; persistent: stores) through TMA (sm90+)
     persistent: int = 0         # wgrad only: programs per SM walking the tiles (0: one program per tile)
     row_descs: bool = False     # wgrad, down: grouped rows through descriptors made per expert (sm90+)
+    max_regs: int = 0           # dh only: registers a thread at most (ptxas's .maxnreg; 0: the compiler's choice)
 
 
 _pinned: dict = {}

@@ -83,10 +83,12 @@ def test_transposed_weights_wide_tiles():
     _run(13, 4, 2, 48, 40, torch.bfloat16, "silu", bias=True, layout="transposed", tile=Tile(32, 32, 32, 4, 1))
 
 
-@pytest.mark.parametrize("gated,bias", [(True, True), (False, False)])
-def test_epilogue_in_column_halves(gated, bias):
-    """dh's epilogue split over two column halves (Tile.epilogue_split) computes the same."""
-    _run(13, 4, 2, 40, 40, torch.float32, "gelu", gated, bias, tile=Tile(32, 32, 32, 4, 1, 2))
+@pytest.mark.parametrize("gated,bias,split", [(True, True, 2), (False, False, 2), (True, True, 4)])
+def test_epilogue_in_column_pieces(gated, bias, split):
+    """dh's epilogue over two column halves or four quarters (Tile.epilogue_split) computes the
+    same; F = 72 leaves the last tile's quarters partly and wholly past the edge. A register cap
+    (Tile.max_regs) changes nothing here: the interpreter has no registers."""
+    _run(13, 4, 2, 40, 72, torch.float32, "gelu", gated, bias, tile=Tile(32, 64, 32, 4, 1, split, max_regs=128))
 
 
 def test_half_precision_routing_weights():
