@@ -9,6 +9,8 @@ import torch
 from moec.codegen import tuning
 from moec.codegen.tuning import Tile
 
+from kernel_helpers import DEVICE
+
 LAYER = (64, 8, 2048, 1024, torch.bfloat16)
 
 
@@ -97,9 +99,9 @@ def test_compiling_reads_the_cache_dir(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(tuning, "load_dir", seen.append)
     torch._dynamo.reset()
-    module = MaskLoopMoE()
+    module = MaskLoopMoE().to(DEVICE)       # the Triton path on this suite's device (CPU tensors: interpreter only)
     torch.compile(module, backend="moec", options={"dense_backend": "eager", "cache_dir": str(tmp_path)})(
-        torch.randn(6, 32))
+        torch.randn(6, 32, device=DEVICE))
     assert seen and all(s == str(tmp_path / "tuning") for s in seen), seen
 
 
