@@ -1,6 +1,6 @@
 """A/B of a training step's backward choices on one GPU, in one process: the fused backward as one op or
-two (`experts_combine_op.SPLIT_BACKWARD`; two lets a compiled backward free pre before the down
-projection's weight gradient) x the weight-gradient tiles as tuned or with the persistent twin off
+three (`experts_combine_op.SPLIT_BACKWARD`; three let a compiled backward free pre before any weight
+gradient) x the weight-gradient tiles as tuned or with the persistent twin off
 (`Tile.persistent`). For each: GPU time of the step replayed from a CUDA graph, and its peak memory, for
 the eager ops (`moec`) and the layer under torch.compile(backend="moec") (`moec compiled`), beside HF
 grouped_mm + torch.compile.
@@ -47,7 +47,7 @@ def main():
             with tuning.pin(**({} if persistent else _tiles_without_persistent(s, T))):
                 eager = measure(lambda t: moec_layer(s, params, t))
                 compiled = measure(bench_layer.moec_compiled(s, params))
-            how = f"backward {'two ops' if split else 'one op '}, wgrad {'as tuned' if persistent else 'per tile'}"
+            how = f"backward {'split' if split else 'one op'}, wgrad {'as tuned' if persistent else 'per tile'}"
             print(f"  {how}: moec {eager[0]:.3f} ms {eager[1]:.0f} MiB | moec compiled {compiled[0]:.3f} ms "
                   f"{compiled[1]:.0f} MiB", flush=True)
 

@@ -213,7 +213,7 @@ def phases(weights, layout, needs):
 
 
 def split_phases(weights, layout, needs):
-    """`phases` where the experts' backward can be two ops (no LoRA, no base read by both sides,
+    """`phases` where the experts' backward can be split into ops (no LoRA, no base read by both sides,
     some down base trains), else None."""
     if any(f is not None for f in lora(weights, layout)):
         return None
