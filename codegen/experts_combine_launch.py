@@ -15,6 +15,8 @@ factors' gradients as experts_backward takes them, w folded in where grad_y woul
 dA_down = q^T (w h), dB_down = grad_out[t]^T (s (w h) A^T).
 Never syncs with the host (experts_launch.py's rules).
 """
+from types import SimpleNamespace
+
 import torch
 
 from . import layout as layouts
@@ -41,35 +43,63 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
 
 
 def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha,
-                             limit, needs=None, split=False):
+                             limit, needs=None):
     """[dx (T, H), d route_w (T, k), one gradient per base of `weights`] (None where needs[i] is
-    False). pre: the forward's saved pre-activations, or (0,) to recompute them here.
-    split: no weight gradients (ops of their own, so that a compiled backward frees pre before
-    them: see experts_combine_op.py); returns [dx, d route_w, w h, du, dg (S, F); dg (0,) without
-    a gate]. No LoRA layouts."""
+    False). pre: the forward's saved pre-activations, or (0,) to recompute them here."""
     _check(x)
+    w_up = layouts.views(weights, layout)[0]
+    skip = ("lora_a_gate",) if _shared_a(layout) else ()
+    if src.shape[0] == 0:
+        grads, slots, out = _grad_buffers(weights, layout, needs, skip)
+        for t in out.values():
+            t.zero_()
+        return _zero_head(x, route_w) + _finish(grads, slots, out)
+    r = _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit)
+    t_wg, t_wg2 = _tiles(x, src, w_up, k, "wgrad", "wgrad_dual")
+    rows = {"hw": r.hw, "du": r.du, "dg": r.dg}    # handed over: _weight_grads frees each once read for the last time
+    lora = (r.q_d, r.q_u, r.q_g)
+    with streams.beside(x.device, (r.go, r.hw, r.du, r.dg, x, src, offsets, route_w) + lora + tuple(weights)) as made:
+        head, go, t_down, t_up = r.head, r.go, r.t_down, r.t_up
+        del r
+        grads = _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lora, t_down,
+                              t_wg, t_wg2, t_up)
+        made += grads
+    return head + grads
+
+
+def experts_combine_backward_rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation,
+                                  alpha, limit):
+    """The backward without its weight gradients (ops of their own, so that a compiled backward
+    frees pre before them: see experts_combine_op.py): [dx, d route_w, w h, du, dg (S, F); dg (0,)
+    without a gate]. No LoRA layouts (their factors' gradients need the rows' LoRA terms)."""
+    _check(x)
+    w_up, w_gate = layouts.views(weights, layout)[:2]
+    if src.shape[0] == 0:
+        F = w_up.shape[1]
+        return _zero_head(x, route_w) + [x.new_empty(0, F), x.new_empty(0, F),
+                                         x.new_empty(0, F) if w_gate is not None else x.new_empty(0)]
+    r = _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit)
+    return r.head + [r.hw, r.du, r.dg if r.dg is not None else x.new_empty(0)]
+
+
+def _zero_head(x, route_w):
+    return [torch.zeros_like(x, memory_format=torch.contiguous_format),
+            torch.zeros_like(route_w, memory_format=torch.contiguous_format)]
+
+
+def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit):
+    """Steps 1 and 2 (S > 0): head = [dx, d route_w], the rows the weight gradients read (hw, du,
+    dg: None without a gate), grad_out contiguous (go), LoRA's q terms and the tiles they reuse."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     shared = _shared_a(layout)
     S, F = src.shape[0], w_up.shape[1]
-    skip = ("lora_a_gate",) if shared else ()
-    if S == 0:
-        grads, slots, out = _grad_buffers(weights, layout, needs, skip)
-        for t in out.values():
-            t.zero_()
-        head = [torch.zeros_like(x, memory_format=torch.contiguous_format),
-                torch.zeros_like(route_w, memory_format=torch.contiguous_format)]
-        if split:
-            return head + [x.new_empty(0, F), x.new_empty(0, F), x.new_empty(0, F) if w_gate is not None
-                           else x.new_empty(0)]
-        return head + _finish(grads, slots, out)
     if pre.numel() == 0:    # called without saved pre-activations (save=False under autograd)
         _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
                                          limit, True)
-    t_dh, t_down, t_wg, t_wg2, t_up = _tiles(x, src, w_up, k, "dh", "down_dx", "wgrad", "wgrad_dual", "gate_up")
-    gated = w_gate is not None
+    t_dh, t_down, t_up = _tiles(x, src, w_up, k, "dh", "down_dx", "gate_up")
     hw, du = x.new_empty(S, F), x.new_empty(S, F)
-    dg = x.new_empty(S, F) if gated else None
+    dg = x.new_empty(S, F) if w_gate is not None else None
     go = grad_out.contiguous()
     # down's LoRA: q = s grad_out[t] B, gathered by token as _lora_x gathers x (B^T read as (E, r, H))
     q_d = None if ld is None else _lora_x(go, src, offsets, k, (ld[1].transpose(1, 2), None, ld[2]), None, False,
@@ -81,22 +111,14 @@ def experts_combine_backward(grad_out, x, src, offsets, inv, route_w, pre, k, we
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
     dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
                     lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
-    head = [dx, d_route_w.view(route_w.shape).to(route_w.dtype)]
-    if split:
-        return head + [hw, du, dg if gated else x.new_empty(0)]
-    rows = {"hw": hw, "du": du, "dg": dg}    # handed over: _weight_grads frees each once read for the last time
-    with streams.beside(x.device, (go, hw, du, dg, x, src, offsets, route_w, q_d, q_u, q_g) + tuple(weights)) as made:
-        del hw, du, dg
-        grads = _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d,
-                              q_u, q_g, shared, t_down, t_wg, t_wg2, t_up)
-        made += grads
-    return head + grads
+    return SimpleNamespace(head=[dx, d_route_w.view(route_w.shape).to(route_w.dtype)], hw=hw, du=du, dg=dg, go=go,
+                           q_d=q_d, q_u=q_u, q_g=q_g, t_down=t_down, t_up=t_up)
 
 
 def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, needs):
     """The down projection's weight gradients (one per base of `weights`, None where needs[i] is
     False; needs asks only for bases the down projection alone reads, no LoRA) from
-    `experts_combine_backward(split=True)`'s w h (the gate/up ones: `experts_wgrad` from its du, dg)."""
+    `experts_combine_backward_rows`' w h (the gate/up ones: `experts_wgrad` from its du, dg)."""
     _check(hw)
     grads, slots, out = _grad_buffers(weights, layout, needs)
     t_wg, = _tiles(hw, src, layouts.views(weights, layout)[0], k, "wgrad")
@@ -106,13 +128,16 @@ def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, n
     return _finish(grads, slots, out)
 
 
-def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lu, lg, ld, q_d, q_u, q_g,
-                  shared, t_down, t_wg, t_wg2, t_up):
+def _weight_grads(go, x, rows, src, offsets, k, route_w, weights, layout, needs, skip, lora, t_down, t_wg, t_wg2,
+                  t_up):
     """One gradient per base of `weights` (None where not needed). rows: {"hw", "du", "dg"}, emptied
-    here. The gradients are made phase by phase, each buffer just before its kernels: dW_up |
+    here; lora: _rows' (q_d, q_u, q_g). The gradients are made phase by phase, each buffer just before its kernels: dW_up |
     dW_gate first, against the copy of x their kernel gathers; then, du and dg freed, dW_down
     against the copy of grad_out its kernel gathers. Down first kept du and dg (2 x S x F) alive
     beside dW_down's buffer at the backward's peak (48 MiB more at Qwen3 widths, 4096 tokens)."""
+    lu, lg, ld = layouts.lora(weights, layout)
+    q_d, q_u, q_g = lora
+    shared = _shared_a(layout)
     du, dg = rows.pop("du"), rows.pop("dg")
     down_only, first = layouts.phases(weights, layout, needs)
     grads1, slots1, out1 = _grad_buffers(weights, layout, first, skip)

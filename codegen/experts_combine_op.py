@@ -69,10 +69,12 @@ def experts_combine_backward_rows(grad_out: Tensor, x: Tensor, src: Tensor, offs
     """The backward's first op where it is three (`_backward`): [dx, d route_w, w h, du, dg (S, F)
     grouped; dg (0,) without a gate], what the weight gradients' ops (`experts_wgrad` for gate/up,
     `experts_down_wgrad`) read. pre: `experts_combine`'s saved pre-activations, or (0,)."""
+    if any(f is not None for f in layouts.lora(bases, layout)):
+        raise MoecKernelError(f"moec.experts_combine_backward_rows: layout {layout!r} has LoRA factors, whose "
+                              "gradients read the rows' LoRA terms: use moec.experts_combine_backward")
     if kernels.use_triton(x):
-        from .experts_combine_launch import experts_combine_backward as launch
-        return launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit,
-                      [False] * len(bases), split=True)
+        from .experts_combine_launch import experts_combine_backward_rows as launch
+        return launch(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit)
     return reference.experts_combine_backward_rows(grad_out, x, src, offsets, inv, route_w, k, bases, layout,
                                                    activation, alpha, limit)
 

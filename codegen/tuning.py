@@ -100,8 +100,9 @@ def _lookup_on(kernel, E, k, H, F, dtype, gpu, arch, tokens):
         return found, "arch"
     for table, where in ((_tuned, ""), (_by_arch, "arch")):
         near = _nearest(table, own if table is _tuned else by_arch, k / E)
-        if near is not None:
-            return table[near], where + near
+        found = None if near is None else table.get(near)   # the cache's key can be gone from a replaced table
+        if found is not None:
+            return found, where + near
     return _default(kernel, tokens * k / E, dtype, arch), "heuristic"
 
 

@@ -11,6 +11,7 @@ from functorch.compile import aot_function, make_boxed_func
 
 from moec.codegen import experts_combine_op, kernels, reference, tuning
 from moec.codegen import layout as layouts
+from moec.codegen.errors import MoecKernelError
 
 from kernel_helpers import DEVICE, TOL, assert_grads_close, padded, rel_err
 from test_experts_combine import KERNELS
@@ -128,6 +129,9 @@ def test_one_op_where_the_backward_cannot_split():
     p = test_lora_experts._params("interleaved", ("down",), False, torch.float32)
     weights, lora_layout = test_lora_experts._pack("interleaved", p, merged=False)
     assert layouts.split_phases(weights, lora_layout, [True] * len(weights)) is None
+    with pytest.raises(MoecKernelError, match="LoRA factors"):
+        OPS.experts_combine_backward_rows(torch.randn(7, 24), x, src, offsets, inv, route_w, x.new_empty(0), k,
+                                          weights, lora_layout, "silu", 0.0, 0.0)
     bases[1].requires_grad_(False)
     graph = _backward_graph(x, offsets, src, inv, route_w, bases, layout, k)
     assert [str(n.target) for n in _calls(graph)] == ["moec.experts_combine_backward.default"]

@@ -70,6 +70,16 @@ def test_an_untuned_bucket_reads_the_nearest_tuned_one(shipped, monkeypatch, gpu
                                                                                     torch.bfloat16)
 
 
+def test_a_cached_nearest_key_gone_from_its_table_is_not_served(shipped, monkeypatch):
+    """The nearest-bucket cache is keyed by the table's identity and size: a table that lost the
+    cached key and gained another (same id, same size) falls through to the next table."""
+    assert _tile_on(monkeypatch, "GPU A", "sm90", tokens=8192) == shipped      # caches GPU A's 4096 key
+    key = tuning.key("gate_up", *LAYER, torch.device("cpu"), 4096, gpu="GPU A")
+    other = tuning.key("gate_up", 32, 8, 2048, 1024, torch.bfloat16, torch.device("cpu"), 4096, gpu="GPU A")
+    tuning._tuned[other] = tuning._tuned.pop(key)
+    assert _tile_on(monkeypatch, "GPU A", "sm90", tokens=8192) == shipped      # now from the architecture's
+
+
 def test_a_table_tuned_here_wins(shipped, monkeypatch):
     own = Tile(128, 128, 64, 8, 4)
     monkeypatch.setattr(tuning, "_device_name", lambda device: "GPU B")
