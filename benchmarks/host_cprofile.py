@@ -4,7 +4,7 @@ torch.compile, on one host: the enqueue time per call of each (no profiler), the
 costliest functions. torch.profiler's view (profile_layer.py --host) shows ops, not the Python
 between them. Qwen3-30B-A3B widths, bf16, no_grad.
 
-Run: python benchmarks/host_cprofile.py [--shape qwen3] [--tokens 1] [--top 22]
+Run: python benchmarks/host_cprofile.py [--shape qwen3] [--tokens 1] [--top 22] [--callees runtime_wrapper]
 """
 import argparse
 import cProfile
@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--shape", default="qwen3")
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--callees", default="runtime_wrapper",
+                    help="also list what functions of this name call, and their times")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     p = make_params(s, "cuda")
@@ -56,6 +58,10 @@ def main():
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats(order).print_stats(args.top)
                 print(f"\n===== {name} (200 calls, by {order})\n" + out.getvalue())
+            if args.callees:
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).print_callees(args.callees)
+                print(f"\n===== {name}: what {args.callees} calls\n" + out.getvalue())
 
 
 if __name__ == "__main__":
