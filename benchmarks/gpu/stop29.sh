@@ -1,12 +1,7 @@
 # GPT-OSS's and Mixtral's training steps on the stop-28 tables (dh's two-blocks-an-SM tiles), Mixtral's step kernel
-# by kernel beside HF's, and the installed torch's AOT runtime wrapper (its self time is the compiled one-token
-# step's extra host cost on torch 2.11; the CPU machines run 2.13, whose wrapper is generated code).
+# by kernel beside HF's, and what AOTAutograd's runtime wrapper calls in a compiled one-token step (its self time
+# was that step's extra host cost on torch 2.11, 2026-12-06).
 source "$(dirname "$0")/common.sh"
-python3 - > "$OUT/runtime_wrappers_src.txt" <<'PY'
-import inspect, torch._functorch._aot_autograd.runtime_wrappers as r
-src = inspect.getsource(r).splitlines()
-print("\n".join(f"{i + 1}: {l}" for i, l in enumerate(src) if 480 <= i <= 800))
-PY
 mkdir -p "$OUT/train"
 step 260 python3 benchmarks/bench_layer.py --shapes gptoss,mixtral --tokens 4096 --modes fwd,train --graphs \
   --skip hf_loop,moec_unfused,hf_grouped_mm --out "$OUT/train"
