@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .errors import MoecError
 from .fast_launch import launch
+from .gather_kernel import gather_rows
 from .jit_helpers import (cdiv, ensure_allocator, expert_mn, ieee, mma, next_pow2, rows_readable, store_tile, tma_asked,
                           tma_readable)
 from .wgrad_persistent_kernel import wgrad_persistent_kernel
@@ -199,7 +200,7 @@ def launch_wgrad(a, b, offsets, out, tile, src=None, k=1, a2=None, out2=None, db
     chunked = rows > chunk
     for r0 in range(0, max(rows, 1), chunk):      # no rows: one launch writes the zeros
         r1 = min(rows, r0 + chunk)
-        copy = whole.index_select(0, torch.div(src[r0:r1], k, rounding_mode="floor"))
+        copy = gather_rows(whole, src[r0:r1], k)
         if gather_a is not None:
             _launch(grid, copy, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, r0, 0, chunked, db, db2,
                     trans, tile, weigh=True)
