@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from layers import SHAPES  # noqa: E402
 from moec.codegen.gather_kernel import gather_rows  # noqa: E402
 
-SETTINGS = [(None, None, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4)]   # (rows, cols, warps)
+SETTINGS = [(None, None, None), (8, 512, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4)]   # (rows, cols, warps)
 
 
 def main():

@@ -2,7 +2,7 @@
 
 Why not `a.index_select(0, idx // div)`: that is two launches (the division, then aten's gather,
 written for any dimension and stride), and at Qwen3 widths and 8192 tokens each of the backward's
-two (S, H) copies took 159 us on an H100, ~1.7 TB/s of writes (benchmarks/gather_ab.py times both).
+two (S, H) copies took 159-166 us on an H100, 1.8 TB/s (benchmarks/gather_ab.py times both: 150 us here).
 Here a program moves BLOCK_R whole rows, the source rows (T x H, read k times) mostly from L2.
 """
 import torch
@@ -27,7 +27,7 @@ def gather_rows_kernel(a_ptr, idx_ptr, out_ptr, R, H, div, s_a, s_out,
         tl.store(out_ptr + dst[:, None] * s_out + hs[None, :], v, mask=mask)
 
 
-def gather_rows(a, idx, div=1, block_r=None, block_h=None, num_warps=4):
+def gather_rows(a, idx, div=1, block_r=None, block_h=None, num_warps=None):
     """(len(idx), H) copy of a's rows idx // div (a (T, H), rows contiguous; idx integer, on a's
     device). The block sizes and warps are benchmarks/gather_ab.py's to vary."""
     if a.dim() != 2 or (a.shape[1] > 1 and a.stride(1) != 1):
@@ -39,8 +39,11 @@ def gather_rows(a, idx, div=1, block_r=None, block_h=None, num_warps=4):
     out = a.new_empty(R, H)
     if R == 0 or H == 0:
         return out
-    block_h = block_h or min(next_pow2(H), 512 if a.is_cuda else 64)
-    block_r = block_r or max(1, min(32, 8192 // block_h))
+    # (32, 256) in eight warps: the fastest of five settings on every layer measured, 5-13% under aten
+    # (H100, 2026-12-06, results/stop29_h100/part1/gather_ab.md)
+    block_h = block_h or min(next_pow2(H), 256 if a.is_cuda else 64)
+    block_r = block_r or 32
+    num_warps = num_warps or (8 if a.is_cuda else 4)
     launch(gather_rows_kernel, (cdiv(R, block_r),), a, idx.contiguous(), out, R, H, div, a.stride(0),
            out.stride(0), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=num_warps)
     return out
