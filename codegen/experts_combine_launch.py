@@ -19,15 +19,16 @@ from types import SimpleNamespace
 
 import torch
 
+from . import grouped_mm_wgrad, streams
 from . import layout as layouts
-from . import streams
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
                              experts_forward, input_grad, lora_up_gate_wgrads)
+from .gather_kernel import gather_rows
 from .jit_helpers import ACTIVATION_CODE
 from .pdl import use as use_pdl
-from .wgrad_kernel import launch_wgrad
+from .wgrad_kernel import bias_grads, launch_wgrad
 
 
 def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha, limit, save,
@@ -120,10 +121,27 @@ def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, n
     False; needs asks only for bases the down projection alone reads, no LoRA) from
     `experts_combine_backward_rows`' w h (the gate/up ones: `experts_wgrad` from its du, dg)."""
     _check(hw)
+    whole = grouped_mm_wgrad.whole_base(hw, weights, layout, needs) if src.shape[0] else None
+    if whole is not None:
+        return _down_wgrad_grouped_mm(grad_out, hw, src, offsets, k, route_w, weights, layout, needs, *whole)
     grads, slots, out = _grad_buffers(weights, layout, needs)
     t_wg, = _tiles(hw, src, layouts.views(weights, layout)[0], k, "wgrad")
     with streams.beside(hw.device, (grad_out, hw, src, offsets, route_w) + tuple(weights)) as made:
         _down_wgrad(grad_out.contiguous(), hw, src, offsets, k, route_w, out.get("w_down"), out.get("b_down"), t_wg)
+        made += [g for g in grads if g is not None]
+    return _finish(grads, slots, out)
+
+
+def _down_wgrad_grouped_mm(grad_out, hw, src, offsets, k, route_w, weights, layout, needs, index, transposed):
+    """down_weight_grads through torch._grouped_mm (grouped_mm_wgrad.py): the down base's gradient
+    is its result; b_down's, where it trains, from the same gathered rows, weighted by route_w."""
+    rest = [need and i != index for i, need in enumerate(needs)]
+    grads, slots, out = _grad_buffers(weights, layout, rest)
+    with streams.beside(hw.device, (grad_out, hw, src, offsets, route_w) + tuple(weights)) as made:
+        go_rows = gather_rows(grad_out.contiguous(), src, k)
+        grads[index] = grouped_mm_wgrad.down_wgrad(go_rows, hw, offsets, transposed)
+        E, H, F = offsets.shape[0] - 1, go_rows.shape[1], hw.shape[1]
+        bias_grads(go_rows, None, offsets, out.get("b_down"), None, src, route_w.contiguous(), 0, True, (E, H, F))
         made += [g for g in grads if g is not None]
     return _finish(grads, slots, out)
 

@@ -253,7 +253,7 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
+def bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, shape):
     """Bias gradients beside a kernel whose K loop does not sum rows (persistent, row descriptors)."""
     E, M, _ = shape
     for rows, bias, weighed in ((a, db, weigh), (a2, db2, False)):
@@ -272,7 +272,7 @@ def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off
                a2_or_a.stride(0), b.stride(0), *out.stride(), *o2.stride(), DUAL=a2 is not None, IEEE=ieee(a),
                TRANS_OUT=trans, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                num_warps=tile.num_warps, num_stages=tile.num_stages)
-        _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, out.shape)
+        bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, out.shape)
         return
     if tile.persistent and not chunked:
         E, M, N = out.shape
@@ -282,7 +282,7 @@ def _launch(grid, a, a2, b, src, offsets, out, o2, d1, d2, w, r0, r1, off_a, off
                b.stride(0), b.stride(1), *out.stride(), *o2.stride(), off_a, off_b, DUAL=a2 is not None,
                IEEE=ieee(a), TRANS_OUT=trans, TMA_OUT=descs is not None, E_BLOCK=next_pow2(E), BLOCK_M=tile.block_m,
                BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
-        _bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, out.shape)
+        bias_grads(a, a2, offsets, db, db2, src, w, off_a, weigh, out.shape)
         return
     descs = _descs(a, a2, b, tile)
     launch(wgrad_kernel, grid,
