@@ -1,10 +1,11 @@
 """dW_down through CUTLASS's grouped GEMM (`torch._grouped_mm`, K-grouped: the expert's rows are the
 reduction), where its result can be the down base's whole gradient.
 
-Why: moec's Triton weight-gradient kernel reaches 390-420 TFLOP/s on dW_down (K = an expert's
-~500-1000 rows, a short main loop per output tile whose prologue and epilogue Triton 3.6 does not
-overlap with the next tile's); CUTLASS's warp-specialized persistent kernel 290-657 on the same
-operands, 8-37% faster on every layer measured (H100, 2026-12-06, results/stop29_h100/wgrad_gmm/).
+Why: on dW_down (K = an expert's ~500-1000 rows: a short main loop per output tile, whose
+prologue and epilogue Triton 3.6 does not overlap with the next tile's) moec's Triton kernel ran
+at 253-417 TFLOP/s and CUTLASS's warp-specialized persistent kernel at 290-657 on the same operands,
+8-37% less time on every layer and token count measured (H100, 2026-12-06,
+results/stop29_h100/wgrad_gmm/).
 Values are the same (fp32 accumulation, bf16 result). `torch._grouped_mm` has no out= argument,
 so it is used only where its output is the gradient itself: w_down reads a whole contiguous base
 that no other role reads, in either orientation (HF's (E, H, F) or GPT-OSS's (E, F, H)); a copy
