@@ -9,7 +9,9 @@ registers, local (spill) bytes and shared memory with the bundled cuobjdump.
 """
 import collections
 import contextlib
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
@@ -22,11 +24,13 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 
 
 def kernel_modules():
-    """The modules whose kernels launch through their `launch` name (fast_launch.launch)."""
-    from . import (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, plan_kernel,
-                   route_backward_kernel, route_kernel, route_plan_kernel, wgrad_kernel)
-    return (combine_backward_kernel, combine_kernel, dh_kernel, down_kernel, gate_up_kernel, plan_kernel,
-            route_backward_kernel, route_kernel, route_plan_kernel, wgrad_kernel)
+    """The modules whose kernels launch through their `launch` name (fast_launch.launch): every
+    *_kernel module of this package that imports it (found, so a new kernel cannot be missed)."""
+    from . import fast_launch
+    package = importlib.import_module(__package__)
+    mods = [importlib.import_module(f"{__package__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)
+            if m.name.endswith("_kernel")]
+    return tuple(m for m in mods if getattr(m, "launch", None) is fast_launch.launch)
 
 
 @contextlib.contextmanager
