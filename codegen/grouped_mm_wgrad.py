@@ -9,8 +9,14 @@ results/stop29_h100/wgrad_gmm/).
 Values are the same (fp32 accumulation, bf16 result). `torch._grouped_mm` has no out= argument,
 so it is used only where its output is the gradient itself: w_down reads a whole contiguous base
 that no other role reads, in either orientation (HF's (E, H, F) or GPT-OSS's (E, F, H)); a copy
-into a slice of a fused base would cost what it saves. bf16 on sm90+ (CUTLASS's kernel), one
-gathered copy (no MOEC_WGRAD_COPY_MIB chunks). MOEC_GROUPED_MM_WGRAD=0 turns it off.
+into a slice of a fused base would cost what it saves. bf16 on sm90 (CUTLASS's kernel; on sm100
+PyTorch issue 172439 reports garbage for groups with no rows, where sm90 writes zeros), one gathered
+copy (no MOEC_WGRAD_COPY_MIB chunks).
+
+Off by default until it has run end to end on a card: the operands' A/B ran there (bitwise equal
+values, every expert with rows), the op with experts without rows and dropped copies only on the
+CPU's fallback of `_grouped_mm` (tests/codegen/test_grouped_mm_wgrad.py). MOEC_GROUPED_MM_WGRAD=1
+turns it on.
 
 The dual gate/up gradient stays on moec's kernel: as one GEMM it needs du and dg side by side in
 one (S, 2F) buffer in the fused base's order (the dh kernel writes them apart), and on GPT-OSS's
@@ -22,8 +28,8 @@ import torch
 
 from . import layout as layouts
 
-ENABLED = os.environ.get("MOEC_GROUPED_MM_WGRAD", "1") != "0"
-# tests: take the path on any device torch._grouped_mm runs on (the CPU's fallback), not only sm90+
+ENABLED = os.environ.get("MOEC_GROUPED_MM_WGRAD", "0") == "1"
+# tests: take the path on any device torch._grouped_mm runs on (the CPU's fallback), not only sm90
 ANY_DEVICE = False
 
 
@@ -33,7 +39,7 @@ def whole_base(hw, weights, layout, needs):
     from .wgrad_kernel import copy_mib
     if not ENABLED or hw.dtype != torch.bfloat16 or copy_mib() is not None or not hasattr(torch, "_grouped_mm"):
         return None
-    if not ANY_DEVICE and not (hw.is_cuda and torch.cuda.get_device_capability(hw.device)[0] >= 9):
+    if not ANY_DEVICE and not (hw.is_cuda and torch.cuda.get_device_capability(hw.device) == (9, 0)):
         return None
     parsed = layouts.parse(layout)
     v = parsed.get("w_down")

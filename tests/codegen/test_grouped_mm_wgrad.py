@@ -18,6 +18,7 @@ E, k, H, F = 4, 2, 24, 16
 @pytest.fixture
 def taken(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
+    monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", True)
     calls = []
     real = grouped_mm_wgrad.down_wgrad
     monkeypatch.setattr(grouped_mm_wgrad, "down_wgrad", lambda *a: calls.append(1) or real(*a))
