@@ -1,7 +1,7 @@
 """The weight gradients' gathered copy (S = T*k rows of x or grad_out, token s // k for copy s):
 aten (`index_select` after the division, what moec ran through stop 28) against moec's
 `gather_rows` at a few block settings, bf16, with the bytes moved over the measured time
-(S x H written, T x H read). Routing as the layer makes it: src sorted by expert.
+(S x H written, T x H read). Routing as the layer makes it (`moec.plan`).
 
 Run: python benchmarks/gather_ab.py [--shapes qwen3,olmoe,mixtral,gptoss] [--tokens 4096,8192]
 """
@@ -31,8 +31,7 @@ def main():
         s = SHAPES[name]
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.randn(T, s.E, device="cuda").topk(s.k, dim=1).indices.reshape(-1)
-            src = ids.argsort(stable=True)          # copy slots grouped by expert, as route_plan makes them
+            _, src, _ = torch.ops.moec.plan(torch.randn(T, s.E, device="cuda").topk(s.k, dim=1).indices, s.E)
             want = x.index_select(0, torch.div(src, s.k, rounding_mode="floor"))
             gb = (src.numel() + T) * s.H * x.element_size() / 1e9
             aten = triton.testing.do_bench(lambda: x.index_select(0, torch.div(src, s.k, rounding_mode="floor")))

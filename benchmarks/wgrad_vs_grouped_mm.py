@@ -35,10 +35,7 @@ def main():
         s = SHAPES[name]
         for T in map(int, args.tokens.split(",")):
             S = T * s.k
-            ids = torch.randn(T, s.E, device=dev).topk(s.k, dim=1).indices.reshape(-1)
-            src = ids.argsort(stable=True)
-            counts = torch.bincount(ids, minlength=s.E)
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            offsets, src, _ = torch.ops.moec.plan(torch.randn(T, s.E, device=dev).topk(s.k, dim=1).indices, s.E)
             offs = offsets[1:].to(torch.int32)
             x, go = torch.randn(T, s.H, device=dev, dtype=bf), torch.randn(T, s.H, device=dev, dtype=bf)
             dgu = torch.randn(S, 2 * s.F, device=dev, dtype=bf)          # [du | dg], rows grouped by expert
