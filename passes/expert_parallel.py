@@ -26,7 +26,7 @@ from moec.runtime import ep_experts, resolve_ep_group
 from moec.runtime.consistency import describe
 from moec.runtime.expert_parallel import ep_dispatch
 
-from .graph import gathered_dtensor, value
+from .graph import gather_chain, gathered_dtensor, value
 
 PASS = "expert_parallel"
 WHOLE_LAYER = "moec_whole_layer"    # meta of a chunk's ep_dispatch (chunk_tokens): the layer's (x, offsets) values
@@ -67,8 +67,9 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> tuple:
         for w, shard in zip(weights, local):
             if shard is not w:
                 sharded.append(shard.name)
-                if not w.users:     # a gather nothing reads any more
-                    gm.graph.erase_node(w)
+                for g in gather_chain(w):    # the gather's nodes nothing reads any more
+                    if not g.users:
+                        gm.graph.erase_node(g)
         layers.append(site)
     gm.graph.lint()
     gm.recompile()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.distributed.tensor import Replicate
 
 # Ops that return a view of their first argument: a mutation through the view is a mutation of
 # the base. Advanced indexing (getitem with a tensor index) copies, and is handled in `_is_view`.
@@ -29,10 +30,19 @@ _INPLACE_FUNCTIONS = {
 TRACED_AS_MARKER = "moec_hf_eager_experts_traced_as_"
 
 
+# torch 2.11's Dynamo records some Python operators on tensors as their method (`ids == e` as call_method
+# `__eq__`) where 2.13 records `operator.eq`: both are the operator's name. Reflected forms (`__rsub__`)
+# keep theirs, as their operands are swapped.
+_DUNDER = {f"__{n}__": n for n in ("eq", "ne", "lt", "le", "gt", "ge", "add", "sub", "mul", "truediv", "floordiv",
+                                    "mod", "pow", "neg", "invert", "getitem", "matmul", "iadd", "isub", "imul",
+                                    "itruediv")}
+_DUNDER.update({"__and__": "and_", "__or__": "or_", "__xor__": "xor"})
+
+
 def op_name(node: fx.Node) -> str:
     """`topk` for torch.topk, Tensor.topk and aten.topk alike; '' for placeholders and outputs."""
     if node.op == "call_method":
-        return node.target
+        return _DUNDER.get(node.target, node.target)
     if node.op == "call_function":
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
@@ -219,12 +229,31 @@ def _clean_source_name(path: str) -> str:
 
 
 def gathered_dtensor(node) -> fx.Node | None:
-    """The DTensor graph input `node` all-gathers whole (`dt.full_tensor(...)`, as modules sharded
-    by `moec.runtime.shard_experts` read their weights), else None."""
-    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target != "full_tensor":
-        return None
-    source = node.args[0]
-    return source if isinstance(source, fx.Node) and source.op == "placeholder" else None
+    """The DTensor graph input `node` all-gathers whole, as modules sharded by
+    `moec.runtime.shard_experts` read their weights, else None. Two spellings: `dt.full_tensor(...)`
+    (call_method), and `dt.redistribute(mesh, [Replicate()]).to_local(...)`, which Dynamo records
+    as methods (torch 2.13) or as `prim_*` functions it wraps around the placements (2.11)."""
+    chain = gather_chain(node)
+    return chain[-1].args[0] if chain else None
+
+
+def gather_chain(node) -> list:
+    """The nodes of the gather `node` ends (itself first, up to the DTensor input's reader), or []."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_method", "call_function") or not node.args:
+        return []
+    chain, name = [node], op_name(node)
+    if name in ("to_local", "prim_to_local"):
+        src = node.args[0]
+        dt = value(src)
+        if not (isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.args
+                and op_name(src) in ("redistribute", "prim_redistribute")
+                and all(isinstance(p, Replicate) for p in getattr(dt, "placements", [None]))):
+            return []
+        chain.append(src)
+    elif name != "full_tensor":
+        return []
+    source = chain[-1].args[0]
+    return chain if isinstance(source, fx.Node) and source.op == "placeholder" else []
 
 
 class Emitter:

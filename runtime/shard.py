@@ -18,7 +18,7 @@ A layer moec does not fuse stays correct: its gathered weights are simply used a
 """
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from moec.codegen.errors import MoecError
 
@@ -116,4 +116,15 @@ def _reader(name):
 
 def _gathered(p):
     # Partial: each rank's gradient of the full weight covers its own tokens; the sum is the gradient.
-    return p.full_tensor(grad_placements=[Partial()]) if isinstance(p, DTensor) else p
+    if not isinstance(p, DTensor):
+        return p
+    if _FULL_TENSOR_TRACES:
+        return p.full_tensor(grad_placements=[Partial()])
+    n = p.device_mesh.ndim
+    return p.redistribute(p.device_mesh, [Replicate()] * n).to_local(grad_placements=[Partial()] * n)
+
+
+# torch 2.11's Dynamo graph-breaks on full_tensor(grad_placements=[...]) (the placements list is not
+# proxied), which splits the MoE layer over two graphs; there redistribute + to_local traces. 2.13's
+# traces full_tensor whole, where the other spelling would put the mesh in the graph as an input.
+_FULL_TENSOR_TRACES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)

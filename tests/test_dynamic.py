@@ -6,6 +6,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from e2e.hf_models import moe_block
+from moec.capture import _SIZE_OBLIVIOUS_LOWERS
+
+# Where moec cannot trace sizes size-obliviously (torch 2.11: moec/capture.py says why), a size of 1
+# compiles a graph of its own, Dynamo's 0/1 specialisation.
+ONES_APART = 0 if _SIZE_OBLIVIOUS_LOWERS else 1
 
 
 def _run(compiled, block, x):
@@ -20,11 +25,12 @@ def test_new_shapes_recompile_at_most_once_and_routing_never():
     assert counters["moec"]["graphs"] == 1
     for shape in [(3, 7, 32), (4, 9, 32), (1, 13, 32), (1, 1, 32), (5, 2, 32)]:
         _run(compiled, block, torch.randn(shape, dtype=torch.float64))
-    assert counters["moec"]["graphs"] == 2          # one more, with symbolic batch and sequence
-    assert counters["moec"]["regions_fused"] == 2   # and it is fused too
+    graphs = 2 + 2 * ONES_APART                     # one more, with symbolic batch and sequence
+    assert counters["moec"]["graphs"] == graphs     # (2.11: and one each for a batch and a sequence of 1)
+    assert counters["moec"]["regions_fused"] == graphs   # and they are fused too
     for _ in range(3):                              # new tokens, new routing, same shape
         _run(compiled, block, torch.randn(5, 2, 32, dtype=torch.float64) * 3)
-    assert counters["moec"]["graphs"] == 2
+    assert counters["moec"]["graphs"] == graphs
 
 
 def test_zero_tokens_after_compile():
@@ -75,4 +81,5 @@ def test_one_function_at_several_layer_widths_fuses_each():
                 got, want = compiled(c, p, x).float(), _grouped_layer(c, p, x).float()
             assert (got - want).norm() <= 2e-2 * want.norm(), (c, T)
         assert counters["moec"]["regions_fused"] == counters["moec"]["graphs"], dict(counters["moec"])
-    assert counters["moec"]["graphs"] <= 5      # 1 + 2 per new width at most (first static, then symbolic)
+    # 1 + 2 per new width at most (first static, then symbolic); 2.11: a width's first token alone once more
+    assert counters["moec"]["graphs"] <= 5 + ONES_APART

@@ -16,6 +16,7 @@ import moec
 from compare import TOL, check_compiled_matches_eager
 from e2e.hf_models import causal_lm, moe_block
 from moe_idioms import CapacityTop2MoE
+from test_dynamic import ONES_APART
 from test_no_host_sync import _SYNCS
 
 ON = {"expert_stats": True}
@@ -47,7 +48,8 @@ def test_counts_equal_eager_router_over_steps_and_recompiles():
     compiled = check_compiled_matches_eager(block, xs[0], options=ON)     # forward and gradients
     for x in xs[1:]:
         torch.testing.assert_close(compiled(x), block(x), **TOL[torch.float64])
-    assert counters["moec"]["graphs"] == 2          # one recompile, with symbolic tokens; none after
+    # one recompile, with symbolic tokens; none after (torch 2.11: the batch of 1 once more, test_dynamic.py)
+    assert counters["moec"]["graphs"] == 2 + ONES_APART
     want = sum(_topk_counts(_logits(block, x), k, E) for x in xs)
     [(name, load)] = moec.stats(compiled).items()
     assert name == "<root>" and load.counts.tolist() == want.tolist()

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 from fixed_calibration import write_calibration
 from moe_ops import summed
+from torch_release import TORCH
 from moec.runtime import shard_experts
 from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel
 
@@ -122,7 +123,8 @@ def test_hf_decoder_layers_chunked_by_sequences(pool2, arch, by):
             assert k_ == 2 and got == units, (k_, got)
             assert {"attn_output", "hidden_states"} <= set(pre), pre   # the attention; the first norm
             assert any("router_logits" in n for n in pre) and post, (pre, post)
-            assert [n for n, _ in stops] == ["l_args_0_"], stops     # nothing left out but the layer's input
+            # nothing left out but the layer's input (Dynamo names it l_args_0_ or l_hidden_states_ by version)
+            assert [why for _, why in stops] == ["a graph input"], stops
 
 
 def _collectives(code: str) -> str:
@@ -175,6 +177,8 @@ def test_inductor_keeps_starts_early_and_waits_late(pool2, capacity_factor):
     assert pool2.run(inductor_forward_order, capacity_factor, timeout=300) == ["SSWSWSWW"] * 2
 
 
+@pytest.mark.skipif(TORCH < (2, 13), reason="torch 2.11's Inductor cannot run a float64 SDPA backward on "
+                    "the CPU, moec or not (RuntimeError: expected scalar type Double but found Float)")
 def test_inductor_sequence_chunks_with_uneven_batches(pool2):
     """2 and 3 sequences per rank under Inductor: each rank's generated code orders its ops its own
     way. The layers' consistency check (a blocking collective Inductor would not order among the

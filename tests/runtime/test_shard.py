@@ -4,6 +4,7 @@ a sharded HF block keeps its code: it runs eager (gathering its weights inside f
 compiled with its layer left unfused or fused without expert parallelism, while optimizers and
 state_dict see the DTensors."""
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.testing import assert_close
 
 from moe_ops import H, Experts, moe
+from torch_release import TORCH
 from moec.runtime import shard_experts
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
@@ -85,7 +87,14 @@ def sharded_hf_block_keeps_its_code(rank, ws):
     # the graph; no ep_group: moec's single-process experts read the gathered weights
     unfused = torch.compile(block, backend="moec", options={"dense_backend": "aot_eager", "ep_group": mesh,
                                                             "disable": ("rewrite",)})
-    results = [_forward_backward(fn, m, x) for fn, m in ((ref, ref), (block, block), (unfused, block))]
+    # moec traces HF's eager experts as grouped_mm, which for float32 weights is transformers' fallback op:
+    # torch 2.11's AOT autograd cannot trace its backward (`offs.tolist()`; moec or not), so there the
+    # unrewritten graph traces them as batched_mm
+    os.environ["MOEC_HF_EAGER_EXPERTS_AS"] = "grouped_mm" if TORCH >= (2, 13) else "batched_mm"
+    try:
+        results = [_forward_backward(fn, m, x) for fn, m in ((ref, ref), (block, block), (unfused, block))]
+    finally:
+        del os.environ["MOEC_HF_EAGER_EXPERTS_AS"]
     torch._dynamo.reset()
     no_ep = torch.compile(block, backend="moec", options={"dense_backend": "aot_eager"})
     results.append(_forward_backward(no_ep, block, x))
