@@ -4,7 +4,7 @@ After the dh kernel, a layer's backward has three independent GEMM groups: the i
 (dx, the GEMM the next layer's backward waits for) and the two weight-gradient kernels, each
 a short ragged-K GEMM whose time goes to its prologue and its store. In one stream each waits
 for the previous one's tail; on two, the weight gradients fill the SMs the other leaves idle.
-Off by default until measured (benchmarks/wgrad_stream_ab.py); `set_wgrad_stream(True)` turns it
+Off by default until measured (benchmarks/switch_ab.py --switch wgrad_stream); `set_wgrad_stream(True)` turns it
 on. Under CUDA graph capture the block runs in place, on the capturing stream.
 
 Memory: a tensor made on one stream and used on the other is recorded on it
