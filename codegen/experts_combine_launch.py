@@ -24,7 +24,7 @@ from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
-                             experts_forward, input_grad, lora_up_gate_wgrads)
+                             experts_forward, input_grad, lora_up_gate_wgrads, sum_rows)
 from .gather_kernel import gather_rows
 from .jit_helpers import ACTIVATION_CODE
 from .pdl import use as use_pdl
@@ -72,14 +72,20 @@ def experts_combine_backward_rows(grad_out, x, src, offsets, inv, route_w, pre, 
                                   alpha, limit):
     """The backward without its weight gradients (ops of their own, so that a compiled backward
     frees pre before them: see experts_combine_op.py): [dx, d route_w, w h, du, dg (S, F); dg (0,)
-    without a gate]. No LoRA layouts (their factors' gradients need the rows' LoRA terms)."""
+    without a gate]. Where `grouped_mm_wgrad.joint_gate_up` holds, [.., w h, dgu (S, 2F): dg and du
+    side by side in the gate/up base's column order, (0,)]. No LoRA layouts (their factors'
+    gradients need the rows' LoRA terms)."""
     _check(x)
     w_up, w_gate = layouts.views(weights, layout)[:2]
+    joint = grouped_mm_wgrad.joint_gate_up(x, weights, layout)
     if src.shape[0] == 0:
         F = w_up.shape[1]
-        return _zero_head(x, route_w) + [x.new_empty(0, F), x.new_empty(0, F),
-                                         x.new_empty(0, F) if w_gate is not None else x.new_empty(0)]
-    r = _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit)
+        return _zero_head(x, route_w) + [x.new_empty(0, F)] + (
+            [x.new_empty(0, 2 * F), x.new_empty(0)] if joint else
+            [x.new_empty(0, F), x.new_empty(0, F) if w_gate is not None else x.new_empty(0)])
+    r = _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit, joint)
+    if joint:
+        return r.head + [r.hw, r.dgu, x.new_empty(0)]
     return r.head + [r.hw, r.du, r.dg if r.dg is not None else x.new_empty(0)]
 
 
@@ -88,9 +94,11 @@ def _zero_head(x, route_w):
             torch.zeros_like(route_w, memory_format=torch.contiguous_format)]
 
 
-def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit):
+def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, activation, alpha, limit, joint=None):
     """Steps 1 and 2 (S > 0): head = [dx, d route_w], the rows the weight gradients read (hw, du,
-    dg: None without a gate), grad_out contiguous (go), LoRA's q terms and the tiles they reuse."""
+    dg: None without a gate), grad_out contiguous (go), LoRA's q terms and the tiles they reuse.
+    joint: `grouped_mm_wgrad.joint_gate_up`'s, where du and dg go side by side into one buffer
+    (dgu) and the input gradient's rows are CUTLASS's grouped GEMM of it."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     shared = _shared_a(layout)
@@ -99,8 +107,12 @@ def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, acti
         _, pre = experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, activation, alpha,
                                          limit, True)
     t_dh, t_down, t_up = _tiles(x, src, w_up, k, "dh", "down_dx", "gate_up")
-    hw, du = x.new_empty(S, F), x.new_empty(S, F)
-    dg = x.new_empty(S, F) if w_gate is not None else None
+    hw, dgu = x.new_empty(S, F), None
+    if joint:
+        dgu = x.new_empty(S, 2 * F)
+        dg, du = dgu[:, joint[2]:joint[2] + F], dgu[:, joint[3]:joint[3] + F]
+    else:
+        du, dg = x.new_empty(S, F), x.new_empty(S, F) if w_gate is not None else None
     go = grad_out.contiguous()
     # down's LoRA: q = s grad_out[t] B, gathered by token as _lora_x gathers x (B^T read as (E, r, H))
     q_d = None if ld is None else _lora_x(go, src, offsets, k, (ld[1].transpose(1, 2), None, ld[2]), None, False,
@@ -110,10 +122,13 @@ def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, acti
     d_route_w = torch.empty(S, dtype=torch.float32, device=x.device).index_copy_(0, src, dw_rows)
     q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down, *((dg, lg[1]) if shared else ()))
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)
-    dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
-                    lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
-    return SimpleNamespace(head=[dx, d_route_w.view(route_w.shape).to(route_w.dtype)], hw=hw, du=du, dg=dg, go=go,
-                           q_d=q_d, q_u=q_u, q_g=q_g, t_down=t_down, t_up=t_up)
+    if joint:
+        dx = sum_rows(grouped_mm_wgrad.input_rows(dgu, weights[joint[0]], offsets, joint[1]), src, k, x, inv)
+    else:
+        dx = input_grad(du, dg, w_up, w_gate, offsets, t_down, src, k, x, inv=inv,
+                        lr1=None if lu is None else (q_u, lu[0]), lr2=None if q_g is None else (q_g, lg[0]))
+    return SimpleNamespace(head=[dx, d_route_w.view(route_w.shape).to(route_w.dtype)], hw=hw, du=du, dg=dg, dgu=dgu,
+                           go=go, q_d=q_d, q_u=q_u, q_g=q_g, t_down=t_down, t_up=t_up)
 
 
 def down_weight_grads(grad_out, hw, src, offsets, k, route_w, weights, layout, needs):

@@ -9,7 +9,7 @@ With save=False (inference graphs) nothing is kept and pre is an empty (0,) tens
 import torch
 from torch import Tensor
 
-from . import kernels, reference
+from . import grouped_mm_wgrad, kernels, reference
 from . import layout as layouts
 from .dispatch import moec_op
 from .errors import MoecKernelError
@@ -83,9 +83,11 @@ def experts_combine_backward_rows(grad_out: Tensor, x: Tensor, src: Tensor, offs
 def _(grad_out, x, src, offsets, inv, route_w, pre, k, bases, layout, activation, alpha, limit):
     S, F = src.shape[0], layouts.views(bases, layout)[0].shape[1]
     gated = "w_gate" in layouts.parse(layout)
-    return [torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(S, F), x.new_empty(S, F),
-            x.new_empty(S, F) if gated else x.new_empty(0)]
+    head = [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(route_w, memory_format=torch.contiguous_format), x.new_empty(S, F)]
+    if kernels.use_triton(x) and grouped_mm_wgrad.joint_gate_up(x, bases, layout):
+        return head + [x.new_empty(S, 2 * F), x.new_empty(0)]      # dgu (the launch's docstring)
+    return head + [x.new_empty(S, F), x.new_empty(S, F) if gated else x.new_empty(0)]
 
 
 @moec_op("experts_down_wgrad")

@@ -6,12 +6,13 @@ shape; the per-expert counts stay on the device.
 """
 import torch
 
+from . import grouped_mm_wgrad, tuning
 from . import layout as layouts
-from . import tuning
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .down_kernel import launch_down
 from .errors import MoecKernelError
+from .gather_kernel import gather_rows
 from .gate_up_kernel import launch_gate_up
 from .jit_helpers import ACTIVATION_CODE
 from .wgrad_kernel import launch_wgrad
@@ -136,16 +137,26 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
 
 def experts_wgrad(grad_y, x, src, offsets, k, h, du, dg, weights, layout, needs=None):
     """Step 4 of `experts_backward` alone, from `experts_backward_rows`' h, du, dg: one gradient
-    per base of `weights` (None where needs[i] is False)."""
+    per base of `weights` (None where needs[i] is False). du (S, 2F) with dg (0,) is
+    `experts_combine_backward_rows`' dgu: the gate/up base's whole gradient is then one grouped
+    GEMM (grouped_mm_wgrad.py)."""
     _check(x)
-    grads, slots, out = _grad_buffers(weights, layout, needs)
+    w_up = layouts.views(weights, layout)[0]
+    needs = [True] * len(weights) if needs is None else list(needs)
+    joint = grouped_mm_wgrad.joint_gate_up(x, weights, layout) if du.shape[1] == 2 * w_up.shape[1] else None
+    index = joint[0] if joint and needs[joint[0]] and src.shape[0] else None
+    grads, slots, out = _grad_buffers(weights, layout, [n and i != index for i, n in enumerate(needs)])
     if src.shape[0] == 0:
         for t in out.values():
             t.zero_()
         return _finish(grads, slots, out)
-    w_up = layouts.views(weights, layout)[0]
     t_wg, t_wg2 = _tiles(x, src, w_up, k, "wgrad", "wgrad_dual")
-    _base_wgrads(grad_y, x, src, offsets, k, h, du, dg if dg.numel() else None, out.get, t_wg, t_wg2)
+    if joint is None:
+        _base_wgrads(grad_y, x, src, offsets, k, h, du, dg if dg.numel() else None, out.get, t_wg, t_wg2)
+        return _finish(grads, slots, out)
+    if index is not None:
+        grads[index] = grouped_mm_wgrad.gate_up_wgrad(du, gather_rows(x, src, k), offsets, joint[1])
+    _wgrad(grad_y, h, offsets, out.get("w_down"), t_wg, db=out.get("b_down"))
     return _finish(grads, slots, out)
 
 
@@ -268,10 +279,10 @@ def input_grad(du, dg, w_up, w_gate, offsets, tile, src, k, x, lr1=None, lr2=Non
     copies: a caller holding them would add S x H to the backward's peak."""
     rows = x.new_empty(src.shape[0], x.shape[1])
     launch_down(du, w_up, rows, offsets, tile, a2=dg, b2=w_gate, lr1=lr1, lr2=lr2)
-    return _sum_rows(rows, src, k, x, inv)
+    return sum_rows(rows, src, k, x, inv)
 
 
-def _sum_rows(rows_SH, src_S, k, x_TH, inv=None):
+def sum_rows(rows_SH, src_S, k, x_TH, inv=None):
     """dx[t] = sum_j rows[inv[t*k + j]] (inv: the plan's, or rebuilt from src); falls back to
     index_add when copies are not T*k."""
     T = x_TH.shape[0]

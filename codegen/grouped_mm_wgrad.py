@@ -18,28 +18,36 @@ values, every expert with rows), the op with experts without rows and dropped co
 CPU's fallback of `_grouped_mm` (tests/codegen/test_grouped_mm_wgrad.py). MOEC_GROUPED_MM_WGRAD=1
 turns it on.
 
-The dual gate/up gradient stays on moec's kernel: as one GEMM it needs du and dg side by side in
-one (S, 2F) buffer in the fused base's order (the dh kernel writes them apart), and on GPT-OSS's
-interleaved base never.
+Gate and up read side by side from one fused base (HF's gate_up_proj (E, 2F, H), either order, or
+its transpose; never GPT-OSS's interleaved one): `joint_gate_up` says where. There the backward's
+first op writes du and dg into one (S, 2F) buffer in the base's column order (the dh kernel takes
+their row stride), and two more GEMMs go to CUTLASS: the input gradient's rows, dgu @ W_gate_up per
+expert (N-grouped; dropped copies' rows zeroed after, as moec's kernel writes them), and the
+gate/up base's whole gradient, dgu^T @ x rows per expert (K-grouped). Same switch.
 """
 import os
 
 import torch
 
 from . import layout as layouts
+from .zero_tail_kernel import zero_tail
 
 ENABLED = os.environ.get("MOEC_GROUPED_MM_WGRAD", "0") == "1"
 # tests: take the path on any device torch._grouped_mm runs on (the CPU's fallback), not only sm90
 ANY_DEVICE = False
 
 
+def _on(t) -> bool:
+    from .wgrad_kernel import copy_mib
+    if not ENABLED or t.dtype != torch.bfloat16 or copy_mib() is not None or not hasattr(torch, "_grouped_mm"):
+        return False
+    return ANY_DEVICE or (t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0))
+
+
 def whole_base(hw, weights, layout, needs):
     """(index of the base w_down reads, whether it is read transposed) where dW_down can be made
     as that base's whole gradient by torch._grouped_mm, else None."""
-    from .wgrad_kernel import copy_mib
-    if not ENABLED or hw.dtype != torch.bfloat16 or copy_mib() is not None or not hasattr(torch, "_grouped_mm"):
-        return None
-    if not ANY_DEVICE and not (hw.is_cuda and torch.cuda.get_device_capability(hw.device) == (9, 0)):
+    if not _on(hw):
         return None
     parsed = layouts.parse(layout)
     v = parsed.get("w_down")
@@ -61,3 +69,44 @@ def down_wgrad(go_rows, hw, offsets, transposed):
     if transposed:
         return torch._grouped_mm(hw.t(), go_rows, offs=offs)
     return torch._grouped_mm(go_rows.t(), hw, offs=offs)
+
+
+def joint_gate_up(x, weights, layout):
+    """(index of the base w_gate and w_up read, transposed, gate's first column, up's first column
+    in the (E, 2F, H) view of it) where both read one whole contiguous base side by side and
+    nothing else reads it (no LoRA; no gate/up biases, whose gradients the rows would owe), else None."""
+    if not _on(x) or layouts.has_lora(layout):
+        return None
+    parsed = layouts.parse(layout)
+    u, g = parsed.get("w_up"), parsed.get("w_gate")
+    if u is None or g is None or u.index != g.index or u.transpose != g.transpose or "b_up" in parsed or \
+            "b_gate" in parsed or any(r not in ("w_up", "w_gate") and p.index == u.index for r, p in parsed.items()):
+        return None
+    base = weights[u.index]
+    whole = base.transpose(1, 2) if u.transpose else base          # (E, 2F, H)
+    wu, wg = layouts.view(base, u), layouts.view(base, g)
+    F = whole.shape[1] // 2
+    if not base.is_contiguous() or any(d % 8 for d in base.shape[1:]) or whole.shape[1] != 2 * F or \
+            wu.shape != wg.shape or tuple(wu.shape[1:]) != (F, whole.shape[2]) or wu.stride() != whole.stride() \
+            or wg.stride() != whole.stride():
+        return None
+    starts = [(v.storage_offset() - whole.storage_offset()) // whole.stride(1) for v in (wg, wu)]
+    if sorted(starts) != [0, F]:
+        return None
+    return u.index, u.transpose, starts[0], starts[1]
+
+
+def gate_up_wgrad(dgu, x_rows, offsets, transposed):
+    """The gate/up base's gradient: per expert dgu's rows^T x's gathered rows (E, 2F, H), or its
+    transpose for a base read transposed."""
+    offs = offsets[1:].to(torch.int32)
+    if transposed:
+        return torch._grouped_mm(x_rows.t(), dgu, offs=offs)
+    return torch._grouped_mm(dgu.t(), x_rows, offs=offs)
+
+
+def input_rows(dgu, base, offsets, transposed):
+    """(S, H) = dgu's rows @ W_gate_up[e] (2F, H) per expert, rows of dropped copies zero."""
+    w = base.transpose(1, 2) if transposed else base
+    rows = torch._grouped_mm(dgu, w, offs=offsets[1:].to(torch.int32))
+    return zero_tail(rows, offsets)

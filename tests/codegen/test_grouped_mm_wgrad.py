@@ -73,3 +73,72 @@ def test_where_the_grouped_mm_path_is_not_taken(taken, monkeypatch):
     monkeypatch.setattr(wgrad_kernel, "MAX_COPY_BYTES", wgrad_kernel._ONE_COPY_MIB << 20)
     monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", False)
     assert grouped_mm_wgrad.whole_base(hw, bases, layout, [True, True]) is None                  # switched off
+
+
+def _joint_layer(transposed, gate_first):
+    """HF's fused gate_up (E, 2F, H) (or its transpose (E, H, 2F)) with gate's half first or up's, and
+    a down base; every base contiguous."""
+    w = lambda *s: (torch.randn(*s, device=DEVICE) * s[-1] ** -0.5).to(torch.bfloat16)     # noqa: E731
+    gu = w(E, H, 2 * F) if transposed else w(E, 2 * F, H)
+    g0, u0 = (0, F) if gate_first else (F, 0)
+    up, gate = (gu, transposed, (u0, 1, u0 + F)), (gu, transposed, (g0, 1, g0 + F))
+    return layouts.pack([up, gate, (w(E, H, F), False, None), None, None, None])
+
+
+@pytest.fixture
+def joint(monkeypatch):
+    monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
+    monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", True)
+    calls = []
+    for name in ("gate_up_wgrad", "input_rows", "down_wgrad"):
+        real = getattr(grouped_mm_wgrad, name)
+        monkeypatch.setattr(grouped_mm_wgrad, name, lambda *a, n=name, f=real: calls.append(n) or f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("transposed,gate_first", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("how", ["uniform", "sparse", "one_expert"])
+def test_backward_with_gate_and_up_side_by_side(joint, transposed, gate_first, how):
+    """experts_combine's backward as compiled graphs run it (three ops): du and dg written into one
+    (S, 2F) buffer in the base's order, the input gradient's rows and the gate/up base's gradient
+    through `_grouped_mm`, against float64: dx, the routing weights' gradient, every weight's;
+    experts without rows, a dropped copy (its rows zeroed), every copy on one expert."""
+    T = 9
+    offsets, src, inv = _routing(T, E, k, how)
+    bases, layout = _joint_layer(transposed, gate_first)
+    x = torch.randn(T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
+    for b in bases:
+        b.requires_grad_()
+    args = ("silu", 1.702, 7.0)
+    with kernels.backend("triton"):
+        out, _ = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *args, True)
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    assert sorted(set(joint)) == ["down_wgrad", "gate_up_wgrad", "input_rows"], joint
+    d = lambda t: t.detach().cpu().double()      # noqa: E731
+    routing = (src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k)
+    want = reference.experts_combine_backward(d(gout), d(x), *routing, [d(b) for b in bases], layout, *args)
+    for i, (g, w) in enumerate(zip(grads, want)):
+        assert g.shape == w.shape, i
+        assert rel_err(g.cpu(), w) < 2e-2, i
+    empty = (offsets[1:] == offsets[:-1]).cpu()
+    gu = grads[2].cpu().transpose(1, 2) if transposed else grads[2].cpu()
+    assert torch.equal(gu[empty], torch.zeros_like(gu[empty]))      # experts without rows: zeros
+
+
+def test_where_gate_and_up_do_not_go_side_by_side(joint):
+    bases, layout = _joint_layer(False, True)
+    x = torch.randn(6, H, device=DEVICE).to(torch.bfloat16)
+    assert grouped_mm_wgrad.joint_gate_up(x, bases, layout) == (0, False, 0, F)
+    assert grouped_mm_wgrad.joint_gate_up(x.float(), bases, layout) is None                 # bf16 only
+    assert grouped_mm_wgrad.joint_gate_up(x, *_layer(False, True)) == (0, False, 0, F)     # b_down beside: taken
+    interleaved = layouts.pack([(bases[0], False, (1, 2, None)), (bases[0], False, (0, 2, None)),
+                                (bases[1], False, None)])[1]
+    assert grouped_mm_wgrad.joint_gate_up(x, bases, interleaved) is None                    # GPT-OSS's order
+    apart = layouts.pack([(bases[0][:, F:], False, None), (bases[0][:, :F].contiguous(), False, None),
+                          (bases[1], False, None)])
+    assert grouped_mm_wgrad.joint_gate_up(x, *apart) is None                                # two bases
+    half = layouts.pack([(bases[0], False, (0, 1, F // 2)), (bases[0], False, (F, 1, 2 * F)),
+                         (bases[1], False, None)])[1]
+    assert grouped_mm_wgrad.joint_gate_up(x, bases, half) is None                           # not the whole base
