@@ -51,15 +51,19 @@ def compare(switch, s, T, reps=3):
     torch.manual_seed(0)
     p = make_params(s, "cuda")
     x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    fn = moec_compiled(s, p)
     probe = torch.randn(x.shape, device="cuda", dtype=x.dtype)
     graphs, peaks, got = {}, {}, {}
     for on in (False, True):
         SWITCHES[switch](on)
+        # compiled afresh per setting: a switch may change what an op returns (grouped_mm: du and dg as one
+        # buffer), which the compiled graph's shapes and Inductor's size asserts were traced with; Dynamo's
+        # cache is per code object (moec_compiled's lambda), so it is emptied first
+        torch._dynamo.reset()
+        fn = moec_compiled(s, p)
         step = make_step(fn, p, x, True)
         got[on] = grads(fn, p, x, probe)
         peaks[on] = peak_mib(step)
-        graphs[on] = capture(step)   # the ops read the switch when they run: each graph keeps its own
+        graphs[on] = capture(step)
     SWITCHES[switch](False)
     diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
                for a, b in zip(got[True], got[False]))
