@@ -142,3 +142,26 @@ def test_where_gate_and_up_do_not_go_side_by_side(joint):
     half = layouts.pack([(bases[0], False, (0, 1, F // 2)), (bases[0], False, (F, 1, 2 * F)),
                          (bases[1], False, None)])[1]
     assert grouped_mm_wgrad.joint_gate_up(x, bases, half) is None                           # not the whole base
+
+
+def test_compiled_hf_block_with_the_grouped_mm_backward(joint):
+    """A Hugging Face Qwen3-MoE block compiled with moec (Inductor around it), bf16, trained through the
+    CUTLASS GEMMs: the compiled graph was traced with the rows op's dgu (its fake says so, or Inductor's
+    size asserts would fail); output and every gradient against the float64 eager block."""
+    from e2e.hf_models import moe_block
+    ref = moe_block("qwen3_moe", "eager").double()      # the same weights; grouped_mm has no float64
+    block = moe_block("qwen3_moe", "grouped_mm").to(torch.bfloat16)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    with kernels.backend("triton"):
+        compiled = torch.compile(block, backend="moec")
+        out = compiled(x.to(torch.bfloat16).requires_grad_())
+        out = out[0] if isinstance(out, tuple) else out
+        probe = torch.randn(out.shape, dtype=torch.float64)
+        grads = torch.autograd.grad((out.double() * probe).sum(), list(block.parameters()))
+    assert {"gate_up_wgrad", "input_rows", "down_wgrad"} <= set(joint), joint
+    out_ref = ref(x)
+    out_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
+    want = torch.autograd.grad((out_ref * probe).sum(), list(ref.parameters()))
+    assert rel_err(out, out_ref) < 2e-2
+    for (name, _), g, w in zip(ref.named_parameters(), grads, want):
+        assert rel_err(g, w) < 3e-2, name
