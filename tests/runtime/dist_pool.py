@@ -17,7 +17,10 @@ import torch.multiprocessing as mp
 
 
 class RankPool:
-    def __init__(self, world_size: int, pg_timeout_s: float = 20.0):
+    # pg_timeout_s: how long a rank waits in a collective for the others. Some tests have one rank
+    # compile while the other waits in the layer's all-to-all (test_chunk_tokens' recompile on one
+    # rank): on a 2-core machine busy with another job that compile outlasted 20 s (2026-12-06).
+    def __init__(self, world_size: int, pg_timeout_s: float = 60.0):
         self.world_size, self.pg_timeout_s = world_size, pg_timeout_s
         self.procs = []
 
