@@ -37,6 +37,13 @@ ENABLED = os.environ.get("MOEC_GROUPED_MM_WGRAD", "0") == "1"
 ANY_DEVICE = False
 
 
+def cache_key() -> str:
+    """What of this module's state decides op output shapes (joint_gate_up's dgu): compiled graphs
+    made under one setting are not to be replayed under another (moec/cache_tag.py)."""
+    from .wgrad_kernel import copy_mib
+    return f"grouped_mm={ENABLED},{ANY_DEVICE},{copy_mib()}"
+
+
 def _on(t) -> bool:
     from .wgrad_kernel import copy_mib
     if not ENABLED or t.dtype != torch.bfloat16 or copy_mib() is not None or not hasattr(torch, "_grouped_mm"):

@@ -5,8 +5,8 @@ captured, torch's version and Inductor's config — not on the Python code behin
 backward graph comes from moec's autograd formulas, so after moec changes (an op gains an
 argument, a formula changes) the caches would replay code built against the old moec: wrong
 calls at best. Both keys include the uuid of any `post_grad_custom_pre_pass`, so moec installs a
-pass that does nothing but carry a hash of moec's own sources (and calls the user's pass, if
-one was set, combining both uuids).
+pass that does nothing but carry a hash of moec's own sources and the kernel switches that shape
+its ops' outputs (and calls the user's pass, if one was set, combining both uuids).
 """
 import functools
 import hashlib
@@ -26,10 +26,20 @@ class MoecSourceTag(CustomGraphPass):
             self.user_pass(graph)
 
     def uuid(self):
+        ours = (source_hash(), switches())
         if self.user_pass is None:
-            return source_hash()
+            return ours
         theirs = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
-        return None if theirs is None else (source_hash(), theirs)   # None: Inductor skips caching
+        return None if theirs is None else (ours, theirs)   # None: Inductor skips caching
+
+
+def switches() -> str:
+    """The kernel switches that change what moec's ops return (their fakes, so the traced graph): read
+    at each compile, as a benchmark may flip them in one process. Without it, a graph compiled with
+    MOEC_GROUPED_MM_WGRAD=0 was replayed from the cache with it on (the rows op's du is (S, 2F) there:
+    Inductor's size assert failed, H200, 2026-12-06)."""
+    from moec.codegen import grouped_mm_wgrad
+    return grouped_mm_wgrad.cache_key()
 
 
 def tagged(patches: dict) -> dict:

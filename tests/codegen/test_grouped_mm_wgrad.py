@@ -150,14 +150,14 @@ def test_compiled_hf_block_with_the_grouped_mm_backward(joint):
     size asserts would fail); output and every gradient against the float64 eager block."""
     from e2e.hf_models import moe_block
     ref = moe_block("qwen3_moe", "eager").double()      # the same weights; grouped_mm has no float64
-    block = moe_block("qwen3_moe", "grouped_mm").to(torch.bfloat16)
+    block = moe_block("qwen3_moe", "grouped_mm").to(DEVICE, torch.bfloat16)
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     with kernels.backend("triton"):
         compiled = torch.compile(block, backend="moec")
-        out = compiled(x.to(torch.bfloat16).requires_grad_())
-        out = out[0] if isinstance(out, tuple) else out
+        out = compiled(x.to(DEVICE, torch.bfloat16).requires_grad_())
+        out = (out[0] if isinstance(out, tuple) else out).cpu()
         probe = torch.randn(out.shape, dtype=torch.float64)
-        grads = torch.autograd.grad((out.double() * probe).sum(), list(block.parameters()))
+        grads = [g.cpu() for g in torch.autograd.grad((out.double() * probe).sum(), list(block.parameters()))]
     assert {"gate_up_wgrad", "input_rows", "down_wgrad"} <= set(joint), joint
     out_ref = ref(x)
     out_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
