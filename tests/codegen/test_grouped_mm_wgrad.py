@@ -165,3 +165,24 @@ def test_compiled_hf_block_with_the_grouped_mm_backward(joint):
     assert rel_err(out, out_ref) < 2e-2
     for (name, _), g, w in zip(ref.named_parameters(), grads, want):
         assert rel_err(g, w) < 3e-2, name
+
+
+def test_a_graph_compiled_with_the_switch_off_is_not_replayed_with_it_on(monkeypatch):
+    """Inductor's and AOT autograd's caches outlive Dynamo's reset (and the process, on disk): the
+    same block compiled again after MOEC_GROUPED_MM_WGRAD flipped must be compiled for it, not
+    served the graph traced with the rows op's other output shapes (failed on an H200 before moec's
+    cache tag carried the switch)."""
+    from e2e.hf_models import moe_block
+    monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
+    block = moe_block("qwen3_moe", "grouped_mm").to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 7, 32, device=DEVICE).to(torch.bfloat16)
+    got = []
+    for on in (False, True):
+        monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", on)
+        torch._dynamo.reset()
+        with kernels.backend("triton"):
+            out = torch.compile(block, backend="moec")(x)
+            out = out[0] if isinstance(out, tuple) else out
+            got.append(torch.autograd.grad(out.float().square().sum(), list(block.parameters())))
+    for a, b in zip(*got):
+        assert rel_err(b.cpu(), a.cpu()) < 2e-2
