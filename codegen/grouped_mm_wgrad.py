@@ -73,10 +73,7 @@ def down_wgrad(go_rows, hw, offsets, transposed):
     """The down base's gradient: per expert grad_out's gathered rows^T (w h) (E, H, F), or its
     transpose (E, F, H) for a base read transposed. Rows past offsets[E] (dropped copies) are in
     no group."""
-    offs = offsets[1:].to(torch.int32)
-    if transposed:
-        return torch._grouped_mm(hw.t(), go_rows, offs=offs)
-    return torch._grouped_mm(go_rows.t(), hw, offs=offs)
+    return _per_expert_at_b(go_rows, hw, offsets, transposed)
 
 
 def joint_gate_up(x, weights, layout):
@@ -107,10 +104,16 @@ def joint_gate_up(x, weights, layout):
 def gate_up_wgrad(dgu, x_rows, offsets, transposed):
     """The gate/up base's gradient: per expert dgu's rows^T x's gathered rows (E, 2F, H), or its
     transpose for a base read transposed."""
+    return _per_expert_at_b(dgu, x_rows, offsets, transposed)
+
+
+def _per_expert_at_b(a, b, offsets, transposed):
+    """K-grouped: per expert e, a's rows^T b's rows over offsets[e]:offsets[e+1] (E, M, N), or
+    b^T a (E, N, M) where the base it is the gradient of is read transposed."""
     offs = offsets[1:].to(torch.int32)
     if transposed:
-        return torch._grouped_mm(x_rows.t(), dgu, offs=offs)
-    return torch._grouped_mm(dgu.t(), x_rows, offs=offs)
+        return torch._grouped_mm(b.t(), a, offs=offs)
+    return torch._grouped_mm(a.t(), b, offs=offs)
 
 
 def input_rows(dgu, base, offsets, transposed):

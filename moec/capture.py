@@ -32,6 +32,7 @@ import torch
 import torch._dynamo.eval_frame as eval_frame
 import torch.fx.experimental._config as fx_config
 
+from moec.codegen.torch_release import TORCH_RELEASE
 from moec.passes.graph import TRACED_AS_MARKER
 
 from .config import env_value
@@ -209,7 +210,7 @@ def dynamic_capture():
 # (HF's `hidden_states[:, -1:]` for logits_to_keep=1: LoweringException KeyError
 # 'unbacked_bindings', seen on an H100 with torch 2.11); 2.13 lowers it. Where it can't, a batch
 # of one token compiles its own graph, as under Dynamo's defaults.
-_SIZE_OBLIVIOUS_LOWERS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+_SIZE_OBLIVIOUS_LOWERS = TORCH_RELEASE >= (2, 13)
 
 
 def _enter_hf_experts_as(implementation):

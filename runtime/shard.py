@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from moec.codegen.errors import MoecError
+from moec.codegen.torch_release import TORCH_RELEASE
 
 from .mesh import resolve_ep_group
 
@@ -127,4 +128,4 @@ def _gathered(p):
 # torch 2.11's Dynamo graph-breaks on full_tensor(grad_placements=[...]) (the placements list is not
 # proxied), which splits the MoE layer over two graphs; there redistribute + to_local traces. 2.13's
 # traces full_tensor whole, where the other spelling would put the mesh in the graph as an input.
-_FULL_TENSOR_TRACES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+_FULL_TENSOR_TRACES = TORCH_RELEASE >= (2, 13)

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from fixed_calibration import write_calibration
 from moe_ops import summed
-from torch_release import TORCH
+from moec.codegen.torch_release import TORCH_RELEASE
 from moec.runtime import shard_experts
 from moec.runtime.cost_model import AllToAllModel, Calibration, ComputeModel
 
@@ -177,7 +177,7 @@ def test_inductor_keeps_starts_early_and_waits_late(pool2, capacity_factor):
     assert pool2.run(inductor_forward_order, capacity_factor, timeout=300) == ["SSWSWSWW"] * 2
 
 
-@pytest.mark.skipif(TORCH < (2, 13), reason="torch 2.11's Inductor cannot run a float64 SDPA backward on "
+@pytest.mark.skipif(TORCH_RELEASE < (2, 13), reason="torch 2.11's Inductor cannot run a float64 SDPA backward on "
                     "the CPU, moec or not (RuntimeError: expected scalar type Double but found Float)")
 def test_inductor_sequence_chunks_with_uneven_batches(pool2):
     """2 and 3 sequences per rank under Inductor: each rank's generated code orders its ops its own

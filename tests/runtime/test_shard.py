@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.testing import assert_close
 
 from moe_ops import H, Experts, moe
-from torch_release import TORCH
+from moec.codegen.torch_release import TORCH_RELEASE
 from moec.runtime import shard_experts
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
@@ -90,7 +90,7 @@ def sharded_hf_block_keeps_its_code(rank, ws):
     # moec traces HF's eager experts as grouped_mm, which for float32 weights is transformers' fallback op:
     # torch 2.11's AOT autograd cannot trace its backward (`offs.tolist()`; moec or not), so there the
     # unrewritten graph traces them as batched_mm
-    os.environ["MOEC_HF_EAGER_EXPERTS_AS"] = "grouped_mm" if TORCH >= (2, 13) else "batched_mm"
+    os.environ["MOEC_HF_EAGER_EXPERTS_AS"] = "grouped_mm" if TORCH_RELEASE >= (2, 13) else "batched_mm"
     try:
         results = [_forward_backward(fn, m, x) for fn, m in ((ref, ref), (block, block), (unfused, block))]
     finally:
