@@ -3,7 +3,7 @@
 # PART=2: the same decode step for HF grouped_mm + reduce-overhead.
 source "$(dirname "$0")/common.sh"
 if [ "${PART:-1}" = 1 ]; then
-  step 150 python3 benchmarks/fwd_vs_grouped_mm.py --shapes qwen3,olmoe,mixtral,gptoss --tokens 4096,8192
+  step 150 python3 benchmarks/fwd_vs_grouped_mm.py --shapes qwen3,olmoe,mixtral,gptoss --tokens 8,64,4096,8192
   mkdir -p "$OUT/dump_moec"
   MOEC_DUMP=$OUT/dump_moec step 300 python3 benchmarks/decode_diag.py qwen3 moec_cg 8 > "$OUT/decode_diag_moec_cg.txt" 2>&1
   rm -rf "$OUT/dump_moec"
