@@ -7,6 +7,7 @@ winner; each setting's peak memory, and how far its gradients are from the other
                     and up share a base, the input gradient's rows and the gate/up gradient
   grouped_mm_down   dW_down alone through it
   wgrad_stream      the weight gradients on a second stream (codegen/streams.py)
+  grouped_mm_forward  the forward's down projection on CUTLASS (codegen/grouped_mm_forward.py)
 
 Run: python benchmarks/switch_ab.py --switch grouped_mm [--shapes mixtral,qwen3] [--tokens 4096]
          [--out DIR]    (writes switch_ab.json and switch_ab.md there)
@@ -24,7 +25,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layer import capture, make_step, moec_compiled, peak_mib  # noqa: E402
 from layers import SHAPES, make_params  # noqa: E402
-from moec.codegen import grouped_mm_wgrad, streams  # noqa: E402
+from moec.codegen import grouped_mm_forward, grouped_mm_wgrad, streams  # noqa: E402
 
 _JOINT = grouped_mm_wgrad.joint_gate_up
 
@@ -38,6 +39,7 @@ SWITCHES = {
     "grouped_mm": _grouped_mm,
     "grouped_mm_down": lambda on: _grouped_mm(on, joint=False),
     "wgrad_stream": streams.set_wgrad_stream,
+    "grouped_mm_forward": lambda on: setattr(grouped_mm_forward, "ENABLED", on),
 }
 
 

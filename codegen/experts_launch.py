@@ -6,7 +6,7 @@ shape; the per-expert counts stay on the device.
 """
 import torch
 
-from . import grouped_mm_wgrad, tuning
+from . import grouped_mm_forward, grouped_mm_wgrad, tuning
 from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
@@ -44,15 +44,17 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles or layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     S, (F, H) = src.shape[0], w_up.shape[1:]
-    y = x.new_empty(S, H)
     if S == 0:
-        return y
+        return x.new_empty(S, H)
     t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
     t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
     h = x.new_empty(S, F)
     launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
                    alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre, pdl=pdl)
+    if grouped_mm_forward.down_taken(h, w_down, b_down, ld, pdl):
+        return grouped_mm_forward.down_rows(h, w_down, offsets)
     t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
+    y = x.new_empty(S, H)
     launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld), pdl=pdl)
     return y
 

@@ -45,11 +45,17 @@ def cache_key() -> str:
     return f"grouped_mm={ENABLED},{ANY_DEVICE},{copy_mib()}"
 
 
-def _on(t) -> bool:
-    from .wgrad_kernel import copy_mib
-    if not ENABLED or t.dtype != torch.bfloat16 or copy_mib() is not None or not hasattr(torch, "_grouped_mm"):
+def usable(t) -> bool:
+    """Whether CUTLASS's grouped GEMM is the one `torch._grouped_mm` runs for t (bf16 on sm90),
+    or the tests asked for torch's fallback anywhere (ANY_DEVICE)."""
+    if t.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
     return ANY_DEVICE or (t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0))
+
+
+def _on(t) -> bool:
+    from .wgrad_kernel import copy_mib
+    return ENABLED and copy_mib() is None and usable(t)
 
 
 def whole_base(hw, weights, layout, needs):
