@@ -7,7 +7,8 @@ winner; each setting's peak memory, and how far its gradients are from the other
                     and up share a base, the input gradient's rows and the gate/up gradient
   grouped_mm_down   dW_down alone through it
   wgrad_stream      the weight gradients on a second stream (codegen/streams.py)
-  grouped_mm_forward  the forward's down projection on CUTLASS (codegen/grouped_mm_forward.py)
+  grouped_mm_forward  the forward's gate/up and down GEMMs on CUTLASS (codegen/grouped_mm_forward.py)
+  grouped_mm_forward_down  its down GEMM alone
 
 Run: python benchmarks/switch_ab.py --switch grouped_mm [--shapes mixtral,qwen3] [--tokens 4096]
          [--out DIR]    (writes switch_ab.json and switch_ab.md there)
@@ -39,7 +40,8 @@ SWITCHES = {
     "grouped_mm": _grouped_mm,
     "grouped_mm_down": lambda on: _grouped_mm(on, joint=False),
     "wgrad_stream": streams.set_wgrad_stream,
-    "grouped_mm_forward": lambda on: setattr(grouped_mm_forward, "ENABLED", on),
+    "grouped_mm_forward": lambda on: (setattr(grouped_mm_forward, "DOWN", on), setattr(grouped_mm_forward, "GATE_UP", on)),
+    "grouped_mm_forward_down": lambda on: setattr(grouped_mm_forward, "DOWN", on),
 }
 
 

@@ -28,7 +28,7 @@ from .jit_helpers import (GROUP_M, activate, activate_backward, cdiv, expert_til
 @triton.jit
 def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_ptr,
               td_ptr, ld_ptr, wd_desc, S, E, H, F, k_top, alpha, limit, M_TILES, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h,
-              s_pre, s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
+              s_pre, s_g, s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D,
               ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
               ROUTED: tl.constexpr, LORA_D: tl.constexpr, TMA: tl.constexpr, K_LAST: tl.constexpr,
               E_POW2: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -47,14 +47,14 @@ def dh_kernel(go_ptr, src_ptr, offsets_ptr, wd_ptr, bd_ptr, pre_ptr, w_ptr, hw_p
     else:
         _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr,
                      ld_ptr, e, rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f,
-                     s_bd_e, s_bd_h, s_pre, s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT, GATED, HAS_BD, IEEE, SPLIT,
+                     s_bd_e, s_bd_h, s_pre, s_g, s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT, GATED, HAS_BD, IEEE, SPLIT,
                      ROUTED, LORA_D, TMA, K_LAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_ptr, dg_ptr, du_ptr, dw_out, td_ptr,
                  ld_ptr, e, rows, rmask, pid_n, H, F, k_top, alpha, limit, s_go, s_wd_e, s_wd_h, s_wd_f, s_bd_e, s_bd_h, s_pre,
-                 s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr,
+                 s_g, s_gu, s_td, s_ld_e, s_ld_k, s_ld_n, R_D, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BD: tl.constexpr,
                  IEEE: tl.constexpr, SPLIT: tl.constexpr, ROUTED: tl.constexpr, LORA_D: tl.constexpr,
                  TMA: tl.constexpr, K_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows64 = rows.to(tl.int64)
@@ -83,24 +83,24 @@ def _expert_rows(go_ptr, src_ptr, wd_ptr, wd_desc, bd_ptr, pre_ptr, w_ptr, hw_pt
         q0, q1 = _halves(left, BLOCK_M, BLOCK_N // 2)
         q2, q3 = _halves(right, BLOCK_M, BLOCK_N // 2)
         first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 4)
-        dw = _epilogue(q0, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_gu, ACT,
-                       GATED)
+        dw = _epilogue(q0, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_g,
+                       s_gu, ACT, GATED)
         dw += _epilogue(q1, first + BLOCK_N // 4, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit,
-                        s_pre, s_gu, ACT, GATED)
+                        s_pre, s_g, s_gu, ACT, GATED)
         dw += _epilogue(q2, first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit,
-                        s_pre, s_gu, ACT, GATED)
+                        s_pre, s_g, s_gu, ACT, GATED)
         dw += _epilogue(q3, first + 3 * (BLOCK_N // 4), rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
-                        limit, s_pre, s_gu, ACT, GATED)
+                        limit, s_pre, s_g, s_gu, ACT, GATED)
     elif SPLIT == 2:    # two column halves: half as many of its tiles live at once
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
         first = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        dw = _epilogue(left, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_gu,
-                       ACT, GATED)
+        dw = _epilogue(left, first, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre,
+                       s_g, s_gu, ACT, GATED)
         dw += _epilogue(right, first + BLOCK_N // 2, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha,
-                        limit, s_pre, s_gu, ACT, GATED)
+                        limit, s_pre, s_g, s_gu, ACT, GATED)
     else:
-        dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_gu, ACT,
-                       GATED)
+        dw = _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_g,
+                       s_gu, ACT, GATED)
     if ROUTED:
         if HAS_BD:
             if pid_n == 0:
@@ -115,7 +115,7 @@ def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_gu,
+def _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, alpha, limit, s_pre, s_g, s_gu,
               ACT: tl.constexpr, GATED: tl.constexpr):
     """Stores w h, dg, du for `cols` of the tile's rows; returns the rows' partial <acc, h>."""
     omask = rmask[:, None] & (cols < F)[None, :]
@@ -123,7 +123,7 @@ def _epilogue(acc, cols, rows64, rmask, w, pre_ptr, hw_ptr, dg_ptr, du_ptr, F, a
     u = tl.load(pre, mask=omask, other=0.0).to(tl.float32)
     g = u
     if GATED:
-        g = tl.load(pre + F, mask=omask, other=0.0).to(tl.float32)
+        g = tl.load(pre + s_g, mask=omask, other=0.0).to(tl.float32)
     h = tl.where(omask, activate(g, u, alpha, limit, ACT, GATED), 0.0)
     out = rows64[:, None] * F + cols[None, :]
     tl.store(hw_ptr + out, (h * w).to(hw_ptr.dtype.element_ty), mask=omask)
@@ -159,13 +159,14 @@ def _split(tile) -> int:
 
 
 def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code, alpha, limit, tile, hw, dg, du,
-              lora_d=None):
+              lora_d=None, pre_cols=None):
     """Fill hw = w h, dg, du (S, F) grouped and return dw (S,) float32 per grouped row (the routing
     weight's gradient, 0 for dropped copies). grad_out (T, H); w_down (E, H, F) any strides; du and dg
     may be column slices of one buffer (du's row stride is read for both);
     pre (S, 2F or F) contiguous; weights (T, k) routing weights; dg None without a gate.
     weights None: grad_out is grad_y (S, H) grouped, hw = h, b_down unused, returns None.
-    lora_d = (q (S, r) per grouped row, unweighted, A viewed (E, r, F)) adds down's LoRA term q A."""
+    lora_d = (q (S, r) per grouped row, unweighted, A viewed (E, r, F)) adds down's LoRA term q A.
+    pre_cols: (u's first column, g's first column) in pre; (0, F) where None."""
     S, (E, H, F) = src.shape[0], w_down.shape
     n_n = cdiv(F, tile.block_n)
     routed = weights is not None
@@ -175,10 +176,11 @@ def launch_dh(grad_out, src, offsets, k, w_down, b_down, pre, weights, act_code,
     b_down = b_down if routed else None
     m_tiles = max_tiles(S, E + 1, tile.block_m)
     desc, k_last = weight_desc(w_down, tile)       # read as (E, K = H, N = F)
+    u0, g0 = pre_cols or (0, F)
     launch(dh_kernel, (m_tiles * n_n,),
-        grad_out, src, offsets, w_down, b_down, pre, weights.contiguous() if routed else None, hw, dg, du, dw,
+        grad_out, src, offsets, w_down, b_down, pre[:, u0:], weights.contiguous() if routed else None, hw, dg, du, dw,
         *lowrank_ptrs(lora_d), desc, S, E, H, F, k, alpha, limit, m_tiles,
-        grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0),
+        grad_out.stride(0), *w_down.stride(), *(b_down.stride() if b_down is not None else (0, 0)), pre.stride(0), g0 - u0,
         du.stride(0), *lowrank_args(lora_d), ACT=act_code, GATED=dg is not None, HAS_BD=b_down is not None,
         IEEE=ieee(grad_out),
         SPLIT=_split(tile), ROUTED=routed, LORA_D=lora_d is not None,

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import grouped_mm_wgrad, streams
+from . import grouped_mm_forward, grouped_mm_wgrad, streams
 from . import layout as layouts
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
@@ -35,11 +35,8 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
                             roles=None):
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,)). roles: the weights' views, where
     the caller has them."""
-    roles = roles or layouts.views(weights, layout)
-    pre = x.new_empty(src.shape[0], layouts.preactivation_width(weights, layout, roles)) if save else x.new_empty(0)
     pdl = not save and use_pdl(x, x.shape[0])       # decode: codegen/pdl.py
-    y = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre if save else None, pdl,
-                        roles=roles)
+    y, pre = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, save, pdl, roles=roles)
     return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k, pdl=pdl), pre
 
 
@@ -118,7 +115,8 @@ def _rows(grad_out, x, src, offsets, inv, route_w, pre, k, weights, layout, acti
     q_d = None if ld is None else _lora_x(go, src, offsets, k, (ld[1].transpose(1, 2), None, ld[2]), None, False,
                                           t_up)[0]
     dw_rows = launch_dh(go, src, offsets, k, w_down, b_down, pre, route_w, ACTIVATION_CODE[activation], alpha,
-                        limit, t_dh, hw, dg, du, lora_d=None if ld is None else (q_d, ld[0]))
+                        limit, t_dh, hw, dg, du, lora_d=None if ld is None else (q_d, ld[0]),
+                        pre_cols=grouped_mm_forward.pre_columns(x, weights, layout, F))
     d_route_w = torch.empty(S, dtype=torch.float32, device=x.device).index_copy_(0, src, dw_rows)
     q_u = None if lu is None else _lora_rows(du, lu[1], lu[2], offsets, t_down, *((dg, lg[1]) if shared else ()))
     q_g = None if lg is None or shared else _lora_rows(dg, lg[1], lg[2], offsets, t_down)

@@ -8,6 +8,7 @@ import torch
 
 from . import grouped_mm_forward, grouped_mm_wgrad, tuning
 from . import layout as layouts
+from .act_kernel import activate_rows
 from .combine_kernel import combine_launch
 from .dh_kernel import launch_dh
 from .down_kernel import launch_down
@@ -34,9 +35,10 @@ def _check(x):
         raise MoecKernelError("moec.experts (triton): x rows must be contiguous (x.stride(1) == 1)")
 
 
-def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre=None, pdl=False, roles=None):
-    """-> y (S, H) grouped, rows past offsets[E] zero. Two launches: gate/up(+act), down. Given pre
-    (S, 2F or F), the gate/up launch also stores the pre-activations u | g there.
+def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, save=False, pdl=False, roles=None):
+    """-> (y (S, H) grouped, rows past offsets[E] zero; pre). Two launches: gate/up(+act), down.
+    save: pre (S, 2F, or F without a gate) holds the pre-activations u and g, at the columns
+    `grouped_mm_forward.pre_columns` says; else pre is (0,).
     LoRA adds one rank-r grouped GEMM per distinct A (t = s x A^T, t_d = s h A_down^T) and r more
     K-columns (t B^T) to each of the two; the merged weight W + s B A is never formed.
     roles: layout.views(weights, layout) where the caller has them."""
@@ -44,19 +46,31 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles or layouts.views(weights, layout)
     lu, lg, ld = layouts.lora(weights, layout)
     S, (F, H) = src.shape[0], w_up.shape[1:]
+    width = F * (1 if w_gate is None else 2)
     if S == 0:
-        return x.new_empty(S, H)
+        return x.new_empty(S, H), x.new_empty(S, width) if save else x.new_empty(0)
     t_up, t_down = _tiles(x, src, w_up, k, "gate_up", "down")
-    t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
-    h = x.new_empty(S, F)
-    launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
-                   alpha, limit, t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre, pdl=pdl)
+    joint = None if pdl and not save else grouped_mm_forward.gate_up_joint(x, weights, layout)
+    if joint:
+        pre = grouped_mm_forward.gate_up_rows(x, src, k, offsets, weights[joint[0]], joint[1])
+        h = activate_rows(pre, x.new_empty(S, F), offsets, joint[3], joint[2], ACTIVATION_CODE[activation], alpha,
+                          limit, True)
+        if not save:
+            del pre
+            pre = x.new_empty(0)
+    else:
+        pre = x.new_empty(S, width) if save else x.new_empty(0)
+        t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)
+        h = x.new_empty(S, F)
+        launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation], alpha, limit,
+                       t_up, h, lora_u=_out_term(t_u, lu), lora_g=_out_term(t_g, lg), pre=pre if save else None,
+                       pdl=pdl)
     if grouped_mm_forward.down_taken(h, w_down, b_down, ld, pdl):
-        return grouped_mm_forward.down_rows(h, w_down, offsets)
+        return grouped_mm_forward.down_rows(h, w_down, offsets), pre
     t_d = None if ld is None else _lora_rows(h, ld[0].transpose(1, 2), ld[2], offsets, t_down)
     y = x.new_empty(S, H)
     launch_down(h, w_down.transpose(1, 2), y, offsets, t_down, bias=b_down, lr1=_out_term(t_d, ld), pdl=pdl)
-    return y
+    return y, pre
 
 
 def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, alpha, limit, needs=None, pre=None):
@@ -94,7 +108,8 @@ def experts_backward(grad_y, x, src, offsets, k, weights, layout, activation, al
     dg = x.new_empty(S, F) if gated else None
     if _usable(pre):                 # LoRA's up/gate terms are in pre; down's is q_d A_d, in dh
         launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit,
-                  _tiles(x, src, w_up, k, "dh")[0], h, dg, du, lora_d=None if ld is None else (q_d, ld[0]))
+                  _tiles(x, src, w_up, k, "dh")[0], h, dg, du, lora_d=None if ld is None else (q_d, ld[0]),
+                  pre_cols=grouped_mm_forward.pre_columns(x, weights, layout, F))
     else:
         launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
                        alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=dg, du=du,
@@ -130,7 +145,7 @@ def experts_backward_rows(grad_y, x, src, offsets, k, weights, layout, activatio
     gate = dg if w_gate is not None else None
     if _usable(pre):
         launch_dh(grad_y, src, offsets, k, w_down, None, pre, None, ACTIVATION_CODE[activation], alpha, limit, t_dh,
-                  h, gate, du)
+                  h, gate, du, pre_cols=grouped_mm_forward.pre_columns(x, weights, layout, F))
     else:
         launch_gate_up(x, src, offsets, k, w_up, w_gate, b_up, b_gate, ACTIVATION_CODE[activation],
                        alpha, limit, t_up, h, grad_y=grad_y, w_down=w_down, dg=gate, du=du)

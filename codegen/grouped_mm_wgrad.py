@@ -86,7 +86,12 @@ def joint_gate_up(x, weights, layout):
     """(index of the base w_gate and w_up read, transposed, gate's first column, up's first column
     in the (E, 2F, H) view of it) where both read one whole contiguous base side by side and
     nothing else reads it (no LoRA; no gate/up biases, whose gradients the rows would owe), else None."""
-    if not _on(x) or layouts.has_lora(layout):
+    return side_by_side(weights, layout) if _on(x) else None
+
+
+def side_by_side(weights, layout):
+    """`joint_gate_up`'s answer from the weights alone, whatever the switches say."""
+    if layouts.has_lora(layout):
         return None
     parsed = layouts.parse(layout)
     u, g = parsed.get("w_up"), parsed.get("w_gate")

@@ -141,7 +141,7 @@ def experts(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tenso
     roles = _check_experts(x, src, offsets, weights, layout, activation)
     if kernels.use_triton(x):
         from .experts_launch import experts_forward
-        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, roles=roles)
+        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, roles=roles)[0]
     return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit)
 
 
@@ -254,8 +254,8 @@ def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[
     S, width = src.shape[0], layouts.preactivation_width(weights, layout, roles)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
         from .experts_launch import experts_forward
-        pre = x.new_empty(S, width)
-        return experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, pre, roles=roles), pre
+        return tuple(experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, True,
+                                     roles=roles))
     pre = x.new_zeros(S, width)
     return reference.experts(x, src, offsets, k, weights, layout, activation, alpha, limit, pre), pre
 
