@@ -248,8 +248,9 @@ experts.register_autograd(_experts_bwd, setup_context=_experts_setup)
 def experts_save(x: Tensor, src: Tensor, offsets: Tensor, k: int, weights: list[Tensor], layout: str,
                  activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor]:
     """`experts` for training where its combine is not beside it (expert parallelism): -> (y, pre),
-    pre (S, 2F, or F without a gate) the pre-activations u | g (LoRA terms included), which
-    autograd keeps so that the backward does not recompute them."""
+    pre (S, 2F, or F without a gate) the pre-activations u and g (LoRA terms included; their
+    columns as `grouped_mm_forward.pre_columns` says), which autograd keeps so that the backward
+    does not recompute them."""
     roles = _check_experts(x, src, offsets, weights, layout, activation)
     S, width = src.shape[0], layouts.preactivation_width(weights, layout, roles)
     if kernels.use_triton(x):     # rows past offsets[E] (dropped copies) are never read
