@@ -4,9 +4,9 @@
 # (decode_diag.py: 0.94x HF at stop 29); the forward switch on OLMoE.
 source "$(dirname "$0")/common.sh"
 if [ "${PART:-1}" = 1 ]; then
-  step 100 python3 benchmarks/fwd_vs_grouped_mm.py --shapes qwen3,olmoe,mixtral --tokens 8,4096,8192
+  step 80 python3 benchmarks/fwd_vs_grouped_mm.py --shapes qwen3,mixtral,olmoe --tokens 8,4096
   step 90 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_grouped_mm_forward.py tests/codegen/test_grouped_mm_wgrad.py
-  step 220 python3 benchmarks/switch_ab.py --switch grouped_mm_forward --shapes mixtral,qwen3 --tokens 4096 --out "$OUT/fwd_ab"
+  step 200 python3 benchmarks/switch_ab.py --switch grouped_mm_forward --shapes qwen3,mixtral --tokens 4096 --out "$OUT/fwd_ab"
 else
   mkdir -p "$OUT/dump_moec"
   MOEC_DUMP=$OUT/dump_moec step 170 python3 benchmarks/decode_diag.py qwen3 moec_cg 8 > "$OUT/decode_diag_moec_cg.txt" 2>&1
