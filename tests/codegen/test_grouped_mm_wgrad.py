@@ -144,11 +144,20 @@ def test_where_gate_and_up_do_not_go_side_by_side(joint):
     assert grouped_mm_wgrad.joint_gate_up(x, bases, half) is None                           # not the whole base
 
 
-def test_compiled_hf_block_with_the_grouped_mm_backward(joint):
+@pytest.mark.parametrize("forward", [False, True])
+def test_compiled_hf_block_with_the_grouped_mm_backward(joint, monkeypatch, forward):
     """A Hugging Face Qwen3-MoE block compiled with moec (Inductor around it), bf16, trained through the
     CUTLASS GEMMs: the compiled graph was traced with the rows op's dgu (its fake says so, or Inductor's
-    size asserts would fail); output and every gradient against the float64 eager block."""
+    size asserts would fail); output and every gradient against the float64 eager block. forward: the
+    forward's GEMMs through it too (grouped_mm_forward.py: pre saved in the base's column order)."""
     from e2e.hf_models import moe_block
+    from moec.codegen import grouped_mm_forward
+    monkeypatch.setattr(grouped_mm_forward, "GATE_UP", forward)
+    monkeypatch.setattr(grouped_mm_forward, "DOWN", forward)
+    if forward:
+        for name in ("gate_up_rows", "down_rows"):
+            real = getattr(grouped_mm_forward, name)
+            monkeypatch.setattr(grouped_mm_forward, name, lambda *a, n=name, f=real: joint.append(n) or f(*a))
     ref = moe_block("qwen3_moe", "eager").double()      # the same weights; grouped_mm has no float64
     block = moe_block("qwen3_moe", "grouped_mm").to(DEVICE, torch.bfloat16)
     x = torch.randn(2, 7, 32, dtype=torch.float64)
@@ -158,7 +167,8 @@ def test_compiled_hf_block_with_the_grouped_mm_backward(joint):
         out = (out[0] if isinstance(out, tuple) else out).cpu()
         probe = torch.randn(out.shape, dtype=torch.float64)
         grads = [g.cpu() for g in torch.autograd.grad((out.double() * probe).sum(), list(block.parameters()))]
-    assert {"gate_up_wgrad", "input_rows", "down_wgrad"} <= set(joint), joint
+    assert {"gate_up_wgrad", "input_rows", "down_wgrad"} | ({"gate_up_rows", "down_rows"} if forward else set()) \
+        <= set(joint), joint
     out_ref = ref(x)
     out_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
     want = torch.autograd.grad((out_ref * probe).sum(), list(ref.parameters()))
