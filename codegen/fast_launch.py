@@ -17,9 +17,10 @@ Anything else (another argument type, a keyword naming a runtime parameter, laun
 a profiler, the interpreter, a Triton whose `run` launches another way) takes Triton's own path.
 """
 import inspect
-import os
 
 import torch
+
+from .env import switch
 
 _UNSUPPORTED = object()
 
@@ -40,7 +41,7 @@ def _protocol_ok() -> bool:
 # layer bit-exact with and without it (tests/codegen/test_fast_launch.py), the kernel suite passing
 # through it (MOEC_TEST_FAST_LAUNCH=1), host time per call halved (benchmarks/op_host_time.py:
 # route_plan 235 -> 114 us, experts_combine 544 -> 268 us).
-_state = {"ok": os.environ.get("MOEC_FAST_LAUNCH", "1") != "0" and _protocol_ok()}
+_state = {"ok": switch("MOEC_FAST_LAUNCH", True) and _protocol_ok()}
 
 
 def enabled() -> bool:

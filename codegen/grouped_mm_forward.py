@@ -18,15 +18,14 @@ Switches: MOEC_GROUPED_MM_FORWARD=1 turns both on (bf16 on sm90 only, `grouped_m
 DOWN and GATE_UP set each. Rows of dropped copies (past offsets[E]) are zeroed, as moec's kernels
 write them.
 """
-import os
-
 import torch
 
 from . import grouped_mm_wgrad
+from .env import switch
 from .gather_kernel import gather_rows
 from .zero_tail_kernel import zero_tail
 
-DOWN = GATE_UP = os.environ.get("MOEC_GROUPED_MM_FORWARD", "0") == "1"
+DOWN = GATE_UP = switch("MOEC_GROUPED_MM_FORWARD", False)
 
 
 def _aligned(b) -> bool:

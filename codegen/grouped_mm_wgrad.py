@@ -26,14 +26,13 @@ their row stride), and two more GEMMs go to CUTLASS: the input gradient's rows, 
 expert (N-grouped; dropped copies' rows zeroed after, as moec's kernel writes them), and the
 gate/up base's whole gradient, dgu^T @ x rows per expert (K-grouped). Same switch.
 """
-import os
-
 import torch
 
 from . import layout as layouts
+from .env import switch
 from .zero_tail_kernel import zero_tail
 
-ENABLED = os.environ.get("MOEC_GROUPED_MM_WGRAD", "1") == "1"
+ENABLED = switch("MOEC_GROUPED_MM_WGRAD", True)
 # tests: take the path on any device torch._grouped_mm runs on (the CPU's fallback), not only sm90
 ANY_DEVICE = False
 

@@ -27,3 +27,17 @@ def test_pdl():
     for bad in ("2", "yes", "on"):
         run = _import_with(code, MOEC_PDL=bad)
         assert run.returncode != 0 and f"MOEC_PDL={bad!r}" in run.stderr, run.stderr[-500:]
+
+
+def test_on_off_switches():
+    for name, module, attr, default in (("MOEC_GROUPED_MM_WGRAD", "grouped_mm_wgrad", "ENABLED", True),
+                                        ("MOEC_GROUPED_MM_FORWARD", "grouped_mm_forward", "GATE_UP", False)):
+        code = f"import moec.codegen.{module} as m; print(m.{attr})"
+        env = {k: v for k, v in os.environ.items() if k != name}
+        unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert unset.stdout.strip() == str(default), unset.stderr[-500:]
+        assert _import_with(code, **{name: "1"}).stdout.strip() == "True"
+        assert _import_with(code, **{name: "0"}).stdout.strip() == "False"
+        for bad in ("yes", "true", "2"):
+            run = _import_with(code, **{name: bad})
+            assert run.returncode != 0 and f"{name}={bad!r}" in run.stderr, run.stderr[-500:]
