@@ -1,7 +1,8 @@
 """Backward of the down projection and the activation, with the combine's backward folded in.
 
 For grouped row s of expert e (copy c = src[s], token t = c // k, routing weight w = w[c]),
-from the forward's saved pre-activations u | g (gate_up_kernel STORE_PRE):
+from the forward's saved pre-activations u and g (gate_up_kernel STORE_PRE writes u | g, CUTLASS's GEMM
+the base's order: grouped_mm_forward.pre_columns):
     d  = grad_out[t] W_down[e]                 (the gather is in the A load: grad_y never exists)
     h  = act(g, u)
     dw[s, n-tile] = sum over the tile's columns of d * h  (+ grad_out[t] . b_down[e] on tile 0)

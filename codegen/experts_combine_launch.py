@@ -2,7 +2,8 @@
 the experts and the combine as one autograd op, so that training saves the pre-activations
 (S, 2F) instead of recomputing them and never keeps y (S, H) for the router's gradient.
 
-Forward: gate/up (+act, storing pre = u | g when saving), down -> y (S, H), combine -> out (T, H).
+Forward: gate/up (+act, storing pre = u and g when saving, at grouped_mm_forward.pre_columns), down -> y (S, H),
+combine -> out (T, H).
 Backward (SonicMoE's order; see dh_kernel.py):
     1. dh kernel: d = grad_out[t] W_down[e] gathered by token; from pre: h, dg, du, w h and the
        routing weights' gradient <d, h> (+ bias term)                             (S, F), (S,)

@@ -22,7 +22,8 @@ def experts_combine(x: Tensor, src: Tensor, offsets: Tensor, inv: Tensor, route_
                     save: bool) -> tuple[Tensor, Tensor]:
     """x (T, H), grouped copies src / inv (S = T*k,) by offsets (E+1,), routing weights route_w
     (T, k) -> (out (T, H) = sum_j route_w[t, j] experts(x)[inv[t*k + j]], pre): pre (S, 2F) holds
-    the pre-activations u | g (S, F without a gate) when `save`, else it is empty (0,)."""
+    the pre-activations u and g (S, F without a gate; columns: grouped_mm_forward.pre_columns) when `save`,
+    else it is empty (0,)."""
     roles = _check(x, src, offsets, inv, route_w, k, bases, layout, activation)
     if kernels.use_triton(x):
         from .experts_combine_launch import experts_combine_forward
