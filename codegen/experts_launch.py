@@ -55,9 +55,7 @@ def experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limi
         pre = grouped_mm_forward.gate_up_rows(x, src, k, offsets, weights[joint[0]], joint[1])
         h = activate_rows(pre, x.new_empty(S, F), offsets, joint[3], joint[2], ACTIVATION_CODE[activation], alpha,
                           limit, True)
-        if not save:
-            del pre
-            pre = x.new_empty(0)
+        pre = pre if save else x.new_empty(0)       # inference: freed before the down GEMM
     else:
         pre = x.new_empty(S, width) if save else x.new_empty(0)
         t_u, t_g = _lora_x(x, src, offsets, k, lu, lg, _shared_a(layout), t_up)

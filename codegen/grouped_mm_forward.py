@@ -18,12 +18,9 @@ Switches: MOEC_GROUPED_MM_FORWARD=1 turns both on (bf16 on sm90 only, `grouped_m
 DOWN and GATE_UP set each. Rows of dropped copies (past offsets[E]) are zeroed, as moec's kernels
 write them.
 """
-import torch
-
 from . import grouped_mm_wgrad
 from .env import switch
 from .gather_kernel import gather_rows
-from .zero_tail_kernel import zero_tail
 
 DOWN = GATE_UP = switch("MOEC_GROUPED_MM_FORWARD", False)
 
@@ -44,8 +41,7 @@ def down_taken(h, w_down, b_down, lora_down, pdl) -> bool:
 
 def down_rows(h, w_down, offsets):
     """(S, H) = h's rows @ W_down[e]^T per expert; rows of dropped copies zero."""
-    y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offsets[1:].to(torch.int32))
-    return zero_tail(y, offsets)
+    return grouped_mm_wgrad.grouped_rows(h, w_down.transpose(1, 2), offsets)
 
 
 def gate_up_joint(x, weights, layout):
@@ -68,5 +64,4 @@ def gate_up_rows(x, src, k, offsets, base, transposed):
     """pre (S, 2F) = x[src // k] @ W_gate_up[e]^T per expert, in the base's column order; rows of
     dropped copies zero (the activation pass and the saved pre read them)."""
     w = base.transpose(1, 2) if transposed else base                  # (E, 2F, H)
-    pre = torch._grouped_mm(gather_rows(x, src, k), w.transpose(1, 2), offs=offsets[1:].to(torch.int32))
-    return zero_tail(pre, offsets)
+    return grouped_mm_wgrad.grouped_rows(gather_rows(x, src, k), w.transpose(1, 2), offsets)

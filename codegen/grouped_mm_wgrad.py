@@ -120,14 +120,23 @@ def gate_up_wgrad(dgu, x_rows, offsets, transposed):
 def _per_expert_at_b(a, b, offsets, transposed):
     """K-grouped: per expert e, a's rows^T b's rows over offsets[e]:offsets[e+1] (E, M, N), or
     b^T a (E, N, M) where the base it is the gradient of is read transposed."""
-    offs = offsets[1:].to(torch.int32)
     if transposed:
-        return torch._grouped_mm(b.t(), a, offs=offs)
-    return torch._grouped_mm(a.t(), b, offs=offs)
+        return torch._grouped_mm(b.t(), a, offs=_group_ends(offsets))
+    return torch._grouped_mm(a.t(), b, offs=_group_ends(offsets))
+
+
+def _group_ends(offsets):
+    """torch._grouped_mm's offs: each expert's end row, int32."""
+    return offsets[1:].to(torch.int32)
+
+
+def grouped_rows(a, b, offsets):
+    """N-grouped: (S, N) = a's rows @ b[e] (K, N) per expert over offsets[e]:offsets[e+1]; rows of
+    dropped copies (past offsets[E], in no group, which the GEMM leaves unwritten) zero, as moec's
+    kernels write them."""
+    return zero_tail(torch._grouped_mm(a, b, offs=_group_ends(offsets)), offsets)
 
 
 def input_rows(dgu, base, offsets, transposed):
     """(S, H) = dgu's rows @ W_gate_up[e] (2F, H) per expert, rows of dropped copies zero."""
-    w = base.transpose(1, 2) if transposed else base
-    rows = torch._grouped_mm(dgu, w, offs=offsets[1:].to(torch.int32))
-    return zero_tail(rows, offsets)
+    return grouped_rows(dgu, base.transpose(1, 2) if transposed else base, offsets)
