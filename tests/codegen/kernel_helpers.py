@@ -28,3 +28,13 @@ def assert_grads_close(grads, want, tol):
     for g, w in zip(grads, want):
         assert g.shape == w.shape
         assert w.numel() == 0 or (w.abs().max() == 0 and g.abs().max() == 0) or rel_err(g.cpu(), w) < tol
+
+
+def record_calls(monkeypatch, module, *names):
+    """Wrap module.<name> for each name so that every call appends the name to the returned list
+    (a test's proof that a path was taken), then runs the real function."""
+    calls = []
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, n=name, f=real: calls.append(n) or f(*a))
+    return calls

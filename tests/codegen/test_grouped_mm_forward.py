@@ -11,27 +11,17 @@ import torch
 from moec.codegen import grouped_mm_forward, grouped_mm_wgrad, kernels, reference
 from moec.codegen import layout as layouts
 
-from kernel_helpers import DEVICE, rel_err
+from kernel_helpers import DEVICE, record_calls, rel_err
 from test_experts_launch import _routing
-from test_grouped_mm_wgrad import _joint_layer, _layer
+from test_grouped_mm_wgrad import ARGS, _d, _joint_layer, _layer, assert_combine_grads, train_combine
 
 OPS = torch.ops.moec
 E, k, H, F = 4, 2, 24, 16
-ARGS = ("silu", 1.702, 7.0)
-
-
 @pytest.fixture
 def taken(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
     monkeypatch.setattr(grouped_mm_forward, "DOWN", True)
-    calls = []
-    real = grouped_mm_forward.down_rows
-    monkeypatch.setattr(grouped_mm_forward, "down_rows", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
-def _d(t):
-    return t.detach().cpu().double()
+    return record_calls(monkeypatch, grouped_mm_forward, "down_rows")
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -53,24 +43,13 @@ def test_experts_forward_down_through_grouped_mm(taken, transposed, how):
 @pytest.mark.parametrize("how", ["uniform", "sparse"])
 def test_training_op_with_the_grouped_mm_down(taken, how):
     """experts_combine forward (saving the pre-activations) and its backward, against float64."""
-    T = 9
-    offsets, src, inv = _routing(T, E, k, how)
     bases, layout = _layer(False, False)
-    x = torch.randn(T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
-    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
-    for b in bases:
-        b.requires_grad_()
-    with kernels.backend("triton"):
-        out, _ = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *ARGS, True)
-        gout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    run = train_combine(bases, layout, how)
     assert taken
-    routing = (src.cpu(), offsets.cpu(), inv.cpu(), _d(route_w), k)
-    want_out = reference.experts_combine(_d(x), *routing, [_d(b) for b in bases], layout, *ARGS, False)[0]
-    assert rel_err(out.cpu(), want_out) < 2e-2
-    want = reference.experts_combine_backward(_d(gout), _d(x), *routing, [_d(b) for b in bases], layout, *ARGS)
-    for i, (g, w) in enumerate(zip(grads, want)):
-        assert rel_err(g.cpu(), w) < 2e-2, i
+    want_out = reference.experts_combine(_d(run.x), *run.routing64, [_d(b) for b in bases], layout, *ARGS,
+                                         False)[0]
+    assert rel_err(run.out.cpu(), want_out) < 2e-2
+    assert_combine_grads(run, bases, layout)
 
 
 def test_where_the_grouped_mm_down_is_not_taken(taken, monkeypatch):
@@ -92,10 +71,7 @@ def gate_up(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
     monkeypatch.setattr(grouped_mm_forward, "GATE_UP", True)
     monkeypatch.setattr(grouped_mm_forward, "DOWN", True)
-    calls = []
-    real = grouped_mm_forward.gate_up_rows
-    monkeypatch.setattr(grouped_mm_forward, "gate_up_rows", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return record_calls(monkeypatch, grouped_mm_forward, "gate_up_rows")
 
 
 @pytest.mark.parametrize("wgrad", [False, True])
@@ -105,30 +81,18 @@ def test_training_op_with_the_grouped_mm_gate_up(gate_up, monkeypatch, wgrad, tr
     """experts_combine (saving pre in the base's column order) and its backward, with the backward's
     CUTLASS GEMMs on or off, against float64: the output, dx, the routing weights', every weight's."""
     monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", wgrad)
-    T = 9
-    offsets, src, inv = _routing(T, E, k, how)
     bases, layout = _joint_layer(transposed, gate_first)
-    x = torch.randn(T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
-    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
-    for b in bases:
-        b.requires_grad_()
-    with kernels.backend("triton"):
-        out, pre = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *ARGS, True)
-        gout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    run = train_combine(bases, layout, how)
     assert gate_up, "the grouped_mm gate/up path was not taken"
-    routing = (src.cpu(), offsets.cpu(), inv.cpu(), _d(route_w), k)
-    want_out, want_pre = reference.experts_combine(_d(x), *routing, [_d(b) for b in bases], layout, *ARGS, True)
-    assert rel_err(out.cpu(), want_out) < 2e-2
-    mine = pre.cpu()                     # the base's order; the reference's is u | g
+    want_out, want_pre = reference.experts_combine(_d(run.x), *run.routing64, [_d(b) for b in bases], layout, *ARGS,
+                                                   True)
+    assert rel_err(run.out.cpu(), want_out) < 2e-2
+    mine = run.pre.cpu()                 # the base's order; the reference's is u | g
     if gate_first:
         mine = torch.cat([mine[:, F:], mine[:, :F]], 1)
-    end = int(offsets[-1])
+    end = int(run.offsets[-1])
     assert rel_err(mine[:end], want_pre[:end]) < 2e-2
-    want = reference.experts_combine_backward(_d(gout), _d(x), *routing, [_d(b) for b in bases], layout, *ARGS)
-    for i, (g, w) in enumerate(zip(grads, want)):
-        assert g.shape == w.shape, i
-        assert rel_err(g.cpu(), w) < 2e-2, i
+    assert_combine_grads(run, bases, layout)
 
 
 def test_expert_parallel_ops_with_the_grouped_mm_gate_up(gate_up):

@@ -2,13 +2,15 @@
 orientations of the down base, a trained b_down, experts with no rows, a dropped copy, every copy
 on one expert; and where it must not be taken (moec's kernel then). On the CPU the path runs on
 torch's fallback of `_grouped_mm` (ANY_DEVICE); on an sm90 card on CUTLASS's kernel."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from moec.codegen import grouped_mm_wgrad, kernels, reference, wgrad_kernel
 from moec.codegen import layout as layouts
 
-from kernel_helpers import DEVICE, rel_err
+from kernel_helpers import DEVICE, record_calls, rel_err
 from test_experts_launch import _routing
 
 OPS = torch.ops.moec
@@ -19,10 +21,7 @@ E, k, H, F = 4, 2, 24, 16
 def taken(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
     monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", True)
-    calls = []
-    real = grouped_mm_wgrad.down_wgrad
-    monkeypatch.setattr(grouped_mm_wgrad, "down_wgrad", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return record_calls(monkeypatch, grouped_mm_wgrad, "down_wgrad")
 
 
 def _layer(transposed, bias, dtype=torch.bfloat16):
@@ -85,15 +84,44 @@ def _joint_layer(transposed, gate_first):
     return layouts.pack([up, gate, (w(E, H, F), False, None), None, None, None])
 
 
+ARGS = ("silu", 1.702, 7.0)
+
+
+def _d(t):
+    return t.detach().cpu().double()
+
+
+def train_combine(bases, layout, how, T=9):
+    """experts_combine (saving pre) and its backward on the Triton path, bases made leaves, fresh bf16
+    x and routing weights, routing `how` (test_experts_launch._routing): -> the run's tensors, with
+    routing64 the reference's routing arguments."""
+    offsets, src, inv = _routing(T, E, k, how)
+    x = torch.randn(T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
+    for b in bases:
+        b.requires_grad_()
+    with kernels.backend("triton"):
+        out, pre = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *ARGS, True)
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    return SimpleNamespace(offsets=offsets, x=x, out=out, pre=pre, gout=gout, grads=grads,
+                           routing64=(src.cpu(), offsets.cpu(), inv.cpu(), _d(route_w), k))
+
+
+def assert_combine_grads(run, bases, layout):
+    """dx, the routing weights' and every weight's gradient of `train_combine`'s run against float64."""
+    want = reference.experts_combine_backward(_d(run.gout), _d(run.x), *run.routing64, [_d(b) for b in bases],
+                                              layout, *ARGS)
+    for i, (g, w) in enumerate(zip(run.grads, want)):
+        assert g.shape == w.shape, i
+        assert rel_err(g.cpu(), w) < 2e-2, i
+
+
 @pytest.fixture
 def joint(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
     monkeypatch.setattr(grouped_mm_wgrad, "ENABLED", True)
-    calls = []
-    for name in ("gate_up_wgrad", "input_rows", "down_wgrad"):
-        real = getattr(grouped_mm_wgrad, name)
-        monkeypatch.setattr(grouped_mm_wgrad, name, lambda *a, n=name, f=real: calls.append(n) or f(*a))
-    return calls
+    return record_calls(monkeypatch, grouped_mm_wgrad, "gate_up_wgrad", "input_rows", "down_wgrad")
 
 
 @pytest.mark.parametrize("transposed,gate_first", [(False, True), (True, False), (False, False)])
@@ -103,27 +131,12 @@ def test_backward_with_gate_and_up_side_by_side(joint, transposed, gate_first, h
     (S, 2F) buffer in the base's order, the input gradient's rows and the gate/up base's gradient
     through `_grouped_mm`, against float64: dx, the routing weights' gradient, every weight's;
     experts without rows, a dropped copy (its rows zeroed), every copy on one expert."""
-    T = 9
-    offsets, src, inv = _routing(T, E, k, how)
     bases, layout = _joint_layer(transposed, gate_first)
-    x = torch.randn(T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
-    route_w = torch.rand(T, k, device=DEVICE).requires_grad_()
-    for b in bases:
-        b.requires_grad_()
-    args = ("silu", 1.702, 7.0)
-    with kernels.backend("triton"):
-        out, _ = OPS.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *args, True)
-        gout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, route_w] + bases, gout)
+    run = train_combine(bases, layout, how)
     assert sorted(set(joint)) == ["down_wgrad", "gate_up_wgrad", "input_rows"], joint
-    d = lambda t: t.detach().cpu().double()      # noqa: E731
-    routing = (src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k)
-    want = reference.experts_combine_backward(d(gout), d(x), *routing, [d(b) for b in bases], layout, *args)
-    for i, (g, w) in enumerate(zip(grads, want)):
-        assert g.shape == w.shape, i
-        assert rel_err(g.cpu(), w) < 2e-2, i
-    empty = (offsets[1:] == offsets[:-1]).cpu()
-    gu = grads[2].cpu().transpose(1, 2) if transposed else grads[2].cpu()
+    assert_combine_grads(run, bases, layout)
+    empty = (run.offsets[1:] == run.offsets[:-1]).cpu()
+    gu = run.grads[2].cpu().transpose(1, 2) if transposed else run.grads[2].cpu()
     assert torch.equal(gu[empty], torch.zeros_like(gu[empty]))      # experts without rows: zeros
 
 
@@ -154,10 +167,7 @@ def test_compiled_hf_block_with_the_grouped_mm_backward(joint, monkeypatch, forw
     from moec.codegen import grouped_mm_forward
     monkeypatch.setattr(grouped_mm_forward, "GATE_UP", forward)
     monkeypatch.setattr(grouped_mm_forward, "DOWN", forward)
-    if forward:
-        for name in ("gate_up_rows", "down_rows"):
-            real = getattr(grouped_mm_forward, name)
-            monkeypatch.setattr(grouped_mm_forward, name, lambda *a, n=name, f=real: joint.append(n) or f(*a))
+    forward_calls = record_calls(monkeypatch, grouped_mm_forward, "gate_up_rows", "down_rows")
     ref = moe_block("qwen3_moe", "eager").double()      # the same weights; grouped_mm has no float64
     block = moe_block("qwen3_moe", "grouped_mm").to(DEVICE, torch.bfloat16)
     x = torch.randn(2, 7, 32, dtype=torch.float64)
@@ -167,8 +177,8 @@ def test_compiled_hf_block_with_the_grouped_mm_backward(joint, monkeypatch, forw
         out = (out[0] if isinstance(out, tuple) else out).cpu()
         probe = torch.randn(out.shape, dtype=torch.float64)
         grads = [g.cpu() for g in torch.autograd.grad((out.double() * probe).sum(), list(block.parameters()))]
-    assert {"gate_up_wgrad", "input_rows", "down_wgrad"} | ({"gate_up_rows", "down_rows"} if forward else set()) \
-        <= set(joint), joint
+    assert {"gate_up_wgrad", "input_rows", "down_wgrad"} <= set(joint), joint
+    assert set(forward_calls) == ({"gate_up_rows", "down_rows"} if forward else set()), forward_calls
     out_ref = ref(x)
     out_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref
     want = torch.autograd.grad((out_ref * probe).sum(), list(ref.parameters()))
