@@ -1,7 +1,8 @@
 """Why a decode step costs what it costs: one model, one batch, moec vs HF grouped_mm, under CUDA
 graphs (mode="reduce-overhead") or not. Prints ms per step, the CUDA-graph and recompile counters,
-moec's `cudagraphs.txt` report (MOEC_DUMP must point at a folder), and the per-kernel CUDA time
-and CPU time of 5 steps from torch.profiler.
+moec's `cudagraphs.txt` report (MOEC_DUMP must point at a folder), the per-kernel CUDA time
+and CPU time of 5 steps from torch.profiler, and the routing of such a step (run eagerly after: distinct experts
+and the most rows on one expert, per layer), which sets the bytes a step must read.
 
     MOEC_DUMP=/tmp/d python benchmarks/decode_diag.py qwen3 moec_cg 1
 """
@@ -36,10 +37,28 @@ def main(name, variant, batch):
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    print("routing", routing(model, batch))
     for path in sorted(glob.glob(os.path.join(os.environ.get("MOEC_DUMP", "/nonexistent"), "**", "cudagraphs.txt"),
                                  recursive=True)):
         print("==", path)
         print(open(path).read()[:3000])
+
+
+def routing(model, batch):
+    """Per MoE layer (distinct experts, most rows on one expert) in the 7th greedy decode step, eagerly: greedy
+    decoding with random weights can repeat one token, which concentrates the routing."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out[2].flatten()))
+             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    with torch.inference_mode():
+        step, _cache = decoder(model, model.forward, batch, PROMPT + 64, False)
+        for _ in range(7):
+            seen.clear()
+            step()
+    for h in hooks:
+        h.remove()
+    counts = [torch.bincount(ids).cpu() for ids in seen]
+    return [(int((c > 0).sum()), int(c.max())) for c in counts]
 
 
 if __name__ == "__main__":
