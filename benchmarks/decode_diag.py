@@ -5,7 +5,10 @@ and CPU time of 5 steps from torch.profiler, and the routing of such a step (run
 and the most rows on one expert, per layer), which sets the bytes a step must read.
 
     MOEC_DUMP=/tmp/d python benchmarks/decode_diag.py qwen3 moec_cg 1
+    python benchmarks/decode_diag.py qwen3 moec_cg 8 --after 1   # as bench_serving: batch 1 first, so batch 8
+                                                                 # runs the graph Dynamo compiles for any batch
 """
+import argparse
 import glob
 import os
 import sys
@@ -18,12 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_serving import PROMPT, _ms, build, decoder  # noqa: E402
 
 
-def main(name, variant, batch):
+def main(name, variant, batch, after=None):
     model = build(name, "grouped_mm")
     cg = variant.endswith("_cg")
     forward = torch.compile(model.forward, backend="moec" if variant.startswith("moec") else "inductor",
                             mode="reduce-overhead" if cg else None)
     with torch.inference_mode():
+        if after is not None:
+            first, _cache = decoder(model, forward, after, PROMPT + 64, cg)
+            for _ in range(3):
+                first()
         step, _cache = decoder(model, forward, batch, PROMPT + 64, cg)
         for _ in range(6):
             step()
@@ -62,4 +69,10 @@ def routing(model, batch):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("variant")
+    ap.add_argument("batch", type=int)
+    ap.add_argument("--after", type=int, help="decode this batch first (a second batch recompiles for any batch)")
+    args = ap.parse_args()
+    main(args.model, args.variant, args.batch, args.after)
