@@ -3,8 +3,8 @@
 # PART=a). Then the forward's down GEMM alone on CUTLASS, off against on.
 source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT/dump_moec"
-MOEC_DUMP=$OUT/dump_moec step 170 python3 benchmarks/decode_diag.py qwen3 moec_cg 8 --after 1 > "$OUT/decode_diag_moec_cg_after1.txt" 2>&1
+MOEC_DUMP=$OUT/dump_moec step 150 python3 benchmarks/decode_diag.py qwen3 moec_cg 8 --after 1 > "$OUT/decode_diag_moec_cg_after1.txt" 2>&1
 tar czf "$OUT/dump_moec.tgz" -C "$OUT" dump_moec
 rm -rf "$OUT/dump_moec"
-step 150 python3 benchmarks/decode_diag.py qwen3 hf_gmm_cg 8 --after 1 > "$OUT/decode_diag_hf_gmm_cg_after1.txt" 2>&1
-step 150 python3 benchmarks/switch_ab.py --switch grouped_mm_forward_down --shapes qwen3,olmoe,mixtral --tokens 4096 --out "$OUT/down_ab"
+step 130 python3 benchmarks/decode_diag.py qwen3 hf_gmm_cg 8 --after 1 > "$OUT/decode_diag_hf_gmm_cg_after1.txt" 2>&1
+step 110 python3 benchmarks/switch_ab.py --switch grouped_mm_forward_down --shapes qwen3,mixtral --tokens 4096 --out "$OUT/down_ab"
