@@ -14,6 +14,11 @@ H100, stop 29: moec's gate/up at 581 TFLOP/s, its down at 547, CUTLASS's grouped
 The saved pre-activations' columns follow who wrote them: `pre_columns` says where u and g start,
 for the backward's dh kernel.
 
+Measured (H100, stop 32, benchmarks/results/stop32_h100/): at 4096 tokens CUTLASS's down GEMM is 4-8% faster
+than moec's launch, 25-35% slower at 8 tokens; the gate/up's GEMM is faster too, but the gather and the
+activation pass's (S, 2F) read make the path slower than moec's fused launch on Qwen3 and OLMoE and even on
+Mixtral; compiled training steps 0.98x (Qwen3, OLMoE) and 1.01x (Mixtral). Hence off by default.
+
 Switches: MOEC_GROUPED_MM_FORWARD=1 turns both on (bf16 on sm90 only, `grouped_mm_wgrad.usable`);
 DOWN and GATE_UP set each. Rows of dropped copies (past offsets[E]) are zeroed, as moec's kernels
 write them.
