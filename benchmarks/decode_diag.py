@@ -44,7 +44,11 @@ def main(name, variant, batch, after=None):
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
-    print("routing", routing(model, batch))
+    layers = routing(model, batch)
+    c = model.config
+    F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    mb = sum(n for n, _ in layers) * 3 * c.hidden_size * F * 2 / 1e6       # gate, up, down of each expert hit, bf16
+    print("routing (distinct experts, most rows on one) per layer", layers, f"-> {mb:.0f} MB of expert weights a step")
     for path in sorted(glob.glob(os.path.join(os.environ.get("MOEC_DUMP", "/nonexistent"), "**", "cudagraphs.txt"),
                                  recursive=True)):
         print("==", path)
