@@ -13,10 +13,12 @@ from moec.codegen import layout as layouts
 
 from kernel_helpers import DEVICE, record_calls, rel_err
 from test_experts_launch import _routing
-from test_grouped_mm_wgrad import ARGS, _d, _joint_layer, _layer, assert_combine_grads, train_combine
+# the layer's sizes are those test_grouped_mm_wgrad's layers and train_combine are built with
+from test_grouped_mm_wgrad import ARGS, E, F, H, _d, _joint_layer, _layer, assert_combine_grads, k, train_combine
 
 OPS = torch.ops.moec
-E, k, H, F = 4, 2, 24, 16
+
+
 @pytest.fixture
 def taken(monkeypatch):
     monkeypatch.setattr(grouped_mm_wgrad, "ANY_DEVICE", True)
