@@ -18,10 +18,14 @@ execution (and every other backend) untouched. PEFT's LoRA on expert parameters 
 treatment (moec/peft_lora.py): its per-forward parametrization graph-breaks, so while Dynamo
 traces, the wrapper computes the same adapted weight in traceable code instead.
 
-Known limitation: some code Dynamo graph-breaks on by default fails instead under dynamic-output
-capture (`.tolist()` of a data-dependent `bincount`, then `torch.split`): Dynamo raises its
-data-dependent error while tracing, outside any hook a backend has. MOEC_CAPTURE_DYNAMIC=0
-traces such code Dynamo's default way.
+Under dynamic-output capture a data-dependent op no longer graph-breaks, so code that then reads
+its result on the host fails in Dynamo instead. torchtitan's for-loop experts do it:
+`bincount(ids, minlength=E).tolist()` (the length is data-dependent: max(E, max(ids) + 1)), then
+`torch.split` by the counts. While moec traces, such a `.tolist()` graph-breaks where the data-
+dependent length would make Dynamo raise (`tolist_graph_breaks`): the layer then spans two graphs,
+and detect reports it missed with the graph break's reason. Known limitation: branching on
+`.item()` still fails in Dynamo under this setting; MOEC_CAPTURE_DYNAMIC=0 traces such code
+Dynamo's default way.
 """
 import contextlib
 import functools
@@ -31,6 +35,7 @@ import threading
 import torch
 import torch._dynamo.eval_frame as eval_frame
 import torch.fx.experimental._config as fx_config
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from moec.codegen.torch_release import TORCH_RELEASE
 from moec.passes.graph import TRACED_AS_MARKER
@@ -202,8 +207,35 @@ def dynamic_capture():
     # user code that branches on `.item()` fails in Dynamo instead of graph-breaking (a known
     # limitation; MOEC_CAPTURE_DYNAMIC=0 turns both off).
     with _set(torch._dynamo.config, capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
-            _set(fx_config, backed_size_oblivious=_SIZE_OBLIVIOUS_LOWERS):
+            _set(fx_config, backed_size_oblivious=_SIZE_OBLIVIOUS_LOWERS), tolist_graph_breaks():
         yield
+
+
+def tolist_graph_breaks():
+    """While Dynamo traces: `.tolist()` of a tensor whose length is data-dependent graph-breaks
+    (as the op that made it would without dynamic-output capture) instead of raising Dynamo's
+    GuardOnDataDependentSymNode from inside its trace, where no backend hook can catch it."""
+    try:
+        from torch._dynamo.variables.tensor import TensorVariable as variable
+    except ImportError:
+        variable = None
+    original = getattr(variable, "method_tolist", None)
+    if original is None:          # a torch that traces tolist elsewhere: its own behaviour stands
+        return contextlib.nullcontext()
+    return _set(variable, method_tolist=_tolist_breaking(original))
+
+
+@functools.cache
+def _tolist_breaking(original):
+    # torch 2.11 and 2.13 differ in the handler's arguments (tx or none): passed through as given
+    def method_tolist(self, *args, **kwargs):
+        example = self.as_proxy().node.meta.get("example_value")
+        if isinstance(example, torch.Tensor) and free_unbacked_symbols(example.shape):
+            raise torch._dynamo.exc.Unsupported(
+                "moec: .tolist() of a tensor whose length depends on its data (bincount's, nonzero's): "
+                "a graph break here, since dynamic-output capture traced the op that made it")
+        return original(self, *args, **kwargs)
+    return method_tolist
 
 
 # torch 2.11's Inductor cannot lower a slice with a negative start on a size-oblivious dimension

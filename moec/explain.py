@@ -10,6 +10,13 @@ _BREAK_FIX = ("a graph break splits this layer: Dynamo cannot capture a loop ove
               "received tokens (a data-dependent list), so no single graph holds the layer and it runs "
               "unfused. Fix: loop over `range(E)` with masks or `torch.where` (moec captures that whole), "
               "or, where the model offers it, `model.set_experts_implementation(\"grouped_mm\")`")
+# capture.tolist_graph_breaks' reason starts so: the layer reads per-expert sizes on the host
+_HOST_SIZES = "moec: .tolist()"
+_HOST_SIZES_FIX = ("a graph break splits this layer: it reads per-expert sizes on the host (`.tolist()` of a "
+                   "data-dependent length, e.g. `bincount(...).tolist()` then `torch.split` by the counts), so no "
+                   "single graph holds the layer and it runs unfused. Fix: keep the counts on the device "
+                   "(`torch._grouped_mm` with offsets `cumsum(bincount(...))`, as Hugging Face's grouped_mm experts "
+                   "do), or loop over `range(E)` with masks or `torch.where` (moec captures either whole)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ def explain(model_or_fn, *args, **kwargs) -> Explanation:
     if result.graph_count > 1:
         result.graph_breaks = _graph_breaks(model_or_fn, args, kwargs)
         if result.missed and result.graph_breaks:
-            result.regions = [_with_break_fix(r) for r in result.regions]
+            host_sizes = any(reason.startswith(_HOST_SIZES) for reason, _ in result.graph_breaks)
+            fix = _HOST_SIZES_FIX if host_sizes else _BREAK_FIX
+            result.regions = [_with_break_fix(r, fix) for r in result.regions]
     return result
 
 
@@ -96,7 +105,7 @@ def _graph_breaks(model_or_fn, args, kwargs):
     return breaks
 
 
-def _with_break_fix(r):
+def _with_break_fix(r, fix):
     if r.status != "missed" or "graph break" not in r.reason:
         return r
-    return RegionInfo(r.module, r.num_experts, r.top_k, r.router, r.idiom, r.status, _BREAK_FIX, r.where)
+    return RegionInfo(r.module, r.num_experts, r.top_k, r.router, r.idiom, r.status, fix, r.where)

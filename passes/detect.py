@@ -261,7 +261,6 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
     router_side = dg.backward_slice([logits])
     # the tokens' own ancestors are no expert weights: a batched input (B, S, H) with B == E is 3D
     stacks = _expert_weight_candidates(real, num_experts) - router_side
-    router_side = router_side if stacks else None
     remaining = {n: len(dg.users[n] & computed) for n in computed}
     live = set()
     for n in dg.sorted(computed):
@@ -274,9 +273,18 @@ def _combine_point(dg, computed, tokens, hidden, logits, real, num_experts):
         # A layer whose result only the graph's output reads (no users in `computed`) ends there.
         ends_graph = not live and any(u.op == "output" for u in dg.users[n])
         if (live == {n} or ends_graph) and _is_token_shaped(n, tokens, hidden) and \
-                (router_side is None or stacks & dg.backward_slice([n], stop=router_side)):
+                _reads_experts(dg, n, stacks, logits, router_side):
             return n
     return None
+
+
+def _reads_experts(dg, node, stacks, logits, router_side) -> bool:
+    """Whether `node` can be the layer's output: it reads the expert weights; where the graph holds
+    none (a graph break left them in the next graph), it reads the tokens other than through the
+    logits, as every expert does and no routing tensor (a grouped router's masked scores) does."""
+    if stacks:
+        return bool(stacks & dg.backward_slice([node], stop=router_side))
+    return bool(dg.backward_slice([node], stop={logits}) & router_side)
 
 
 def _expert_weight_candidates(real, num_experts) -> set:

@@ -1,6 +1,6 @@
-"""moec's tracing context: dynamic-output capture is on only while moec traces, and
-MOEC_CAPTURE_DYNAMIC=0 traces code it cannot capture (a split by host-side counts, which fails
-in Dynamo under that setting: tests/property's `sort_split_crash`) Dynamo's default way.
+"""moec's tracing context: dynamic-output capture is on only while moec traces; a split by host-side
+counts (`bincount(...).tolist()`, which raised in Dynamo under that setting) graph-breaks at the
+`.tolist()` and is reported; MOEC_CAPTURE_DYNAMIC=0 traces Dynamo's default way.
 HF's eager experts loop, traced as grouped_mm, compiles once, not once per call. The config
 switches are entered only while Dynamo compiles (its compile callbacks), not on every call."""
 import sys
@@ -34,6 +34,19 @@ class SplitByCountsMoE(nn.Module):
         chunks = torch.split(x[order // self.k], counts)
         y = torch.cat([F.relu(c @ self.w1[e].t()) @ self.w2[e].t() for e, c in enumerate(chunks)])
         return torch.zeros_like(x).index_add(0, order // self.k, y * w.reshape(-1)[order, None])
+
+
+def test_split_by_host_counts_breaks_and_is_reported():
+    """torchtitan's for-loop experts under moec: a graph break at `.tolist()` (not Dynamo's
+    GuardOnDataDependentSymNode), values and gradients equal eager's, and the layer is reported
+    missed with the break's reason and a fix."""
+    torch.manual_seed(0)
+    module = SplitByCountsMoE().double()
+    report = moec.explain(module, torch.randn(6, 16, dtype=torch.float64))
+    assert [r.status for r in report.regions] == ["missed"], str(report)
+    assert "reads per-expert sizes on the host" in report.regions[0].reason, str(report)
+    assert any(reason.startswith("moec: .tolist()") for reason, _ in report.graph_breaks), str(report)
+    check_compiled_matches_eager(module, torch.randn(6, 16, dtype=torch.float64))
 
 
 def test_capture_off_traces_the_default_way(monkeypatch):

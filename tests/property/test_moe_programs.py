@@ -19,6 +19,7 @@ from compare import TOL, check_compiled_matches_eager
 from programs import MoESpec, ProgramSpec, build, make_input
 from strategies import program_specs
 
+HOST_SIZES = "reads per-expert sizes on the host"
 # Misses moec reports on purpose: reason substring -> the programs for which it is expected.
 KNOWN_LIMITATIONS = {
     # identify proves a rewrite by running the layer on the traced token count; with none it
@@ -30,6 +31,9 @@ KNOWN_LIMITATIONS = {
     # Per-expert nn.Linear modules are reported, not fused: stacking them would copy the
     # parameters every step (detect._per_expert_modules).
     "experts are separate modules": lambda p: p.moe.dispatch == "module_list",
+    # torchtitan's for-loop experts split by `bincount(...).tolist()`: host-side sizes, so a graph
+    # break (capture.tolist_graph_breaks; it raised in Dynamo before) splits the layer.
+    HOST_SIZES: lambda p: p.moe.dispatch == "sort_split",
 }
 
 
@@ -67,13 +71,6 @@ def test_sigmoid_renorm_without_eps_when_scores_underflow():
 
 # Real moec bugs the properties found, not fixed yet (reported to the owner of moec/ and passes/).
 KNOWN_BUGS = {
-    "sort_split_crash": Bug(
-        lambda p: p.moe.dispatch == "sort_split", ("explain", "compile"),
-        spec(dict(dispatch="sort_split")),
-        "torchtitan's for-loop experts (argsort, bincount(...).tolist(), torch.split by counts): "
-        "under moec's capture_dynamic_output_shape_ops and capture_scalar_outputs, Dynamo raises GuardOnDataDependentSymNode "
-        "on the data-dependent bincount size while tracing (no backend hook sees it); "
-        "torch.compile without moec, or moec with MOEC_CAPTURE_DYNAMIC=0, graph-breaks and runs"),
     "stacked_moe_without_glue": Bug(
         lambda p: p.second_moe and not p.norm and not p.residual, ("explain",),
         spec(second_moe=True),
@@ -95,7 +92,12 @@ def check_explained(p, model):
     """Every MoE layer is reported: fused (with the drawn E and k) or missed for a known reason."""
     fresh()
     report = moec.explain(model, make_input(p, 1))
-    assert len(report.regions) == p.num_moe_layers, str(report)
+    if any(HOST_SIZES in r.reason for r in report.regions):
+        # the break is inside the layer's forward: Dynamo compiles that frame once for both layers
+        # (its parameters are the graphs' inputs), so one miss stands for every layer it runs
+        assert 1 <= len(report.regions) <= p.num_moe_layers, str(report)
+    else:
+        assert len(report.regions) == p.num_moe_layers, str(report)
     for r in report.regions:
         if r.status == "fused":
             assert (r.num_experts, r.top_k) == (p.moe.E, p.moe.k), str(report)
@@ -113,14 +115,18 @@ def _tolerance(p, model):
     return TOL[torch.float32] if dtype == torch.float64 and p.moe.score_fp32 else TOL[dtype]
 
 
-def check_compiled(p, model, fused):
+def check_compiled(p, model, fused, report=None):
     """Compiled == eager on fresh inputs (values, input and parameter gradients); then new
-    routing on the same shape (no recompile) and permuted tokens (permuted output)."""
+    routing on the same shape (no recompile) and permuted tokens (permuted output). Where a layer
+    reads its sizes on the host (HOST_SIZES), the graph after the break takes them as Python ints,
+    which Dynamo specialises (0 and 1 included) and recompiles for under any backend: only the
+    values are checked there."""
     fresh()
     tol = _tolerance(p, model)
     compiled = check_compiled_matches_eager(model, make_input(p, 2), tol=tol)
     if fused is not None:
         assert counters["moec"]["regions_fused"] == fused
+    host_sizes = report is not None and any(HOST_SIZES in r.reason for r in report.regions)
     graphs = counters["moec"]["graphs"]
     # Other tokens, so other experts; requires_grad and grad mode as in the first call, since
     # Dynamo guards on both and a recompile from them would be the test's own doing.
@@ -129,7 +135,7 @@ def check_compiled(p, model, fused):
     torch.testing.assert_close(out, model(x), **tol)
     perm = torch.randperm(x.shape[-2], generator=torch.Generator().manual_seed(p.seed))
     torch.testing.assert_close(compiled(x[..., perm, :]), out[..., perm, :], **tol)
-    assert counters["moec"]["graphs"] == graphs, "new routing or a permutation recompiled"
+    assert host_sizes or counters["moec"]["graphs"] == graphs, "new routing or a permutation recompiled"
 
 
 @settings(max_examples=examples(200))
@@ -184,11 +190,14 @@ def check_compiled(p, model, fused):
                      F=2), dtype="float32", tokens=1))
 @example(p=spec(dict(router_op="matmul_he", dispatch="dense_bmm", combine="bmm")))
 @example(p=spec(dict(router="sigmoid_bias", router_op="einsum", dispatch="mask_loop")))
+# torchtitan's split by `bincount(...).tolist()` raised GuardOnDataDependentSymNode in Dynamo under
+# moec's dynamic-output capture (was KNOWN_BUGS' sort_split_crash): now a graph break and a reported miss
+@example(p=spec(dict(dispatch="sort_split")))
 def test_generated_moe_program(p):
     model = build(p)
     report = None if _broken(p, "explain") else check_explained(p, model)
     assume(not _broken(p, "compile"))
-    check_compiled(p, model, None if report is None else len(report.fused))
+    check_compiled(p, model, None if report is None else len(report.fused), report)
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=bug.what))
