@@ -118,7 +118,7 @@ def _analyse(gm, dg, anchor, linear, real):
     aliases = _output_aliases(dg, output)
     nodes |= aliases
 
-    inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    inputs = _data_inputs(dg, nodes)
     # Before any miss is raised: a look-alike (argmax over a codebook) must not be reported.
     if not _expert_weight_inputs(dg, nodes, real, num_experts):
         if _per_expert_modules(inputs, real, num_experts):
@@ -136,7 +136,7 @@ def _analyse(gm, dg, anchor, linear, real):
     nodes, computed, producers = computed_weights.split_producers(gm, dg, nodes, x, logits, real)
     if producers:
         real = {**real, **computed}
-        inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+        inputs = _data_inputs(dg, nodes)
     # a LoRA weight only the layer reads is computed as factors beside the GEMMs: the merged
     # weight goes with the region (one read elsewhere too stays, and is read as it is)
     lora = {f.weight: f for f in map(computed_weights.lora_form, producers)
@@ -398,6 +398,17 @@ def _router_outputs_kept(dg, nodes, expert_side, results):
                           f"(by `{outside[0].name}`); moec rewrites only self-contained layers", n)
         escapes.append(n)
     return dg.backward_slice(escapes) & nodes
+
+
+def _data_inputs(dg, nodes) -> set:
+    """What `nodes` read from outside them. A write they depend on only for its order (they read a
+    view of the buffer it wrote, made after it: a second layer reading the first one's
+    `index_add_` buffer) is no input: the view carries its value, and counting the write too gave
+    the layer two candidates for its tokens, one of them then reported as read from outside."""
+    inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+    read = {a for n in nodes for a in n.all_input_nodes}
+    return {i for i in inputs if i in read or i not in dg.mutations
+            or not any(j in read and dg.root.get(j) is dg.root.get(i) for j in inputs if j is not i)}
 
 
 def _token_input(dg, candidates, router_side, hidden):
