@@ -211,6 +211,10 @@ def dynamic_capture():
         yield
 
 
+# how the graph break's reason starts: moec.explain tells a layer that reads its sizes on the host by it
+TOLIST_BREAK = "moec: .tolist() of a tensor whose length depends on its data"
+
+
 def tolist_graph_breaks():
     """While Dynamo traces: `.tolist()` of a tensor whose length is data-dependent graph-breaks
     (as the op that made it would without dynamic-output capture) instead of raising Dynamo's
@@ -232,8 +236,8 @@ def _tolist_breaking(original):
         example = self.as_proxy().node.meta.get("example_value")
         if isinstance(example, torch.Tensor) and free_unbacked_symbols(example.shape):
             raise torch._dynamo.exc.Unsupported(
-                "moec: .tolist() of a tensor whose length depends on its data (bincount's, nonzero's): "
-                "a graph break here, since dynamic-output capture traced the op that made it")
+                f"{TOLIST_BREAK} (bincount's, nonzero's): a graph break here, since dynamic-output capture "
+                "traced the op that made it")
         return original(self, *args, **kwargs)
     return method_tolist
 

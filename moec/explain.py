@@ -4,14 +4,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import session
-from .capture import switches
+from .capture import TOLIST_BREAK, switches
 
 _BREAK_FIX = ("a graph break splits this layer: Dynamo cannot capture a loop over the experts that "
               "received tokens (a data-dependent list), so no single graph holds the layer and it runs "
               "unfused. Fix: loop over `range(E)` with masks or `torch.where` (moec captures that whole), "
               "or, where the model offers it, `model.set_experts_implementation(\"grouped_mm\")`")
-# capture.tolist_graph_breaks' reason starts so: the layer reads per-expert sizes on the host
-_HOST_SIZES = "moec: .tolist()"
 _HOST_SIZES_FIX = ("a graph break splits this layer: it reads per-expert sizes on the host (`.tolist()` of a "
                    "data-dependent length, e.g. `bincount(...).tolist()` then `torch.split` by the counts), so no "
                    "single graph holds the layer and it runs unfused. Fix: keep the counts on the device "
@@ -86,7 +84,7 @@ def explain(model_or_fn, *args, **kwargs) -> Explanation:
     if result.graph_count > 1:
         result.graph_breaks = _graph_breaks(model_or_fn, args, kwargs)
         if result.missed and result.graph_breaks:
-            host_sizes = any(reason.startswith(_HOST_SIZES) for reason, _ in result.graph_breaks)
+            host_sizes = any(reason.startswith(TOLIST_BREAK) for reason, _ in result.graph_breaks)
             fix = _HOST_SIZES_FIX if host_sizes else _BREAK_FIX
             result.regions = [_with_break_fix(r, fix) for r in result.regions]
     return result

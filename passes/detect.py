@@ -106,7 +106,8 @@ def _analyse(gm, dg, anchor, linear, real):
     output = _combine_point(dg, computed, tokens, hidden, logits, real, num_experts)
     if output is None:
         leaves = any(u.op == "output" for n in computed for u in dg.users[n])
-        if _expert_weight_inputs(dg, computed, real, num_experts) or (leaves and num_experts <= _MAX_EXPERTS):
+        if _expert_weight_inputs(_data_inputs(dg, computed), real, num_experts) or \
+                (leaves and num_experts <= _MAX_EXPERTS):
             raise _Missed("the expert outputs never merge into one (tokens, hidden) tensor inside this "
                           "graph: a graph break splits the layer", kind="graph_break")
         raise _NotMoE()
@@ -120,7 +121,7 @@ def _analyse(gm, dg, anchor, linear, real):
 
     inputs = _data_inputs(dg, nodes)
     # Before any miss is raised: a look-alike (argmax over a codebook) must not be reported.
-    if not _expert_weight_inputs(dg, nodes, real, num_experts):
+    if not _expert_weight_inputs(inputs, real, num_experts):
         if _per_expert_modules(inputs, real, num_experts):
             lora = ("; each has its own LoRA adapters (PEFT target_modules on per-expert Linear layers), "
                     "and moec fuses LoRA on stacked weights: put it on the 3D parameters with "
@@ -421,8 +422,7 @@ def _token_input(dg, candidates, router_side, hidden):
     return max(found, key=lambda c: (len(shape(c)) == 2, c in router_side))
 
 
-def _expert_weight_inputs(dg, nodes, real, num_experts):
-    inputs = {d for n in nodes for d in dg.deps[n]} - nodes
+def _expert_weight_inputs(inputs, real, num_experts):
     return [i for i in inputs if i in real and real[i].dim() == 3 and real[i].shape[0] == num_experts]
 
 

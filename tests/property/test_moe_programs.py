@@ -82,11 +82,15 @@ def _broken(p, check):
 # ------------------------------------------------------------------------------ checks
 
 
+def _reads_host_sizes(report) -> bool:
+    return any(HOST_SIZES in r.reason for r in report.regions)
+
+
 def check_explained(p, model):
     """Every MoE layer is reported: fused (with the drawn E and k) or missed for a known reason."""
     fresh()
     report = moec.explain(model, make_input(p, 1))
-    if any(HOST_SIZES in r.reason for r in report.regions):
+    if _reads_host_sizes(report):
         # the break is inside the layer's forward: Dynamo compiles that frame once for both layers
         # (its parameters are the graphs' inputs), so one miss stands for every layer it runs
         assert 1 <= len(report.regions) <= p.num_moe_layers, str(report)
@@ -120,7 +124,7 @@ def check_compiled(p, model, fused, report=None):
     compiled = check_compiled_matches_eager(model, make_input(p, 2), tol=tol)
     if fused is not None:
         assert counters["moec"]["regions_fused"] == fused
-    host_sizes = report is not None and any(HOST_SIZES in r.reason for r in report.regions)
+    host_sizes = report is not None and _reads_host_sizes(report)
     graphs = counters["moec"]["graphs"]
     # Other tokens, so other experts; requires_grad and grad mode as in the first call, since
     # Dynamo guards on both and a recompile from them would be the test's own doing.
