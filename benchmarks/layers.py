@@ -41,7 +41,13 @@ ALPHA, LIMIT = 1.702, 7.0
 
 def make_params(s: Shape, device, dtype=torch.bfloat16, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
-    r = lambda *shape, scale: (torch.randn(*shape, device=device, generator=g) * scale).to(dtype).requires_grad_()
+
+    def r(*shape, scale):
+        # a slice of the leading dim at a time: DeepSeek-V3's gate_up in float32 at once is 30 GB
+        out = torch.empty(*shape, device=device, dtype=dtype)
+        for i in range(shape[0]):
+            out[i] = torch.randn(*shape[1:], device=device, generator=g) * scale
+        return out.requires_grad_()
     p = {"router": r(s.E, s.H, scale=s.H ** -0.5), "gate_up": r(s.E, 2 * s.F, s.H, scale=s.H ** -0.5),
          "down": r(s.E, s.H, s.F, scale=s.F ** -0.5)}
     if s.scoring == "sigmoid":

@@ -20,9 +20,10 @@ from types import SimpleNamespace
 
 import torch
 
-from . import grouped_mm_forward, grouped_mm_wgrad, streams
+from . import decode_fused, grouped_mm_forward, grouped_mm_wgrad, streams
 from . import layout as layouts
 from .combine_kernel import combine_launch
+from .decode_experts_kernel import decode_experts_launch
 from .dh_kernel import launch_dh
 from .experts_launch import (_check, _finish, _grad_buffers, _lora_rows, _lora_x, _shared_a, _tiles, _wgrad,
                              experts_forward, input_grad, lora_up_gate_wgrads, sum_rows)
@@ -37,6 +38,13 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,)). roles: the weights' views, where
     the caller has them."""
     pdl = not save and use_pdl(x, x.shape[0])       # decode: codegen/pdl.py
+    if not save and src.shape[0] and decode_fused.use(x, x.shape[0], layouts.has_lora(layout)):
+        _check(x)
+        roles = roles or layouts.views(weights, layout)
+        out = x.new_empty(route_w.shape[0], x.shape[1])
+        decode_experts_launch(x, src, offsets, inv, route_w, k, roles, ACTIVATION_CODE[activation], alpha, limit,
+                              out, decode_fused.settings(x, x.shape[1], roles[0].shape[1]), pdl)
+        return out, x.new_empty(0)
     y, pre = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, save, pdl, roles=roles)
     return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k, pdl=pdl), pre
 

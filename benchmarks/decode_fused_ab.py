@@ -1,0 +1,110 @@
+"""The inference forward's GEMV path (codegen/decode_experts_kernel.py) against the grouped GEMMs it
+replaces, in one process: L layers of one shape chained in one CUDA graph (decode_chain.py's model
+of a decode step), moec's ops called as its passes emit them, per token count; the GEMV path over a
+sweep of its (block_f, block_h, num_warps). Time per layer, % of the bandwidth floor, error against
+the HF grouped_mm chain.
+
+    python benchmarks/decode_fused_ab.py --shapes qwen3,olmoe --tokens 1,2,4,8 --out DIR
+
+Writes decode_fused_ab.json / .md into --out.
+"""
+import argparse
+import datetime
+import json
+import os
+
+import torch
+import triton
+
+from bench_layer import ceilings
+from decode_chain import chain, replay_ms, touched_floor_ms
+from layers import SHAPES, make_params, moec_layer, rel_err
+
+from moec.codegen import decode_fused
+
+SWEEP = [(bf, bh, w) for bf in (16, 32, 64) for bh in (64, 128, 256, 512) for w in (4, 8)
+         if bf * bh // (32 * w) <= 64]        # elements of each accumulator per thread: no spills
+
+
+def timed(fn, x, want):
+    with torch.no_grad():
+        err = rel_err(fn(x), want)
+    return replay_ms(fn, x), err
+
+
+def run(args):
+    peak, bw = ceilings()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "layers": args.layers, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "copy_gbps": bw / 1e9}
+    print(json.dumps(info), flush=True)
+    sweep = SWEEP if args.sweep else [None]
+    rows = []
+    for name in args.shapes.split(","):
+        s = SHAPES[name]
+        params = [{n: t.detach() for n, t in make_params(s, "cuda", seed=i).items()} for i in range(args.layers)]
+        fn = chain(moec_layer, s, params)
+        for T in map(int, args.tokens.split(",")):
+            x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)
+            floor, want = touched_floor_ms(s, params, x, peak, bw)
+            per_layer = lambda ms: ms * 1e3 / args.layers
+            decode_fused.set_max_tokens(0)
+            ms, err = timed(fn, x, want)
+            row = {"shape": s.name, "tokens": T, "floor_us": per_layer(floor), "grouped_us": per_layer(ms),
+                   "grouped_err": err, "fused": []}
+            decode_fused.set_max_tokens(decode_fused.FUSED_MAX_TOKENS)
+            for cfg in sweep:
+                decode_fused.set_settings(cfg)
+                try:
+                    ms, err = timed(fn, x, want)
+                except Exception as exc:      # one setting that fails to compile or run costs only its row
+                    print(f"{s.name} T={T} {cfg}: {type(exc).__name__}: {exc}"[:400], flush=True)
+                    continue
+                row["fused"].append({"settings": cfg or decode_fused.settings(x, s.H, s.F), "us": per_layer(ms),
+                                     "err": err})
+            decode_fused.set_settings(None)
+            decode_fused.set_max_tokens(None)
+            if not row["fused"]:
+                raise RuntimeError(f"{s.name} T={T}: every GEMV setting failed")
+            best = min(row["fused"], key=lambda f: f["us"])
+            row["best"] = best
+            print(f"{s.name} T={T}: floor {row['floor_us']:.1f} us; grouped {row['grouped_us']:.1f} "
+                  f"({row['floor_us'] / row['grouped_us']:.0%}); fused best {best['us']:.1f} "
+                  f"({row['floor_us'] / best['us']:.0%}) at {best['settings']}, err {best['err']:.1e}; all: " +
+                  ", ".join(f"{f['settings']} {f['us']:.1f}" for f in row["fused"]), flush=True)
+            rows.append(row)
+        del params, fn
+        torch.cuda.empty_cache()
+    return info, rows
+
+
+def table(rows):
+    head = ("| layer | tokens | floor us | grouped us | GEMV best us | settings | GEMV vs grouped | grouped % floor | "
+            "GEMV % floor |\n|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['shape']} | {r['tokens']} | {r['floor_us']:.1f} | {r['grouped_us']:.1f} | {r['best']['us']:.1f} | "
+        f"{tuple(r['best']['settings'])} | {r['grouped_us'] / r['best']['us']:.2f}x | "
+        f"{r['floor_us'] / r['grouped_us']:.0%} | {r['floor_us'] / r['best']['us']:.0%} |\n" for r in rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="qwen3,olmoe")
+    ap.add_argument("--tokens", default="1,2,4,8")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--sweep", action="store_true", help="time every SWEEP setting, not only the default")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    info, rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_fused_ab.json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+    md = (f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
+          f"{info['layers']} layers a graph; copy {info['copy_gbps']:.0f} GB/s\n\n" + table(rows))
+    with open(os.path.join(args.out, "decode_fused_ab.md"), "w") as f:
+        f.write(md + "\n")
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The inference forward's GEMV path (decode_experts_kernel.py) against float64 references: every
+activation, biases, both weight layouts on NaN-padded views, dropped copies, an expert with every
+copy, experts with none; and that it is taken exactly where decode_fused says."""
+import pytest
+import torch
+
+from moec.codegen import decode_fused, experts_combine_launch, reference
+
+from kernel_helpers import DEVICE, TOL, padded, record_calls, rel_err
+from test_experts_launch import _layer, _routing
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The GEMV path up to FUSED_MAX_TOKENS, and the list of its launches."""
+    monkeypatch.setitem(decode_fused._state, "max_tokens", decode_fused.FUSED_MAX_TOKENS)
+    return record_calls(monkeypatch, experts_combine_launch, "decode_experts_launch")
+
+
+def _run(T, E, k, H, F, dtype, act="silu", gated=True, bias=False, layout="interleaved", how="uniform",
+         grad=False):
+    x = padded((T, H), dtype)
+    offsets, src, inv = _routing(T, E, k, how)
+    route_w = torch.rand(T, k, device=DEVICE)
+    bases, layout = _layer(E, H, F, dtype, gated, bias, layout)
+    args = (act, 1.702, 7.0)
+    with torch.set_grad_enabled(grad):
+        out, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, route_w, k, bases, layout, *args, False)
+    d = lambda t: t.detach().cpu().double()
+    want, _ = reference.experts_combine(d(x), src.cpu(), offsets.cpu(), inv.cpu(), d(route_w), k,
+                                        [d(w) for w in bases], layout, *args, False)
+    assert out.shape == want.shape and out.dtype == dtype and pre.numel() == 0
+    if out.numel():
+        assert rel_err(out.cpu(), want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act,gated,bias", [("silu", True, False), ("gelu", True, True), ("relu", False, True),
+                                            ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
+def test_activations(fused, act, gated, bias, dtype):
+    _run(1, 6, 4, 40, 24, dtype, act, gated, bias)
+    assert fused == ["decode_experts_launch"]
+
+
+@pytest.mark.parametrize("T,E,k,how,layout", [(1, 8, 8, "uniform", "interleaved"),
+                                              (3, 4, 2, "one_expert", "transposed"),
+                                              (5, 6, 2, "sparse", "interleaved"),
+                                              (16, 5, 1, "uniform", "transposed")])
+def test_routings(fused, T, E, k, how, layout):
+    """sparse: most experts empty and one copy dropped (past offsets[E]), which must count zero."""
+    _run(T, E, k, 24, 40, torch.float32, bias=how == "sparse", how=how, layout=layout)
+    assert fused == ["decode_experts_launch"]
+
+
+def test_many_f_blocks(fused, monkeypatch):
+    """More F blocks than the reduction reads at once (40 blocks of 1 column, 32 a chunk), H not a
+    multiple of the H block."""
+    monkeypatch.setitem(decode_fused._state, "settings", (1, 16, 1))
+    _run(2, 4, 2, 37, 40, torch.float32, bias=True)
+    assert fused == ["decode_experts_launch"]
+
+
+def test_taken_only_where_asked(fused, monkeypatch):
+    """Above max_tokens, with LoRA, and when saving for backward the grouped kernels run."""
+    monkeypatch.setitem(decode_fused._state, "max_tokens", 2)
+    _run(3, 4, 2, 24, 16, torch.float32)
+    _run(2, 4, 2, 24, 16, torch.float32)
+    assert fused == ["decode_experts_launch"]
+    assert decode_fused.use(torch.empty(0), 2, has_lora=False)
+    assert not decode_fused.use(torch.empty(0), 2, has_lora=True)
+    assert not decode_fused.use(torch.empty(0), 0, has_lora=False)
+    monkeypatch.setitem(decode_fused._state, "max_tokens", 0)
+    _run(1, 4, 2, 24, 16, torch.float32)
+    assert fused == ["decode_experts_launch"]
+
+
+def test_training_forward_takes_grouped_kernels(fused):
+    """save=True (a forward autograd will differentiate) never takes the GEMV path."""
+    x = padded((1, 24), torch.float32)
+    offsets, src, inv = _routing(1, 4, 2, "uniform")
+    bases, layout = _layer(4, 24, 16, torch.float32, True, False, "interleaved")
+    out, pre = torch.ops.moec.experts_combine(x, src, offsets, inv, torch.rand(1, 2, device=DEVICE), 2, bases,
+                                              layout, "silu", 1.702, 7.0, True)
+    assert fused == [] and pre.shape == (2, 32)
+
+
+def test_env_switch(monkeypatch):
+    from moec.codegen.errors import MoecError
+    monkeypatch.setenv("MOEC_DECODE_FUSED", "yes")
+    with pytest.raises(MoecError, match="MOEC_DECODE_FUSED"):
+        decode_fused._from_env()
+    monkeypatch.setenv("MOEC_DECODE_FUSED", "0")
+    assert decode_fused._from_env() == 0
