@@ -18,12 +18,28 @@ import triton
 
 from bench_layer import ceilings
 from decode_chain import chain, replay_ms, touched_floor_ms
-from layers import SHAPES, make_params, moec_layer, rel_err
+from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
 
 from moec.codegen import decode_fused
 
-SWEEP = [(bf, bh, w) for bf in (16, 32, 64) for bh in (64, 128, 256, 512) for w in (4, 8)
-         if bf * bh // (32 * w) <= 64]        # elements of each accumulator per thread: no spills
+# (block_f, block_h, num_warps, num_stages) whose pipelined weight tiles fit the shared memory
+SWEEP = [(bf, bh, w, st) for bf in (32, 64, 128) for bh in (64, 128, 256) for w in (4, 8) for st in (3, 4)
+         if st * (2 * bh * bf + 16 * bh) * 2 <= 160 * 1024 and (w == 4 or bh == 128)]
+
+
+def one_layer_errs(s, p, x):
+    """{path: error of one layer against the HF layer in float32}: a chain's error mixes in routing
+    flips that a path's last-bit differences cause in later layers; one layer's does not."""
+    p32 = {n: t.float() for n, t in p.items()}
+    with torch.no_grad():
+        want = hf_grouped_layer(s, p32, x.float())
+        errs = {}
+        for path, n in (("grouped", 0), ("fused", decode_fused.FUSED_MAX_TOKENS)):
+            decode_fused.set_max_tokens(n)
+            errs[path] = rel_err(moec_layer(s, p, x), want)
+    decode_fused.set_max_tokens(None)
+    del p32
+    return errs
 
 
 def timed(fn, x, want):
@@ -51,7 +67,7 @@ def run(args):
             decode_fused.set_max_tokens(0)
             ms, err = timed(fn, x, want)
             row = {"shape": s.name, "tokens": T, "floor_us": per_layer(floor), "grouped_us": per_layer(ms),
-                   "grouped_err": err, "fused": []}
+                   "grouped_err": err, "fused": [], "one_layer_err": one_layer_errs(s, params[0], x)}
             decode_fused.set_max_tokens(decode_fused.FUSED_MAX_TOKENS)
             for cfg in sweep:
                 decode_fused.set_settings(cfg)
@@ -70,7 +86,8 @@ def run(args):
             row["best"] = best
             print(f"{s.name} T={T}: floor {row['floor_us']:.1f} us; grouped {row['grouped_us']:.1f} "
                   f"({row['floor_us'] / row['grouped_us']:.0%}); fused best {best['us']:.1f} "
-                  f"({row['floor_us'] / best['us']:.0%}) at {best['settings']}, err {best['err']:.1e}; all: " +
+                  f"({row['floor_us'] / best['us']:.0%}) at {best['settings']}, err {best['err']:.1e}; one layer's err "
+                  f"{row['one_layer_err']}; all: " +
                   ", ".join(f"{f['settings']} {f['us']:.1f}" for f in row["fused"]), flush=True)
             rows.append(row)
         del params, fn

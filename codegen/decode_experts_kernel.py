@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .fast_launch import launch
-from .jit_helpers import activate, cdiv, next_pow2, pdl_enter, pdl_release, pdl_wait
+from .jit_helpers import activate, cdiv, ieee, mma, next_pow2, pdl_enter, pdl_release, pdl_wait
 from .pdl import launch_kwargs
 
 
@@ -35,7 +35,7 @@ def decode_experts_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, wd_ptr, b
                           s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h, s_wd_e, s_wd_h, s_wd_f,
                           s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_bd_e, s_bd_h,
                           ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr,
-                          HAS_BD: tl.constexpr, E_POW2: tl.constexpr, BLOCK_F: tl.constexpr,
+                          HAS_BD: tl.constexpr, IEEE: tl.constexpr, E_POW2: tl.constexpr, BLOCK_F: tl.constexpr,
                           BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     pdl_wait(PDL)
     s = tl.program_id(0)
@@ -49,38 +49,41 @@ def decode_experts_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, wd_ptr, b
     tok = (tl.load(src_ptr + s) // k_top).to(tl.int64)
     fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = fs < F
-    # products summed across H once, after the loop: no cross-thread reduction per step
-    acc_u = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
+    # The token is row 0 of a 16-row MMA tile whose other rows are zero: the products cost nothing
+    # here (the weights' bytes bound the kernel), and loads that feed a dot are the ones Triton
+    # pipelines (cp.async stages); elementwise GEMV products streamed at ~half the rate (stop 34).
+    rows = tl.arange(0, 16)
+    first = rows == 0
+    acc_u = tl.zeros((16, BLOCK_F), dtype=tl.float32)
+    acc_g = tl.zeros((16, BLOCK_F), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         hmask = hs < H
-        xv = tl.load(x_ptr + tok * s_xt + hs, mask=hmask, other=0.0).to(tl.float32)
-        wmask = fmask[:, None] & hmask[None, :]
-        wu = tl.load(wu_ptr + e64 * s_wu_e + fs[:, None] * s_wu_f + hs[None, :] * s_wu_h, mask=wmask, other=0.0)
-        acc_u += wu.to(tl.float32) * xv[None, :]
+        xa = tl.load(x_ptr + tok * s_xt + rows[:, None] * 0 + hs[None, :], mask=first[:, None] & hmask[None, :],
+                     other=0.0)
+        wmask = hmask[:, None] & fmask[None, :]
+        wu = tl.load(wu_ptr + e64 * s_wu_e + hs[:, None] * s_wu_h + fs[None, :] * s_wu_f, mask=wmask, other=0.0)
+        acc_u = mma(xa, wu, acc_u, IEEE)
         if GATED:
-            wg = tl.load(wg_ptr + e64 * s_wg_e + fs[:, None] * s_wg_f + hs[None, :] * s_wg_h, mask=wmask,
+            wg = tl.load(wg_ptr + e64 * s_wg_e + hs[:, None] * s_wg_h + fs[None, :] * s_wg_f, mask=wmask,
                          other=0.0)
-            acc_g += wg.to(tl.float32) * xv[None, :]
-    u = tl.sum(acc_u, axis=1)
-    g = tl.sum(acc_g, axis=1)
+            acc_g = mma(xa, wg, acc_g, IEEE)
     if HAS_BU:
-        u += tl.load(bu_ptr + e64 * s_bu_e + fs * s_bu_f, mask=fmask, other=0.0).to(tl.float32)
+        acc_u += tl.load(bu_ptr + e64 * s_bu_e + fs * s_bu_f, mask=fmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BG:
-        g += tl.load(bg_ptr + e64 * s_bg_e + fs * s_bg_f, mask=fmask, other=0.0).to(tl.float32)
-    h = activate(g, u, alpha, limit, ACT, GATED)
-    h = tl.where(fmask, h.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        acc_g += tl.load(bg_ptr + e64 * s_bg_e + fs * s_bg_f, mask=fmask, other=0.0).to(tl.float32)[None, :]
+    h = activate(acc_g, acc_u, alpha, limit, ACT, GATED)
+    h = tl.where(first[:, None] & fmask[None, :], h, 0.0).to(x_ptr.dtype.element_ty)
     row = part_ptr + (fb.to(tl.int64) * S + s) * H
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         hmask = hs < H
-        wd = tl.load(wd_ptr + e64 * s_wd_e + hs[:, None] * s_wd_h + fs[None, :] * s_wd_f,
-                     mask=hmask[:, None] & fmask[None, :], other=0.0)
-        y = tl.sum(wd.to(tl.float32) * h[None, :], axis=1)
+        wd = tl.load(wd_ptr + e64 * s_wd_e + fs[:, None] * s_wd_f + hs[None, :] * s_wd_h,
+                     mask=fmask[:, None] & hmask[None, :], other=0.0)
+        y = tl.sum(mma(h, wd, tl.zeros((16, BLOCK_H), dtype=tl.float32), IEEE), axis=0)    # row 0's
         if HAS_BD:
-            first = hs < tl.where(fb == 0, H, 0)       # block 0 alone adds the bias
-            y += tl.load(bd_ptr + e64 * s_bd_e + hs * s_bd_h, mask=first, other=0.0).to(tl.float32)
+            first_block = hs < tl.where(fb == 0, H, 0)      # block 0 alone adds the bias
+            y += tl.load(bd_ptr + e64 * s_bd_e + hs * s_bd_h, mask=first_block, other=0.0).to(tl.float32)
         tl.store(row + hs, y, mask=hmask)
     pdl_release(PDL)
 
@@ -111,11 +114,11 @@ def decode_experts_launch(x, src, offsets, inv, route_w, k, roles, act_code, alp
                           pdl=False):
     """out (T, H) = the combined experts' output, as experts_forward then combine_launch give it.
     roles: layout.views' (w_up, w_gate, w_down, b_up, b_gate, b_down), no LoRA. settings:
-    decode_fused.settings' (block_f, block_h, num_warps)."""
+    decode_fused.settings' (block_f, block_h, num_warps, num_stages)."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     S, (E, F, H) = src.shape[0], w_up.shape
     T = out.shape[0]
-    block_f, block_h, warps = settings
+    block_f, block_h, warps, stages = settings
     nb = cdiv(F, block_f)
     part = x.new_empty(nb, S, H, dtype=torch.float32)
     wg = w_gate if w_gate is not None else w_up
@@ -126,7 +129,8 @@ def decode_experts_launch(x, src, offsets, inv, route_w, k, roles, act_code, alp
            *(b_up.stride() if b_up is not None else zero2), *(b_gate.stride() if b_gate is not None else zero2),
            *(b_down.stride() if b_down is not None else zero2),
            ACT=act_code, GATED=w_gate is not None, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-           HAS_BD=b_down is not None, E_POW2=max(2, next_pow2(E)), BLOCK_F=block_f, BLOCK_H=block_h, num_warps=warps,
+           HAS_BD=b_down is not None, IEEE=ieee(x), E_POW2=max(2, next_pow2(E)), BLOCK_F=block_f, BLOCK_H=block_h,
+           num_warps=warps, num_stages=stages,
            **launch_kwargs(pdl))
     rh = min(64, next_pow2(H))
     launch(decode_reduce_kernel, (T, cdiv(H, rh)),

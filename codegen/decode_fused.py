@@ -12,7 +12,7 @@ import torch
 
 from .errors import MoecError
 
-DEFAULT_MAX_TOKENS = 1
+DEFAULT_MAX_TOKENS = 0      # off until it beats the grouped GEMMs: benchmarks/decode_fused_ab.py
 FUSED_MAX_TOKENS = 16
 _MODES = {"": DEFAULT_MAX_TOKENS, "1": FUSED_MAX_TOKENS, "0": 0}
 
@@ -38,7 +38,7 @@ def max_tokens() -> int:
 
 
 def set_settings(value) -> None:
-    """Pin (block_f, block_h, num_warps) for every launch (benchmarks sweep them); None: `settings`' own."""
+    """Pin (block_f, block_h, num_warps, num_stages) for every launch (benchmarks sweep them); None: `settings`' own."""
     _state["settings"] = value
 
 
@@ -48,12 +48,12 @@ def use(x: torch.Tensor, tokens: int, has_lora: bool) -> bool:
     return 0 < tokens <= _state["max_tokens"] and not has_lora
 
 
-def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int]:
-    """(block_f, block_h, num_warps). On a GPU: enough programs per copy (F / block_f) to keep the
+def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int, int]:
+    """(block_f, block_h, num_warps, num_stages). On a GPU: enough programs per copy (F / block_f) to keep the
     SMs streaming at one token; on the CPU interpreter, small blocks (fast to emulate, and many
     programs so that block edges are exercised)."""
     if _state["settings"] is not None:
         return _state["settings"]
     if not x.is_cuda:
-        return 8, 16, 1
-    return 32, 128, 4
+        return 16, 16, 1, 1
+    return 32, 128, 4, 4
