@@ -5,10 +5,10 @@
 source "$(dirname "$0")/common.sh"
 PART=,${PART:-all},
 PART=${PART/,all,/,ab,chain,}
-case $PART in *,ab,*) step 330 python3 benchmarks/decode_fused_ab.py --shapes qwen3,olmoe,gptoss --tokens 1,2,4 \
+case $PART in *,ab,*) step 280 python3 benchmarks/decode_fused_ab.py --shapes qwen3,olmoe,gptoss --tokens 1,2,4 \
   --sweep --out "$OUT/ab";; esac
 case $PART in *,chain,*) step 200 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,8 --layers 4 \
   --out "$OUT/chain";; esac
-case $PART in *,deepseek,*) step 400 python3 benchmarks/decode_chain.py --shapes deepseek --tokens 1,8 --layers 2 \
+case $PART in *,deepseek,*) step 290 python3 benchmarks/decode_chain.py --shapes deepseek --tokens 1,8 --layers 2 \
   --out "$OUT/deepseek";; esac
 true
