@@ -56,4 +56,4 @@ def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int, int]:
         return _state["settings"]
     if not x.is_cuda:
         return 16, 16, 1, 1
-    return 32, 128, 4, 4
+    return 64, 128, 4, 4
