@@ -22,9 +22,10 @@ from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
 
 from moec.codegen import decode_fused
 
-# (block_f, block_h, num_warps, num_stages) whose pipelined weight tiles fit the shared memory
-SWEEP = [(bf, bh, w, st) for bf in (32, 64, 128) for bh in (64, 128, 256) for w in (4, 8) for st in (3, 4)
-         if st * (2 * bh * bf + 16 * bh) * 2 <= 160 * 1024 and (w == 4 or bh == 128)]
+# (block_f, block_h, num_warps, num_stages): the best of stop 34's first sweep (block_f 32-128, block_h
+# 64-256, 4 or 8 warps, 3 or 4 stages; `results/stop34_h100/run3/`) and their neighbours
+SWEEP = [(64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
+         (64, 64, 4, 4)]
 
 
 def one_layer_errs(s, p, x):

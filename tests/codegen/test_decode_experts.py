@@ -53,10 +53,10 @@ def test_routings(fused, T, E, k, how, layout):
 
 
 def test_many_f_blocks(fused, monkeypatch):
-    """More F blocks than the reduction reads at once (36 blocks of 16 columns, 32 a chunk), F and H
-    not multiples of their blocks."""
+    """More partial rows than the reduction reads at once (3 copies x 100 blocks of 16 columns, 256
+    rows a load), F and H not multiples of their blocks."""
     monkeypatch.setitem(decode_fused._state, "settings", (16, 16, 1, 1))
-    _run(2, 4, 2, 37, 570, torch.float32, bias=True)
+    _run(2, 4, 3, 37, 1590, torch.float32, bias=True)
     assert fused == ["decode_experts_launch"]
 
 
