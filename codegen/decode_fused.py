@@ -1,10 +1,15 @@
 """When an inference forward takes decode_experts_kernel.py's GEMV path, and with which blocks.
 
-The GEMV kernel reads each routed copy's expert weights once per copy: right while a batch's copies
-land on distinct experts (one token: k distinct experts by construction), wasteful once they share
-them, where the grouped GEMMs read each expert once for all its rows. So by default it takes forwards
-of at most DEFAULT_MAX_TOKENS tokens. MOEC_DECODE_FUSED=0 turns it off, =1 takes it up to
-FUSED_MAX_TOKENS (for measuring where the crossover lies), unset is the default.
+Measured on an H100 (2026-12-07, `benchmarks/results/stop34_h100/`, decode_fused_ab.py: four layers in
+one CUDA graph, per layer, against the grouped GEMMs): it wins where an expert is small, so that the
+grouped kernels' ramp and tail are a large share of a one-token layer: Qwen3 (9.4 MB an expert)
+1.04x at one and two tokens, 1.02x at four; OLMoE (12.6 MB) 1.07x, 1.04x, 1.00x. Where experts are
+large the grouped GEMMs already stream at 88-90% of the floor and it does not: DeepSeek-V3 (88 MB)
+0.99x, Mixtral (352 MB) 1.00x at one token and 0.96x at two. GPT-OSS's interleaved gate/up rows
+(its H axis strided) 0.97x. It also reads each copy's weights once per copy, which stops paying
+once a batch's copies share experts. Hence the default: at most DEFAULT_MAX_TOKENS tokens, gate/up
+rows contiguous along H, an expert of at most MAX_EXPERT_BYTES. MOEC_DECODE_FUSED=0 turns it off;
+=1 takes it up to FUSED_MAX_TOKENS tokens on any layer (for measuring).
 """
 import os
 
@@ -12,25 +17,30 @@ import torch
 
 from .errors import MoecError
 
-DEFAULT_MAX_TOKENS = 0      # off until it beats the grouped GEMMs: benchmarks/decode_fused_ab.py
+DEFAULT_MAX_TOKENS = 2
+MAX_EXPERT_BYTES = 16 << 20
 FUSED_MAX_TOKENS = 16
-_MODES = {"": DEFAULT_MAX_TOKENS, "1": FUSED_MAX_TOKENS, "0": 0}
+_MODES = {"": (DEFAULT_MAX_TOKENS, False), "1": (FUSED_MAX_TOKENS, True), "0": (0, False)}
 
 
-def _from_env() -> int:
+def _from_env() -> tuple[int, bool]:
+    """(max tokens, any layer) from MOEC_DECODE_FUSED."""
     value = os.environ.get("MOEC_DECODE_FUSED", "")
     if value not in _MODES:
-        raise MoecError(f"MOEC_DECODE_FUSED={value!r}: expected 1 (up to {FUSED_MAX_TOKENS} tokens), 0 (off), or "
-                        f"unset (up to {DEFAULT_MAX_TOKENS})")
+        raise MoecError(f"MOEC_DECODE_FUSED={value!r}: expected 1 (up to {FUSED_MAX_TOKENS} tokens, any layer), 0 "
+                        f"(off), or unset (up to {DEFAULT_MAX_TOKENS}, small experts)")
     return _MODES[value]
 
 
-_state = {"max_tokens": _from_env(), "settings": None}
+_state = dict(zip(("max_tokens", "any_layer"), _from_env()), settings=None)
 
 
-def set_max_tokens(n) -> None:
-    """The largest forward the GEMV path takes (0: off; None: the default)."""
+def set_max_tokens(n, any_layer=None) -> None:
+    """The largest forward the GEMV path takes (0: off; None: the default). any_layer: also layers
+    the default leaves to the grouped GEMMs (large experts, H-strided gate/up rows); None: True
+    exactly when n is given."""
     _state["max_tokens"] = DEFAULT_MAX_TOKENS if n is None else int(n)
+    _state["any_layer"] = n is not None if any_layer is None else any_layer
 
 
 def max_tokens() -> int:
@@ -42,10 +52,18 @@ def set_settings(value) -> None:
     _state["settings"] = value
 
 
-def use(x: torch.Tensor, tokens: int, has_lora: bool) -> bool:
-    """Whether an inference forward of `tokens` tokens on x takes the GEMV path (no LoRA: its
-    low-rank terms live in the grouped kernels)."""
-    return 0 < tokens <= _state["max_tokens"] and not has_lora
+def use(x: torch.Tensor, tokens: int, has_lora: bool, roles) -> bool:
+    """Whether an inference forward of `tokens` tokens on x takes the GEMV path. roles: the
+    layer's views (layout.views). Never with LoRA (its low-rank terms live in the grouped kernels)."""
+    if not 0 < tokens <= _state["max_tokens"] or has_lora:
+        return False
+    if _state["any_layer"]:
+        return True
+    w_up, w_gate, w_down = roles[:3]
+    E, F, H = w_up.shape
+    gate_up = [w for w in (w_up, w_gate) if w is not None]
+    expert_bytes = (len(gate_up) + 1) * F * H * w_up.element_size()
+    return expert_bytes <= MAX_EXPERT_BYTES and all(w.stride(2) == 1 for w in gate_up)
 
 
 def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int, int]:

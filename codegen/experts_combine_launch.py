@@ -38,9 +38,9 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
     """-> (out (T, H), pre (S, 2F or F) when saving, else (0,)). roles: the weights' views, where
     the caller has them."""
     pdl = not save and use_pdl(x, x.shape[0])       # decode: codegen/pdl.py
-    if not save and src.shape[0] and decode_fused.use(x, x.shape[0], layouts.has_lora(layout)):
+    roles = roles or layouts.views(weights, layout)
+    if not save and src.shape[0] and decode_fused.use(x, x.shape[0], layouts.has_lora(layout), roles):
         _check(x)
-        roles = roles or layouts.views(weights, layout)
         out = x.new_empty(route_w.shape[0], x.shape[1])
         decode_experts_launch(x, src, offsets, inv, route_w, k, roles, ACTIVATION_CODE[activation], alpha, limit,
                               out, decode_fused.settings(x, x.shape[1], roles[0].shape[1]), pdl)

@@ -10,7 +10,7 @@ case $PART in *,ab,*) step 280 python3 benchmarks/decode_fused_ab.py --shapes qw
   --sweep --out "$OUT/ab";; esac
 case $PART in *,profile,*) for v in 0 1; do echo "##### MOEC_DECODE_FUSED=$v"
   MOEC_DECODE_FUSED=$v step 150 python3 benchmarks/decode_kernels.py --shapes qwen3,gptoss --tokens 1; done;; esac
-case $PART in *,chain,*) step 200 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,8 --layers 4 \
+case $PART in *,chain,*) step 200 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,2,8 --layers 4 \
   --out "$OUT/chain";; esac
 case $PART in *,deepseek,*) step 290 python3 benchmarks/decode_chain.py --shapes deepseek --tokens 1,8 --layers 2 \
   --out "$OUT/deepseek";; esac

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moec.codegen import decode_fused, experts_combine_launch, reference
+from moec.codegen import layout as layouts
 
 from kernel_helpers import DEVICE, TOL, padded, record_calls, rel_err
 from test_experts_launch import _layer, _routing
@@ -12,8 +13,9 @@ from test_experts_launch import _layer, _routing
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The GEMV path up to FUSED_MAX_TOKENS, and the list of its launches."""
+    """The GEMV path up to FUSED_MAX_TOKENS on any layer, and the list of its launches."""
     monkeypatch.setitem(decode_fused._state, "max_tokens", decode_fused.FUSED_MAX_TOKENS)
+    monkeypatch.setitem(decode_fused._state, "any_layer", True)
     return record_calls(monkeypatch, experts_combine_launch, "decode_experts_launch")
 
 
@@ -66,12 +68,29 @@ def test_taken_only_where_asked(fused, monkeypatch):
     _run(3, 4, 2, 24, 16, torch.float32)
     _run(2, 4, 2, 24, 16, torch.float32)
     assert fused == ["decode_experts_launch"]
-    assert decode_fused.use(torch.empty(0), 2, has_lora=False)
-    assert not decode_fused.use(torch.empty(0), 2, has_lora=True)
-    assert not decode_fused.use(torch.empty(0), 0, has_lora=False)
+    roles = layouts.views(*_layer(4, 24, 16, torch.float32, True, False, "interleaved"))
+    assert decode_fused.use(torch.empty(0), 2, False, roles)
+    assert not decode_fused.use(torch.empty(0), 2, True, roles)
+    assert not decode_fused.use(torch.empty(0), 0, False, roles)
     monkeypatch.setitem(decode_fused._state, "max_tokens", 0)
     _run(1, 4, 2, 24, 16, torch.float32)
     assert fused == ["decode_experts_launch"]
+
+
+def test_default_layers(monkeypatch):
+    """By default: small experts whose gate/up rows are contiguous along H (Qwen3's, OLMoE's), at
+    one or two tokens; not large experts (DeepSeek-V3's, Mixtral's), not H-strided rows (GPT-OSS's
+    interleaved gate/up, a transposed base), where the grouped GEMMs measured as fast or faster."""
+    monkeypatch.setitem(decode_fused._state, "max_tokens", decode_fused.DEFAULT_MAX_TOKENS)
+    monkeypatch.setitem(decode_fused._state, "any_layer", False)
+    x = torch.empty(0)
+    small = lambda layout: layouts.views(*_layer(4, 24, 16, torch.float32, True, False, layout))
+    assert decode_fused.use(x, 1, False, small("interleaved")) and decode_fused.use(x, 2, False, small("interleaved"))
+    assert not decode_fused.use(x, 3, False, small("interleaved"))
+    assert not decode_fused.use(x, 1, False, small("transposed"))
+    big = [torch.empty(8, 4096, 1024, dtype=torch.bfloat16).expand(8, 4096, 1024)] * 3   # 3 x 8 MB an expert
+    assert not decode_fused.use(x, 1, False, big + [None] * 3)
+    assert decode_fused.use(x, 1, False, [w[:, :2048] for w in big] + [None] * 3)
 
 
 def test_training_forward_takes_grouped_kernels(fused):
@@ -90,4 +109,6 @@ def test_env_switch(monkeypatch):
     with pytest.raises(MoecError, match="MOEC_DECODE_FUSED"):
         decode_fused._from_env()
     monkeypatch.setenv("MOEC_DECODE_FUSED", "0")
-    assert decode_fused._from_env() == 0
+    assert decode_fused._from_env() == (0, False)
+    monkeypatch.setenv("MOEC_DECODE_FUSED", "1")
+    assert decode_fused._from_env() == (decode_fused.FUSED_MAX_TOKENS, True)
