@@ -102,13 +102,3 @@ def test_training_forward_takes_grouped_kernels(fused):
                                               layout, "silu", 1.702, 7.0, True)
     assert fused == [] and pre.shape == (2, 32)
 
-
-def test_env_switch(monkeypatch):
-    from moec.codegen.errors import MoecError
-    monkeypatch.setenv("MOEC_DECODE_FUSED", "yes")
-    with pytest.raises(MoecError, match="MOEC_DECODE_FUSED"):
-        decode_fused._from_env()
-    monkeypatch.setenv("MOEC_DECODE_FUSED", "0")
-    assert decode_fused._from_env() == (0, False)
-    monkeypatch.setenv("MOEC_DECODE_FUSED", "1")
-    assert decode_fused._from_env() == (decode_fused.FUSED_MAX_TOKENS, True)

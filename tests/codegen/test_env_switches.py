@@ -29,6 +29,18 @@ def test_pdl():
         assert run.returncode != 0 and f"MOEC_PDL={bad!r}" in run.stderr, run.stderr[-500:]
 
 
+def test_decode_fused():
+    code = "import moec.codegen; from moec.codegen import decode_fused as d; print(d.max_tokens(), d._state['any_layer'])"
+    env = {k: v for k, v in os.environ.items() if k != "MOEC_DECODE_FUSED"}
+    unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert unset.stdout.strip() == "2 False", unset.stderr[-500:]
+    assert _import_with(code, MOEC_DECODE_FUSED="1").stdout.strip() == "16 True"
+    assert _import_with(code, MOEC_DECODE_FUSED="0").stdout.strip() == "0 False"
+    for bad in ("2", "yes"):
+        run = _import_with("import moec.codegen", MOEC_DECODE_FUSED=bad)
+        assert run.returncode != 0 and f"MOEC_DECODE_FUSED={bad!r}" in run.stderr, run.stderr[-500:]
+
+
 def test_on_off_switches():
     for name, module, attr, default in (("MOEC_GROUPED_MM_WGRAD", "grouped_mm_wgrad", "ENABLED", True),
                                         ("MOEC_GROUPED_MM_FORWARD", "grouped_mm_forward", "GATE_UP", False)):
