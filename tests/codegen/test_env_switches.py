@@ -30,7 +30,8 @@ def test_pdl():
 
 
 def test_decode_fused():
-    code = "import moec.codegen; from moec.codegen import decode_fused as d; print(d.max_tokens(), d._state['any_layer'])"
+    code = ("import moec.codegen; from moec.codegen import decode_fused as d; "
+            "print(d.max_tokens(), d._state['any_layer'])")
     env = {k: v for k, v in os.environ.items() if k != "MOEC_DECODE_FUSED"}
     unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert unset.stdout.strip() == "2 False", unset.stderr[-500:]
