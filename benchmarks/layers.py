@@ -116,10 +116,8 @@ def _moec_routing(s, p, x):
 
 
 def moec_layer(s, p, x):
-    # what moec's passes emit for a layer on one device: router (fuse_router), route_plan (fuse_routing),
-    # experts_combine (fuse_combine)
-    logits = torch.ops.moec.router(x, p["router"], None)
-    w, _, offsets, src, inv = torch.ops.moec.route_plan(logits, p.get("score_bias"), s.k, s.scoring,
+    # what moec's passes emit for a layer on one device: route_plan (fuse_routing), experts_combine
+    w, _, offsets, src, inv = torch.ops.moec.route_plan(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring,
                                                         s.renormalize, 1.0, s.n_group, s.topk_group, s.E)
     bases, layout = moec_weights(s, p)
     # what moec's fuse_combine pass emits: pre-activations kept only when a backward will run

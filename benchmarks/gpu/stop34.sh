@@ -2,7 +2,7 @@
 # swept over its blocks at 1-8 tokens (decode_fused_ab.py), then decode as a model runs it (decode_chain.py)
 # with the default (GEMV at one token) through torch.compile(backend="moec").
 # PART: a comma-separated list of ab, profile (both paths kernel by kernel), chain, deepseek (DeepSeek-V3's 2-layer
-# decode chain), router (moec.router against torch's linear, router_ab.py); all = ab,chain (default)
+# decode chain); all = ab,chain (default)
 source "$(dirname "$0")/common.sh"
 PART=,${PART:-all},
 PART=${PART/,all,/,ab,chain,}
@@ -14,6 +14,4 @@ case $PART in *,chain,*) step 200 python3 benchmarks/decode_chain.py --shapes qw
   --out "$OUT/chain";; esac
 case $PART in *,deepseek,*) step 290 python3 benchmarks/decode_chain.py --shapes deepseek --tokens 1,8 --layers 2 \
   --out "$OUT/deepseek";; esac
-case $PART in *,router,*) step 240 python3 benchmarks/router_ab.py --shapes qwen3,olmoe,gptoss,mixtral --tokens 1,2,8 \
-  --out "$OUT/router";; esac
 true
