@@ -102,3 +102,28 @@ def test_training_forward_takes_grouped_kernels(fused):
                                               layout, "silu", 1.702, 7.0, True)
     assert fused == [] and pre.shape == (2, 32)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_alone_equals_it_in_a_batch(monkeypatch, dtype):
+    """Batch invariance across the two paths: each token of a 5-token batch (grouped GEMMs) run alone
+    (the GEMV path, as the default takes it) gives its row of the batch's output, to the dtype's
+    tolerance: no token's result reads another's rows, whichever path runs."""
+    monkeypatch.setitem(decode_fused._state, "max_tokens", decode_fused.DEFAULT_MAX_TOKENS)
+    monkeypatch.setitem(decode_fused._state, "any_layer", False)
+    calls = record_calls(monkeypatch, experts_combine_launch, "decode_experts_launch")
+    T, E, k, H, F = 5, 6, 2, 40, 24
+    x = padded((T, H), dtype)
+    logits = torch.randn(T, E, device=DEVICE)
+    bases, layout = _layer(E, H, F, dtype, True, True, "interleaved")
+    args = ("silu", 1.702, 7.0, False)
+
+    def layer(rows):
+        w, ids = torch.ops.moec.route(logits[rows], None, k, "softmax", True, 1.0, 1, 1)
+        offsets, src, inv = torch.ops.moec.plan(ids, E)
+        return torch.ops.moec.experts_combine(x[rows], src, offsets, inv, w, k, bases, layout, *args)[0]
+    batch = layer(slice(0, T))
+    assert calls == []
+    for t in range(T):
+        assert rel_err(layer(slice(t, t + 1)).cpu(), batch[t:t + 1].cpu()) < TOL[dtype]
+    assert calls == ["decode_experts_launch"] * T
