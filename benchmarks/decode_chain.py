@@ -157,15 +157,20 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     info, rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_chain.json"), "w") as f:
+    write(args.out, "decode_chain", info, rows, table(rows))
+    plot(rows, info, os.path.join(args.out, "decode_chain.png"))
+
+
+def write(out, name, info, rows, md_table):
+    """<out>/<name>.json (info and rows) and <name>.md (a header line of info, then the table); prints the md."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     md = (f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
-          f"{info['layers']} layers a graph; copy {info['copy_gbps']:.0f} GB/s\n\n" + table(rows))
-    with open(os.path.join(args.out, "decode_chain.md"), "w") as f:
+          f"{info['layers']} layers a graph; copy {info['copy_gbps']:.0f} GB/s\n\n" + md_table)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(md + "\n")
     print("\n" + md)
-    plot(rows, info, os.path.join(args.out, "decode_chain.png"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the HF grouped_mm chain.
 
     python benchmarks/decode_fused_ab.py --shapes qwen3,olmoe --tokens 1,2,4,8 --out DIR
 
-Writes decode_fused_ab.json / .md into --out.
+Writes decode_fused_ab.json / .md / .png into --out.
 """
 import argparse
 import datetime
@@ -17,7 +17,7 @@ import torch
 import triton
 
 from bench_layer import ceilings
-from decode_chain import chain, replay_ms, touched_floor_ms
+from decode_chain import chain, replay_ms, touched_floor_ms, write
 from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
 
 from moec.codegen import decode_fused
@@ -116,14 +116,30 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     info, rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_fused_ab.json"), "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
-    md = (f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
-          f"{info['layers']} layers a graph; copy {info['copy_gbps']:.0f} GB/s\n\n" + table(rows))
-    with open(os.path.join(args.out, "decode_fused_ab.md"), "w") as f:
-        f.write(md + "\n")
-    print("\n" + md)
+    write(args.out, "decode_fused_ab", info, rows, table(rows))
+    plot(rows, info, os.path.join(args.out, "decode_fused_ab.png"))
+
+
+def plot(rows, info, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sel = [r for r in rows if r["shape"] == shape]
+        tokens = [r["tokens"] for r in sel]
+        ax.plot(tokens, [r["floor_us"] for r in sel], linestyle="--", marker="o", label="floor")
+        ax.plot(tokens, [r["grouped_us"] for r in sel], marker="o", label="grouped GEMMs")
+        ax.plot(tokens, [r["best"]["us"] for r in sel], marker="o", label="GEMV (best setting)")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{shape}, {info['layers']} layers in one graph")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("us per layer")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
