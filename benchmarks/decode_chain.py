@@ -128,17 +128,20 @@ def table(rows):
         for r in rows)
 
 
-def plot(rows, info, path):
+def plot(rows, info, path, series=None):
+    """Per shape, us per layer against tokens. series: [(label, row -> us)], the floor dashed first;
+    default: the floor and every METHODS row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    series = series or [(m, lambda r, m=m: r[f"{m}_us"]) for m in METHODS]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sel = [r for r in rows if r["shape"] == shape]
-        for key in ("floor_us",) + tuple(f"{m}_us" for m in METHODS):
-            ax.plot([r["tokens"] for r in sel], [r[key] for r in sel], marker="o", label=key[:-3],
-                    linestyle="--" if key == "floor_us" else "-")
+        for label, us in [("floor", lambda r: r["floor_us"])] + series:
+            ax.plot([r["tokens"] for r in sel], [us(r) for r in sel], marker="o", label=label,
+                    linestyle="--" if label == "floor" else "-")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{shape}, {info['layers']} layers in one graph")
         ax.set_xlabel("tokens")

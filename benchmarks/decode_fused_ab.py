@@ -17,7 +17,7 @@ import torch
 import triton
 
 from bench_layer import ceilings
-from decode_chain import chain, replay_ms, touched_floor_ms, write
+from decode_chain import chain, plot, replay_ms, touched_floor_ms, write
 from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
 
 from moec.codegen import decode_fused
@@ -117,29 +117,8 @@ def main():
     args = ap.parse_args()
     info, rows = run(args)
     write(args.out, "decode_fused_ab", info, rows, table(rows))
-    plot(rows, info, os.path.join(args.out, "decode_fused_ab.png"))
-
-
-def plot(rows, info, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.5), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        sel = [r for r in rows if r["shape"] == shape]
-        tokens = [r["tokens"] for r in sel]
-        ax.plot(tokens, [r["floor_us"] for r in sel], linestyle="--", marker="o", label="floor")
-        ax.plot(tokens, [r["grouped_us"] for r in sel], marker="o", label="grouped GEMMs")
-        ax.plot(tokens, [r["best"]["us"] for r in sel], marker="o", label="GEMV (best setting)")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{shape}, {info['layers']} layers in one graph")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("us per layer")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot(rows, info, os.path.join(args.out, "decode_fused_ab.png"),
+         [("grouped GEMMs", lambda r: r["grouped_us"]), ("GEMV (best setting)", lambda r: r["best"]["us"])])
 
 
 if __name__ == "__main__":
