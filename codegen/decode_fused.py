@@ -54,16 +54,31 @@ def set_settings(value) -> None:
 
 def use(x: torch.Tensor, tokens: int, has_lora: bool, roles) -> bool:
     """Whether an inference forward of `tokens` tokens on x takes the GEMV path. roles: the
-    layer's views (layout.views). Never with LoRA (its low-rank terms live in the grouped kernels)."""
-    if not 0 < tokens <= _state["max_tokens"] or has_lora:
-        return False
-    if _state["any_layer"]:
-        return True
-    w_up, w_gate, w_down = roles[:3]
+    layer's views (layout.views)."""
+    w_up, w_gate = roles[:2]
     E, F, H = w_up.shape
     gate_up = [w for w in (w_up, w_gate) if w is not None]
-    expert_bytes = (len(gate_up) + 1) * F * H * w_up.element_size()
-    return expert_bytes <= MAX_EXPERT_BYTES and all(w.stride(2) == 1 for w in gate_up)
+    layer = layer_takes(expert_bytes=(len(gate_up) + 1) * F * H * w_up.element_size(),
+                        rows_along_h=all(w.stride(2) == 1 for w in gate_up), has_lora=has_lora)
+    return 0 < tokens <= _state["max_tokens"] and layer
+
+
+def layer_takes(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> bool:
+    """Whether a layer is one the GEMV path takes at up to max_tokens() tokens. Never with LoRA (its
+    low-rank terms live in the grouped kernels)."""
+    return not has_lora and (_state["any_layer"] or (expert_bytes <= MAX_EXPERT_BYTES and rows_along_h))
+
+
+def describe(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> str:
+    """For dumps: which path this layer's inference forwards take, by token count, and why."""
+    n = _state["max_tokens"]
+    if n == 0:
+        return "grouped GEMMs at every size (MOEC_DECODE_FUSED=0)"
+    if layer_takes(expert_bytes, rows_along_h, has_lora):
+        return f"one GEMV kernel + a per-token reduction at <= {n} tokens, grouped GEMMs above"
+    why = ("LoRA factors" if has_lora else f"experts of {expert_bytes / 2**20:.1f} MiB > {MAX_EXPERT_BYTES >> 20} MiB"
+           if expert_bytes > MAX_EXPERT_BYTES else "gate/up rows strided along the hidden axis")
+    return f"grouped GEMMs at every size ({why})"
 
 
 def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int, int]:

@@ -122,7 +122,7 @@ class Dumper:
         self._write("cudagraphs.txt", body, "whether Inductor captures each graph in CUDA graphs, or why not")
 
     def kernels(self, detect_report):
-        from moec.codegen import fast_launch, kernels, pdl, tuning, wgrad_kernel
+        from moec.codegen import decode_fused, fast_launch, kernels, pdl, tuning, wgrad_kernel
         out = []
         for r in detect_report.regions:
             x = r.x.meta.get("example_value")
@@ -135,7 +135,9 @@ class Dumper:
             switches = {    # the environment's kernel-level switches (README, Options), as this process reads them
                 "fast_launch": fast_launch.enabled(),
                 "pdl": pdl.use(x, T),
-                "wgrad_copy_mib": wgrad_kernel.copy_mib() or "one copy"}
+                "wgrad_copy_mib": wgrad_kernel.copy_mib() or "one copy",
+                "inference_forward": decode_fused.describe(_expert_bytes(r.experts, x.element_size()),
+                                                          _rows_along_hidden(r.experts), any(f is not None for f in r.experts.lora))}
             out.append({"module": r.module, "implementation": impl, "device": str(x.device),
                         "dtype": str(x.dtype), "tokens_at_compile": T, "token_bucket": tuning.bucket(T),
                         "tiles": tiles, "switches": switches if impl == "triton" else {}})
@@ -157,6 +159,17 @@ class Dumper:
 
 
 _TILED_KERNELS = ("gate_up", "down", "dh", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
+
+
+def _expert_bytes(experts, itemsize) -> int:
+    return (3 if experts.gate is not None else 2) * experts.ffn * experts.hidden * itemsize
+
+
+def _rows_along_hidden(experts) -> bool:
+    """Whether gate/up views read rows contiguous along the hidden axis: views of untransposed bases
+    (moec's weights are (E, N, K) views of contiguous parameters; region.Experts)."""
+    return all(not view[1] for view in (experts.up, experts.gate) if view is not None)
+
 
 
 def region_rows(detect_report, rewrite_report) -> list:

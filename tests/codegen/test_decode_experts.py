@@ -127,3 +127,16 @@ def test_a_token_alone_equals_it_in_a_batch(monkeypatch, dtype):
     for t in range(T):
         assert rel_err(layer(slice(t, t + 1)).cpu(), batch[t:t + 1].cpu()) < TOL[dtype]
     assert calls == ["decode_experts_launch"] * T
+
+
+def test_describe_says_which_path_and_why(monkeypatch):
+    """The dumps' kernels.json line for a layer's inference forwards (moec/dump.py)."""
+    monkeypatch.setitem(decode_fused._state, "max_tokens", decode_fused.DEFAULT_MAX_TOKENS)
+    monkeypatch.setitem(decode_fused._state, "any_layer", False)
+    qwen3, deepseek = 3 * 768 * 2048 * 2, 3 * 2048 * 7168 * 2
+    assert decode_fused.describe(qwen3, True, False).startswith("one GEMV kernel + a per-token reduction at <= 2")
+    assert "experts of 84.0 MiB > 16 MiB" in decode_fused.describe(deepseek, True, False)
+    assert "strided along the hidden axis" in decode_fused.describe(qwen3, False, False)
+    assert "LoRA" in decode_fused.describe(qwen3, True, True)
+    monkeypatch.setitem(decode_fused._state, "max_tokens", 0)
+    assert "MOEC_DECODE_FUSED=0" in decode_fused.describe(qwen3, True, False)
