@@ -36,7 +36,7 @@ def _run(T, E, k, H, F, dtype, act="silu", gated=True, bias=False, layout="inter
         assert rel_err(out.cpu(), want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act,gated,bias", [("silu", True, False), ("gelu", True, True), ("relu", False, True),
                                             ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
 def test_activations(fused, act, gated, bias, dtype):
