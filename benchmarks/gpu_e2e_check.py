@@ -6,7 +6,7 @@ with backend="moec" (Inductor around moec's Triton kernels), in bf16, against ea
   * decode steps under mode="reduce-overhead" (CUDA graphs) equal eager
 
 Writes benchmarks/results/gpu_e2e_<gpu>.json (or $OUT) with device, versions and date.
-Run: python gpu_e2e_check.py [train,decode_cudagraphs,decode_default_mode] (default: all three),
+Run: python gpu_e2e_check.py [train,decode_cudagraphs,decode_cudagraphs_b1,decode_default_mode] (default: all),
 from outside the checkout (or with `python -P`) after `pip install -e .`, so the installed
 package, not the checkout's moec/ folder, is imported.
 """
@@ -64,14 +64,16 @@ def check_train(arch):
             "graphs": counters["moec"]["graphs"], "second_step_sync_free": sync_free}
 
 
-def check_decode(arch, mode="reduce-overhead"):
-    """transformers compiles the decode step itself (static cache on CUDA) with its CompileConfig."""
+def check_decode(arch, mode="reduce-overhead", batch=8):
+    """transformers compiles the decode step itself (static cache on CUDA) with its CompileConfig.
+    batch=1: each decode step one token, which takes the GEMV path on small-expert layers
+    (codegen/decode_fused.py); 8 takes the grouped GEMMs."""
     model = causal_lm(arch, IMPL).cuda().to(torch.bfloat16)
     if arch == "deepseek_v3":
         # HF's eager prefill failed in cuDNN SDPA at these tiny MLA head dims on the H100, before
         # moec ran: plain attention for both the reference and the compiled decode
         model.config._attn_implementation = "eager"
-    prompt = torch.randint(3, 96, (8, 12), device="cuda")
+    prompt = torch.randint(3, 96, (batch, 12), device="cuda")
     model.generation_config.disable_compile = True      # the eager reference
     expected = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
     model.generation_config.disable_compile = False
@@ -88,6 +90,7 @@ def main():
                "transformers": transformers.__version__, "date": datetime.date.today().isoformat(), "archs": {}}
     # all training checks first: a CUDA fault in one decode check poisons the context for the rest
     checks = (("train", check_train), ("decode_cudagraphs", check_decode),
+              ("decode_cudagraphs_b1", lambda a: check_decode(a, batch=1)),
               ("decode_default_mode", lambda a: check_decode(a, mode="default")))
     wanted = sys.argv[1].split(",") if len(sys.argv) > 1 else [name for name, _ in checks]   # e.g. "train"
     for name, fn in [(name, fn) for name, fn in checks if name in wanted]:
