@@ -79,7 +79,7 @@ def run(args):
                 except Exception as exc:      # one setting that fails to compile or run costs only its row
                     print(f"{s.name} T={T} {cfg}: {type(exc).__name__}: {exc}"[:400], flush=True)
                     continue
-                row["fused"].append({"settings": cfg or decode_fused.settings(x, s.H, s.F), "us": per_layer(ms),
+                row["fused"].append({"settings": cfg or decode_fused.settings(x), "us": per_layer(ms),
                                      "err": err})
             decode_fused.set_settings(None)
             decode_fused.set_max_tokens(None)

@@ -56,11 +56,16 @@ def use(x: torch.Tensor, tokens: int, has_lora: bool, roles) -> bool:
     """Whether an inference forward of `tokens` tokens on x takes the GEMV path. roles: the
     layer's views (layout.views)."""
     w_up, w_gate = roles[:2]
-    E, F, H = w_up.shape
+    _, F, H = w_up.shape
     gate_up = [w for w in (w_up, w_gate) if w is not None]
-    layer = layer_takes(expert_bytes=(len(gate_up) + 1) * F * H * w_up.element_size(),
+    layer = layer_takes(expert_bytes(w_gate is not None, F, H, w_up.element_size()),
                         rows_along_h=all(w.stride(2) == 1 for w in gate_up), has_lora=has_lora)
     return 0 < tokens <= _state["max_tokens"] and layer
+
+
+def expert_bytes(gated: bool, F: int, H: int, itemsize: int) -> int:
+    """One expert's weights: gate (if gated), up and down, F x H each."""
+    return (3 if gated else 2) * F * H * itemsize
 
 
 def layer_takes(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> bool:
@@ -81,7 +86,7 @@ def describe(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> str:
     return f"grouped GEMMs at every size ({why})"
 
 
-def settings(x: torch.Tensor, H: int, F: int) -> tuple[int, int, int, int]:
+def settings(x: torch.Tensor) -> tuple[int, int, int, int]:
     """(block_f, block_h, num_warps, num_stages). On a GPU: enough programs per copy (F / block_f) to keep the
     SMs streaming at one token; on the CPU interpreter, small blocks (fast to emulate, and many
     programs so that block edges are exercised)."""

@@ -136,8 +136,10 @@ class Dumper:
                 "fast_launch": fast_launch.enabled(),
                 "pdl": pdl.use(x, T),
                 "wgrad_copy_mib": wgrad_kernel.copy_mib() or "one copy",
-                "inference_forward": decode_fused.describe(_expert_bytes(r.experts, x.element_size()),
-                                                          _rows_along_hidden(r.experts), any(f is not None for f in r.experts.lora))}
+                "inference_forward": decode_fused.describe(
+                    decode_fused.expert_bytes(r.experts.gate is not None, r.experts.ffn, r.experts.hidden,
+                                              x.element_size()),
+                    _rows_along_hidden(r.experts), any(f is not None for f in r.experts.lora))}
             out.append({"module": r.module, "implementation": impl, "device": str(x.device),
                         "dtype": str(x.dtype), "tokens_at_compile": T, "token_bucket": tuning.bucket(T),
                         "tiles": tiles, "switches": switches if impl == "triton" else {}})
@@ -161,15 +163,10 @@ class Dumper:
 _TILED_KERNELS = ("gate_up", "down", "dh", "gate_up_bwd", "down_dx", "wgrad", "wgrad_dual")
 
 
-def _expert_bytes(experts, itemsize) -> int:
-    return (3 if experts.gate is not None else 2) * experts.ffn * experts.hidden * itemsize
-
-
 def _rows_along_hidden(experts) -> bool:
     """Whether gate/up views read rows contiguous along the hidden axis: views of untransposed bases
     (moec's weights are (E, N, K) views of contiguous parameters; region.Experts)."""
     return all(not view[1] for view in (experts.up, experts.gate) if view is not None)
-
 
 
 def region_rows(detect_report, rewrite_report) -> list:
