@@ -22,10 +22,13 @@ from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
 
 from moec.codegen import decode_fused
 
-# (block_f, block_h, num_warps, num_stages): the best of stop 34's first sweep (block_f 32-128, block_h
-# 64-256, 4 or 8 warps, 3 or 4 stages; `results/stop34_h100/run3/`) and their neighbours
-SWEEP = [(64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
-         (64, 64, 4, 4)]
+# (block_f, block_h, num_warps, num_stages), or (block_f, rows_f, block_h, ...) with rows_f < block_f rows of F a
+# program: the best of stop 34's first sweep (block_f 32-128, block_h 64-256, 4 or 8 warps, 3 or 4 stages;
+# `results/stop34_h100/run3/`) and their neighbours; None: decode_fused.settings' choice
+SWEEP = [None, (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
+         (64, 64, 4, 4), (64, 48, 128, 4, 4), (128, 96, 64, 4, 4)]
+# without --sweep: the default against stop 34's fixed setting (64 rows a program)
+AGAINST_STOP34 = [None, (64, 128, 4, 4)]
 
 
 def one_layer_errs(s, p, x):
@@ -57,7 +60,7 @@ def run(args):
             "layers": args.layers, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "copy_gbps": bw / 1e9}
     print(json.dumps(info), flush=True)
-    sweep = SWEEP if args.sweep else [None]
+    sweep = SWEEP if args.sweep else AGAINST_STOP34
     rows = []
     for name in args.shapes.split(","):
         s = SHAPES[name]
@@ -79,7 +82,8 @@ def run(args):
                 except Exception as exc:      # one setting that fails to compile or run costs only its row
                     print(f"{s.name} T={T} {cfg}: {type(exc).__name__}: {exc}"[:400], flush=True)
                     continue
-                row["fused"].append({"settings": cfg or decode_fused.settings(x), "us": per_layer(ms),
+                row["fused"].append({"settings": decode_fused.settings(x, T * s.k, s.F), "pinned": cfg is not None,
+                                     "us": per_layer(ms),
                                      "err": err})
             decode_fused.set_settings(None)
             decode_fused.set_max_tokens(None)

@@ -27,6 +27,7 @@ def main():
                          "moec_compiled); with --host, where its host time goes")
     ap.add_argument("--host", action="store_true", help="sort by CPU time (the host's share of a step)")
     ap.add_argument("--hf", action="store_true", help="profile HF grouped_mm under torch.compile instead")
+    ap.add_argument("--rows", type=int, default=25, help="rows of the profiler's table")
     ap.add_argument("--wgrad-copy-mib", type=int, default=None,
                     help="chunk size of the weight gradients' gathered copies (wgrad_kernel.MAX_COPY_BYTES)")
     args = ap.parse_args()
@@ -56,7 +57,7 @@ def main():
     print(f"{'HF grouped_mm compiled: ' if args.hf else ''}{s.name} T={args.tokens} "
           f"{'forward' if args.fwd else 'train'} step, per-kernel CUDA time summed over 5 steps"
           f" (wgrad copies of <= {wgrad_kernel.copy_mib() or 'any'} MiB)")
-    print(prof.key_averages().table(sort_by="cpu_time_total" if args.host else "cuda_time_total", row_limit=25,
+    print(prof.key_averages().table(sort_by="cpu_time_total" if args.host else "cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
 
 

@@ -6,8 +6,8 @@ Why: at one token every expert GEMM is a GEMV, bounded by how fast its weights s
 GEMMs (gate_up_kernel, down_kernel) each pay a ramp and a tail, and the down projection cannot
 start before the last gate/up tile is stored (Qwen3, one token, H100, 2026-12-05: gate_up 22.9 us,
 down 12.8, combine 2.9 against a 25 us floor for all three, benchmarks/results/stop26_h100). Here
-one grid streams all three matrices: program (s, f) reads W_gate[e] and W_up[e] rows f*BLOCK_F..
-(BLOCK_F x H), forms h for those F columns, then W_down[e][:, that block] (H x BLOCK_F), and
+one grid streams all three matrices: program (s, f) reads W_gate[e] and W_up[e] rows f*ROWS_F..
+(ROWS_F x H), forms h for those F columns, then W_down[e][:, that block] (H x ROWS_F), and
 writes its partial y (H,) in float32. No program waits on another, and h never leaves registers.
 
     partial[f, s] = W_down[e][:, f block] act(x[t] W_gate[e][f block]^T, x[t] W_up[e][f block]^T)
@@ -31,7 +31,7 @@ from .pdl import launch_kwargs
 
 @triton.jit
 def decode_experts_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, wd_ptr, bu_ptr, bg_ptr, bd_ptr, part_ptr,
-                          S, E, H, F, k_top, alpha, limit, s_xt,
+                          S, E, H, F, ROWS_F, k_top, alpha, limit, s_xt,
                           s_wu_e, s_wu_f, s_wu_h, s_wg_e, s_wg_f, s_wg_h, s_wd_e, s_wd_h, s_wd_f,
                           s_bu_e, s_bu_f, s_bg_e, s_bg_f, s_bd_e, s_bd_h,
                           ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr,
@@ -47,8 +47,9 @@ def decode_experts_kernel(x_ptr, src_ptr, offsets_ptr, wu_ptr, wg_ptr, wd_ptr, b
     ends = tl.load(offsets_ptr + 1 + es, mask=es < E, other=S + 1)
     e64 = tl.sum((ends <= s).to(tl.int32)).to(tl.int64)     # the segment holding copy s
     tok = (tl.load(src_ptr + s) // k_top).to(tl.int64)
-    fs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = fs < F
+    offs = tl.arange(0, BLOCK_F)
+    fs = fb * ROWS_F + offs         # ROWS_F <= BLOCK_F rows of F a program (decode_fused.settings)
+    fmask = (offs < ROWS_F) & (fs < F)
     # The token is row 0 of a 16-row MMA tile whose other rows are zero: the products cost nothing
     # here (the weights' bytes bound the kernel), and loads that feed a dot are the ones Triton
     # pipelines (cp.async stages); elementwise GEMV products streamed at ~half the rate (stop 34).
@@ -117,17 +118,17 @@ def decode_experts_launch(x, src, offsets, inv, route_w, k, roles, act_code, alp
                           pdl=False):
     """out (T, H) = the combined experts' output, as experts_forward then combine_launch give it.
     roles: layout.views' (w_up, w_gate, w_down, b_up, b_gate, b_down), no LoRA. settings:
-    decode_fused.settings' (block_f, block_h, num_warps, num_stages)."""
+    decode_fused.settings' (block_f, rows_f, block_h, num_warps, num_stages)."""
     w_up, w_gate, w_down, b_up, b_gate, b_down = roles
     S, (E, F, H) = src.shape[0], w_up.shape
     T = out.shape[0]
-    block_f, block_h, warps, stages = settings
-    nb = cdiv(F, block_f)
+    block_f, rows_f, block_h, warps, stages = settings
+    nb = cdiv(F, rows_f)
     part = x.new_empty(nb, S, H, dtype=torch.float32)
     wg = w_gate if w_gate is not None else w_up
     zero2 = (0, 0)
     launch(decode_experts_kernel, (S, nb),
-           x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, part, S, E, H, F, k, alpha, limit,
+           x, src, offsets, w_up, w_gate, w_down, b_up, b_gate, b_down, part, S, E, H, F, rows_f, k, alpha, limit,
            x.stride(0), *w_up.stride(), *wg.stride(), *w_down.stride(),
            *(b_up.stride() if b_up is not None else zero2), *(b_gate.stride() if b_gate is not None else zero2),
            *(b_down.stride() if b_down is not None else zero2),

@@ -86,12 +86,38 @@ def describe(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> str:
     return f"grouped GEMMs at every size ({why})"
 
 
-def settings(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(block_f, block_h, num_warps, num_stages). On a GPU: enough programs per copy (F / block_f) to keep the
-    SMs streaming at one token; on the CPU interpreter, small blocks (fast to emulate, and many
-    programs so that block edges are exercised)."""
-    if _state["settings"] is not None:
-        return _state["settings"]
+def settings(x: torch.Tensor, copies: int, F: int) -> tuple[int, int, int, int, int]:
+    """(block_f, rows_f, block_h, num_warps, num_stages) for `copies` routed copies of a layer of
+    width F: each program streams rows_f <= block_f rows of F (block_f the MMA tile's width). On a
+    GPU, rows_f = `rows_per_program`'s; on the CPU interpreter, small blocks (fast to emulate, and
+    many programs so that block edges are exercised). A pinned 4-tuple (set_settings) reads rows_f
+    = block_f."""
+    pinned = _state["settings"]
+    if pinned is not None:
+        return pinned if len(pinned) == 5 else (pinned[0], pinned[0], *pinned[1:])
     if not x.is_cuda:
-        return 16, 16, 1, 1
-    return 64, 128, 4, 4
+        return 16, 16, 16, 1, 1
+    rows = rows_per_program(copies, F, _sm_count(x.device))
+    block_f = max(16, 1 << (rows - 1).bit_length())
+    return block_f, rows, 128 if block_f <= 64 else 64, 4, 4
+
+
+def rows_per_program(copies: int, F: int, sms: int) -> int:
+    """The fewest rows of F (a multiple of 16, at most 128) a program streams such that every copy's
+    programs fit one wave on `sms` SMs; 64 where none does. Why: a program's weight stream runs at
+    about one SM's share of the bandwidth, so a wave of P < sms programs reads at ~P / sms of it
+    (Qwen3's one token at 64 rows: 8 x 12 = 96 programs, 2.4 TB/s of ~3; stop 34), and a second
+    wave of a few programs costs a whole program's time."""
+    for rows in range(16, 129, 16):
+        if copies * -(-F // rows) <= sms:
+            return rows
+    return 64
+
+
+_sms: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device not in _sms:
+        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device]

@@ -62,6 +62,30 @@ def test_many_f_blocks(fused, monkeypatch):
     assert fused == ["decode_experts_launch"]
 
 
+def test_fewer_rows_than_the_tile(fused, monkeypatch):
+    """A program streams rows_f < block_f rows of F (the policy's 48 in a 64-wide tile at one Qwen3
+    token): the tile's rows past rows_f belong to the next program and must not count twice, and F
+    is not a multiple of rows_f."""
+    monkeypatch.setitem(decode_fused._state, "settings", (64, 48, 16, 1, 1))
+    _run(2, 4, 2, 24, 100, torch.float32, bias=True)
+    assert fused == ["decode_experts_launch"]
+
+
+def test_rows_per_program():
+    """Every copy's programs in one wave, as few rows a program as that allows: Qwen3 (F 768) on an
+    H100's 132 SMs, 48 rows at one token (128 programs, not 96 at 64 rows), 96 at two; OLMoE (F 1024)
+    64 and 128; where no block up to 128 rows fits one wave, 64."""
+    assert decode_fused.rows_per_program(8, 768, 132) == 48
+    assert decode_fused.rows_per_program(16, 768, 132) == 96
+    assert decode_fused.rows_per_program(8, 1024, 132) == 64
+    assert decode_fused.rows_per_program(16, 1024, 132) == 128
+    assert decode_fused.rows_per_program(1, 100, 132) == 16
+    assert decode_fused.rows_per_program(64, 2048, 132) == 64
+    for copies, F in ((8, 768), (16, 1024), (3, 5000)):
+        rows = decode_fused.rows_per_program(copies, F, 132)
+        assert rows % 16 == 0 and (copies * -(-F // rows) <= 132 or rows == 64)
+
+
 def test_taken_only_where_asked(fused, monkeypatch):
     """Above max_tokens, with LoRA, and when saving for backward the grouped kernels run."""
     monkeypatch.setitem(decode_fused._state, "max_tokens", 2)
