@@ -34,6 +34,22 @@ def _argmax_rounds(score, value, avail, cols, K: tl.constexpr, K_POW2: tl.conste
 
 
 @triton.jit
+def _sort_select(choice, avail, cols, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    """_argmax_rounds' picks by one bitonic sort of (score, index) keys instead of k dependent rounds
+    of three reductions each (a decode step's routing waits on their latency): -> ids (BT, K_POW2)
+    int32, the K_POW2 best in order, ties to the lower index, and their scores (BT, K_POW2) fp32."""
+    u = tl.where(avail, choice, float("-inf")).to(tl.uint32, bitcast=True)
+    u = tl.where((u >> 31) != 0, ~u, u | 0x80000000)          # float order as unsigned order
+    key = (u.to(tl.uint64) << 32) | (E_POW2 - 1 - cols)[None, :].to(tl.uint64)
+    top = tl.reshape(tl.sort(key, dim=1, descending=True), (BLOCK_T, E_POW2 // K_POW2, K_POW2))
+    first = tl.sum(tl.where(tl.arange(0, E_POW2 // K_POW2)[None, :, None] == 0, top, 0), axis=1)
+    ids = (E_POW2 - 1 - (first & 0xFFFFFFFF)).to(tl.int32)
+    hi = (first >> 32).to(tl.uint32)
+    score = tl.where((hi >> 31) != 0, hi & 0x7FFFFFFF, ~hi).to(tl.float32, bitcast=True)
+    return ids, score
+
+
+@triton.jit
 def _gather(tile, cols, ids, BLOCK_T: tl.constexpr, K_POW2: tl.constexpr):
     """tile[t, ids[t, j]] for each j -> (BT, K_POW2); one-hot sums, as Triton has no row gather."""
     kcol = tl.arange(0, K_POW2)
@@ -49,7 +65,7 @@ def _gather(tile, cols, ids, BLOCK_T: tl.constexpr, K_POW2: tl.constexpr):
 def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill,
                  K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
                  RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
-                 BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr):
+                 BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr, SORT: tl.constexpr = False):
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_POW2)
     tmask, emask = ts < T, cols < E
@@ -76,7 +92,13 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
                 choice = tl.where(kept, choice, fill)
             else:
                 avail = avail & kept
-    ids, w = _argmax_rounds(choice, prob, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
+    if SORT:
+        ids, w = _sort_select(choice, avail, cols, K_POW2, E_POW2, BLOCK_T)
+        if SCORING == 2:        # the choice had a bias or a fill in it: the weight is the sigmoid's
+            w = _sigmoid(tl.load(logits_ptr + ts[:, None].to(tl.int64) * s_l + ids, mask=tmask[:, None],
+                                 other=0.0).to(tl.float32))
+    else:
+        ids, w = _argmax_rounds(choice, prob, avail, cols, K, K_POW2, E_POW2, BLOCK_T)
     kmask = tl.arange(0, K_POW2)[None, :] < K
     if SCORING == 1:
         z = tl.where(kmask, tl.exp(w - tl.max(tl.where(kmask, w, float("-inf")), axis=1)[:, None]), 0.0)
@@ -125,11 +147,13 @@ def _keep_top_groups(choice, avail, cols, group_size, topk_group, N_GROUP: tl.co
 _SCORING = {"softmax": 0, "softmax_after_topk": 1, "sigmoid": 2}
 
 
-def route_settings(E, k, scoring, renormalize, has_bias, n_group, group_fill):
-    """route_kernel's compile-time settings, for its launchers here and in route_plan_kernel.py."""
+def route_settings(E, k, scoring, renormalize, has_bias, n_group, group_fill, sort=False):
+    """route_kernel's compile-time settings, for its launchers here and in route_plan_kernel.py.
+    sort: pick the top k by one sort (_sort_select) instead of k argmax rounds."""
     groups = n_group if scoring == "sigmoid" and n_group > 1 else 1
     return dict(K=k, SCORING=_SCORING[scoring], HAS_BIAS=has_bias, RENORM=renormalize, N_GROUP=groups,
-                GROUP_TOP2=E // groups >= 2, FILL=group_fill is not None, E_POW2=next_pow2(E), K_POW2=next_pow2(k))
+                GROUP_TOP2=E // groups >= 2, FILL=group_fill is not None, E_POW2=next_pow2(E), K_POW2=next_pow2(k),
+                SORT=sort)
 
 
 def route_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, group_fill=None):

@@ -15,6 +15,7 @@ from .route_kernel import route_kernel, route_launch, route_settings
 
 MAX_TOKENS = 16         # one program's tile of the router (E_POW2 * T scores) stays small
 MAX_COPIES = 128        # plan_single's chunks: at most 4 of 32 copies at E = 128
+SORT = False            # top-k by one sort instead of k argmax rounds (route_kernel._sort_select)
 
 
 @triton.jit
@@ -23,10 +24,10 @@ def route_plan_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, offsets_ptr, src_ptr
                       RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
                       BLOCK_T: tl.constexpr,
                       E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      SORT: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K, SCORING, HAS_BIAS,
-                 RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2)
+                 RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2, SORT)
     tl.debug_barrier()      # the ids in global memory, written by all of this program's threads
     plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, T * K, E, SUB, PLAN_E_POW2)
 
@@ -52,6 +53,6 @@ def route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, top
         topk_group, 0.0 if group_fill is None else group_fill, BLOCK_T=next_pow2(T),
         SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
         num_warps=max(1, min(4, next_pow2(T) * next_pow2(E) // 256)),
-        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill),
+        **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill, SORT),
         **launch_kwargs(use_pdl(logits, T)))
     return w, ids, offsets, src, inv

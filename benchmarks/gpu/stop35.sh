@@ -1,17 +1,21 @@
-# Stop 35 (PART a comma list). PART=profile: where a training step's time goes now (CUTLASS backward GEMMs on by default), kernel by
-# kernel, moec compiled and HF grouped_mm compiled (CASES, default Qwen3 at 4096 and 8192 tokens, OLMoE at 8192).
-# PART=decode: the GEMV path's rows per program (decode_fused.rows_per_program) against stop 34's fixed 64, four
-# layers a graph, Qwen3 and OLMoE at one and two tokens; then the decode chain as a model runs it.
+# Stop 35 (PART a comma list, run in its order; default decode,route,profile,chain).
+# decode: the GEMV path's rows per program (decode_fused.rows_per_program) against stop 34's fixed 64, four layers a
+#   graph, Qwen3 and OLMoE at one and two tokens.
+# route: the decode routing launch's top-k by one sort against k argmax rounds (route_plan_ab.py).
+# profile: where a training step's time goes now (CUTLASS backward GEMMs on by default), kernel by kernel, moec
+#   compiled then HF grouped_mm compiled, one file per case (CASES, default Qwen3 at 8192 tokens).
+# chain: the decode chain as a model runs it (moec compiled against HF grouped_mm + compile).
 source "$(dirname "$0")/common.sh"
+PART=${PART:-decode,route,profile,chain}
+mkdir -p "$OUT/ab" "$OUT/chain"
 for part in ${PART//,/ }; do case $part in
+decode) step 150 python3 benchmarks/decode_fused_ab.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/ab" ;;
+route) step 150 python3 benchmarks/route_plan_ab.py --shapes qwen3,olmoe,gptoss --tokens 1,2,8 --out "$OUT/ab" ;;
 profile)
-  for ST in ${CASES:-qwen3:4096 qwen3:8192 olmoe:8192}; do S=${ST%:*} T=${ST#*:}
-    step 120 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --compiled --rows 45 > "$OUT/profile_moec_${S}_$T.txt" 2>&1
-    step 120 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --hf --rows 45 > "$OUT/profile_hf_${S}_$T.txt" 2>&1
+  for ST in ${CASES:-qwen3:8192}; do S=${ST%:*} T=${ST#*:}
+    step 100 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --compiled --rows 45 > "$OUT/profile_${S}_$T.txt" 2>&1
+    step 80 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --hf --rows 45 >> "$OUT/profile_${S}_$T.txt" 2>&1
   done ;;
-decode)
-  mkdir -p "$OUT/ab" "$OUT/chain"
-  step 240 python3 benchmarks/decode_fused_ab.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/ab"
-  step 240 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/chain"
-  rm -f "$OUT"/*/*.png ;;
+chain) step 150 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/chain" ;;
 esac; done
+rm -f "$OUT"/*/*.png

@@ -4,7 +4,7 @@ route then plan, and the weights' gradient into the logits."""
 import pytest
 import torch
 
-from moec.codegen import reference
+from moec.codegen import reference, route_plan_kernel
 from moec.codegen.route_plan_kernel import MAX_COPIES, MAX_TOKENS
 
 from kernel_helpers import DEVICE, rel_err
@@ -23,8 +23,11 @@ CASES = [  # T, E, k, scoring, n_group, topk_group, bias (+ group_fill)
 ]
 
 
+@pytest.mark.parametrize("sort", [False, True], ids=["argmax_rounds", "sort"])
 @pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias,fill", [c + (None,) * (8 - len(c)) for c in CASES])
-def test_route_plan_equals_route_then_plan(T, E, k, scoring, n_group, topk_group, with_bias, fill):
+def test_route_plan_equals_route_then_plan(monkeypatch, T, E, k, scoring, n_group, topk_group, with_bias, fill, sort):
+    """Either top-k of the single launch (k argmax rounds, or one sort of (score, index) keys)."""
+    monkeypatch.setattr(route_plan_kernel, "SORT", sort)
     # distinct scores (a permutation scaled): ties would let equal-scored experts swap
     logits = (torch.stack([torch.randperm(E) for _ in range(T)]).float() if T else torch.zeros(0, E)).to(DEVICE)
     logits = (logits * 0.03 + torch.rand(T, E).to(DEVICE) * 0.001).requires_grad_()
@@ -58,3 +61,18 @@ def test_fake_shapes():
     with FakeTensorMode():
         out = torch.ops.moec.route_plan(torch.empty(5, 8), None, 2, "softmax", True, 1.0, 1, 1, 8)
     assert [tuple(t.shape) for t in out] == [(5, 2), (5, 2), (9,), (10,), (10,)]
+
+
+@pytest.mark.parametrize("scoring,with_bias", [("softmax", False), ("softmax_after_topk", False), ("sigmoid", True)])
+def test_sorted_top_k_breaks_ties_as_argmax_rounds(monkeypatch, scoring, with_bias):
+    """Many equal scores (logits on a grid of 4 values): the sort and the argmax rounds pick the
+    same experts in the same order (ties to the lower index) with bitwise equal weights."""
+    T, E, k = 3, 64, 8
+    logits = (torch.randint(0, 4, (T, E)).float() * 0.5).to(DEVICE)
+    bias = (torch.randint(0, 2, (E,)).float() * 0.25).to(DEVICE) if with_bias else None
+    got = {}
+    for sort in (False, True):
+        monkeypatch.setattr(route_plan_kernel, "SORT", sort)
+        got[sort] = torch.ops.moec.route_plan(logits, bias, k, scoring, True, 1.0, 1, 1, E)
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
