@@ -9,8 +9,8 @@ source "$(dirname "$0")/common.sh"
 PART=${PART:-decode,route,profile,chain}
 mkdir -p "$OUT/ab" "$OUT/chain"
 for part in ${PART//,/ }; do case $part in
-decode) step 150 python3 benchmarks/decode_fused_ab.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/ab" ;;
-route) step 150 python3 benchmarks/route_plan_ab.py --shapes qwen3,olmoe,gptoss --tokens 1,2,8 --out "$OUT/ab" ;;
+decode) step 150 python3 benchmarks/decode_fused_ab.py --shapes ${DSHAPES:-qwen3,olmoe} --tokens 1,2 --out "$OUT/ab" ;;
+route) step 150 python3 benchmarks/route_plan_ab.py --shapes ${RSHAPES:-qwen3,olmoe,gptoss} --tokens ${RTOKENS:-1,2,8} --out "$OUT/ab" ;;
 profile)
   for ST in ${CASES:-qwen3:8192}; do S=${ST%:*} T=${ST#*:}
     step 100 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --compiled --rows 45 > "$OUT/profile_${S}_$T.txt" 2>&1
