@@ -66,7 +66,17 @@ def route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_gr
                  K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
                  RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
                  BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr, SORT: tl.constexpr = False):
-    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    route_tokens(tl.program_id(0), logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K,
+                 SCORING, HAS_BIAS, RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2, SORT)
+
+
+@triton.jit
+def route_tokens(tb, logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill,
+                 K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 RENORM: tl.constexpr, N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr,
+                 BLOCK_T: tl.constexpr, E_POW2: tl.constexpr, K_POW2: tl.constexpr, SORT: tl.constexpr):
+    """route_kernel's body for token block tb (other kernels route inside one of their programs)."""
+    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_POW2)
     tmask, emask = ts < T, cols < E
     mask = tmask[:, None] & emask[None, :]

@@ -1,5 +1,5 @@
 """Routing and plan in one launch, for decode-size batches: one program routes every token
-(route_kernel on a tile of all T rows), then, after a barrier, groups the copies by expert
+(route_kernel's route_tokens on a tile of all T rows), then, after a barrier, groups the copies by expert
 (plan_single_kernel reading the ids it just wrote). A decode step pays one launch's latency
 instead of two; larger batches take the two ops' own launches (route: a program per token
 block; plan: count + scatter over blocks), which one program would serialise.
@@ -11,7 +11,7 @@ from .fast_launch import launch
 from .jit_helpers import next_pow2, pdl_enter
 from .pdl import launch_kwargs, use as use_pdl
 from .plan_kernel import plan_launch, plan_single_kernel
-from .route_kernel import route_kernel, route_launch, route_settings
+from .route_kernel import route_launch, route_settings, route_tokens
 
 MAX_TOKENS = 16         # one program's tile of the router (E_POW2 * T scores) stays small
 MAX_COPIES = 128        # plan_single's chunks: at most 4 of 32 copies at E = 128
@@ -26,7 +26,7 @@ def route_plan_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, offsets_ptr, src_ptr
                       E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr,
                       SORT: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K, SCORING, HAS_BIAS,
+    route_tokens(0, logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, s_l, scale, topk_group, fill, K, SCORING, HAS_BIAS,
                  RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2, SORT)
     tl.debug_barrier()      # the ids in global memory, written by all of this program's threads
     plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, T * K, E, SUB, PLAN_E_POW2)

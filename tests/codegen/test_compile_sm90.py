@@ -76,6 +76,25 @@ def _record_routing(scoring, n_group, topk_group, tokens):
     return launches
 
 
+def _record_decode_routing():
+    """The decode routing's options not on by default: route_plan's top-k by a sort, and the router GEMM,
+    routing and plan in one launch (router_plan_kernel.py) with either top-k, bf16, at Qwen3's E and k."""
+    from moec.codegen.router_plan_kernel import router_plan_launch
+    E, k = 128, 8
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    w_router = torch.randn(E, 256).to(torch.bfloat16)
+    saved = route_plan_kernel.SORT
+    route_plan_kernel.SORT = True
+    try:
+        with compile_check.recording() as launches:
+            torch.ops.moec.route_plan(torch.randn(4, E), None, k, "softmax", True, 1.0, 1, 1, E)
+            for sort in (False, True):
+                router_plan_launch(x, w_router, None, None, k, "softmax", True, 1.0, 1, 1, sort=sort)
+    finally:
+        route_plan_kernel.SORT = saved
+    return launches
+
+
 def _compile_all(launches, arch=90):
     """{kernel name: errors}: each distinct launch compiled for sm_<arch>, its failures collected
     (before Hopper, spills past SM80_SPILL bytes a thread count as one: the Hopper tiles spilled
@@ -173,6 +192,12 @@ def test_layer_kernels_compile(case, compiled):
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 
 
+def test_decode_routing_options_compile(compiled):
+    names = compiled["decode_routing"]
+    assert {"route_plan_kernel", "router_plan_kernel"} <= set(names), sorted(names)
+    assert not any(names.values()), {n: e for n, e in names.items() if e}
+
+
 @pytest.mark.parametrize("routing", ROUTING_CASES)
 def test_routing_kernels_compile(routing, compiled):
     names = compiled["routing_%s_%d_%d_%d" % routing]
@@ -189,4 +214,5 @@ if __name__ == "__main__":        # the child: no interpreter, launches recorded
             results[case] = _layer_case(case)
         for routing in ROUTING_CASES:
             results["routing_%s_%d_%d_%d" % routing] = _compile_all(_record_routing(*routing))
+        results["decode_routing"] = _compile_all(_record_decode_routing())
     print(json.dumps(results))

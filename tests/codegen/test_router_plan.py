@@ -1,0 +1,46 @@
+"""router_plan_kernel.py (a decode step's router GEMM, routing and plan in one launch) against
+float64 logits and against `moec.route_plan` run on the kernel's own logits: the same weights,
+ids, offsets, src and inv, bit for bit, with either top-k; several programs of logits, the last
+partial, H not a multiple of its block, a router bias, DeepSeek-V3's grouped sigmoid."""
+import pytest
+import torch
+
+from moec.codegen import route_plan_kernel
+from moec.codegen.router_plan_kernel import router_plan_launch, takes
+
+from kernel_helpers import DEVICE, padded, rel_err
+
+CASES = [  # T, E, k, scoring, n_group, topk_group, score bias, router bias, dtype
+    (1, 40, 8, "softmax", 1, 1, False, False, torch.float32),          # three programs of 16 experts, the last partial
+    (2, 128, 8, "softmax", 1, 1, False, False, torch.bfloat16),         # Qwen3's decode step, two tokens
+    (3, 32, 4, "softmax_after_topk", 1, 1, False, True, torch.bfloat16),  # GPT-OSS: a router bias
+    (5, 16, 4, "sigmoid", 4, 2, True, False, torch.float32),            # DeepSeek-V3's grouped top-k
+    (16, 8, 2, "softmax", 1, 1, False, False, torch.float16),           # the most tokens a launch takes
+]
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["argmax_rounds", "sort"])
+@pytest.mark.parametrize("T,E,k,scoring,n_group,topk_group,with_bias,router_bias,dtype", CASES)
+def test_router_plan_equals_linear_then_route_plan(monkeypatch, T, E, k, scoring, n_group, topk_group, with_bias,
+                                                   router_bias, dtype, sort):
+    H = 200
+    x = padded((T, H), dtype)
+    w_router = (torch.randn(E, H, device=DEVICE) * H ** -0.5).to(dtype)
+    b_router = (torch.randn(E, device=DEVICE) * 0.1).to(dtype) if router_bias else None
+    bias = torch.rand(E, device=DEVICE) * 0.01 if with_bias else None
+    got = router_plan_launch(x, w_router, b_router, bias, k, scoring, True, 1.5, n_group, topk_group, sort=sort,
+                             block_h=64)
+    want = x.double() @ w_router.double().t() + (0 if b_router is None else b_router.double())
+    assert got[0].dtype == dtype and rel_err(got[0], want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    monkeypatch.setattr(route_plan_kernel, "SORT", sort)
+    routed = torch.ops.moec.route_plan(got[0], bias, k, scoring, True, 1.5, n_group, topk_group, E)
+    for a, b in zip(got[1:], routed):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_what_it_takes():
+    assert takes(1, 8, 128) and takes(16, 8, 128)
+    assert not takes(0, 8, 128) and not takes(17, 2, 8) and not takes(16, 9, 128)     # > 128 copies
+    with pytest.raises(ValueError, match="not a decode batch"):
+        router_plan_launch(torch.randn(17, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE), None, None, 2,
+                           "softmax", True, 1.0, 1, 1)
