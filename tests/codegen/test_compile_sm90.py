@@ -76,6 +76,31 @@ def _record_routing(scoring, n_group, topk_group, tokens):
     return launches
 
 
+GEMV_SETTINGS = [(64, 64, 128, 4, 4), (64, 48, 128, 4, 4), (128, 96, 64, 4, 4)]   # decode_fused.settings' on a GPU
+
+
+def _record_decode_gemv():
+    """The GEMV path (decode_experts_kernel.py) at the settings a GPU launches it with: the default and
+    FILL_WAVE's at one and two Qwen3 tokens (the CPU's own settings are other, small blocks)."""
+    from test_experts_launch import _layer
+    from moec.codegen import decode_fused
+    bases, lay = _layer(E, H, F, torch.bfloat16, True, False, "interleaved", pad=8)
+    launches = []
+    for settings in GEMV_SETTINGS:
+        decode_fused.set_settings(settings)
+        try:
+            with compile_check.recording() as recorded, torch.no_grad():
+                for tokens in (1, 2):
+                    x = torch.randn(tokens, H).to(torch.bfloat16)
+                    offsets, src, inv = reference.plan(torch.stack([torch.randperm(E)[:k] for _ in range(tokens)]), E)
+                    torch.ops.moec.experts_combine(x, src, offsets, inv, torch.rand(tokens, k), k, bases, lay, "silu",
+                                                   1.702, 7.0, False)
+        finally:
+            decode_fused.set_settings(None)
+        launches += recorded
+    return launches
+
+
 def _record_decode_routing():
     """The decode routing's options not on by default: route_plan's top-k by a sort, and the router GEMM,
     routing and plan in one launch (router_plan_kernel.py) with either top-k, bf16, at Qwen3's E and k."""
@@ -192,6 +217,12 @@ def test_layer_kernels_compile(case, compiled):
     assert not any(names.values()), {n: e for n, e in names.items() if e}
 
 
+def test_decode_gemv_compiles_at_the_gpu_settings(compiled):
+    names = compiled["decode_gemv"]
+    assert {"decode_experts_kernel", "decode_reduce_kernel"} <= set(names), sorted(names)
+    assert not any(names.values()), {n: e for n, e in names.items() if e}
+
+
 def test_decode_routing_options_compile(compiled):
     names = compiled["decode_routing"]
     assert {"route_plan_kernel", "router_plan_kernel"} <= set(names), sorted(names)
@@ -215,4 +246,5 @@ if __name__ == "__main__":        # the child: no interpreter, launches recorded
         for routing in ROUTING_CASES:
             results["routing_%s_%d_%d_%d" % routing] = _compile_all(_record_routing(*routing))
         results["decode_routing"] = _compile_all(_record_decode_routing())
+        results["decode_gemv"] = _compile_all(_record_decode_gemv())
     print(json.dumps(results))
