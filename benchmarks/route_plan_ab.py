@@ -31,9 +31,9 @@ def two_launches(s, x, w_router, bias):
                                      s.topk_group, s.E)
 
 
-def one_launch(s, x, w_router, bias, sort):
+def one_launch(s, x, w_router, bias, sort, ticket=None):
     return router_plan_launch(x, w_router, None, bias, s.k, s.scoring, s.renormalize, 1.0, s.n_group, s.topk_group,
-                              sort=sort)[1:]
+                              sort=sort, ticket=ticket)[1:]
 
 
 def routing_us(fn):
@@ -66,6 +66,8 @@ def run(args):
                     row[f"{tag}_layer_us"] = replay_ms(fn, x) * 1e3 / args.layers
                     outs["one_" + tag] = one_launch(s, x, w_router, bias, sort)
                     row[f"one_{tag}_route_us"] = routing_us(lambda: one_launch(s, x, w_router, bias, sort))
+                    kept = torch.zeros(1, dtype=torch.int32, device="cuda")     # no memset a launch
+                    row[f"one_{tag}_kept_route_us"] = routing_us(lambda: one_launch(s, x, w_router, bias, sort, kept))
             route_plan_kernel.SORT = False
             # the one-launch GEMM sums in another order than cuBLAS: a near tie may route differently
             row["same_routing"] = {tag: all(torch.equal(a, b) for a, b in zip(outs["rounds"][1:], outs[tag][1:]))
@@ -91,10 +93,12 @@ def main():
     lines = [f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
              f"{info['layers']} layers a graph", "",
              "| layer | tokens | GEMM + route_plan us, k rounds | same, sort | one launch us, k rounds | one launch, sort "
+             "| one launch, kept counter, k rounds | same, sort "
              "| layer us, k rounds | layer us, sort | same routing (sort, one rounds, one sort) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['tokens']} | {r['rounds_route_us']:.2f} | {r['sort_route_us']:.2f} | "
               f"{r['one_rounds_route_us']:.2f} | {r['one_sort_route_us']:.2f} | "
+              f"{r['one_rounds_kept_route_us']:.2f} | {r['one_sort_kept_route_us']:.2f} | "
               f"{r['rounds_layer_us']:.1f} | {r['sort_layer_us']:.1f} | "
               f"{', '.join(str(v) for v in r['same_routing'].values())} |" for r in rows]
     with open(os.path.join(args.out, "route_plan_ab.md"), "w") as f:

@@ -11,7 +11,8 @@ MMA tile, as decode_experts_kernel does), stores them, and takes a ticket from a
 program that takes the last ticket routes and plans (route_plan_kernel's code) from the logits all
 programs stored. No program waits on another (no grid barrier), so it cannot deadlock however the
 programs are scheduled, and the interpreter, which runs them one after another, runs it as is.
-The counter is zeroed by the caller for each launch. Logits are stored in x's dtype, as a linear
+The counter is zero before a launch and zero after it (the last program zeroes it): the caller
+makes one per launch (a memset) or keeps one for launches that never overlap (`ticket=`). Logits are stored in x's dtype, as a linear
 layer returns them (their products summed in float32 in another order than cuBLAS's: the last bit
 may differ, as between any two GEMMs).
 
@@ -63,6 +64,7 @@ def router_plan_kernel(x_ptr, wr_ptr, br_ptr, logits_ptr, ticket_ptr, bias_ptr, 
                      HAS_BIAS, RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2, SORT)
         tl.debug_barrier()  # the ids in global memory, written by all of this program's threads
         plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, T * K, E, SUB, PLAN_E_POW2)
+        tl.store(ticket_ptr, 0)     # zero again: a counter kept for the next launch needs no memset
 
 
 def takes(T: int, k: int, E: int) -> bool:
@@ -71,10 +73,12 @@ def takes(T: int, k: int, E: int) -> bool:
 
 
 def router_plan_launch(x, w_router, b_router, bias, k, scoring, renormalize, scale, n_group, topk_group,
-                       group_fill=None, sort=False, block_e=16, block_h=256, num_warps=4):
+                       group_fill=None, sort=False, block_e=16, block_h=256, num_warps=4, ticket=None):
     """-> (logits (T, E) in x's dtype, w (T, k) float32, ids (T, k) int64, offsets (E+1,), src (T*k,),
     inv (T*k,)): what `x @ w_router.T (+ b_router)` then `moec.route_plan` give, for `takes` batches.
-    w_router (E, H) any strides; b_router (E,) or None (a router's bias); bias: the score bias."""
+    w_router (E, H) any strides; b_router (E,) or None (a router's bias); bias: the score bias.
+    ticket: an int32 counter holding 0, for a caller whose launches never overlap (one stream, or
+    one CUDA graph replayed at a time); None: a fresh zeroed one (a memset launch before)."""
     T, H = x.shape
     E = w_router.shape[0]
     if not takes(T, k, E):
@@ -87,7 +91,7 @@ def router_plan_launch(x, w_router, b_router, bias, k, scoring, renormalize, sca
     ids = torch.empty(T, k, dtype=torch.int64, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int64, device=dev)
     src, inv = torch.empty(T * k, dtype=torch.int64, device=dev), torch.empty(T * k, dtype=torch.int64, device=dev)
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev) if ticket is None else ticket
     block_e = min(block_e, next_pow2(E))
     launch(router_plan_kernel, (cdiv(E, block_e),),
         x, w_router, b_router, logits, ticket, bias, w, ids, offsets, src, inv, T, E, H, x.stride(0),

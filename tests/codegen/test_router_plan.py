@@ -38,6 +38,20 @@ def test_router_plan_equals_linear_then_route_plan(monkeypatch, T, E, k, scoring
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_a_kept_counter_is_zero_again_after_each_launch():
+    """A caller may keep the ticket counter across launches: the last program zeroes it, so the next
+    launch routes from its own logits (a counter left at 3 would let its first program route alone)."""
+    E, H, k = 48, 32, 2
+    w_router = torch.randn(E, H, device=DEVICE)
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for _ in range(3):
+        x = torch.randn(2, H, device=DEVICE)
+        got = router_plan_launch(x, w_router, None, None, k, "softmax", True, 1.0, 1, 1, ticket=ticket)
+        assert ticket.item() == 0
+        want = torch.ops.moec.route_plan(got[0], None, k, "softmax", True, 1.0, 1, 1, E)
+        assert all(torch.equal(a, b) for a, b in zip(got[1:], want))
+
+
 def test_what_it_takes():
     assert takes(1, 8, 128) and takes(16, 8, 128)
     assert not takes(0, 8, 128) and not takes(17, 2, 8) and not takes(16, 9, 128)     # > 128 copies
