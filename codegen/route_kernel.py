@@ -38,14 +38,14 @@ def _sort_select(choice, avail, cols, K_POW2: tl.constexpr, E_POW2: tl.constexpr
     """_argmax_rounds' picks by one bitonic sort of (score, index) keys instead of k dependent rounds
     of three reductions each (a decode step's routing waits on their latency): -> ids (BT, K_POW2)
     int32, the K_POW2 best in order, ties to the lower index, and their scores (BT, K_POW2) fp32."""
-    u = tl.where(avail, choice, float("-inf")).to(tl.uint32, bitcast=True)
-    u = tl.where((u >> 31) != 0, ~u, u | 0x80000000)          # float order as unsigned order
-    key = (u.to(tl.uint64) << 32) | (E_POW2 - 1 - cols)[None, :].to(tl.uint64)
+    i = tl.where(avail, choice, float("-inf")).to(tl.int32, bitcast=True)
+    i = i ^ ((i >> 31) & 0x7FFFFFFF)        # float order as int32 order (an involution; signed ops only)
+    key = (i.to(tl.int64) << 32) | (E_POW2 - 1 - cols)[None, :].to(tl.int64)
     top = tl.reshape(tl.sort(key, dim=1, descending=True), (BLOCK_T, E_POW2 // K_POW2, K_POW2))
     first = tl.sum(tl.where(tl.arange(0, E_POW2 // K_POW2)[None, :, None] == 0, top, 0), axis=1)
     ids = (E_POW2 - 1 - (first & 0xFFFFFFFF)).to(tl.int32)
-    hi = (first >> 32).to(tl.uint32)
-    score = tl.where((hi >> 31) != 0, hi & 0x7FFFFFFF, ~hi).to(tl.float32, bitcast=True)
+    hi = (first >> 32).to(tl.int32)
+    score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
     return ids, score
 
 
