@@ -74,6 +74,11 @@ def fused_chain(s, params):
     return run
 
 
+def layer_params(s, layers):
+    """`layers` layers' parameters of shape s on the GPU, each its own draw, no autograd."""
+    return [{n: t.detach() for n, t in make_params(s, "cuda", seed=i).items()} for i in range(layers)]
+
+
 def replay_ms(fn, x):
     def step():
         with torch.no_grad():
@@ -90,7 +95,7 @@ def run(args):
     rows = []
     for name in args.shapes.split(","):
         s = SHAPES[name]
-        params = [{n: t.detach() for n, t in make_params(s, "cuda", seed=i).items()} for i in range(args.layers)]
+        params = layer_params(s, args.layers)
         fns = methods(s, params)
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)

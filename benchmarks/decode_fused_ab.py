@@ -17,8 +17,8 @@ import torch
 import triton
 
 from bench_layer import ceilings
-from decode_chain import chain, plot, replay_ms, touched_floor_ms, write
-from layers import SHAPES, hf_grouped_layer, make_params, moec_layer, rel_err
+from decode_chain import chain, layer_params, plot, replay_ms, touched_floor_ms, write
+from layers import SHAPES, hf_grouped_layer, moec_layer, rel_err
 
 from moec.codegen import decode_fused
 
@@ -65,7 +65,7 @@ def run(args):
     rows = []
     for name in args.shapes.split(","):
         s = SHAPES[name]
-        params = [{n: t.detach() for n, t in make_params(s, "cuda", seed=i).items()} for i in range(args.layers)]
+        params = layer_params(s, args.layers)
         fn = chain(moec_layer, s, params)
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)

@@ -14,11 +14,9 @@ import os
 
 import torch
 import triton
-import triton.testing
 
-from bench_layer import capture
-from decode_chain import chain, replay_ms
-from layers import SHAPES, make_params, moec_layer
+from decode_chain import chain, layer_params, replay_ms
+from layers import SHAPES, moec_layer
 
 from moec.codegen import route_plan_kernel
 from moec.codegen.router_plan_kernel import router_plan_launch
@@ -37,10 +35,10 @@ def one_launch(s, x, w_router, bias, sort, ticket=None):
 
 
 def routing_us(fn):
-    def step():
+    def repeated(_):
         for _ in range(REPEAT):
             fn()
-    return triton.testing.do_bench(capture(step).replay, warmup=10, rep=60, return_mode="median") * 1e3 / REPEAT
+    return replay_ms(repeated, None) * 1e3 / REPEAT
 
 
 def run(args):
@@ -50,7 +48,7 @@ def run(args):
     rows = []
     for name in args.shapes.split(","):
         s = SHAPES[name]
-        params = [{n: t.detach() for n, t in make_params(s, "cuda", seed=i).items()} for i in range(args.layers)]
+        params = layer_params(s, args.layers)
         fn = chain(moec_layer, s, params)
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)

@@ -98,11 +98,11 @@ def settings(x: torch.Tensor, copies: int, F: int) -> tuple[int, int, int, int, 
     exercised). Pinned (set_settings): a 4-tuple reads rows_f = block_f; FILL_WAVE takes
     `rows_per_program`'s rows, which decode_fused_ab.py times against the default."""
     pinned = _state["settings"]
-    if pinned is not None and pinned != FILL_WAVE:
+    if pinned not in (None, FILL_WAVE):
         return pinned if len(pinned) == 5 else (pinned[0], pinned[0], *pinned[1:])
     if not x.is_cuda:
         return 16, 16, 16, 1, 1
-    if pinned != FILL_WAVE:
+    if pinned is None:
         return 64, 64, 128, 4, 4
     rows = rows_per_program(copies, F, _sm_count(x.device))
     block_f = max(16, 1 << (rows - 1).bit_length())

@@ -25,11 +25,10 @@ import triton.language as tl
 
 from .fast_launch import launch
 from .jit_helpers import cdiv, ieee, mma, next_pow2
-from .plan_kernel import plan_single_kernel
-from .route_kernel import route_settings, route_tokens
-from .route_plan_kernel import MAX_COPIES, MAX_TOKENS
+from .route_kernel import route_settings
+from .route_plan_kernel import MAX_TOKENS, outputs, plan_settings, route_then_plan, takes
 
-ROWS = 16       # an MMA tile's rows: the tokens, padded
+assert MAX_TOKENS <= 16     # the tokens are the rows of one 16-row MMA tile
 
 
 @triton.jit
@@ -60,16 +59,10 @@ def router_plan_kernel(x_ptr, wr_ptr, br_ptr, logits_ptr, ticket_ptr, bias_ptr, 
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:       # the last program: all logits are out
         tl.debug_barrier()
-        route_tokens(0, logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, E, scale, topk_group, fill, K, SCORING,
-                     HAS_BIAS, RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2, K_POW2, SORT)
-        tl.debug_barrier()  # the ids in global memory, written by all of this program's threads
-        plan_single_kernel(ids_ptr, offsets_ptr, src_ptr, inv_ptr, T * K, E, SUB, PLAN_E_POW2)
+        route_then_plan(logits_ptr, bias_ptr, w_ptr, ids_ptr, offsets_ptr, src_ptr, inv_ptr, T, E, E, scale,
+                        topk_group, fill, K, SCORING, HAS_BIAS, RENORM, N_GROUP, GROUP_TOP2, FILL, BLOCK_T, E_POW2,
+                        K_POW2, SUB, PLAN_E_POW2, SORT)
         tl.store(ticket_ptr, 0)     # zero again: a counter kept for the next launch needs no memset
-
-
-def takes(T: int, k: int, E: int) -> bool:
-    """Whether router_plan_launch routes T tokens in one launch (route_plan_kernel's limits)."""
-    return 0 < T <= min(MAX_TOKENS, ROWS) and T * k <= MAX_COPIES
 
 
 def router_plan_launch(x, w_router, b_router, bias, k, scoring, renormalize, scale, n_group, topk_group,
@@ -81,23 +74,18 @@ def router_plan_launch(x, w_router, b_router, bias, k, scoring, renormalize, sca
     one CUDA graph replayed at a time); None: a fresh zeroed one (a memset launch before)."""
     T, H = x.shape
     E = w_router.shape[0]
-    if not takes(T, k, E):
+    if not takes(T, k):
         raise ValueError(f"router_plan_launch: {T} tokens x top-{k} is not a decode batch (see takes)")
     if x.stride(1) != 1:
         x = x.contiguous()
-    dev = x.device
-    logits = torch.empty(T, E, dtype=x.dtype, device=dev)
-    w = torch.empty(T, k, dtype=torch.float32, device=dev)
-    ids = torch.empty(T, k, dtype=torch.int64, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int64, device=dev)
-    src, inv = torch.empty(T * k, dtype=torch.int64, device=dev), torch.empty(T * k, dtype=torch.int64, device=dev)
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev) if ticket is None else ticket
+    logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
+    out = outputs(T, k, E, x.device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=x.device) if ticket is None else ticket
     block_e = min(block_e, next_pow2(E))
     launch(router_plan_kernel, (cdiv(E, block_e),),
-        x, w_router, b_router, logits, ticket, bias, w, ids, offsets, src, inv, T, E, H, x.stride(0),
-        *w_router.stride(), scale, topk_group, 0.0 if group_fill is None else group_fill,
-        BLOCK_T=next_pow2(T), SUB=max(8, min(32, next_pow2(T * k))), PLAN_E_POW2=next_pow2(E + 1),
+        x, w_router, b_router, logits, ticket, bias, *out, T, E, H, x.stride(0),
+        *w_router.stride(), scale, topk_group, 0.0 if group_fill is None else group_fill, **plan_settings(T, k, E),
         HAS_RB=b_router is not None, IEEE=ieee(x), BLOCK_E=block_e, BLOCK_H=min(block_h, next_pow2(H)),
         num_warps=num_warps,
         **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill, sort))
-    return logits, w, ids, offsets, src, inv
+    return (logits, *out)

@@ -53,8 +53,8 @@ def test_a_kept_counter_is_zero_again_after_each_launch():
 
 
 def test_what_it_takes():
-    assert takes(1, 8, 128) and takes(16, 8, 128)
-    assert not takes(0, 8, 128) and not takes(17, 2, 8) and not takes(16, 9, 128)     # > 128 copies
+    assert takes(1, 8) and takes(16, 8)
+    assert not takes(0, 8) and not takes(17, 2) and not takes(16, 9)     # > 128 copies
     with pytest.raises(ValueError, match="not a decode batch"):
         router_plan_launch(torch.randn(17, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE), None, None, 2,
                            "softmax", True, 1.0, 1, 1)
