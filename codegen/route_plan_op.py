@@ -19,7 +19,12 @@ def route_plan(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, ren
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """logits (T, E) -> (weights (T, k), ids (T, k), offsets (E+1,), src (T*k,), inv (T*k,)), as
     `moec.route` then `moec.plan` give them."""
-    _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
+    check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
+    return run(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts, group_fill)
+
+
+def run(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts, group_fill=None):
+    """route_plan's body, checks done (moec.router_plan runs it on the logits it computed)."""
     if kernels.use_triton(logits):
         from .route_plan_kernel import route_plan_launch
         return route_plan_launch(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts,
@@ -29,15 +34,15 @@ def route_plan(logits: Tensor, bias: Optional[Tensor], k: int, scoring: str, ren
 
 
 @route_plan.register_fake
-def _(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts, group_fill=None):
-    _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
+def fake(logits, bias, k, scoring, renormalize, scale, n_group, topk_group, num_experts, group_fill=None):
+    check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill)
     T = logits.shape[0]
     w_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     new = lambda *shape: logits.new_empty(*shape, dtype=torch.int64)
     return logits.new_empty(T, k, dtype=w_dtype), new(T, k), new(num_experts + 1), new(T * k), new(T * k)
 
 
-def _check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill=None):
+def check(logits, bias, k, scoring, n_group, topk_group, num_experts, group_fill=None):
     _check_route(logits, bias, k, scoring, n_group, topk_group, group_fill)
     if num_experts < 1:
         _check_plan(logits.new_empty(0, 1, dtype=torch.int64), num_experts)

@@ -16,15 +16,16 @@ makes one per launch (a memset) or keeps one for launches that never overlap (`t
 layer returns them (their products summed in float32 in another order than cuBLAS's: the last bit
 may differ, as between any two GEMMs).
 
-Not wired into the passes yet: benchmarks/route_plan_ab.py times it against the router GEMM +
-route_plan on a card first (not run yet: no device call started in stop 35).
+`moec.router_plan` (router_plan_op.py) runs it, emitted by passes/fuse_router.py with MOEC_ROUTER_PLAN=1;
+off by default until benchmarks/route_plan_ab.py times it against the router GEMM + route_plan on a card.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .fast_launch import launch
-from .jit_helpers import cdiv, ieee, mma, next_pow2
+from .jit_helpers import cdiv, ieee, mma, next_pow2, pdl_enter
+from .pdl import launch_kwargs, use as use_pdl
 from .route_kernel import route_settings
 from .route_plan_kernel import MAX_TOKENS, outputs, plan_settings, route_then_plan, takes
 
@@ -38,7 +39,8 @@ def router_plan_kernel(x_ptr, wr_ptr, br_ptr, logits_ptr, ticket_ptr, bias_ptr, 
                        N_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, FILL: tl.constexpr, BLOCK_T: tl.constexpr,
                        E_POW2: tl.constexpr, K_POW2: tl.constexpr, SUB: tl.constexpr, PLAN_E_POW2: tl.constexpr,
                        SORT: tl.constexpr, HAS_RB: tl.constexpr, IEEE: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_H: tl.constexpr):
+                       BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     rows = tl.arange(0, 16)
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     rmask, emask = rows < T, es < E
@@ -86,6 +88,6 @@ def router_plan_launch(x, w_router, b_router, bias, k, scoring, renormalize, sca
         x, w_router, b_router, logits, ticket, bias, *out, T, E, H, x.stride(0),
         *w_router.stride(), scale, topk_group, 0.0 if group_fill is None else group_fill, **plan_settings(T, k, E),
         HAS_RB=b_router is not None, IEEE=ieee(x), BLOCK_E=block_e, BLOCK_H=min(block_h, next_pow2(H)),
-        num_warps=num_warps,
+        num_warps=num_warps, **launch_kwargs(use_pdl(x, T)),
         **route_settings(E, k, scoring, renormalize, bias is not None, n_group, group_fill, sort))
     return (logits, *out)

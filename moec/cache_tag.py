@@ -38,8 +38,8 @@ def switches() -> str:
     at each compile, as a benchmark may flip them in one process. Without it, a graph compiled with
     MOEC_GROUPED_MM_WGRAD=0 was replayed from the cache with it on (the rows op's du is (S, 2F) there:
     Inductor's size assert failed, H200, 2026-12-06)."""
-    from moec.codegen import grouped_mm_wgrad
-    return grouped_mm_wgrad.cache_key()
+    from moec.codegen import grouped_mm_wgrad, router_plan_op
+    return f"{grouped_mm_wgrad.cache_key()},{router_plan_op.cache_key()}"
 
 
 def tagged(patches: dict) -> dict:

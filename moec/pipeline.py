@@ -14,6 +14,7 @@ from moec.passes.detect import detect
 from moec.passes.expert_parallel import expert_parallel
 from moec.passes.expert_stats import expert_stats
 from moec.passes.fuse_combine import fuse_combine
+from moec.passes.fuse_router import fuse_router
 from moec.passes.fuse_routing import fuse_routing
 from moec.passes.rewrite import rewrite
 
@@ -29,6 +30,7 @@ PIPELINE = (
     ("chunk_tokens", chunk_tokens),        # with ep_group: each layer pipelined over token chunks
     ("fuse_combine", fuse_combine),        # layers left on one device: experts + combine as one op
     ("fuse_routing", fuse_routing),        # route + plan as one op (one launch at decode sizes)
+    ("fuse_router", fuse_router),          # with MOEC_ROUTER_PLAN=1: the router's linear joins it
 )
 
 

@@ -35,8 +35,8 @@ from . import token_locality as tl
 from .graph import DepGraph, op_name, value
 
 _OPS = torch.ops.moec
-_LAYER_OPS = {_OPS.route.default, _OPS.plan.default, _OPS.route_plan.default, _OPS.experts.default,
-              _OPS.combine.default, _OPS.experts_combine.default, _OPS.experts_save.default}
+_LAYER_OPS = {_OPS.route.default, _OPS.plan.default, _OPS.route_plan.default, _OPS.router_plan.default,
+              _OPS.experts.default, _OPS.combine.default, _OPS.experts_combine.default, _OPS.experts_save.default}
 _SIZE_OPS = {torch.ops.aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv,
              torch.sym_max, torch.sym_min}
 

@@ -65,7 +65,8 @@ def test_dumped_graphs_rerun_and_match(tmp_path):
             results[name] = namespace["Graph"]()(*given[0])[0]
     reference = results.pop("00_input.py")
     assert set(results) == {"01_detect.py", "02_rewrite.py", "03_expert_stats.py", "04_expert_parallel.py",
-                            "05_chunk_tokens.py", "06_fuse_combine.py", "07_fuse_routing.py"}
+                            "05_chunk_tokens.py", "06_fuse_combine.py", "07_fuse_routing.py",
+                            "08_fuse_router.py"}
     for name, value in results.items():
         torch.testing.assert_close(value, reference, rtol=2e-4, atol=2e-5, msg=name)
     assert "torch.ops.moec.route" in open(os.path.join(folder, "02_rewrite.py")).read()

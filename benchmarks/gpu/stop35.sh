@@ -4,7 +4,8 @@
 # route: the decode routing launch's top-k by one sort against k argmax rounds (route_plan_ab.py).
 # profile: where a training step's time goes now (CUTLASS backward GEMMs on by default), kernel by kernel, moec
 #   compiled then HF grouped_mm compiled, one file per case (CASES, default Qwen3 at 8192 tokens).
-# chain: the decode chain as a model runs it (moec compiled against HF grouped_mm + compile).
+# chain: the decode chain as a model runs it (moec compiled against HF grouped_mm + compile); chain_rp: the same
+#   with MOEC_ROUTER_PLAN=1 (passes/fuse_router.py).
 source "$(dirname "$0")/common.sh"
 PART=${PART:-decode,route,profile,chain}
 mkdir -p "$OUT/ab" "$OUT/chain"
@@ -17,5 +18,7 @@ profile)
     step 80 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --hf --rows 45 >> "$OUT/profile_${S}_$T.txt" 2>&1
   done ;;
 chain) step 150 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/chain" ;;
+chain_rp) mkdir -p "$OUT/chain_rp"   # the same with passes/fuse_router.py on (moec compiled: router GEMM in route_plan's launch)
+  MOEC_ROUTER_PLAN=1 step 150 python3 benchmarks/decode_chain.py --shapes qwen3,olmoe --tokens 1,2 --out "$OUT/chain_rp" ;;
 esac; done
 rm -f "$OUT"/*/*.png

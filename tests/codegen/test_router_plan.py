@@ -5,7 +5,9 @@ partial, H not a multiple of its block, a router bias, DeepSeek-V3's grouped sig
 import pytest
 import torch
 
-from moec.codegen import route_plan_kernel
+from moec.codegen import reference, route_plan_kernel
+from moec.codegen.errors import MoecKernelError
+from moec.codegen.route_plan_kernel import MAX_TOKENS
 from moec.codegen.router_plan_kernel import router_plan_launch, takes
 
 from kernel_helpers import DEVICE, padded, rel_err
@@ -58,3 +60,48 @@ def test_what_it_takes():
     with pytest.raises(ValueError, match="not a decode batch"):
         router_plan_launch(torch.randn(17, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE), None, None, 2,
                            "softmax", True, 1.0, 1, 1)
+
+
+@pytest.mark.parametrize("T,with_rb", [(0, False), (1, True), (5, False), (MAX_TOKENS + 4, True)],
+                         ids=["no_tokens", "one_token", "five", "above_one_launch"])
+def test_router_plan_op_values_and_gradients(T, with_rb):
+    """`moec.router_plan` (one launch up to MAX_TOKENS, else the linear layer then route_plan):
+    logits, weights, ids and plan against float64, and the gradients into x, the router's weight
+    and bias through both the routing weights and the logits (which a graph may read elsewhere)."""
+    E, H, k, scoring = 24, 40, 4, "softmax"
+    x = torch.randn(T, H, device=DEVICE, requires_grad=True)
+    w_router = (torch.randn(E, H, device=DEVICE) * H ** -0.5).requires_grad_()
+    b_router = (torch.randn(E, device=DEVICE) * 0.1).requires_grad_() if with_rb else None
+    leaves = [t for t in (x, w_router, b_router) if t is not None]
+    logits, w, ids, offsets, src, inv = torch.ops.moec.router_plan(x, w_router, b_router, None, k, scoring, True,
+                                                                   1.5, 1, 1, E)
+    d = lambda t: t.detach().cpu().double().requires_grad_()     # noqa: E731
+    refs = [d(t) for t in leaves]
+    want_logits = refs[0] @ refs[1].t() + (refs[2] if with_rb else 0)
+    w_ref, ids_ref = reference.route(want_logits, None, k, scoring, True, 1.5, 1, 1)
+    assert rel_err(logits.detach().cpu(), want_logits.detach()) < 1e-5 if T else logits.shape == (0, E)
+    assert torch.equal(ids.cpu(), ids_ref)
+    for got, want in zip((offsets, src, inv), reference.plan(ids_ref, E)):
+        assert torch.equal(got.cpu(), want)
+    if T == 0:
+        return
+    assert rel_err(w.detach().cpu(), w_ref.detach()) < 1e-5
+    g_w, g_logits = torch.randn(T, k, device=DEVICE), torch.randn(T, E, device=DEVICE)
+    got = torch.autograd.grad((w * g_w).sum() + (logits * g_logits).sum(), leaves)
+    want = torch.autograd.grad((w_ref * g_w.cpu().double()).sum() + (want_logits * g_logits.cpu().double()).sum(),
+                               refs)
+    for a, b in zip(got, want):
+        assert rel_err(a.cpu(), b) < 1e-5
+
+
+def test_router_plan_op_refuses_what_a_linear_layer_cannot_take():
+    x, w_router = torch.randn(3, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(MoecKernelError, match="features"):
+        torch.ops.moec.router_plan(x, w_router[:, :12], None, None, 2, "softmax", True, 1.0, 1, 1, 8)
+    with pytest.raises(MoecKernelError, match="one dtype"):
+        torch.ops.moec.router_plan(x, w_router.double(), None, None, 2, "softmax", True, 1.0, 1, 1, 8)
+    with pytest.raises(MoecKernelError, match="b_router has shape"):
+        torch.ops.moec.router_plan(x, w_router, torch.randn(7, device=DEVICE), None, 2, "softmax", True, 1.0, 1, 1,
+                                   8)
+    with pytest.raises(MoecKernelError, match="top-k 9"):
+        torch.ops.moec.router_plan(x, w_router, None, None, 9, "softmax", True, 1.0, 1, 1, 8)
