@@ -103,20 +103,24 @@ def _record_decode_gemv():
 
 def _record_decode_routing():
     """The decode routing's options not on by default: route_plan's top-k by a sort, and the router GEMM,
-    routing and plan in one launch (router_plan_kernel.py) with either top-k, bf16, at Qwen3's E and k."""
-    from moec.codegen.router_plan_kernel import router_plan_launch
+    routing and plan in one launch (router_plan_kernel.py) with either top-k and with PDL, bf16, at Qwen3's E
+    and k."""
+    from moec.codegen import router_plan_kernel
     E, k = 128, 8
     x = torch.randn(1, 256).to(torch.bfloat16)
     w_router = torch.randn(E, 256).to(torch.bfloat16)
-    saved = route_plan_kernel.SORT
+    saved = route_plan_kernel.SORT, router_plan_kernel.use_pdl
     route_plan_kernel.SORT = True
     try:
         with compile_check.recording() as launches:
             torch.ops.moec.route_plan(torch.randn(4, E), None, k, "softmax", True, 1.0, 1, 1, E)
             for sort in (False, True):
-                router_plan_launch(x, w_router, None, None, k, "softmax", True, 1.0, 1, 1, sort=sort)
+                router_plan_kernel.router_plan_launch(x, w_router, None, None, k, "softmax", True, 1.0, 1, 1,
+                                                      sort=sort)
+            router_plan_kernel.use_pdl = lambda t, tokens: True     # a one-token forward on an H100
+            router_plan_kernel.router_plan_launch(x, w_router, None, None, k, "softmax", True, 1.0, 1, 1)
     finally:
-        route_plan_kernel.SORT = saved
+        route_plan_kernel.SORT, router_plan_kernel.use_pdl = saved
     return launches
 
 
