@@ -62,3 +62,19 @@ def test_switch_transformers_is_a_reported_miss_with_correct_result():
     compiled = torch.compile(block, backend="moec", options={"dense_backend": "eager"})
     torch.testing.assert_close(compiled(x), block(x))
     assert counters["moec"]["regions_fused"] == 0 and counters["moec"]["regions_missed_graph_break"] >= 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_router_fused_into_the_routing_launch(monkeypatch, arch):
+    """MOEC_ROUTER_PLAN=1 (passes/fuse_router.py): each architecture's router (Qwen3's F.linear,
+    DeepSeek-V3's in float32 with a score bias, GPT-OSS's with a bias) joins route_plan, exact.
+    float32: in a float64 model, softmax(logits, dtype=float32) puts a cast between the two."""
+    from moec import session
+    from moec.codegen import router_plan_op
+    monkeypatch.setattr(router_plan_op, "ENABLED", True)
+    block = moe_block(arch, "batched_mm")
+    session.clear()
+    torch.compile(block, backend="moec", options={"dense_backend": "eager"})(torch.randn(2, 5, 32))
+    [record] = session.take()
+    assert len(record.reports["fuse_router"].fused) == 1
+    check_compiled_matches_eager(block, torch.randn(2, 5, 32))
