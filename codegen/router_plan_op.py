@@ -9,7 +9,6 @@ then into x, W and b as a linear layer's.
 Off by default (ENABLED; MOEC_ROUTER_PLAN=1 turns it on): benchmarks/route_plan_ab.py times the
 launch against the pair on a card first.
 """
-import os
 from typing import Optional
 
 import torch
@@ -18,10 +17,11 @@ from torch import Tensor
 
 from . import kernels, route_plan_op
 from .dispatch import moec_op
+from .env import switch
 from .ops import _check_float, _same_device
 from .errors import MoecKernelError
 
-ENABLED = os.environ.get("MOEC_ROUTER_PLAN", "0") == "1"
+ENABLED = switch("MOEC_ROUTER_PLAN", False)
 
 
 def cache_key() -> str:

@@ -122,7 +122,7 @@ class Dumper:
         self._write("cudagraphs.txt", body, "whether Inductor captures each graph in CUDA graphs, or why not")
 
     def kernels(self, detect_report):
-        from moec.codegen import decode_fused, fast_launch, kernels, pdl, tuning, wgrad_kernel
+        from moec.codegen import decode_fused, fast_launch, kernels, pdl, router_plan_op, tuning, wgrad_kernel
         out = []
         for r in detect_report.regions:
             x = r.x.meta.get("example_value")
@@ -136,6 +136,7 @@ class Dumper:
                 "fast_launch": fast_launch.enabled(),
                 "pdl": pdl.use(x, T),
                 "wgrad_copy_mib": wgrad_kernel.copy_mib() or "one copy",
+                "router_plan": router_plan_op.ENABLED,
                 "inference_forward": decode_fused.describe(
                     decode_fused.expert_bytes(r.experts.gate is not None, r.experts.ffn, r.experts.hidden,
                                               x.element_size()),

@@ -54,3 +54,13 @@ def test_on_off_switches():
         for bad in ("yes", "true", "2"):
             run = _import_with(code, **{name: bad})
             assert run.returncode != 0 and f"{name}={bad!r}" in run.stderr, run.stderr[-500:]
+
+
+def test_router_plan():
+    code = "import moec.codegen.router_plan_op as r; print(r.ENABLED)"
+    env = {k: v for k, v in os.environ.items() if k != "MOEC_ROUTER_PLAN"}
+    unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert unset.stdout.strip() == "False", unset.stderr[-500:]
+    assert _import_with(code, MOEC_ROUTER_PLAN="1").stdout.strip() == "True"
+    run = _import_with(code, MOEC_ROUTER_PLAN="yes")
+    assert run.returncode != 0 and "MOEC_ROUTER_PLAN='yes'" in run.stderr, run.stderr[-500:]
