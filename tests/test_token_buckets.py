@@ -63,13 +63,19 @@ def _run(model, counts, seen, **options):
             torch.testing.assert_close(compiled(x), model(x), rtol=2e-4, atol=2e-5)
 
 
-def test_counts_within_a_bucket_reuse_one_padded_shape():
+@pytest.mark.parametrize("router_plan", [False, True], ids=["route_plan", "router_plan"])
+def test_counts_within_a_bucket_reuse_one_padded_shape(monkeypatch, router_plan):
+    """Also with the router's linear layer inside the routing op (MOEC_ROUTER_PLAN=1)."""
+    from moec.codegen import router_plan_op
+    monkeypatch.setattr(router_plan_op, "ENABLED", router_plan)
     torch.manual_seed(0)
     seen, model = [], _Block()
+    session.clear()
     _run(model, [3], seen)                            # the first call compiles for T = 3 alone
     static_calls = len(seen)
     _run(model, [5, 6, 7, 8], seen)
     assert counters["moec"]["graphs"] == 2            # then one dynamic graph for every count
+    assert [len(r.reports["fuse_router"].fused) for r in session.take()] == [int(router_plan)] * 2
     assert counters["moec"]["token_buckets"] == 1
     # the dynamic graph ran its dense partitions on 8 rows for 5 to 8 tokens
     assert {rows for call in seen[static_calls:] for rows in call} == {8}, seen
