@@ -115,10 +115,21 @@ def _moec_routing(s, p, x):
     return (w, *torch.ops.moec.plan(ids, s.E))
 
 
-def moec_layer(s, p, x):
+def route_plan(s, p, x):
+    """fuse_routing's routing: the router GEMM, then route_plan."""
+    return torch.ops.moec.route_plan(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+                                     s.n_group, s.topk_group, s.E)
+
+
+def router_plan(s, p, x):
+    """fuse_router's routing (MOEC_ROUTER_PLAN=1): the router GEMM inside the routing's launch."""
+    return torch.ops.moec.router_plan(x, p["router"], None, p.get("score_bias"), s.k, s.scoring, s.renormalize, 1.0,
+                                      s.n_group, s.topk_group, s.E)[1:]
+
+
+def moec_layer(s, p, x, routing=route_plan):
     # what moec's passes emit for a layer on one device: route_plan (fuse_routing), experts_combine
-    w, _, offsets, src, inv = torch.ops.moec.route_plan(x @ p["router"].t(), p.get("score_bias"), s.k, s.scoring,
-                                                        s.renormalize, 1.0, s.n_group, s.topk_group, s.E)
+    w, _, offsets, src, inv = routing(s, p, x)
     bases, layout = moec_weights(s, p)
     # what moec's fuse_combine pass emits: pre-activations kept only when a backward will run
     save = torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in bases))

@@ -1,9 +1,9 @@
 """A decode step's routing, in one process: the router GEMM + route_plan (router scores -> top-k ->
 plan) with its top-k by k argmax rounds (the default) or by one sort (route_plan_kernel.SORT), and
-the router GEMM, routing and plan in one launch (router_plan_kernel.py, not wired into the passes
-yet) with either top-k. Each timed alone (20 in one CUDA graph, per routing); the two route_plan
-variants also in four moec layers chained in one graph (decode_chain's model of a decode step,
-per layer).
+the router GEMM, routing and plan in one launch (router_plan_kernel.py; `moec.router_plan`, which
+passes/fuse_router.py emits with MOEC_ROUTER_PLAN=1) with either top-k. Each timed alone (20 in
+one CUDA graph, per routing), and each in four moec layers chained in one graph (decode_chain's
+model of a decode step, per layer).
 
 Run: python benchmarks/route_plan_ab.py [--shapes qwen3,olmoe,gptoss,deepseek] [--tokens 1,2,8] [--out DIR]
 """
@@ -16,7 +16,7 @@ import torch
 import triton
 
 from decode_chain import chain, layer_params, replay_ms
-from layers import SHAPES, moec_layer
+from layers import SHAPES, moec_layer, router_plan
 
 from moec.codegen import route_plan_kernel
 from moec.codegen.router_plan_kernel import router_plan_launch
@@ -50,6 +50,7 @@ def run(args):
         s = SHAPES[name]
         params = layer_params(s, args.layers)
         fn = chain(moec_layer, s, params)
+        fn_one = chain(lambda s, p, x: moec_layer(s, p, x, router_plan), s, params)     # moec.router_plan
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, s.H, device="cuda", dtype=torch.bfloat16)
             w_router, bias = params[0]["router"], params[0].get("score_bias")
@@ -64,6 +65,7 @@ def run(args):
                     row[f"{tag}_layer_us"] = replay_ms(fn, x) * 1e3 / args.layers
                     outs["one_" + tag] = one_launch(s, x, w_router, bias, sort)
                     row[f"one_{tag}_route_us"] = routing_us(lambda: one_launch(s, x, w_router, bias, sort))
+                    row[f"one_{tag}_layer_us"] = replay_ms(fn_one, x) * 1e3 / args.layers
                     kept = torch.zeros(1, dtype=torch.int32, device="cuda")     # no memset a launch
                     row[f"one_{tag}_kept_route_us"] = routing_us(lambda: one_launch(s, x, w_router, bias, sort, kept))
             route_plan_kernel.SORT = False
@@ -92,12 +94,14 @@ def main():
              f"{info['layers']} layers a graph", "",
              "| layer | tokens | GEMM + route_plan us, k rounds | same, sort | one launch us, k rounds | one launch, sort "
              "| one launch, kept counter, k rounds | same, sort "
-             "| layer us, k rounds | layer us, sort | same routing (sort, one rounds, one sort) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| layer us, k rounds | layer us, sort | layer us, one launch, k rounds | same, sort "
+             "| same routing (sort, one rounds, one sort) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['tokens']} | {r['rounds_route_us']:.2f} | {r['sort_route_us']:.2f} | "
               f"{r['one_rounds_route_us']:.2f} | {r['one_sort_route_us']:.2f} | "
               f"{r['one_rounds_kept_route_us']:.2f} | {r['one_sort_kept_route_us']:.2f} | "
               f"{r['rounds_layer_us']:.1f} | {r['sort_layer_us']:.1f} | "
+              f"{r['one_rounds_layer_us']:.1f} | {r['one_sort_layer_us']:.1f} | "
               f"{', '.join(str(v) for v in r['same_routing'].values())} |" for r in rows]
     with open(os.path.join(args.out, "route_plan_ab.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -33,7 +33,7 @@ def _setup(layers=3):
 
 
 def test_chain_is_a_residual_stream_and_moec_matches(bench):
-    from layers import hf_grouped_layer, moec_layer
+    from layers import hf_grouped_layer, moec_layer, router_plan
     s, params, x = _setup()
     with torch.no_grad():
         want = x
@@ -41,8 +41,10 @@ def test_chain_is_a_residual_stream_and_moec_matches(bench):
             want = want + hf_grouped_layer(s, p, want)
         got_hf = bench.chain(hf_grouped_layer, s, params)(x)
         got_moec = bench.chain(moec_layer, s, params)(x)
+        got_router = bench.chain(lambda s, p, x: moec_layer(s, p, x, router_plan), s, params)(x)   # route_plan_ab's
     assert torch.equal(got_hf, want)
-    assert (got_moec - want).abs().max() <= 1e-4 * want.abs().max()
+    for got in (got_moec, got_router):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_floor_sums_each_layers_own_routing(bench):
