@@ -38,8 +38,6 @@ class FuseRouterReport:
     off: bool = False       # not ENABLED: nothing looked at
 
     def log_lines(self):
-        if self.off:
-            return ["off (MOEC_ROUTER_PLAN=1 turns it on)"] if self.kept or self.fused else []
         return ([f"{name}: router linear + route_plan -> moec.router_plan" for name in self.fused]
                 + [f"{name}: kept apart: {why}" for name, why in self.kept])
 
@@ -51,12 +49,13 @@ def fuse_router(gm: fx.GraphModule, ctx) -> tuple:
     for owner in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:
         changed = False
         for node in [n for n in owner.graph.nodes if n.target is _ROUTE_PLAN]:
-            why = _why_not(node.args[0]) or ("" if _where(node) else "the logits are read before the score "
-                                                                       "bias route_plan reads is computed")
-            if why:
-                kept.append((node.name, why))
+            why = _why_not(node.args[0])
+            anchor = None if why else _where(node)
+            if anchor is None:
+                kept.append((node.name, why or "the logits are read before the score bias route_plan reads is "
+                                               "computed"))
                 continue
-            _fuse(owner.graph, node, ctx.fake_mode)
+            _fuse(owner.graph, node, anchor, ctx.fake_mode)
             fused.append(node.name)
             changed = True
         if changed:
@@ -88,9 +87,10 @@ def _linear_args(linear):
 
 
 def _why_not(logits) -> str:
-    if _linear_args(logits) is None:
+    args = _linear_args(logits)
+    if args is None:
         return "its logits are not a linear layer's output (linear(x, W, b), x @ W.t())"
-    x, w, b = (value(a) if isinstance(a, fx.Node) else a for a in _linear_args(logits))
+    x, w, b = (value(a) if isinstance(a, fx.Node) else a for a in args)
     if not all(isinstance(t, torch.Tensor) for t in (x, w)) or not (b is None or isinstance(b, torch.Tensor)):
         return "the router's linear layer has no example values"
     if x.dim() != 2 or w.dim() != 2:
@@ -114,11 +114,12 @@ def _where(route_plan):
     return None
 
 
-def _fuse(graph, route_plan, fake_mode):
+def _fuse(graph, route_plan, anchor, fake_mode):
+    """The op before anchor (_where's node), in place of route_plan and its linear layer."""
     linear = route_plan.args[0]
     emit = Emitter(graph, route_plan, fake_mode, PASS)
     args = tuple(route_plan.args) + (None,) * (10 - len(route_plan.args))     # group_fill may be left out
-    with graph.inserting_before(_where(route_plan)):
+    with graph.inserting_before(anchor):
         fused = emit.op(torch.ops.moec.router_plan.default, *_linear_args(linear), *args[1:])
         outputs = [emit.item(fused, i) for i in range(6)]
     for item in list(route_plan.users):

@@ -2,17 +2,14 @@
 `moec.router_plan`; the logits' other readers read the op's; results and gradients equal the
 graph without it. Off (the default), and where the logits are no linear layer's output, nothing
 changes, and the report says why."""
-import copy
 import operator
 
 import torch
 import torch.nn.functional as F
 
 from moec.codegen import router_plan_op
-from moec.config import Config
-from moec.pipeline import run_pipeline
 from moe_idioms import MaskLoopMoE
-from test_fuse_routing import _capture, _targets
+from test_fuse_routing import _capture, _final_graph, _targets
 
 _OPS = torch.ops.moec
 
@@ -34,15 +31,6 @@ class LogitsOutMoE(MaskLoopMoE):
         return out, scaled
 
 
-def _final(gm, inputs):
-    """The pipeline's graph, its outputs checked against the captured graph's, and its reports."""
-    ref = gm(*inputs)
-    gm, reports = run_pipeline(copy.deepcopy(gm), inputs, Config(dense_backend="eager"))[:2]
-    for a, b in zip(gm(*inputs), ref):
-        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
-    return gm, reports["fuse_router"]
-
-
 def _grads(gm, inputs):
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     outs = gm(*inputs)
@@ -53,10 +41,10 @@ def _grads(gm, inputs):
 
 def _fused_against_apart(monkeypatch, model, x):
     captured, inputs = _capture(model, x)
-    apart, report = _final(captured, inputs)
+    apart, report = _final_graph(captured, inputs, "fuse_router")
     assert report.off and _OPS.router_plan.default not in _targets(apart)       # off by default
     monkeypatch.setattr(router_plan_op, "ENABLED", True)
-    gm, report = _final(captured, inputs)
+    gm, report = _final_graph(captured, inputs, "fuse_router")
     targets = _targets(gm)
     assert len(report.fused) == 1 and targets.count(_OPS.router_plan.default) == 1
     routers = {torch._C._nn.linear, operator.matmul}     # the experts' linear layers are gone after the rewrite
@@ -88,7 +76,7 @@ def test_a_router_written_x_at_w_transposed_too(monkeypatch):
 def test_logits_of_an_einsum_stay_apart_with_the_reason(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(router_plan_op, "ENABLED", True)
-    gm, report = _final(*_capture(MaskLoopMoE(router="einsum"), torch.randn(8, 32)))
+    gm, report = _final_graph(*_capture(MaskLoopMoE(router="einsum"), torch.randn(8, 32)), "fuse_router")
     [(_, why)] = report.kept
     assert "not a linear layer's output" in why and report.fused == ()
     assert _OPS.route_plan.default in _targets(gm) and any("kept apart" in line for line in report.log_lines())

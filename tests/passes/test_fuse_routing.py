@@ -26,12 +26,13 @@ def _capture(model, x):
     return gm, inputs
 
 
-def _final_graph(gm, inputs, **options):
+def _final_graph(gm, inputs, report="fuse_routing", **options):
+    """The pipeline's graph, its outputs checked against the captured graph's, and the report of pass `report`."""
     ref = gm(*inputs)
     gm, reports = run_pipeline(copy.deepcopy(gm), inputs, Config(dense_backend="eager", **options))[:2]
     for a, b in zip(gm(*inputs), ref):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
-    return gm, reports.get("fuse_routing")
+    return gm, reports.get(report)
 
 
 def _targets(gm):
