@@ -24,12 +24,12 @@ from moec.codegen import decode_fused
 
 # (block_f, block_h, num_warps, num_stages), or (block_f, rows_f, block_h, ...) with rows_f < block_f rows of F a
 # program: the best of stop 34's first sweep (block_f 32-128, block_h 64-256, 4 or 8 warps, 3 or 4 stages;
-# `results/stop34_h100/run3/`) and their neighbours; None: decode_fused.settings' default; FILL_WAVE: rows per
-# program chosen so that every copy's programs fill one wave (decode_fused.rows_per_program)
-SWEEP = [None, decode_fused.FILL_WAVE, (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
+# `results/stop34_h100/run3/`) and their neighbours, and rows that fill one wave (Qwen3: 48 at one token, 96 at
+# two; lost or tied in stop 37); None: decode_fused.settings' default
+SWEEP = [None, (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
          (64, 64, 4, 4), (64, 48, 128, 4, 4), (128, 96, 64, 4, 4)]
-# without --sweep: the default (stop 34's 64 rows a program) against rows_per_program's
-AGAINST_STOP34 = [None, decode_fused.FILL_WAVE]
+# without --sweep: the default (stop 34's 64 rows a program) against one wave's rows at one Qwen3 token
+AGAINST_STOP34 = [None, (64, 48, 128, 4, 4)]
 
 
 def one_layer_errs(s, p, x):

@@ -1,5 +1,5 @@
 """A decode step's routing, in one process: the router GEMM + route_plan (router scores -> top-k ->
-plan) with its top-k by k argmax rounds (the default) or by one sort (route_plan_kernel.SORT), and
+plan) with its top-k by k argmax rounds or by one sort (route_plan_kernel.SORT, the default since stop 37), and
 the router GEMM, routing and plan in one launch (router_plan_kernel.py; `moec.router_plan`, which
 passes/fuse_router.py emits with MOEC_ROUTER_PLAN=1) with either top-k. Each timed alone (20 in
 one CUDA graph, per routing), and each in four moec layers chained in one graph (decode_chain's
@@ -56,6 +56,7 @@ def run(args):
             w_router, bias = params[0]["router"], params[0].get("score_bias")
             row = {"shape": s.name, "tokens": T}
             outs = {}
+            default = route_plan_kernel.SORT
             with torch.no_grad():
                 for sort in (False, True):
                     route_plan_kernel.SORT = sort
@@ -68,7 +69,7 @@ def run(args):
                     row[f"one_{tag}_layer_us"] = replay_ms(fn_one, x) * 1e3 / args.layers
                     kept = torch.zeros(1, dtype=torch.int32, device="cuda")     # no memset a launch
                     row[f"one_{tag}_kept_route_us"] = routing_us(lambda: one_launch(s, x, w_router, bias, sort, kept))
-            route_plan_kernel.SORT = False
+            route_plan_kernel.SORT = default
             # the one-launch GEMM sums in another order than cuBLAS: a near tie may route differently
             row["same_routing"] = {tag: all(torch.equal(a, b) for a, b in zip(outs["rounds"][1:], outs[tag][1:]))
                                    for tag in ("sort", "one_rounds", "one_sort")}

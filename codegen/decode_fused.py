@@ -48,8 +48,8 @@ def max_tokens() -> int:
 
 
 def set_settings(value) -> None:
-    """Pin (block_f, block_h, num_warps, num_stages), (block_f, rows_f, block_h, ...) or FILL_WAVE for
-    every launch (benchmarks sweep them); None: `settings`' own."""
+    """Pin (block_f, block_h, num_warps, num_stages) or (block_f, rows_f, block_h, ...) for every launch
+    (benchmarks sweep them); None: `settings`' own."""
     _state["settings"] = value
 
 
@@ -87,44 +87,17 @@ def describe(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> str:
     return f"grouped GEMMs at every size ({why})"
 
 
-FILL_WAVE = "fill_wave"     # set_settings' value for rows_per_program's rows (not yet timed on a card)
-
-
 def settings(x: torch.Tensor, copies: int, F: int) -> tuple[int, int, int, int, int]:
     """(block_f, rows_f, block_h, num_warps, num_stages) for `copies` routed copies of a layer of
     width F: each program streams rows_f <= block_f rows of F (block_f the MMA tile's width). On a
     GPU, 64 rows a program (the best of stop 34's sweep at one and two tokens); on the CPU
     interpreter, small blocks (fast to emulate, and many programs so that block edges are
-    exercised). Pinned (set_settings): a 4-tuple reads rows_f = block_f; FILL_WAVE takes
-    `rows_per_program`'s rows, which decode_fused_ab.py times against the default."""
+    exercised). Pinned (set_settings): a 4-tuple reads rows_f = block_f. Rows chosen so every copy's
+    programs fill one wave (Qwen3's one token: 48 rows, 128 programs instead of 96) lost or tied on an
+    H100 (stop 37: 45.3 against 44.9 us at one token, 72.3 against 71.6 at two), so 64 stays."""
     pinned = _state["settings"]
-    if pinned not in (None, FILL_WAVE):
+    if pinned is not None:
         return pinned if len(pinned) == 5 else (pinned[0], pinned[0], *pinned[1:])
     if not x.is_cuda:
         return 16, 16, 16, 1, 1
-    if pinned is None:
-        return 64, 64, 128, 4, 4
-    rows = rows_per_program(copies, F, _sm_count(x.device))
-    block_f = max(16, 1 << (rows - 1).bit_length())
-    return block_f, rows, 128 if block_f <= 64 else 64, 4, 4
-
-
-def rows_per_program(copies: int, F: int, sms: int) -> int:
-    """The fewest rows of F (a multiple of 16, at most 128) a program streams such that every copy's
-    programs fit one wave on `sms` SMs; 64 where none does. The idea (not yet timed, hence FILL_WAVE
-    opt-in): at 64 rows Qwen3's one token is 8 x 12 = 96 programs on 132 SMs and streamed 2.4 TB/s
-    of ~3 (stop 34), as if each program ran at one SM's share; 48 rows make 128 programs. Against
-    it: stop 34's sweep had 32 rows (192 programs, two an SM on 60 SMs) slower than 64."""
-    for rows in range(16, 129, 16):
-        if copies * -(-F // rows) <= sms:
-            return rows
-    return 64
-
-
-_sms: dict = {}
-
-
-def _sm_count(device) -> int:
-    if device not in _sms:
-        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sms[device]
+    return 64, 64, 128, 4, 4

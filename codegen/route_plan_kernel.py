@@ -16,7 +16,7 @@ from .route_kernel import route_launch, route_settings, route_tokens
 
 MAX_TOKENS = 16         # one program's tile of the router (E_POW2 * T scores) stays small
 MAX_COPIES = 128        # plan_single's chunks: at most 4 of 32 copies at E = 128
-SORT = False            # top-k by one sort instead of k argmax rounds (route_kernel._sort_select)
+SORT = True             # top-k by one sort, not k argmax rounds: won or tied in every chained layer (stop 37)
 
 
 @triton.jit

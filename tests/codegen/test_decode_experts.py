@@ -1,7 +1,6 @@
 """The inference forward's GEMV path (decode_experts_kernel.py) against float64 references: every
 activation, biases, both weight layouts on NaN-padded views, dropped copies, an expert with every
 copy, experts with none; and that it is taken exactly where decode_fused says."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,27 +70,6 @@ def test_fewer_rows_than_the_tile(fused, monkeypatch):
     monkeypatch.setitem(decode_fused._state, "settings", (64, 48, 16, 1, 1))
     _run(2, 4, 2, 24, 100, torch.float32, bias=True)
     assert fused == ["decode_experts_launch"]
-
-
-def test_rows_per_program(monkeypatch):
-    """Every copy's programs in one wave, as few rows a program as that allows: Qwen3 (F 768) on an
-    H100's 132 SMs, 48 rows at one token (128 programs, not 96 at 64 rows), 96 at two; OLMoE (F 1024)
-    64 and 128; where no block up to 128 rows fits one wave, 64."""
-    assert decode_fused.rows_per_program(8, 768, 132) == 48
-    assert decode_fused.rows_per_program(16, 768, 132) == 96
-    assert decode_fused.rows_per_program(8, 1024, 132) == 64
-    assert decode_fused.rows_per_program(16, 1024, 132) == 128
-    assert decode_fused.rows_per_program(1, 100, 132) == 16
-    assert decode_fused.rows_per_program(64, 2048, 132) == 64
-    for copies, F in ((8, 768), (16, 1024), (3, 5000)):
-        rows = decode_fused.rows_per_program(copies, F, 132)
-        assert rows % 16 == 0 and (copies * -(-F // rows) <= 132 or rows == 64)
-    monkeypatch.setitem(decode_fused._sms, torch.device("cuda", 0), 132)
-    gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))     # what settings reads of x
-    assert decode_fused.settings(gpu, 8, 768) == (64, 64, 128, 4, 4)       # the default: stop 34's
-    monkeypatch.setitem(decode_fused._state, "settings", decode_fused.FILL_WAVE)
-    assert decode_fused.settings(gpu, 8, 768) == (64, 48, 128, 4, 4)
-    assert decode_fused.settings(gpu, 16, 768) == (128, 96, 64, 4, 4)
 
 
 def test_taken_only_where_asked(fused, monkeypatch):
