@@ -1,6 +1,6 @@
 # Stop 35-36 (PART a comma list, run in its order; default route,decode,chain,chain_rp: ~9 minutes, within one
 # call's 600 s; PART=profile in a second call).
-# decode: the GEMV path's rows per program (decode_fused.rows_per_program) against stop 34's fixed 64, four layers a
+# decode: the GEMV path's rows per program: one wave's rows (48 at one Qwen3 token) against stop 34's fixed 64, four layers a
 #   graph, Qwen3 and OLMoE at one and two tokens.
 # route: the decode routing: top-k by one sort against k argmax rounds, and the router GEMM in the same launch
 #   (moec.router_plan), alone and in four chained layers (route_plan_ab.py).
