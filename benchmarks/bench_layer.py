@@ -201,6 +201,8 @@ def run(args):
                         row[name] = None
                         row[name + "_error"] = _why(e)
                     row[name + "_wall_s"] = round(time.time() - t0, 1)
+                    # as each method ends, so a call cut off in a slow peer's compile keeps the others' times
+                    print(f"  {s.name} T={T} {row['mode']} {name}: {row[name]} ms ({row[name + '_wall_s']} s)", flush=True)
                 if args.graphs:
                     for name in (m for m in GRAPH_METHODS if m in fns):
                         try:

@@ -1,7 +1,5 @@
-# Stop 37 (PART a comma list, run in its order; default bound,profile,chain,sonic with SONIC_ONLY=1 SONIC_S=200 for
-# a first call, then PART=sonic with build/quack.tgz carried).
-# bound: the one-token decode layer's ceiling: a kernel that only reads the touched experts' weights, alone and
-#   after moec's routing (decode_bound.py).
+# Stop 37 (PART a comma list, run in its order; default profile,chain,sonic). Next: PART=sonic with .peers and
+# build/quack.tgz carried (stop 37's sonic call tuned five of QuACK's GEMMs in 525 s, then ran out of time).
 # profile: where a training step's time goes now, kernel by kernel, moec compiled then HF grouped_mm compiled
 #   (CASES, default Qwen3 at 8192 tokens).
 # sonic: SonicMoE's training step beside moec compiled's and HF grouped_mm + compile's (carry .peers, and
@@ -11,10 +9,8 @@
 #   SonicMoE alone (a first call spends its time compiling); SONIC_S bounds the step (default 420 s).
 # chain: the decode chain as a model runs it (route_plan's sort top-k now on by default), 1, 2 and 8 tokens.
 source "$(dirname "$0")/common.sh"
-PART=${PART:-bound,profile,chain,sonic}
+PART=${PART:-profile,chain,sonic}
 for part in ${PART//,/ }; do case $part in
-bound) mkdir -p "$OUT/bound"
-  step 150 python3 benchmarks/decode_bound.py --shapes qwen3,olmoe,gptoss --out "$OUT/bound" ;;
 profile)
   for ST in ${CASES:-qwen3:8192}; do S=${ST%:*} T=${ST#*:}
     step 100 python3 benchmarks/profile_layer.py --shape "$S" --tokens "$T" --compiled --rows 45 > "$OUT/profile_${S}_$T.txt" 2>&1
