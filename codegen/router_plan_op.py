@@ -6,8 +6,8 @@ as before. The logits are an output too: a graph may read them elsewhere (an aux
 model's router_logits output). Gradients as the pair's: the routing weights' into the logits,
 then into x, W and b as a linear layer's.
 
-Off by default (ENABLED; MOEC_ROUTER_PLAN=1 turns it on): benchmarks/route_plan_ab.py times the
-launch against the pair on a card first.
+Off by default (ENABLED; MOEC_ROUTER_PLAN=1 turns it on): with the fresh counter it zeroes each call,
+the pair was faster on an H100 (stop 37, benchmarks/route_plan_ab.py; router_plan_kernel.py says by how much).
 """
 from typing import Optional
 

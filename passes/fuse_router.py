@@ -1,8 +1,8 @@
 """Pass `fuse_router`: `route_plan(linear(x, W, b), ...)` -> one `moec.router_plan` op.
 
 Expects: `moec.route_plan` nodes made by `fuse_routing`.
-Guarantees: with codegen/router_plan_op.py's ENABLED (MOEC_ROUTER_PLAN=1; off by default until
-timed on a card), each route_plan whose logits are a linear layer (`linear(x, W, b)`, `x @ W.t()`,
+Guarantees: with codegen/router_plan_op.py's ENABLED (MOEC_ROUTER_PLAN=1; off by default: slower
+on an H100, see router_plan_kernel.py), each route_plan whose logits are a linear layer (`linear(x, W, b)`, `x @ W.t()`,
 `x @ W.T`) of a 2-D x and a 2-D W of x's dtype is replaced, with that linear, by
 
     logits, w, ids, offsets, src, inv = moec.router_plan(x, W, b, bias, k, scoring, renorm, scale, n_group,
