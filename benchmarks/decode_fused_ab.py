@@ -83,7 +83,7 @@ def run(args):
                 except Exception as exc:      # one setting that fails to compile or run costs only its row
                     print(f"{s.name} T={T} {cfg}: {type(exc).__name__}: {exc}"[:400], flush=True)
                     continue
-                row["fused"].append({"settings": decode_fused.settings(x, T * s.k, s.F), "pinned": cfg,
+                row["fused"].append({"settings": decode_fused.settings(x), "pinned": cfg,
                                      "us": per_layer(ms),
                                      "err": err})
             decode_fused.set_settings(None)

@@ -87,9 +87,9 @@ def describe(expert_bytes: int, rows_along_h: bool, has_lora: bool) -> str:
     return f"grouped GEMMs at every size ({why})"
 
 
-def settings(x: torch.Tensor, copies: int, F: int) -> tuple[int, int, int, int, int]:
-    """(block_f, rows_f, block_h, num_warps, num_stages) for `copies` routed copies of a layer of
-    width F: each program streams rows_f <= block_f rows of F (block_f the MMA tile's width). On a
+def settings(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(block_f, rows_f, block_h, num_warps, num_stages) for a layer's GEMV launch on x's device:
+    each program streams rows_f <= block_f rows of F (block_f the MMA tile's width). On a
     GPU, 64 rows a program (the best of stop 34's sweep at one and two tokens); on the CPU
     interpreter, small blocks (fast to emulate, and many programs so that block edges are
     exercised). Pinned (set_settings): a 4-tuple reads rows_f = block_f. Rows chosen so every copy's

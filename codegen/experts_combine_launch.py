@@ -43,7 +43,7 @@ def experts_combine_forward(x, src, offsets, inv, route_w, k, weights, layout, a
         _check(x)
         out = x.new_empty(route_w.shape[0], x.shape[1])
         decode_experts_launch(x, src, offsets, inv, route_w, k, roles, ACTIVATION_CODE[activation], alpha, limit,
-                              out, decode_fused.settings(x, src.shape[0], roles[0].shape[1]), pdl)
+                              out, decode_fused.settings(x), pdl)
         return out, x.new_empty(0)
     y, pre = experts_forward(x, src, offsets, k, weights, layout, activation, alpha, limit, save, pdl, roles=roles)
     return combine_launch(y, inv, route_w, x.new_empty(route_w.shape[0], x.shape[1]), k, pdl=pdl), pre

@@ -76,12 +76,13 @@ def _record_routing(scoring, n_group, topk_group, tokens):
     return launches
 
 
-GEMV_SETTINGS = [(64, 64, 128, 4, 4), (64, 48, 128, 4, 4)]     # decode_fused.settings' on a GPU, and rows_f < block_f
+GEMV_SETTINGS = [(64, 64, 128, 4, 4), (64, 48, 128, 4, 4)]     # decode_fused.settings' on a GPU; rows_f < block_f
 
 
 def _record_decode_gemv():
     """The GEMV path (decode_experts_kernel.py) at the settings a GPU launches it with, and with a
-    program's rows fewer than its tile (a pinned setting), at one and two Qwen3 tokens (the CPU's own settings are other, small blocks)."""
+    program's rows fewer than its tile (a pinned setting), at one and two Qwen3 tokens (the CPU's own
+    settings are other, small blocks)."""
     from test_experts_launch import _layer
     from moec.codegen import decode_fused
     bases, lay = _layer(E, H, F, torch.bfloat16, True, False, "interleaved", pad=8)

@@ -55,4 +55,3 @@ def test_on_off_switches():
         for bad in ("yes", "true", "2"):
             run = _import_with(code, **{name: bad})
             assert run.returncode != 0 and f"{name}={bad!r}" in run.stderr, run.stderr[-500:]
-
